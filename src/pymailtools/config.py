@@ -1,0 +1,253 @@
+"""Configuration: embedded defaults, TOML files and PYMAILTOOLS_* variables, validated.
+
+Kept cheap to import: the sendmail submission path loads it, so no re, json or dataclasses,
+and tomllib only when a file exists.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pymailtools.errors import ConfigError
+
+SYSTEM_CONFIG = "/etc/pymailtools/config.toml"
+ROOT_QUEUE = "/var/spool/pymailtools"
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object, key: str = "duration") -> int:
+    """Seconds from an int or a Postfix time value like ``300s``, ``5d``, ``1h30m``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a time like 300s or 5d, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative: {value}")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a time like 300s or 5d, got {value!r}")
+    total, digits = 0, ""
+    for ch in value.strip():
+        if "0" <= ch <= "9":
+            digits += ch
+        elif ch in _TIME_UNITS and digits:
+            total += int(digits) * _TIME_UNITS[ch]
+            digits = ""
+        else:
+            raise ConfigError(f"{key}: expected a time like 300s or 5d, got {value!r}")
+    if digits:
+        total += int(digits)
+    return total
+
+
+def _size(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{key}: expected a size in bytes, got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a size in bytes, got {value!r}") from None
+    if n < 0:
+        raise ConfigError(f"{key}: must not be negative: {value!r}")
+    return n
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if "\n" in value or "\r" in value or "\x00" in value:
+        raise ConfigError(f"{key}: control characters are not allowed")
+    return value
+
+
+def _path(value: object, key: str) -> str:
+    s = _string(value, key)
+    if not s.startswith("/"):
+        raise ConfigError(f"{key}: expected an absolute path, got {s!r}")
+    return s
+
+
+def _list(value: object, key: str) -> list[str]:
+    """A TOML list of strings, or one string split on commas and white space (Postfix style)."""
+    if isinstance(value, str):
+        return [p for p in value.replace(",", " ").split() if p]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_string(v, key) for v in value]
+    raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[object, str], str]:
+    def check(value: object, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _boolean(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("yes", "true", "1", "no", "false", "0"):
+        return value.lower() in ("yes", "true", "1")
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _duration(value: object, key: str) -> int:
+    return parse_duration(value, key)
+
+
+# key -> (parser, default). A default of None is computed in Config.__init__.
+SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
+    "queue_directory": (_path, None),
+    "mail_spool_directory": (_path, "/var/mail"),
+    "myhostname": (_string, None),
+    "mydomain": (_string, None),
+    "myorigin": (_string, None),
+    "mydestination": (_list, None),
+    "alias_maps": (_list, ["/etc/aliases"]),
+    "delivery_mode": (_choice("background", "foreground", "queue"), "background"),
+    "message_size_limit": (_size, 10240000),
+    "header_size_limit": (_size, 102400),
+    "minimal_backoff_time": (_duration, 300),
+    "maximal_backoff_time": (_duration, 4000),
+    "maximal_queue_lifetime": (_duration, 432000),
+    "bounce_queue_lifetime": (_duration, 432000),
+    "delay_warning_time": (_duration, 0),
+    "stale_lock_time": (_duration, 500),
+    "deliver_lock_attempts": (_size, 20),
+    "deliver_lock_delay": (_duration, 1),
+    "command_time_limit": (_duration, 1000),
+    "forward_path": (_list, ["$home/.forward"]),
+    "allow_mail_to_commands": (_list, ["alias", "forward"]),
+    "allow_mail_to_files": (_list, ["alias", "forward"]),
+    "syslog": (_boolean, True),
+}
+
+
+class Config:
+    """Effective settings; attribute names are the configuration keys."""
+
+    queue_directory: str
+    mail_spool_directory: str
+    myhostname: str
+    mydomain: str
+    myorigin: str
+    mydestination: list[str]
+    alias_maps: list[str]
+    delivery_mode: str
+    message_size_limit: int
+    header_size_limit: int
+    minimal_backoff_time: int
+    maximal_backoff_time: int
+    maximal_queue_lifetime: int
+    bounce_queue_lifetime: int
+    delay_warning_time: int
+    stale_lock_time: int
+    deliver_lock_attempts: int
+    deliver_lock_delay: int
+    command_time_limit: int
+    forward_path: list[str]
+    allow_mail_to_commands: list[str]
+    allow_mail_to_files: list[str]
+    syslog: bool
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        values = dict(values or {})
+        for key, (parse, default) in SCHEMA.items():
+            if key in values:
+                setattr(self, key, parse(values[key], key))
+            elif default is not None:
+                setattr(self, key, list(default) if isinstance(default, list) else default)
+        self.warnings: list[str] = [
+            f"unknown configuration key {key!r} ignored" for key in values if key not in SCHEMA
+        ]
+        if not hasattr(self, "myhostname"):
+            self.myhostname = os.uname().nodename or "localhost"
+        if not hasattr(self, "mydomain"):
+            _, dot, rest = self.myhostname.partition(".")
+            self.mydomain = rest if dot and rest else "localdomain"
+        if not hasattr(self, "myorigin"):
+            self.myorigin = self.myhostname
+        if not hasattr(self, "mydestination"):
+            short = self.myhostname.partition(".")[0]
+            self.mydestination = list(
+                dict.fromkeys([self.myhostname, short, "localhost", "localhost.localdomain"])
+            )
+        if not hasattr(self, "queue_directory"):
+            self.queue_directory = default_queue_directory()
+
+    def is_local_domain(self, domain: str) -> bool:
+        d = domain.lower().rstrip(".")
+        return any(d == x.lower().rstrip(".") for x in self.mydestination)
+
+
+def default_queue_directory() -> str:
+    """Root's queue; for an ordinary user the system queue when it exists, else a private one."""
+    if os.geteuid() == 0 or os.path.isdir(ROOT_QUEUE):
+        return ROOT_QUEUE
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "pymailtools")
+
+
+def _read_toml(path: str, check_owner: bool) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if check_owner and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise ConfigError(
+                f"{path}: unsafe permissions: must be owned by root and not group/world-writable"
+            )
+        data = f.read()
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        head, sep, tail = msg.partition(" (at line ")
+        if sep:
+            line = tail.split(",", 1)[0]
+            raise ConfigError(f"{path}:{line}: {head}") from None
+        raise ConfigError(f"{path}: {msg}") from None
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration: the system and user files, or ``path`` / $PYMAILTOOLS_CONFIG
+    alone, then PYMAILTOOLS_<KEY> variables. Raises ConfigError naming the file or key."""
+    env = os.environ if environ is None else environ
+    root = os.geteuid() == 0
+    values: dict[str, Any] = {}
+    explicit = path or env.get("PYMAILTOOLS_CONFIG")
+    if explicit:
+        if not os.path.exists(explicit):
+            raise ConfigError(f"{explicit}: no such configuration file")
+        files = [explicit]
+    else:
+        files = [SYSTEM_CONFIG]
+        if not root:
+            xdg = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+            files.append(os.path.join(xdg, "pymailtools", "config.toml"))
+    for f in files:
+        if os.path.exists(f):
+            values.update(_read_toml(f, check_owner=root))
+    for name, raw in env.items():
+        if name.startswith("PYMAILTOOLS_") and name != "PYMAILTOOLS_CONFIG":
+            key = name[len("PYMAILTOOLS_") :].lower()
+            if key in SCHEMA:
+                values[key] = raw
+    return Config(values)
+
+
+def warn(config: Config, prog: str) -> None:
+    """Print configuration warnings (unknown keys) the Postfix way."""
+    for w in config.warnings:
+        print(f"{prog}: warning: {w}", file=sys.stderr)

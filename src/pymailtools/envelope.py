@@ -1,0 +1,190 @@
+"""The envelope record: sender, per-recipient state and schedule, in a self-validating text file.
+
+One line per field, every string field percent-quoted so that no byte a sender or a remote
+server chose (CR, LF, NUL, space) can ever start a new record; the file ends with
+``end N`` where N counts the lines before it, so a torn or foreign file is recognised.
+Cheap to import: no re, no json.
+"""
+
+MAGIC = "pymailtools-envelope 1"
+
+PENDING = "pending"
+SENT = "sent"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+RCPT_STATES = (PENDING, SENT, DEFERRED, BOUNCED)
+
+_SAFE = frozenset(
+    chr(c) for c in range(0x21, 0x7F) if chr(c) != "%"
+)
+
+
+class CorruptEnvelope(ValueError):
+    """Raised when an envelope file is torn, foreign or malformed."""
+
+
+def quote(s: str) -> str:
+    """':' + s with %, white space, control characters and DEL as %XX (UTF-8 kept)."""
+    out = [":"]
+    for ch in s:
+        if ch in _SAFE or ord(ch) > 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"%{ord(ch):02X}")
+    return "".join(out)
+
+
+def unquote(field: str) -> str:
+    if not field.startswith(":"):
+        raise CorruptEnvelope(f"bad string field {field[:40]!r}")
+    s = field[1:]
+    if "%" not in s:
+        return s
+    out, i = [], 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "%":
+            try:
+                out.append(chr(int(s[i + 1 : i + 3], 16)))
+            except ValueError:
+                raise CorruptEnvelope("bad %-escape") from None
+            if len(s[i + 1 : i + 3]) != 2:
+                raise CorruptEnvelope("bad %-escape")
+            i += 3
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+class Recipient:
+    """One envelope recipient and its delivery state."""
+
+    __slots__ = ("address", "orcpt", "notify", "state", "attempts", "next_try", "last_try",
+                 "status", "reason")
+
+    def __init__(self, address: str, orcpt: str = "", notify: str = "", state: str = PENDING,
+                 attempts: int = 0, next_try: float = 0.0, last_try: float = 0.0,
+                 status: str = "", reason: str = "") -> None:
+        self.address = address
+        self.orcpt = orcpt
+        self.notify = notify
+        self.state = state
+        self.attempts = attempts
+        self.next_try = next_try
+        self.last_try = last_try
+        self.status = status
+        self.reason = reason
+
+    @property
+    def done(self) -> bool:
+        return self.state in (SENT, BOUNCED)
+
+    def __repr__(self) -> str:
+        return f"Recipient({self.address!r}, state={self.state!r}, reason={self.reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipient) and all(
+            getattr(self, a) == getattr(other, a) for a in self.__slots__
+        )
+
+
+class Envelope:
+    """Everything about a queued message except its bytes."""
+
+    __slots__ = ("id", "arrival", "sender", "uid", "user", "origin", "size", "envid", "ret",
+                 "warned", "recipients")
+
+    def __init__(self, id: str, sender: str, recipients: list[Recipient], *,
+                 arrival: float = 0.0, uid: int = -1, user: str = "", origin: str = "sendmail",
+                 size: int = 0, envid: str = "", ret: str = "", warned: bool = False) -> None:
+        self.id = id
+        self.sender = sender
+        self.recipients = recipients
+        self.arrival = arrival
+        self.uid = uid
+        self.user = user
+        self.origin = origin
+        self.size = size
+        self.envid = envid
+        self.ret = ret
+        self.warned = warned
+
+    @property
+    def next_try(self) -> float:
+        """When the earliest undelivered recipient is due (0 when none is waiting)."""
+        times = [r.next_try for r in self.recipients if not r.done]
+        return min(times) if times else 0.0
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.recipients)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Envelope) and all(
+            getattr(self, a) == getattr(other, a) for a in self.__slots__
+        )
+
+    def to_bytes(self) -> bytes:
+        lines = [
+            MAGIC,
+            f"id {quote(self.id)}",
+            f"arrival {self.arrival!r}",
+            f"sender {quote(self.sender)}",
+            f"uid {int(self.uid)}",
+            f"user {quote(self.user)}",
+            f"origin {quote(self.origin)}",
+            f"size {int(self.size)}",
+            f"envid {quote(self.envid)}",
+            f"ret {quote(self.ret)}",
+            f"warned {int(self.warned)}",
+        ]
+        for r in self.recipients:
+            lines.append(
+                f"rcpt {r.state} {int(r.attempts)} {float(r.next_try)!r} {float(r.last_try)!r} "
+                f"{quote(r.address)} {quote(r.orcpt)} {quote(r.notify)} {quote(r.status)} "
+                f"{quote(r.reason)}"
+            )
+        lines.append(f"end {len(lines)}")
+        return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Envelope":
+        text = data.decode("utf-8", "surrogateescape")
+        if not text.endswith("\n"):
+            raise CorruptEnvelope("no final newline (torn file)")
+        lines = text[:-1].split("\n")
+        if not lines or lines[0] != MAGIC:
+            raise CorruptEnvelope("not a pymailtools envelope")
+        if lines[-1] != f"end {len(lines) - 1}":
+            raise CorruptEnvelope("missing or wrong end record (torn file)")
+        fields: dict[str, str] = {}
+        rcpts: list[Recipient] = []
+        try:
+            for line in lines[1:-1]:
+                key, _, value = line.partition(" ")
+                if key == "rcpt":
+                    p = value.split(" ")
+                    if len(p) != 9 or p[0] not in RCPT_STATES:
+                        raise CorruptEnvelope("bad rcpt record")
+                    rcpts.append(Recipient(
+                        unquote(p[4]), unquote(p[5]), unquote(p[6]), p[0], int(p[1]),
+                        float(p[2]), float(p[3]), unquote(p[7]), unquote(p[8])))
+                elif key in fields or not key:
+                    raise CorruptEnvelope(f"duplicate or empty record {key!r}")
+                else:
+                    fields[key] = value
+            env = cls(
+                unquote(fields["id"]), unquote(fields["sender"]), rcpts,
+                arrival=float(fields["arrival"]), uid=int(fields["uid"]),
+                user=unquote(fields["user"]), origin=unquote(fields["origin"]),
+                size=int(fields["size"]), envid=unquote(fields["envid"]),
+                ret=unquote(fields["ret"]), warned=fields["warned"] == "1",
+            )
+        except (KeyError, ValueError) as e:
+            if isinstance(e, CorruptEnvelope):
+                raise
+            raise CorruptEnvelope(f"bad record: {e}") from None
+        if not rcpts:
+            raise CorruptEnvelope("no recipients")
+        return env

@@ -1,0 +1,350 @@
+"""The on-disk queue: the only code that touches queue files.
+
+Layout under ``queue_directory``::
+
+    tmp/        files being written (never entries)
+    messages/ID message bytes, written once, never rewritten; flock'ed by whoever works on ID
+    incoming/ID envelope of a new entry (due now)
+    deferred/ID envelope waiting for a retry; its mtime is the next try time
+    hold/ID     envelope kept until released
+    corrupt/    entries and maildrop files that failed validation (kept, never deleted)
+    maildrop/   mode 1733: submissions by ordinary users, untrusted input for the root runner
+
+An entry exists once its envelope is in a state directory (published last, after the message
+file is synced and renamed), so a crash leaves either no entry or a complete one.
+Cheap to import (sendmail's hot path): os-level calls only.
+"""
+
+import errno
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Iterator
+
+from pymailtools import queueid
+from pymailtools.envelope import CorruptEnvelope, Envelope
+from pymailtools.errors import MailError, QueueWriteError
+from pymailtools.errors import EX_CANTCREAT, EX_CONFIG
+
+INCOMING = "incoming"
+DEFERRED = "deferred"
+HOLD = "hold"
+CORRUPT = "corrupt"
+STATES = (INCOMING, DEFERRED, HOLD)
+MAILDROP = "maildrop"
+MAILDROP_TRAILER = b"pymailtools-maildrop "
+_DIR_MODES = {"tmp": 0o700, "messages": 0o700, INCOMING: 0o700, DEFERRED: 0o700, HOLD: 0o700,
+              CORRUPT: 0o700, MAILDROP: 0o1733}
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_TEST_CRASH_AT = os.environ.get("PYMAILTOOLS_TEST_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    """Test hook: die by SIGKILL at a named step when PYMAILTOOLS_TEST_CRASH_AT names it."""
+    if _TEST_CRASH_AT == name:
+        os.kill(os.getpid(), 9)
+
+
+class EntryBusy(MailError):
+    """Another process holds the entry's lock (a runner delivering it, or postsuper)."""
+
+
+class EntryNotFound(MailError):
+    """No entry with that id exists in the queue."""
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Submission:
+    """A message being written into the queue; ``commit`` publishes it durably.
+
+    Direct submissions (the caller can write the queue) become ``messages/ID`` plus
+    ``incoming/ID``; others go to ``maildrop/ID`` as message + envelope + trailer.
+    """
+
+    def __init__(self, queue: "Queue", maildrop: bool) -> None:
+        self.queue = queue
+        self.maildrop = maildrop
+        self.id = queueid.new_id()
+        self.size = 0
+        base = queue.path(MAILDROP) if maildrop else queue.path("tmp")
+        self.tmp_path = os.path.join(base, f"{self.id}.{os.getpid()}.tmp")
+        try:
+            self.fd = os.open(self.tmp_path,
+                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC,
+                              0o600)
+            if not maildrop:
+                os.fchmod(self.fd, 0o600)
+            else:
+                os.fchmod(self.fd, 0o644)  # the root pickup reads it; the sticky dir hides it
+        except OSError as e:
+            raise QueueWriteError(f"cannot create queue file: {e.strerror}", EX_CANTCREAT) from None
+        crash_point("after_open")
+
+    def write(self, data: bytes) -> None:
+        try:
+            _write_all(self.fd, data)
+        except OSError as e:
+            self.abort()
+            raise QueueWriteError(f"cannot write queue file: {e.strerror}") from None
+        self.size += len(data)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp_path)
+        except OSError:
+            pass
+
+    def commit(self, env: Envelope) -> str:
+        """fsync, rename into place, fsync the directory; only then is the message queued."""
+        env.id = self.id
+        env.size = self.size
+        try:
+            if self.maildrop:
+                body = env.to_bytes()
+                _write_all(self.fd, body)
+                _write_all(self.fd, MAILDROP_TRAILER + f"{self.size} {len(body)}\n".encode())
+            crash_point("before_fsync")
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            crash_point("before_rename")
+            if self.maildrop:
+                final = self.queue.path(MAILDROP, self.id)
+                os.rename(self.tmp_path, final)
+                crash_point("before_dir_fsync")
+                fsync_dir(self.queue.path(MAILDROP))
+            else:
+                os.link(self.tmp_path, self.queue.path("messages", self.id))
+                os.unlink(self.tmp_path)
+                fsync_dir(self.queue.path("messages"))
+                crash_point("before_envelope")
+                self.queue.write_envelope(env, INCOMING)
+            crash_point("after_commit")
+        except OSError as e:
+            self.abort()
+            raise QueueWriteError(f"cannot queue message: {e.strerror}") from None
+        return self.id
+
+
+class Queue:
+    """A queue directory tree."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def path(self, *parts: str) -> str:
+        for p in parts[1:]:
+            queueid.check(p) if not p.endswith(".msg") else queueid.check(p[:-4])
+        return os.path.join(self.root, *parts)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the tree with explicit modes (umask-proof); refuse a symlinked queue root."""
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.root) or ".", exist_ok=True)
+            try:
+                os.mkdir(self.root, 0o755)
+                os.chmod(self.root, 0o755)
+            except FileExistsError:
+                pass
+            st = os.lstat(self.root)
+        except OSError as e:
+            raise QueueWriteError(f"{self.root}: {e.strerror}", EX_CANTCREAT) from None
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise MailError(f"queue directory {self.root} is not a directory (symlink?)",
+                            EX_CONFIG)
+        mine = st.st_uid == os.geteuid()
+        for name, mode in _DIR_MODES.items():
+            p = os.path.join(self.root, name)
+            try:
+                os.mkdir(p, mode)
+            except FileExistsError:
+                continue
+            except PermissionError:
+                if mine:
+                    raise
+                continue
+            os.chmod(p, mode)
+
+    def direct_access(self) -> bool:
+        """Can this process write entries itself (root or the queue's owner)?"""
+        return os.access(self.path("tmp"), os.W_OK | os.X_OK) and os.access(
+            self.path(INCOMING), os.W_OK | os.X_OK)
+
+    def submission(self) -> Submission:
+        if self.direct_access():
+            return Submission(self, maildrop=False)
+        if os.access(self.path(MAILDROP), os.W_OK | os.X_OK):
+            return Submission(self, maildrop=True)
+        raise QueueWriteError(f"cannot create queue file: no write access to {self.root}",
+                              EX_CANTCREAT)
+
+    # -- envelopes ------------------------------------------------------------------------
+
+    def write_envelope(self, env: Envelope, state: str, *, mtime: float | None = None) -> None:
+        """Write ``env`` into ``state`` atomically: temp, fsync, rename, fsync dir."""
+        tmp = os.path.join(self.root, "tmp", f"{env.id}.env.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, env.to_bytes())
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        os.rename(tmp, self.path(state, env.id))
+        fsync_dir(self.path(state))
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        if src != dst:
+            os.rename(self.path(src, qid), self.path(dst, qid))
+            fsync_dir(self.path(dst))
+            fsync_dir(self.path(src))
+
+    def save(self, env: Envelope, src: str, dst: str) -> None:
+        """Record a new state for an entry: move it (atomic), then rewrite it (atomic)."""
+        self.move(env.id, src, dst)
+        nt = env.next_try if dst == DEFERRED else None
+        self.write_envelope(env, dst, mtime=nt)
+
+    def find(self, qid: str) -> str:
+        """The state directory an entry is in; EntryNotFound otherwise."""
+        queueid.check(qid)
+        for state in STATES:
+            if os.path.lexists(self.path(state, qid)):
+                return state
+        raise EntryNotFound(f"{qid}: no such queue entry")
+
+    def load(self, qid: str, state: str | None = None) -> tuple[str, Envelope]:
+        state = state or self.find(qid)
+        fd = os.open(self.path(state, qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(16 * 1024 * 1024)
+        env = Envelope.from_bytes(data)
+        if env.id != qid:
+            raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
+        return state, env
+
+    def ids(self, state: str) -> list[str]:
+        """Entry ids in a state directory, from the directory alone (no file is read)."""
+        try:
+            with os.scandir(os.path.join(self.root, state)) as it:
+                return sorted(e.name for e in it if queueid.is_valid(e.name))
+        except FileNotFoundError:
+            return []
+
+    def scan(self, state: str) -> Iterator[tuple[str, os.stat_result]]:
+        """(id, lstat) for each entry of a state; cheap: directory entries and inodes only."""
+        try:
+            it = os.scandir(os.path.join(self.root, state))
+        except FileNotFoundError:
+            return
+        with it:
+            for e in it:
+                if queueid.is_valid(e.name):
+                    try:
+                        yield e.name, e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+
+    def due(self, now: float | None = None) -> list[tuple[str, str]]:
+        """(state, id) of every entry due now: all of incoming, deferred whose mtime passed."""
+        now = time.time() if now is None else now
+        out = [(INCOMING, qid) for qid in self.ids(INCOMING)]
+        out += sorted((DEFERRED, qid) for qid, st in self.scan(DEFERRED) if st.st_mtime <= now)
+        return out
+
+    # -- locking and removal --------------------------------------------------------------
+
+    def lock(self, qid: str, blocking: bool = False) -> int:
+        """Lock an entry (flock on its message file) and return the open fd.
+
+        Raises EntryBusy when another process holds it, EntryNotFound when it is gone.
+        """
+        try:
+            fd = os.open(self.path("messages", qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            raise EntryNotFound(f"{qid}: no such queue entry") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise EntryBusy(f"{qid}: entry is locked by another process") from None
+            raise
+        return fd
+
+    def remove(self, qid: str, state: str) -> None:
+        """Delete an entry (caller holds its lock): envelope first, so no half entry is seen."""
+        try:
+            os.unlink(self.path(state, qid))
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.path(state))
+        try:
+            os.unlink(self.path("messages", qid))
+        except FileNotFoundError:
+            pass
+
+    def quarantine(self, qid: str, state: str) -> None:
+        """Move a broken entry's files to corrupt/ (never delete them)."""
+        for src, dst in ((self.path(state, qid), self.path(CORRUPT, qid)),
+                         (self.path("messages", qid), self.path(CORRUPT, qid + ".msg"))):
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                pass
+        fsync_dir(self.path(CORRUPT))
+
+    def purge_temp(self, grace: float = 3600.0, now: float | None = None) -> int:
+        """Remove temp files and orphaned message files older than ``grace`` seconds."""
+        now = time.time() if now is None else now
+        removed = 0
+        with os.scandir(self.path("tmp")) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                if now - st.st_mtime > grace:
+                    os.unlink(e.path)
+                    removed += 1
+        listed = set()
+        for state in STATES:
+            listed.update(self.ids(state))
+        for qid, st in list(self.scan("messages")):
+            if qid not in listed and now - st.st_mtime > grace:
+                try:
+                    fd = self.lock(qid)
+                except (EntryBusy, EntryNotFound):
+                    continue
+                try:
+                    if not any(os.path.lexists(self.path(s, qid)) for s in STATES):
+                        os.unlink(self.path("messages", qid))
+                        removed += 1
+                finally:
+                    os.close(fd)
+        return removed

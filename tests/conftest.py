@@ -1,0 +1,118 @@
+"""Shared fixtures: a private queue and spool, real system users, and interop tool lookup."""
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymailtools.config import Config
+
+REQUIRE_INTEROP = os.environ.get("PYMAILTOOLS_REQUIRE_INTEROP") == "1"
+BIN = Path(sys.executable).parent
+
+
+def need_tool(name: str, package: str) -> str:
+    """Path of a Debian tool; skip (locally) or fail (CI, PYMAILTOOLS_REQUIRE_INTEROP=1)."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+    )
+    if path is None:
+        msg = f"{name} not installed (apt-get install {package})"
+        if REQUIRE_INTEROP:
+            pytest.fail(msg + " but PYMAILTOOLS_REQUIRE_INTEROP=1")
+        pytest.skip(msg)
+    return path
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        if REQUIRE_INTEROP:
+            pytest.fail("test needs root but PYMAILTOOLS_REQUIRE_INTEROP=1")
+        pytest.skip("needs root (creates system users, chowns mailboxes)")
+
+
+def script(name: str) -> str:
+    """The installed console script next to the running interpreter."""
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"console script {name} is not installed in {BIN} (pip install -e .)")
+    return str(path)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """A mail spool like Debian's /var/mail: root:mail 2775."""
+    d = tmp_path / "spool"
+    d.mkdir()
+    if os.geteuid() == 0:
+        import grp
+
+        os.chown(d, 0, grp.getgrnam("mail").gr_gid)
+        os.chmod(d, 0o2775)
+    return d
+
+
+@pytest.fixture
+def config_values(tmp_path: Path, spool: Path) -> dict[str, object]:
+    return {
+        "queue_directory": str(tmp_path / "queue"),
+        "mail_spool_directory": str(spool),
+        "myhostname": "host.example.test",
+        "mydestination": ["host.example.test", "host", "localhost"],
+        "alias_maps": [str(tmp_path / "aliases")],
+        "deliver_lock_delay": 0,
+        "syslog": False,
+    }
+
+
+@pytest.fixture
+def config(config_values: dict[str, object]) -> Config:
+    return Config(config_values)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, config_values: dict[str, object],
+                monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A TOML file with the test settings, exported as PYMAILTOOLS_CONFIG."""
+    lines = []
+    for key, value in config_values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("PYMAILTOOLS_CONFIG", str(path))
+    return path
+
+
+def _make_user() -> Iterator[pwd.struct_passwd]:
+    need_root()
+    name = "pmt" + uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def system_user() -> Iterator[pwd.struct_passwd]:
+    """A real system user created for the test (root only) and removed afterwards."""
+    yield from _make_user()
+
+
+@pytest.fixture
+def other_user() -> Iterator[pwd.struct_passwd]:
+    """A second real system user."""
+    yield from _make_user()
