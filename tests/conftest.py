@@ -116,3 +116,48 @@ def system_user() -> Iterator[pwd.struct_passwd]:
 def other_user() -> Iterator[pwd.struct_passwd]:
     """A second real system user."""
     yield from _make_user()
+
+
+class Sendmail:
+    """Runs the installed sendmail console script against the test configuration."""
+
+    def __init__(self, config_file: Path, queue_dir: Path) -> None:
+        self.config_file = config_file
+        self.queue_dir = queue_dir
+
+    def __call__(self, *args: str, input: bytes = b"", mode: str = "queue",
+                 env: dict[str, str] | None = None, timeout: float = 60,
+                 user: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        e = dict(os.environ, PYMAILTOOLS_CONFIG=str(self.config_file),
+                 PYMAILTOOLS_DELIVERY_MODE=mode)
+        e.update(env or {})
+        return subprocess.run([script("sendmail"), *args], input=input, capture_output=True,
+                              timeout=timeout, env=e, user=user)
+
+    def entries(self) -> list[tuple[str, "Envelope", bytes]]:
+        """(state, envelope, message bytes) of every queue entry."""
+        from pymailtools.queue import STATES, Queue
+
+        q = Queue(str(self.queue_dir))
+        out = []
+        for state in STATES:
+            for qid in q.ids(state):
+                _, env = q.load(qid, state)
+                out.append((state, env, Path(q.path("messages", qid)).read_bytes()))
+        return out
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Every file under the queue (path -> bytes), to prove 'nothing queued'."""
+        out = {}
+        for p in sorted(self.queue_dir.rglob("*")):
+            if p.is_file() and p.name != "run.lock":
+                out[str(p.relative_to(self.queue_dir))] = p.read_bytes()
+        return out
+
+
+@pytest.fixture
+def sendmail(config_file: Path, config_values: dict[str, object]) -> Sendmail:
+    return Sendmail(config_file, Path(str(config_values["queue_directory"])))
+
+
+from pymailtools.envelope import Envelope  # noqa: E402  (for the annotation above)

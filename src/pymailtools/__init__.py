@@ -1,3 +1,3 @@
-"""pymailtools: the classic mail commands (sendmail, mail, mailq, postqueue, postsuper) in Python."""
+"""pymailtools: the classic mail commands (sendmail, mail, mailq, postsuper) in Python."""
 
 __version__ = "0.1.0"

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 
 from pymailtools import queueid
 from pymailtools.envelope import CorruptEnvelope, Envelope
-from pymailtools.errors import MailError, QueueWriteError
-from pymailtools.errors import EX_CANTCREAT, EX_CONFIG
+from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
 
 INCOMING = "incoming"
 DEFERRED = "deferred"

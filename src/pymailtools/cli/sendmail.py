@@ -1,5 +1,279 @@
-"""sendmail placeholder."""
+"""sendmail: Postfix-compatible command line for submitting mail and running the queue.
+
+Hot path (cron, PHP, scripts): no click, no re, no email package; heavier modules are
+imported inside the modes that need them.
+"""
+
+import os
+import sys
+
+from pymailtools import config as configmod
+from pymailtools.errors import (
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    MailError,
+    UsageError,
+)
+
+PROG = "sendmail"
+# Postfix's getopt string; -q is handled apart because a bare -q has no argument.
+OPTSTRING = "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
+_WITH_ARG = frozenset(c for i, c in enumerate(OPTSTRING) if OPTSTRING[i + 1 : i + 2] == ":")
+_ALL = frozenset(c for c in OPTSTRING if c != ":")
+_MODES = {"m": "deliver", "p": "list", "v": "verify", "s": "smtp", "d": "daemon", "l": "daemon",
+          "D": "daemon", "i": "aliases", "h": "hoststatus", "H": "hoststatus"}
+_DSN_NOTIFY = ("success", "failure", "delay")
+
+
+def getopt(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """POSIX getopt as Postfix uses it: bundling, attached arguments, no permutation."""
+    opts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c == "q":
+                opts.append(("q", arg[j + 1 :]))
+                break
+            if c not in _ALL:
+                raise UsageError(f"invalid option -- '{c}'")
+            if c in _WITH_ARG:
+                if j + 1 < len(arg):
+                    value = arg[j + 1 :]
+                else:
+                    i += 1
+                    if i >= len(args):
+                        raise UsageError(f"option requires an argument -- '{c}'")
+                    value = args[i]
+                opts.append((c, value))
+                break
+            opts.append((c, ""))
+            j += 1
+        i += 1
+    return opts, args[i:]
+
+
+def warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+class Request:
+    """The parsed command line."""
+
+    def __init__(self) -> None:
+        self.mode = "deliver"
+        self.config_path: str | None = None
+        self.sender: str | None = None
+        self.fullname: str | None = None
+        self.extract = False
+        self.ignore_dots = False
+        self.verbose = 0
+        self.delivery_mode: str | None = None
+        self.queue_run: str | None = None  # "" = -q; "I<id>", "R<site>", or an interval
+        self.notify = ""
+        self.ret = ""
+        self.envid = ""
+        self.recipients: list[str] = []
+
+
+def parse(argv: list[str]) -> Request:
+    req = Request()
+    name = os.path.basename(argv[0]) if argv else PROG
+    if name == "mailq":
+        req.mode = "list"
+    elif name == "newaliases":
+        req.mode = "aliases"
+    opts, rest = getopt(argv[1:])
+    for opt, val in opts:
+        if opt == "b":
+            if val not in _MODES:
+                raise UsageError(f"unsupported: -b{val}")
+            req.mode = _MODES[val]
+        elif opt == "I":
+            req.mode = "aliases"
+        elif opt in ("f", "r"):
+            req.sender = val
+        elif opt == "F":
+            req.fullname = val
+        elif opt == "t":
+            req.extract = True
+        elif opt == "i":
+            req.ignore_dots = True
+        elif opt == "v":
+            req.verbose += 1
+        elif opt == "C":
+            req.config_path = val
+        elif opt == "q":
+            req.queue_run = val
+        elif opt == "o":
+            _option_o(req, val)
+        elif opt == "B":
+            if val.upper() not in ("7BIT", "8BITMIME"):
+                raise UsageError("-B option needs 8BITMIME or 7BIT")
+        elif opt == "N":
+            req.notify = _dsn_notify(val)
+        elif opt == "R":
+            if val.lower() in ("hdrs", "full"):
+                req.ret = val.lower()
+            else:
+                warn("bad -R option value -- ignored")
+        elif opt == "V":
+            if len(val) > 100:
+                warn("too long -V option value -- ignored")
+            elif not val.isprintable() or not val.isascii() or " " in val:
+                warn("bad syntax in -V option value -- ignored")
+            else:
+                req.envid = val
+        # A, G, L, O, U, X, c, e, h, m, n, p, x: accepted and ignored, as Postfix documents.
+    req.recipients = rest
+    return req
+
+
+def _option_o(req: Request, val: str) -> None:
+    if val == "i":
+        req.ignore_dots = True
+    elif val.startswith("d") and val[1:] in ("i", "b", "q", "d"):
+        req.delivery_mode = {"i": "foreground", "b": "background", "q": "queue",
+                             "d": "queue"}[val[1:]]
+    elif val.startswith("A") and not val[1:]:
+        raise UsageError("-oA requires pathname")
+    # Every other -oX (-oem, -oep, -o7, -o8, -om, -oQ...) is ignored, as in Postfix.
+
+
+def _dsn_notify(val: str) -> str:
+    words = [w.strip().lower() for w in val.split(",")]
+    if words == ["never"]:
+        return "never"
+    bad = [w for w in words if w not in _DSN_NOTIFY]
+    if bad:
+        warn(f'unknown DSN NOTIFY command value "{bad[0]}" in "{val}"')
+        warn("bad -N option value -- ignored")
+        return ""
+    return ",".join(words)
+
+
+def _reopen_std_fds() -> None:
+    """Make sure fds 0-2 exist, so no file we open later becomes someone's stdout (X9)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return 0
+    _reopen_std_fds()
+    argv = sys.argv if argv is None else argv
+    try:
+        return run(parse(argv))
+    except MailError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted, nothing queued", file=sys.stderr)
+        return 74
+    except Exception as e:  # never a traceback for the user; say what broke
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def run(req: Request) -> int:
+    mode = req.mode
+    if mode == "hoststatus":
+        return EX_OK
+    if req.queue_run is not None and mode == "deliver":
+        mode = "queue"
+    if mode != "deliver" and req.recipients:
+        what = {"list": "display queue", "queue": "flush queue", "aliases": "alias database",
+                "smtp": "stand-alone", "daemon": "daemon"}.get(mode)
+        if what:
+            raise UsageError(f"{what} mode requires no recipient")
+    if req.extract and mode == "verify":
+        raise UsageError("-t option cannot be used with -bv")
+    if req.extract and mode not in ("deliver", "verify"):
+        raise UsageError("-t can be used only in delivery mode")
+    cfg = configmod.load(req.config_path)
+    configmod.warn(cfg, PROG)
+    if mode == "deliver":
+        return _deliver(cfg, req)
+    if mode == "queue":
+        return _queue_run(cfg, req)
+    if mode == "list":
+        from pymailtools.cli.mailq import show
+
+        return show(cfg, PROG)
+    if mode == "verify":
+        from pymailtools.verify import verify
+
+        return verify(cfg, req.recipients, sys.stdout)
+    if mode == "aliases":
+        from pymailtools.verify import check_aliases
+
+        return check_aliases(cfg, PROG)
+    raise MailError(f"-b{'s' if mode == 'smtp' else 'd'} is not implemented yet", EX_UNAVAILABLE)
+
+
+def _deliver(cfg: configmod.Config, req: Request) -> int:
+    from pymailtools import address, submit
+
+    recipients: list[str] = []
+    for arg in req.recipients:
+        recipients.extend(address.parse_recipients(arg, cfg.myorigin))
+    if req.recipients and not recipients and not req.extract:
+        raise UsageError("no valid recipient addresses on the command line")
+    sender = None if req.sender is None else address.parse_sender(req.sender, cfg.myorigin)
+    opts = submit.Options(recipients, sender, req.fullname, req.extract, req.ignore_dots,
+                          req.envid, req.ret, req.notify)
+    qid = submit.submit(cfg, sys.stdin.buffer, opts)
+    mode = req.delivery_mode or cfg.delivery_mode
+    if req.verbose:
+        mode = "foreground"
+    if mode == "queue":
+        return EX_OK
+    from pymailtools import wake
+
+    if mode == "foreground":
+        return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
+    wake.kick(cfg)
+    return EX_OK
+
+
+def _queue_run(cfg: configmod.Config, req: Request) -> int:
+    from pymailtools import queueid
+
+    arg = req.queue_run or ""
+    ids: list[str] | None = None
+    site: str | None = None
+    if arg.startswith("I"):
+        if not arg[1:]:
+            raise UsageError("specify: -qIqueueid")
+        ids = [queueid.check(arg[1:])]
+    elif arg.startswith("R"):
+        site = arg[1:].lower()
+        if not site or not all(c.isascii() and (c.isalnum() or c in ".-[]:") for c in site):
+            raise UsageError(f'invalid destination: "{arg[1:]}"')
+    elif arg.startswith("S"):
+        raise UsageError("-qS is not implemented")
+    elif arg:
+        try:
+            configmod.parse_duration(arg, "-q")
+        except MailError:
+            raise UsageError(f"bad -q interval: {arg}") from None
+        return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
+    from pymailtools.runner import Runner
+
+    # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
+    Runner(cfg, prog=PROG, verbose=bool(req.verbose)).run(ids=ids, site=site,
+                                                          force=ids is not None or bool(site))
+    return EX_OK
