@@ -54,7 +54,13 @@ class EntryNotFound(MailError):
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+    except PermissionError:
+        # An ordinary user cannot open the maildrop (mode 1733) to fsync it; sync(2) is the
+        # only way left to make the rename durable before we report success.
+        os.sync()
+        return
     try:
         os.fsync(fd)
     finally:
@@ -86,10 +92,7 @@ class Submission:
             self.fd = os.open(self.tmp_path,
                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC,
                               0o600)
-            if not maildrop:
-                os.fchmod(self.fd, 0o600)
-            else:
-                os.fchmod(self.fd, 0o644)  # the root pickup reads it; the sticky dir hides it
+            os.fchmod(self.fd, 0o600)  # umask-proof; the root pickup reads it anyway
         except OSError as e:
             raise QueueWriteError(f"cannot create queue file: {e.strerror}", EX_CANTCREAT) from None
         crash_point("after_open")

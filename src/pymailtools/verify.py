@@ -1,4 +1,4 @@
-"""sendmail -bv and -bi: say where each recipient would go, check the alias files; deliver nothing."""
+"""sendmail -bv and -bi: where each recipient would go; alias file checks. Delivers nothing."""
 
 from typing import TextIO
 
