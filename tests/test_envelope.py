@@ -36,7 +36,8 @@ def test_every_truncation_is_detected() -> None:
             Envelope.from_bytes(data[:cut])
 
 
-@pytest.mark.parametrize("junk", [b"", b"hello\n", b"\x00" * 50, b"pymailtools-envelope 1\nend 0\n"])
+@pytest.mark.parametrize(
+    "junk", [b"", b"hello\n", b"\x00" * 50, b"pymailtools-envelope 1\nend 0\n"])
 def test_foreign_files_rejected(junk: bytes) -> None:
     with pytest.raises(CorruptEnvelope):
         Envelope.from_bytes(junk)

@@ -1,0 +1,32 @@
+"""sendmail's submission path stays light: no asyncio, aiosmtplib, dnspython, rich, email..."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import script
+
+FORBIDDEN = {"asyncio", "aiosmtplib", "dns", "rich", "click", "email", "json", "re", "typing",
+             "dataclasses", "subprocess", "socket", "logging", "tomllib"}
+
+
+@pytest.mark.parametrize("mode", ["queue", "background"])
+def test_submission_imports(tmp_path: Path, mode: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYMAILTOOLS_")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+               PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
+               PYMAILTOOLS_MAIL_SPOOL_DIRECTORY=str(tmp_path / "spool"),
+               PYMAILTOOLS_SYSLOG="no", PYMAILTOOLS_DELIVERY_MODE=mode)
+    if Path("/etc/pymailtools/config.toml").exists():
+        pytest.skip("a system configuration file exists; its parser would load tomllib")
+    p = subprocess.run([sys.executable, "-X", "importtime", script("sendmail"), "-i",
+                        "someone@example.test"], input=b"Subject: t\n\nbody\n",
+                       capture_output=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    loaded = {line.split("|")[-1].strip().split(".")[0]
+              for line in p.stderr.decode().splitlines() if line.startswith("import time:")}
+    assert "pymailtools" in loaded
+    assert loaded & FORBIDDEN == set()
