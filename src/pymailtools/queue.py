@@ -158,8 +158,9 @@ class Queue:
         self.root = root
 
     def path(self, *parts: str) -> str:
-        for p in parts[1:]:
-            queueid.check(p) if not p.endswith(".msg") else queueid.check(p[:-4])
+        """A path under the queue; every name after the directory must be a valid id."""
+        for name in parts[1:]:
+            queueid.check(name.removesuffix(".msg"))
         return os.path.join(self.root, *parts)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -295,7 +296,9 @@ class Queue:
         Raises EntryBusy when another process holds it, EntryNotFound when it is gone.
         """
         try:
-            fd = os.open(self.path("messages", qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted in messages/ must not hang the runner or mailq.
+            fd = os.open(self.path("messages", qid),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC)
         except FileNotFoundError:
             raise EntryNotFound(f"{qid}: no such queue entry") from None
         try:

@@ -48,10 +48,15 @@ class Runner:
     # -- scheduling -----------------------------------------------------------------------
 
     def run(self, ids: list[str] | None = None, site: str | None = None,
-            force: bool = False) -> Stats:
-        """Deliver due entries (or ``ids``, or those with a recipient at ``site``) once."""
+            force: bool = False, housekeeping: bool = False) -> Stats:
+        """Deliver due entries (or ``ids``, or those with a recipient at ``site``) once.
+
+        ``housekeeping`` also removes debris of crashed submissions older than a day.
+        """
         if os.geteuid() == 0 or self.queue.direct_access():
             self.queue.ensure()
+        if housekeeping and self.queue.direct_access():
+            self.queue.purge_temp(grace=86400)
         if ids is None and self.queue.direct_access():
             from pymailtools.pickup import pickup
 
@@ -106,6 +111,12 @@ class Runner:
             self.stats.busy += 1
             return
         except EntryNotFound:
+            if os.path.lexists(self.queue.path(state, qid)):
+                # An envelope whose message file is gone can never be delivered: keep it
+                # for inspection instead of retrying it forever.
+                self.log.warning(f"{qid}: message file missing; entry moved to corrupt/")
+                self.stats.corrupt += 1
+                self.queue.quarantine(qid, state)
             return
         try:
             with os.fdopen(os.dup(fd), "rb") as msg:

@@ -274,6 +274,6 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
     from pymailtools.runner import Runner
 
     # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
-    Runner(cfg, prog=PROG, verbose=bool(req.verbose)).run(ids=ids, site=site,
-                                                          force=ids is not None or bool(site))
+    Runner(cfg, prog=PROG, verbose=bool(req.verbose)).run(
+        ids=ids, site=site, force=ids is not None or bool(site), housekeeping=True)
     return EX_OK

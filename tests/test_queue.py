@@ -1,0 +1,124 @@
+"""The queue module: atomic states, locks, corrupt entries, and listing without reading bodies."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pymailtools.config import Config
+from pymailtools.envelope import DEFERRED, Envelope, Recipient
+from pymailtools.errors import InvalidQueueId
+from pymailtools.queue import CORRUPT, INCOMING, EntryBusy, EntryNotFound, Queue
+from pymailtools.runner import Runner
+from pymailtools.showq import listing
+
+
+def make_entry(q: Queue, body: bytes = b"Subject: t\n\nb\n", rcpt: str = "r@example.test",
+               ) -> str:
+    sub = q.submission()
+    sub.write(body)
+    return sub.commit(Envelope("", "s@x.test", [Recipient(rcpt)], arrival=time.time()))
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    q = Queue(str(tmp_path / "q"))
+    q.ensure()
+    return q
+
+
+def test_commit_publishes_message_then_envelope(queue: Queue) -> None:
+    qid = make_entry(queue)
+    assert queue.ids(INCOMING) == [qid]
+    state, env = queue.load(qid)
+    assert state == INCOMING and env.size == len(b"Subject: t\n\nb\n")
+    assert not any(Path(queue.root, "tmp").iterdir())
+
+
+def test_save_moves_and_rewrites_with_mtime_as_next_try(queue: Queue) -> None:
+    qid = make_entry(queue)
+    _, env = queue.load(qid)
+    env.recipients[0].state = DEFERRED
+    env.recipients[0].next_try = time.time() + 1000
+    queue.save(env, INCOMING, "deferred")
+    assert queue.find(qid) == "deferred"
+    st = os.stat(queue.path("deferred", qid))
+    assert abs(st.st_mtime - env.recipients[0].next_try) < 1
+    assert queue.due() == []
+    assert queue.due(now=time.time() + 2000) == [("deferred", qid)]
+
+
+def test_lock_is_exclusive(queue: Queue) -> None:
+    qid = make_entry(queue)
+    fd = queue.lock(qid)
+    try:
+        with pytest.raises(EntryBusy):
+            queue.lock(qid)
+    finally:
+        os.close(fd)
+    os.close(queue.lock(qid))
+
+
+def test_locked_entry_is_skipped_by_runner(queue: Queue, config: Config) -> None:
+    cfg = Config({**{k: getattr(config, k) for k in ("mail_spool_directory", "myhostname")},
+                  "queue_directory": queue.root, "syslog": False})
+    qid = make_entry(queue)
+    fd = queue.lock(qid)
+    try:
+        stats = Runner(cfg).run()
+    finally:
+        os.close(fd)
+    assert stats.busy == 1 and queue.ids(INCOMING) == [qid]
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "a/b", "١٢٣"])
+def test_paths_refuse_bad_ids(queue: Queue, bad: str) -> None:
+    with pytest.raises(InvalidQueueId):
+        queue.path(INCOMING, bad)
+    with pytest.raises(InvalidQueueId):
+        queue.find(bad)
+
+
+def test_missing_entry(queue: Queue) -> None:
+    with pytest.raises(EntryNotFound):
+        queue.find("ABCDEF")
+    with pytest.raises(EntryNotFound):
+        queue.lock("ABCDEF")
+
+
+def test_torn_envelope_goes_to_corrupt(queue: Queue, config: Config) -> None:
+    cfg = Config({"queue_directory": queue.root, "mail_spool_directory":
+                  config.mail_spool_directory, "myhostname": "h.test", "syslog": False})
+    good = make_entry(queue)
+    bad = make_entry(queue)
+    p = Path(queue.path(INCOMING, bad))
+    p.write_bytes(p.read_bytes()[:-10])
+    orphan = make_entry(queue)
+    os.unlink(queue.path("messages", orphan))
+    stats = Runner(cfg).run()
+    assert stats.corrupt == 2
+    assert sorted(os.listdir(Path(queue.root, CORRUPT))) == sorted([bad, bad + ".msg", orphan])
+    assert queue.find(good) == "deferred"  # remote recipient: processed normally
+
+
+def test_listing_reads_no_message_body(queue: Queue) -> None:
+    """Message files replaced by FIFOs: opening one would block, so listing must not."""
+    ids = [make_entry(queue, rcpt=f"r{i}@example.test") for i in range(500)]
+    for qid in ids:
+        os.unlink(queue.path("messages", qid))
+        os.mkfifo(queue.path("messages", qid))
+    result: list[str] = []
+
+    def work() -> None:
+        result.append("".join(listing(queue, 10**7)))
+        result.append(str(len(queue.due())))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "listing opened a message file"
+    text, due = result
+    assert text.count("@example.test\n") == 500 and due == "500"
+    assert text.endswith("in 500 Requests.\n")
