@@ -5,6 +5,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,28 @@ def config_file(tmp_path: Path, config_values: dict[str, object],
     path.write_text("\n".join(lines) + "\n")
     monkeypatch.setenv("PYMAILTOOLS_CONFIG", str(path))
     return path
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory every user can reach and write (pytest's tmp_path is root-only)."""
+    need_root()
+    d = Path(tempfile.mkdtemp(prefix="pmt-"))
+    d.chmod(0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def open_spool(world_dir: Path) -> Path:
+    """A spool other users can reach: root:mail 2775, like Debian's /var/mail."""
+    import grp
+
+    spool = world_dir / "spool"
+    spool.mkdir()
+    os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
+    os.chmod(spool, 0o2775)
+    return spool
 
 
 def _make_user() -> Iterator[pwd.struct_passwd]:

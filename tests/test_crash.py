@@ -1,6 +1,7 @@
 """Crash safety: sendmail killed with SIGKILL anywhere leaves no entry or one complete entry."""
 
 import os
+import pwd
 import random
 import signal
 import subprocess
@@ -84,3 +85,20 @@ def test_leftovers_are_purged_not_delivered(sendmail: Sendmail) -> None:
     assert q.purge_temp(grace=0, now=time.time() + 1) == 2
     assert not any((sendmail.queue_dir / "tmp").iterdir())
     assert not any((sendmail.queue_dir / "messages").iterdir())
+
+
+def test_runner_never_delivers_a_fragment(sendmail: Sendmail, spool: Path,
+                                          system_user: pwd.struct_passwd) -> None:
+    import mailbox
+
+    name = system_user.pw_name
+    for point in ("after_open", "mid_write", "before_fsync", "before_rename",
+                  "before_envelope", "after_commit", ""):
+        p = sendmail("-i", name, input=MESSAGE, env={"PYMAILTOOLS_TEST_CRASH_AT": point})
+        assert p.returncode == (0 if point == "" else -signal.SIGKILL)
+    assert sendmail("-q").returncode == 0
+    box = mailbox.mbox(str(spool / name), create=False)
+    bodies = [box.get_bytes(k).split(b"\n\n", 1)[1] for k in box.keys()]
+    box.close()
+    assert len(bodies) == 2  # after_commit and the uninterrupted one; nothing else
+    assert all(b.rstrip(b"\n") == BODY.rstrip(b"\n") for b in bodies)

@@ -4,14 +4,9 @@ import hashlib
 import mailbox
 import os
 import pwd
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from .conftest import Sendmail, need_tool, script
 
@@ -149,12 +144,6 @@ def test_two_runners_deliver_each_message_once(sendmail: Sendmail, spool: Path,
     assert not any((sendmail.queue_dir / "corrupt").iterdir())
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pmt-"))
-    d.chmod(0o1777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_background_runner_detaches_and_is_shared(sendmail: Sendmail, tmp_path: Path,
@@ -185,3 +174,21 @@ def test_background_runner_detaches_and_is_shared(sendmail: Sendmail, tmp_path: 
     parents = log.read_text().split()
     assert len(parents) == 30  # every message delivered by a background runner
     assert len(set(parents)) <= 5  # and not one process per message
+
+
+def test_qI_and_qR_deliver_only_what_they_name(sendmail: Sendmail, spool: Path,
+                                              system_user: pwd.struct_passwd) -> None:
+    name = system_user.pw_name
+    for subject in (b"one", b"two"):
+        assert sendmail(name, input=b"Subject: " + subject + b"\n\nb\n").returncode == 0
+    assert sendmail("x@example.com", input=b"Subject: remote\n\nb\n").returncode == 0
+    entries = {env.recipients[0].address: env.id for _, env, _ in sendmail.entries()}
+    first = entries[f"{name}@host.example.test"]
+    assert sendmail(f"-qI{first}").returncode == 0
+    assert len(mbox_messages(spool / name)) == 1
+    assert len(sendmail.entries()) == 2
+    assert sendmail("-qRexample.com").returncode == 0  # only the remote one is tried
+    states = sorted(state for state, _, _ in sendmail.entries())
+    assert states == ["deferred", "incoming"]
+    assert sendmail("-qI../x").returncode == 64
+    assert sendmail("-qR$(id)").returncode == 64

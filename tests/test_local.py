@@ -6,10 +6,8 @@ import mailbox
 import multiprocessing
 import os
 import pwd
-import shutil
 import stat
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,20 +50,6 @@ def as_user(user: pwd.struct_passwd, fn: Callable[[], object], groups: list[int]
     return parent.recv()
 
 
-@pytest.fixture
-def open_spool() -> Iterator[Path]:
-    """A spool other users can reach (tmp_path's parents are 0700 root): root:mail 2775."""
-    need_root()
-    top = Path(tempfile.mkdtemp(prefix="pmt-spool-"))
-    try:
-        os.chmod(top, 0o755)
-        spool = top / "spool"
-        spool.mkdir()
-        os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
-        os.chmod(spool, 0o2775)
-        yield spool
-    finally:
-        shutil.rmtree(top)
 
 
 def with_spool(config_values: dict[str, object], spool: str) -> Config:

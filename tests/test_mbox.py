@@ -11,14 +11,12 @@ import os
 import pwd
 import re
 import resource
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -116,20 +114,6 @@ def outside(tmp_path: Path) -> Path:
     return target
 
 
-@pytest.fixture
-def open_spool() -> Iterator[Path]:
-    """A spool other users can reach (tmp_path's parents are 0700 root): root:mail 2775."""
-    need_root()
-    top = Path(tempfile.mkdtemp(prefix="pmt-spool-"))
-    try:
-        os.chmod(top, 0o755)
-        spool = top / "spool"
-        spool.mkdir()
-        os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
-        os.chmod(spool, 0o2775)
-        yield spool
-    finally:
-        shutil.rmtree(top)
 
 
 def small_config(config_values: dict[str, object], **over: object) -> Config:

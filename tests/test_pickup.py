@@ -3,10 +3,7 @@
 import io
 import os
 import pwd
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +14,9 @@ from pymailtools.log import Logger
 from pymailtools.pickup import pickup
 from pymailtools.queue import CORRUPT, INCOMING, MAILDROP, MAILDROP_TRAILER, Queue
 
-from .conftest import need_root
-
 MESSAGE = b"Subject: from a user\n\nhello\n"
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A directory other users can traverse (pytest's tmp_path is root-only)."""
-    need_root()
-    d = Path(tempfile.mkdtemp(prefix="pmt-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

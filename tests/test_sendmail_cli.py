@@ -168,3 +168,14 @@ def test_unknown_option_message() -> None:
     with pytest.raises(UsageError) as e:
         parse(["sendmail", "-Z"])
     assert str(e.value) == "invalid option -- 'Z'"
+
+
+def test_bi_reports_bad_alias_lines(sendmail: Sendmail, config_values: dict[str, object]) -> None:
+    from pathlib import Path
+
+    aliases = Path(str(config_values["alias_maps"][0]))  # type: ignore[index]
+    aliases.write_text("postmaster: root\nbroken line\n")
+    p = sendmail("-bi")
+    assert p.returncode == 0
+    assert p.stderr.decode().splitlines() == [
+        f"sendmail: warning: {aliases}:2: missing colon after the name: 'broken line'"]

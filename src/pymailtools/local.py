@@ -11,7 +11,7 @@ from pymailtools.delivery import DeliveryError
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
 # appended to the spool path as is, with no '/' and no '..' (reliability L9).
-_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]*\Z")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}\Z")
 
 
 def valid_user_name(name: str) -> bool:
@@ -45,27 +45,10 @@ def deliver_to_user(
     path, is_maildir = mailbox_path(config, pw.pw_name)
     if os.geteuid() != 0:
         _check_unprivileged(path, is_maildir, pw)
-    if is_maildir:
-        maildir.deliver(
-            path + "/",
-            message,
-            sender=sender,
-            recipient=recipient,
-            uid=pw.pw_uid,
-            gid=pw.pw_gid,
-            config=config,
-        )
-        return "delivered to maildir"
-    mbox.append(
-        path,
-        message,
-        sender=sender,
-        recipient=recipient,
-        uid=pw.pw_uid,
-        gid=pw.pw_gid,
-        config=config,
-    )
-    return "delivered to mailbox"
+    deliver = maildir.deliver if is_maildir else mbox.append
+    deliver(path + "/" if is_maildir else path, message, sender=sender, recipient=recipient,
+            uid=pw.pw_uid, gid=pw.pw_gid, config=config)
+    return "delivered to maildir" if is_maildir else "delivered to mailbox"
 
 
 def _quoted(name: str) -> str:

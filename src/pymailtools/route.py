@@ -4,7 +4,6 @@ import errno
 import logging
 import os
 import pwd
-import re
 import shlex
 import stat
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pymailtools.aliases import AliasValue
 from pymailtools.config import Config
 from pymailtools.delivery import Command, DeliveryError, File, Mailbox, Remote, Target
 from pymailtools.errors import AddressError
+from pymailtools.local import mailbox_path, valid_user_name
 
 log = logging.getLogger("pymailtools.route")
 
@@ -23,7 +23,6 @@ MAX_DEPTH = 20  # nested aliases, .forward files and includes before we call it 
 READ_LIMIT = 4 << 20  # largest .forward or :include: file we read
 HEADER_SCAN_LIMIT = 1 << 20  # bytes of header block searched for Delivered-To
 DEFAULT_PRIVS = "nobody"  # Postfix's default_privs: who runs commands of root-owned aliases
-_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}\Z")
 
 
 def is_local(config: Config, address: str) -> bool:
@@ -36,13 +35,6 @@ def local_name(address: str) -> str:
     local = local_part(address)
     unquoted = aliases.unquote(local)
     return (local if unquoted is None else unquoted).lower()
-
-
-def mailbox_path(config: Config, user: str) -> str:
-    """Where a user's mail goes: spool/USER, a Maildir when the spool is configured with '/'."""
-    spool = config.mail_spool_directory
-    path = f"{spool.rstrip('/')}/{user}"
-    return path + "/" if spool.endswith("/") else path
 
 
 class _Rights(NamedTuple):
@@ -148,7 +140,7 @@ class _Expander:
 
     def user(self, name: str, chain: tuple[tuple[str, str], ...], *, forward: bool) -> None:
         """A passwd user: their .forward if they have one (and ``forward``), else the mailbox."""
-        if not _USER_NAME.match(name):
+        if not valid_user_name(name):
             # Never a path: the mailbox is spool + "/" + a validated passwd name.
             raise DeliveryError(f'invalid user name: "{name}"', "5.1.3")
         try:
@@ -337,9 +329,9 @@ def explain(config: Config, address: str) -> str:
     exp = _expand(config, address)
     targets = list(dict.fromkeys(exp.targets))
     if exp.how == "mailbox" and len(targets) == 1 and isinstance(targets[0], Mailbox):
-        kind = "maildir" if config.mail_spool_directory.endswith("/") else "mailbox"
-        return (f"{address}: deliverable: local {kind} "
-                f"{mailbox_path(config, targets[0].user)}")
+        path, is_maildir = mailbox_path(config, targets[0].user)
+        kind = "maildir" if is_maildir else "mailbox"
+        return f"{address}: deliverable: local {kind} {path}{'/' if is_maildir else ''}"
     verb = "aliased to" if exp.how == "alias" else "forwarded to"
     return f"{address}: {verb} {', '.join(describe(t) for t in targets) or 'nothing'}"
 

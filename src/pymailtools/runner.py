@@ -1,5 +1,6 @@
 """The queue runner: takes due entries under lock, routes and delivers, defers, bounces."""
 
+import logging
 import os
 import random
 import time
@@ -35,6 +36,25 @@ class Stats:
         self.results: list[tuple[str, str, str, str]] = []  # (qid, rcpt, status, detail)
 
 
+class _ToLogger(logging.Handler):
+    """Sends warnings of the routing modules (Python logging) to the runner's log."""
+
+    def __init__(self, log: Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.target = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.warning(record.getMessage())
+
+
+def _capture_library_warnings(log: Logger) -> None:
+    lib = logging.getLogger("pymailtools")
+    for h in [h for h in lib.handlers if isinstance(h, _ToLogger)]:
+        lib.removeHandler(h)
+    lib.addHandler(_ToLogger(log))
+    lib.propagate = False
+
+
 class Runner:
     """One queue run (or a background loop of them) over a queue directory."""
 
@@ -42,6 +62,7 @@ class Runner:
         self.cfg = cfg
         self.queue = Queue(cfg.queue_directory)
         self.log = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
+        _capture_library_warnings(self.log)
         self.stats = Stats()
         self.seen: set[str] = set()
 
@@ -144,6 +165,7 @@ class Runner:
         now = time.time()
         self.log.info(log.queue_active(qid, env.sender, env.size, len(env.recipients)))
         newly_bounced: list[Recipient] = []
+        attempted = False
         for r in list(env.recipients):
             if r.done:
                 continue
@@ -151,6 +173,7 @@ class Runner:
                 continue
             if not force and r.next_try > now:
                 continue
+            attempted = True
             self._deliver_recipient(env, r, msg, now)
             if r.state == BOUNCED:
                 newly_bounced.append(r)
@@ -171,7 +194,9 @@ class Runner:
         if (delayed and not env.warned and self.cfg.delay_warning_time
                 and now - env.arrival >= self.cfg.delay_warning_time):
             self._notify(env, msg, delayed, "delayed")
-            env.warned = True
+            env.warned = attempted = True  # the flag must be saved, or the warning repeats
+        if not (attempted or expired):
+            return  # nothing was due here (-qR for another site): leave the entry as it was
         if env.done:
             self.queue.remove(qid, state)
             self.log.info(log.removed(qid))

@@ -5,11 +5,23 @@ from typing import TextIO
 from pymailtools import address, route
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
-from pymailtools.errors import EX_NOHOST, EX_NOUSER, EX_OK
+from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK
 
 
-def verify(cfg: Config, args: list[str], out: TextIO) -> int:
+def _library_warnings_to_stderr(prog: str) -> None:
+    """Routing modules warn through Python logging; show those as `prog: warning: ...`."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    lib = logging.getLogger("pymailtools")
+    lib.handlers[:] = [handler]
+    lib.propagate = False
+
+
+def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") -> int:
     """Print one line per recipient; exit 67 if a local user is unknown, 68 for a bad host."""
+    _library_warnings_to_stderr(prog)
     code = EX_OK
     for arg in args:
         for rcpt in address.parse_recipients(arg, cfg.myorigin):
@@ -32,11 +44,12 @@ def check_aliases(cfg: Config, prog: str) -> int:
 
     from pymailtools import aliases
 
+    _library_warnings_to_stderr(prog)
     status = EX_OK
     for path in cfg.alias_maps:
         try:
-            aliases.load(path)
-        except Exception as e:
-            print(f"{prog}: {path}: {e}", file=sys.stderr)
-            status = 78
+            aliases.load(path)  # it logs each bad line as a warning
+        except DeliveryError as e:
+            print(f"{prog}: {path}: {e.reason}", file=sys.stderr)
+            status = EX_CONFIG
     return status
