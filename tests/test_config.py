@@ -94,3 +94,41 @@ def test_root_refuses_unsafe_config(tmp_path: Path) -> None:
     os.chown(f, 1000, 1000)
     with pytest.raises(ConfigError):
         config.load(str(f), environ={})
+
+
+def test_fast_reader_never_disagrees_with_tomllib() -> None:
+    """The hot path's flat-file reader returns what tomllib returns, or defers (None)."""
+    import random
+    import tomllib
+
+    pieces = ['"a"', "'b'", '"x\\\\y"', "12", "-3", "007", "1_000", "true", "false", "1.5",
+              '["a", "b"]', "['a',]", "[]", '[ "a" , \'b\' ]', '["a" "b"]', '"""m"""', "''",
+              '""', '"é ü"', '"a#b"', "# c", "#", "=", "[t]", "x.y", '"k"', "\t", " ", "\r",
+              "1979-05-27", "inf", "0x1F", '"\x01"', "[1, 2]", '"unterminated', "tru"]
+    rng = random.Random(7)
+    agreed = deferred = 0
+    for _ in range(20000):
+        lines = []
+        for _ in range(rng.randint(0, 4)):
+            key = rng.choice(["queue_directory", "a", "b-c", "x_1", "a", "k k", ""])
+            line = f"{key} = {rng.choice(pieces)}"
+            if rng.random() < 0.3:
+                line += " " + rng.choice(pieces)
+            lines.append(rng.choice([line, line, "# comment", "", rng.choice(pieces)]))
+        text = "\n".join(lines)
+        fast = config.fast_toml(text)
+        if fast is None:
+            deferred += 1
+            continue
+        assert fast == tomllib.loads(text), text
+        agreed += 1
+    assert agreed > 1000 and deferred > 1000
+
+
+def test_fast_reader_takes_a_typical_file() -> None:
+    text = ('# pymailtools\nmyhostname = "mx.example.org"   # FQDN\nmydestination = '
+            '["mx.example.org", "localhost"]\nmessage_size_limit = 20480000\n'
+            "syslog = true\nmaximal_queue_lifetime = '3d'\n")
+    assert config.fast_toml(text) == {
+        "myhostname": "mx.example.org", "mydestination": ["mx.example.org", "localhost"],
+        "message_size_limit": 20480000, "syslog": True, "maximal_queue_lifetime": "3d"}

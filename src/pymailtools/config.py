@@ -1,7 +1,9 @@
 """Configuration: embedded defaults, TOML files and PYMAILTOOLS_* variables, validated.
 
-Kept cheap to import: the sendmail submission path loads it, so no re, json or dataclasses,
-and tomllib only when a file exists.
+Kept cheap to import: the sendmail submission path loads it, so no re, json or dataclasses.
+tomllib alone costs about as much as Postfix's whole sendmail run (it pulls in re, typing,
+datetime), so the flat ``key = value`` files admins write are read by ``fast_toml``; anything
+it does not recognise with certainty goes to tomllib, which stays the authority.
 """
 
 from __future__ import annotations
@@ -196,9 +198,94 @@ def default_queue_directory() -> str:
     return os.path.join(state, "pymailtools")
 
 
-def _read_toml(path: str, check_owner: bool) -> dict[str, Any]:
-    import tomllib
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
+
+def _fast_string(text: str, i: int) -> tuple[str, int] | None:
+    """A one-line basic or literal string without escapes starting at text[i]."""
+    quote = text[i]
+    end = text.find(quote, i + 1)
+    if end < 0:
+        return None
+    value = text[i + 1 : end]
+    if "\\" in value or any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        return None
+    if text.startswith(quote * 2, i):  # '' / "" could open a multi-line string
+        return None
+    return value, end + 1
+
+
+def _fast_value(text: str) -> tuple[object, str] | None:
+    """(value, rest of line) for a string, integer, boolean or one-line array of strings."""
+    if not text:
+        return None
+    if text[0] in "\"'":
+        got = _fast_string(text, 0)
+        return None if got is None else (got[0], text[got[1] :])
+    if text[0] == "[":
+        items: list[object] = []
+        i = 1
+        while True:
+            while i < len(text) and text[i] in " \t":
+                i += 1
+            if i < len(text) and text[i] == "]":
+                return items, text[i + 1 :]
+            if i >= len(text) or text[i] not in "\"'":
+                return None
+            got = _fast_string(text, i)
+            if got is None:
+                return None
+            items.append(got[0])
+            i = got[1]
+            while i < len(text) and text[i] in " \t":
+                i += 1
+            if i < len(text) and text[i] == ",":
+                i += 1
+            elif i >= len(text) or text[i] != "]":
+                return None
+    head = text.split("#", 1)[0].split(" ")[0].split("\t")
+    word = head[0]
+    rest = text[len(word) :]
+    if word in ("true", "false"):
+        return word == "true", rest
+    digits = word[1:] if word[:1] in "+-" else word
+    if digits.isdigit() and digits.isascii() and (digits == "0" or digits[0] != "0"):
+        return int(word), rest
+    return None
+
+
+def fast_toml(text: str) -> dict[str, object] | None:
+    """Parse a flat TOML file of ``key = value`` lines, or return None to defer to tomllib.
+
+    Must never disagree with tomllib: whatever it is not sure about (tables, escapes, floats,
+    dates, dotted or quoted keys, duplicates, multi-line values) returns None.
+    """
+    out: dict[str, object] = {}
+    raws = text.split("\n")
+    for n, raw in enumerate(raws):
+        if raw.endswith("\r") and n < len(raws) - 1:
+            raw = raw[:-1]  # CRLF; a CR anywhere else is an error tomllib should report
+        if "\r" in raw:
+            return None
+        line = raw.strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        key = key.strip(" \t")
+        if not eq or not key or not all(c in _BARE_KEY for c in key) or key in out:
+            return None
+        got = _fast_value(value.strip(" \t"))
+        if got is None:
+            return None
+        rest = got[1].strip(" \t")
+        if rest and (not rest.startswith("#") or any(
+                ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in rest)):
+            return None
+        out[key] = got[0]
+    return out
+
+
+def _read_toml(path: str, check_owner: bool) -> dict[str, Any]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -213,9 +300,16 @@ def _read_toml(path: str, check_owner: bool) -> dict[str, Any]:
             )
         data = f.read()
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    fast = fast_toml(text)
+    if fast is not None:
+        return fast
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         head, sep, tail = msg.partition(" (at line ")
