@@ -135,7 +135,10 @@ def test_two_runners_deliver_each_message_once(sendmail: Sendmail, spool: Path,
     for i in range(n):
         assert sendmail(system_user.pw_name, input=b"Subject: m%d\n\nbody %d\n" % (i, i),
                         ).returncode == 0
-    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(sendmail.config_file))
+    # The fixture's lock delay of 0 s suits single deliveries; two runners contend for the
+    # mailbox, so give them the default retry pacing (a busy mailbox would defer, not lose).
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(sendmail.config_file),
+               PYMAILTOOLS_DELIVER_LOCK_DELAY="1s")
     procs = [subprocess.Popen([script("sendmail"), "-q"], env=env) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     msgs = mbox_messages(spool / system_user.pw_name)

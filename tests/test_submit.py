@@ -1,6 +1,7 @@
 """Submission through the installed sendmail: input rules, added headers, exact bytes, limits."""
 
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,61 @@ def test_closed_stdio_puts_no_text_in_queue(sendmail: Sendmail, tmp_path: Path) 
     (_, _, data), = sendmail.entries()
     assert data.endswith(b"\n\nbody\n")
     assert b"sendmail" not in data.split(b"\n\n", 1)[1]
+
+
+def test_full_disk_fails_cleanly_and_keeps_older_entries(tmp_path: Path) -> None:
+    """X1: ENOSPC while writing: exit 74 with one line, no partial entry, temp file gone."""
+    import subprocess
+
+    from .conftest import need_root, script
+
+    need_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        env = dict(os.environ, PYMAILTOOLS_QUEUE_DIRECTORY=str(mnt / "q"),
+                   PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no",
+                   PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"))
+        (tmp_path / "none.toml").write_text("")
+        first = subprocess.run([script("sendmail"), "u@x.test"], input=b"small\n", env=env,
+                               capture_output=True)
+        assert first.returncode == 0, first.stderr
+        before = {p.name: p.read_bytes() for p in (mnt / "q" / "messages").iterdir()}
+        p = subprocess.run([script("sendmail"), "-i", "u@x.test"], input=b"y" * (1 << 20),
+                           env=env, capture_output=True)
+        assert p.returncode == 74
+        assert p.stderr.decode() == ("sendmail: cannot write queue file: "
+                                     "No space left on device\n")
+        assert {p.name: p.read_bytes() for p in (mnt / "q" / "messages").iterdir()} == before
+        assert len(list((mnt / "q" / "incoming").iterdir())) == 1
+        assert list((mnt / "q" / "tmp").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_unprivileged_user_cannot_run_or_list_root_queue(world_dir: Path,
+                                                          system_user: pwd.struct_passwd) -> None:
+    """sendmail -q and mailq (-bp) as an ordinary user on root's queue: exit 77."""
+    import subprocess
+
+    import pymailtools.cli.mailq  # noqa: F401  (the child cannot read /root's interpreter)
+    import pymailtools.runner  # noqa: F401
+    import pymailtools.showq  # noqa: F401
+
+    from .conftest import script
+    from .test_pickup import submit_as
+
+    cfg = world_dir / "config.toml"
+    cfg.write_text(f'queue_directory = "{world_dir}/q"\nsyslog = false\n'
+                   'delivery_mode = "queue"\n')
+    cfg.chmod(0o644)
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(cfg))
+    assert subprocess.run([script("sendmail"), "u@x.test"], input=b"x\n",
+                          env=env).returncode == 0
+    stdin = world_dir / "empty"
+    stdin.write_bytes(b"")
+    stdin.chmod(0o644)
+    assert submit_as(system_user, cfg, ["-q"], stdin) == 77
+    assert submit_as(system_user, cfg, ["-bp"], stdin) == 77

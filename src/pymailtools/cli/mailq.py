@@ -6,6 +6,7 @@ from pymailtools.config import Config
 
 
 def show(cfg: Config, prog: str = "mailq") -> int:
+    from pymailtools.errors import PermissionDenied
     from pymailtools.queue import Queue
     from pymailtools.showq import listing
 
@@ -15,6 +16,9 @@ def show(cfg: Config, prog: str = "mailq") -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         pass
+    except PermissionError:
+        raise PermissionDenied(f"cannot read the queue in {cfg.queue_directory}: "
+                               "permission denied (run it as root)") from None
     return 0
 
 

@@ -13,6 +13,7 @@ from pymailtools.errors import (
     EX_SOFTWARE,
     EX_UNAVAILABLE,
     MailError,
+    PermissionDenied,
     UsageError,
 )
 
@@ -271,6 +272,11 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         except MailError:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
+    from pymailtools.queue import Queue
+
+    if not Queue(cfg.queue_directory).direct_access():
+        raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
+                               "permission denied (run it as root)")
     from pymailtools.runner import Runner
 
     # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
