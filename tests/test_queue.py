@@ -122,3 +122,32 @@ def test_listing_reads_no_message_body(queue: Queue) -> None:
     text, due = result
     assert text.count("@example.test\n") == 500 and due == "500"
     assert text.endswith("in 500 Requests.\n")
+
+
+def test_attempt_history_is_recorded_and_removed_with_the_entry(queue: Queue,
+                                                                config: Config) -> None:
+    cfg = Config({"queue_directory": queue.root, "mail_spool_directory":
+                  config.mail_spool_directory, "myhostname": "h.test", "syslog": False})
+    qid = make_entry(queue, rcpt="x@example.com")
+    Runner(cfg).run()
+    (a,) = queue.history(qid)
+    assert (a.recipient, a.status, a.relay) == ("x@example.com", "deferred", "local")
+    assert a.reason == "remote delivery not implemented" and a.dsn.startswith("4.")
+    Runner(cfg).run(force=True)
+    assert [h.status for h in queue.history(qid)] == ["deferred", "deferred"]
+    fd = queue.lock(qid)
+    try:
+        queue.remove(qid, queue.find(qid))
+    finally:
+        os.close(fd)
+    assert queue.history(qid) == [] and not os.listdir(Path(queue.root, "history"))
+
+
+def test_history_lines_survive_hostile_text(queue: Queue) -> None:
+    from pymailtools.envelope import Attempt
+
+    qid = make_entry(queue)
+    queue.add_history(qid, Attempt(1.5, "a b\r\nc", "h[1.2.3.4]:25", "deferred", "4.0.0",
+                                   "450 go\naway\x00"))
+    (a,) = queue.history(qid)
+    assert (a.recipient, a.reason) == ("a b\r\nc", "450 go\naway\x00")

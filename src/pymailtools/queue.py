@@ -24,7 +24,7 @@ import stat
 import time
 
 from pymailtools import queueid
-from pymailtools.envelope import CorruptEnvelope, Envelope
+from pymailtools.envelope import Attempt, CorruptEnvelope, Envelope
 from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
@@ -38,7 +38,9 @@ CORRUPT = "corrupt"
 STATES = (INCOMING, DEFERRED, HOLD)
 MAILDROP = "maildrop"
 MAILDROP_TRAILER = b"pymailtools-maildrop "
-_DIR_MODES = {"tmp": 0o700, "messages": 0o700, INCOMING: 0o700, DEFERRED: 0o700, HOLD: 0o700,
+HISTORY = "history"
+_DIR_MODES = {"tmp": 0o700, "messages": 0o700, HISTORY: 0o700, INCOMING: 0o700, DEFERRED: 0o700,
+              HOLD: 0o700,
               CORRUPT: 0o700, MAILDROP: 0o1733}
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _TEST_CRASH_AT = os.environ.get("PYMAILTOOLS_TEST_CRASH_AT", "")
@@ -160,7 +162,7 @@ class Queue:
     def path(self, *parts: str) -> str:
         """A path under the queue; every name after the directory must be a valid id."""
         for name in parts[1:]:
-            queueid.check(name.removesuffix(".msg"))
+            queueid.check(name.removesuffix(".msg").removesuffix(".history"))
         return os.path.join(self.root, *parts)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -317,15 +319,45 @@ class Queue:
         except FileNotFoundError:
             pass
         fsync_dir(self.path(state))
+        for kind in ("messages", HISTORY):
+            try:
+                os.unlink(self.path(kind, qid))
+            except FileNotFoundError:
+                pass
+
+    # -- attempt history (for mailq --explain) -------------------------------------------
+
+    def add_history(self, qid: str, attempt: Attempt) -> None:
+        """Append one delivery attempt to the entry's history (best effort, not synced:
+        losing the last history line in a crash loses no mail)."""
+        fd = os.open(self.path(HISTORY, qid),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:
-            os.unlink(self.path("messages", qid))
+            _write_all(fd, attempt.to_line())
+        finally:
+            os.close(fd)
+
+    def history(self, qid: str) -> list[Attempt]:
+        """The entry's recorded attempts, oldest first; malformed lines are skipped."""
+        try:
+            fd = os.open(self.path(HISTORY, qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
         except FileNotFoundError:
-            pass
+            return []
+        with os.fdopen(fd, "rb") as f:
+            lines = f.read(64 * 1024 * 1024).split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(Attempt.from_line(line))
+            except (CorruptEnvelope, ValueError):
+                continue
+        return out
 
     def quarantine(self, qid: str, state: str) -> None:
         """Move a broken entry's files to corrupt/ (never delete them)."""
         for src, dst in ((self.path(state, qid), self.path(CORRUPT, qid)),
-                         (self.path("messages", qid), self.path(CORRUPT, qid + ".msg"))):
+                         (self.path("messages", qid), self.path(CORRUPT, qid + ".msg")),
+                         (self.path(HISTORY, qid), self.path(CORRUPT, qid + ".history"))):
             try:
                 os.rename(src, dst)
             except FileNotFoundError:

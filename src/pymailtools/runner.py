@@ -9,7 +9,15 @@ from typing import BinaryIO
 from pymailtools import log, route
 from pymailtools.config import Config
 from pymailtools.delivery import Command, DeliveryError, File, Mailbox, Remote
-from pymailtools.envelope import BOUNCED, DEFERRED, SENT, CorruptEnvelope, Envelope, Recipient
+from pymailtools.envelope import (
+    BOUNCED,
+    DEFERRED,
+    SENT,
+    Attempt,
+    CorruptEnvelope,
+    Envelope,
+    Recipient,
+)
 from pymailtools.log import Logger, make_line
 from pymailtools.queue import (
     DEFERRED as Q_DEFERRED,
@@ -282,6 +290,11 @@ class Runner:
                                 delay=round(now - env.arrival, 2), dsn=r.status or "2.0.0",
                                 status=status, detail=r.reason))
         self.stats.results.append((env.id, r.address, status, r.reason))
+        try:  # the history of a finished entry is removed with it
+            self.queue.add_history(env.id, Attempt(now, r.address, relay, status, r.status,
+                                                   r.reason))
+        except OSError as e:
+            self.log.warning(f"{env.id}: cannot record attempt history: {e.strerror}")
 
     def _notify(self, env: Envelope, msg: BinaryIO, rcpts: list[Recipient], action: str) -> None:
         """Queue a DSN to the sender; never for a bounce (null sender)."""
