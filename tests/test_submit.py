@@ -239,3 +239,31 @@ def test_unprivileged_user_cannot_run_or_list_root_queue(world_dir: Path,
     stdin.chmod(0o644)
     assert submit_as(system_user, cfg, ["-q"], stdin) == 77
     assert submit_as(system_user, cfg, ["-bp"], stdin) == 77
+
+
+def test_symlinked_queue_directory_refused(tmp_path: Path) -> None:
+    """X6: a queue directory that is a symlink (to /etc, say) is refused, nothing written."""
+    import subprocess
+
+    from .conftest import script
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "q").symlink_to(target)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'queue_directory = "{tmp_path / "q"}"\nsyslog = false\n')
+    p = subprocess.run([script("sendmail"), "u@x.test"], input=b"x\n", capture_output=True,
+                       env=dict(os.environ, PYMAILTOOLS_CONFIG=str(cfg)))
+    assert p.returncode == 78
+    assert p.stderr.decode().count("\n") == 1 and "symlink" in p.stderr.decode()
+    assert list(target.iterdir()) == []
+
+
+def test_dash_C_names_the_configuration_file(sendmail: Sendmail, tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text(f'queue_directory = "{tmp_path / "otherq"}"\nsyslog = false\n'
+                     'delivery_mode = "queue"\n')
+    p = sendmail("-C", str(other), "u@x.test", input=b"x\n")
+    assert p.returncode == 0, p.stderr
+    assert len(list((tmp_path / "otherq" / "incoming").iterdir())) == 1
+    assert sendmail.entries() == []
