@@ -1,0 +1,25 @@
+# fish completion for pymailtools mail(1) / mailx(1).
+for cmd in mail mailx
+    complete -c $cmd -s s -x -d 'Subject'
+    complete -c $cmd -s c -x -a '(__fish_complete_users)' -d 'Cc recipients (comma list)'
+    complete -c $cmd -s b -x -a '(__fish_complete_users)' -d 'Bcc recipients (comma list)'
+    complete -c $cmd -s a -r -F -d 'Attach a file, or add a "Name: value" header'
+    complete -c $cmd -s r -x -d 'Sender address'
+    complete -c $cmd -s S -x -a 'smtp= mta=smtp:// from= hold keepsave escape= skipemptybody' -d 'Set a variable'
+    complete -c $cmd -s t -x -a '(__fish_print_hostnames)' -d 'SMTP server host[:port]; alone: recipients from headers'
+    complete -c $cmd -l read-recipients -d 'Recipients and headers from the message header'
+    complete -c $cmd -s E -d 'Do not send an empty message'
+    complete -c $cmd -s v -d 'Verbose, deliver in the foreground'
+    complete -c $cmd -s n -d 'No system mail.rc (accepted)'
+    complete -c $cmd -s N -d 'No header summary at start'
+    complete -c $cmd -s H -d 'Print the header summary and exit'
+    complete -c $cmd -s e -d 'Exit 0 if there is mail, 1 if not'
+    complete -c $cmd -s f -r -F -d 'Read a mailbox file (default ~/mbox)'
+    complete -c $cmd -s u -x -a '(__fish_complete_users)' -d "Read this user's mailbox"
+    complete -c $cmd -s i -d 'Ignore interrupts (accepted)'
+    complete -c $cmd -s I -d 'Interactive (accepted)'
+    complete -c $cmd -s d -d 'Debug (accepted)'
+    complete -c $cmd -s h -l help -d 'Usage summary'
+    complete -c $cmd -s V -l version -d 'Version'
+    complete -c $cmd -f -a '(__fish_complete_users)' -d 'Recipient'
+end

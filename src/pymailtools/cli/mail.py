@@ -1,0 +1,362 @@
+"""mail / mailx: send a message like bsd-mailx and s-nail, or read a mailbox."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pymailtools.config import Config
+from pymailtools.errors import EX_OK, EX_SOFTWARE, EX_USAGE, MailError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.compose import Draft
+
+PROG = "mail"
+VERSION = "pymailtools mail 0.1.0"
+# Options that take an argument; -f, -t and -E are handled apart (their argument is optional).
+_WITH_ARG = frozenset("sScbaruq")
+_FLAGS = frozenset("vnNHeiIdFE~#")
+# mailx commands a GNU mailutils "-E command" may start with (fail2ban passes -E 'set escape').
+_MAILX_COMMANDS = frozenset({"set", "unset", "se", "uns", "source", "so", "alias", "a",
+                             "ignore", "retain", "unalias", "echo", "folder", "file"})
+
+USAGE = """\
+usage: mail [-dEiInNv] [-s subject] [-c cc-addr] [-b bcc-addr] [-a file|'Header: value']
+            [-r from-addr] [-S var[=value]] [-t host[:port]] [--read-recipients]
+            to-addr ...
+       mail [-dEHiInNv] [-e] [-f [file] | -u user]"""
+
+
+class Request:
+    """The parsed command line."""
+
+    def __init__(self) -> None:
+        self.subject: str | None = None
+        self.cc: list[str] = []
+        self.bcc: list[str] = []
+        self.attach: list[str] = []
+        self.sender: str | None = None
+        self.skip_empty = False
+        self.verbose = False
+        self.variables: dict[str, str] = {}
+        self.server: str | None = None
+        self.read_recipients = False
+        self.headers_only = False
+        self.check_only = False
+        self.folder: str | None = None  # -f given: "" until the operand is known
+        self.user: str | None = None
+        self.no_header = False
+        self.operands: list[str] = []
+        self.help = False
+        self.version = False
+
+
+def warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+def _looks_like_command(arg: str) -> bool:
+    """A GNU mailutils -E argument (``set escape``) rather than a recipient."""
+    words = arg.split()
+    if not words or arg.startswith("-"):
+        return False
+    return words[0] in _MAILX_COMMANDS or ("@" not in arg and len(words) > 1)
+
+
+def _apply_command(req: Request, command: str) -> None:
+    words = command.split()
+    if words and words[0] in ("set", "se"):
+        for w in words[1:]:
+            name, _, value = w.partition("=")
+            req.variables[name] = value
+    elif words and words[0] in ("unset", "uns"):
+        for w in words[1:]:
+            req.variables.pop(w, None)
+    else:
+        warn(f"ignoring mail command given with -E: {command!r}")
+
+
+def parse(args: list[str]) -> Request:
+    """GNU-style parsing like bsd-mailx: options may follow recipients; ``--`` ends them."""
+    req = Request()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            req.operands.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if name == "read-recipients" and not eq:
+                req.read_recipients = True
+            elif name == "help" and not eq:
+                req.help = True
+            elif name == "version" and not eq:
+                req.version = True
+            elif name == "subject":
+                if not eq:
+                    if i >= len(args):
+                        raise UsageError("option '--subject' requires an argument")
+                    value, i = args[i], i + 1
+                req.subject = value
+            else:
+                raise UsageError(f"unrecognized option '{arg}'")
+            continue
+        if not arg.startswith("-") or arg == "-":
+            req.operands.append(arg)
+            continue
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            j += 1
+            attached = arg[j:]
+            if c in _WITH_ARG:
+                if attached:
+                    value = attached
+                elif i < len(args):
+                    value, i = args[i], i + 1
+                else:
+                    raise UsageError(f"option requires an argument -- '{c}'")
+                _option(req, c, value)
+                break
+            if c == "f":
+                req.folder = attached  # the file, when not attached, is the first operand
+                break
+            if c == "t":
+                if attached:
+                    req.server = attached
+                elif i < len(args) and not args[i].startswith("-") and "@" not in args[i]:
+                    req.server, i = args[i], i + 1
+                else:
+                    req.read_recipients = True  # mailx's -t: recipients from the headers
+                break
+            if c == "E":
+                if not attached and i < len(args) and _looks_like_command(args[i]):
+                    _apply_command(req, args[i])  # GNU mailutils' -E: execute a command
+                    i += 1
+                else:
+                    req.skip_empty = True
+                continue
+            if c == "h":
+                req.help = True
+            elif c == "V":
+                req.version = True
+            elif c in _FLAGS:
+                _flag(req, c)
+            else:
+                raise UsageError(f"invalid option -- '{c}'")
+    return req
+
+
+def _option(req: Request, c: str, value: str) -> None:
+    if c == "s":
+        req.subject = value
+    elif c == "c":
+        req.cc.append(value)
+    elif c == "b":
+        req.bcc.append(value)
+    elif c == "a":
+        req.attach.append(value)
+    elif c == "r":
+        req.sender = value
+    elif c == "S":
+        name, _, val = value.partition("=")
+        req.variables[name] = val
+    elif c == "u":
+        req.user = value
+    elif c == "q":
+        raise UsageError("-q (quote a file) is not supported; use ~r in interactive mode")
+
+
+def _flag(req: Request, c: str) -> None:
+    if c == "v":
+        req.verbose = True
+    elif c == "H":
+        req.headers_only = True
+    elif c == "e":
+        req.check_only = True
+    elif c == "N":
+        req.no_header = True
+    # -n (no system mail.rc: we read none), -i, -I, -d, -F, -~, -#: accepted, no effect.
+
+
+def _reopen_std_fds() -> None:
+    """Make sure fds 0-2 exist, so no file we open later becomes someone's stdout."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _reopen_std_fds()
+    argv = sys.argv if argv is None else argv
+    try:
+        req = parse(argv[1:])
+        if req.help:
+            print(USAGE)
+            return EX_OK
+        if req.version:
+            print(VERSION)
+            return EX_OK
+        return run(req)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        if e.exit_code == EX_USAGE and not isinstance(e, _Quiet) and "option" in str(e):
+            print(USAGE, file=sys.stderr)
+        return e.exit_code
+    except MailError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EX_OK
+    except Exception as e:  # never a traceback for the user; say what broke
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+class _Quiet(UsageError):
+    """A usage error that needs no usage text after it."""
+
+
+def run(req: Request) -> int:
+    from pymailtools import config as configmod
+
+    sending = bool(req.operands) and req.folder is None and req.user is None
+    if req.read_recipients or sending:
+        if req.headers_only or req.check_only or req.folder is not None or req.user:
+            raise _Quiet("-f, -u, -H and -e read mail: they take no recipients")
+        cfg = configmod.load()
+        configmod.warn(cfg, PROG)
+        return send(cfg, req)
+    if req.subject is not None or req.cc or req.bcc or req.sender is not None or req.attach:
+        raise _Quiet("You must specify direct recipients with -s, -c, -b, -a or -r.")
+    if len(req.operands) > 1 or (req.operands and req.folder is None):
+        raise _Quiet("too many arguments for read mode")
+    cfg = configmod.load()
+    configmod.warn(cfg, PROG)
+    from pymailtools import mailread
+
+    folder = req.folder
+    if folder == "" and req.operands:
+        folder = req.operands[0]
+    return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
+                          check_only=req.check_only, show_headers=not req.no_header,
+                          variables=req.variables, prog=PROG)
+
+
+def server_of(req: Request) -> str | None:
+    """The SMTP server chosen with -t HOST, -S smtp=HOST or -S mta=smtp://HOST."""
+    if req.server:
+        return req.server
+    if req.variables.get("smtp"):
+        return req.variables["smtp"]
+    mta = req.variables.get("mta", "")
+    if mta.startswith("smtp://") or mta.startswith("smtps://") or mta.startswith("submission"):
+        return mta
+    if mta and not mta.startswith("/"):
+        raise _Quiet(f"unsupported mta: {mta}")
+    return None
+
+
+def send(cfg: Config, req: Request) -> int:
+    from pymailtools import compose, outbox, submit
+
+    draft = compose.Draft(to=list(req.operands), cc=list(req.cc), bcc=list(req.bcc),
+                          subject=req.subject or "")
+    if req.subject is not None:
+        compose.check_header_text(req.subject, "subject")
+    for value in (*draft.to, *draft.cc, *draft.bcc):
+        compose.check_header_text(value, "recipient")
+    sender = req.sender if req.sender is not None else req.variables.get("from", "")
+    if sender:
+        compose.check_header_text(sender, "sender")
+    for arg in req.attach:
+        if not os.path.lexists(arg) and compose.is_header_argument(arg):
+            draft.add_header(arg)  # bsd-mailx / mailutils: -a 'Content-Type: text/html'
+        else:
+            draft.attachments.append(compose.Attachment.from_path(arg))
+    if draft.sender:
+        sender = draft.sender
+    server = server_of(req)
+    if server is not None:
+        from pymailtools import smtp_submit
+
+        smtp_submit.parse_server(server)  # a bad server is a usage error before any input
+    login, gecos = submit.login_name(os.getuid())
+    # Bad -r or recipient arguments fail before any input is read.
+    compose.identity(sender, login, gecos, cfg.myorigin)
+    if draft.to or draft.cc or draft.bcc:
+        compose.envelope_recipients(draft, cfg.myorigin)
+    skip_empty = req.skip_empty or "skipemptybody" in req.variables
+    interactive = sys.stdin.isatty() and not req.read_recipients
+    if interactive:
+        from pymailtools import tilde
+
+        escape = req.variables.get("escape", "~")
+        composer = tilde.Composer(draft, sys.stdin, sys.stdout, escape=escape[:1])
+        outcome = composer.run(ask_subject=req.subject is None)
+        if outcome == tilde.DEAD:
+            tilde.save_dead_letter(draft, dead_letter())
+            return EX_OK
+        if outcome == tilde.ABORT:
+            return EX_OK
+    else:
+        data = sys.stdin.buffer.read()
+        if req.read_recipients:
+            data = _take_headers(draft, data)
+        draft.body = data
+    if draft.is_empty():
+        if skip_empty:
+            return EX_OK
+        print("Null message body; hope that's ok", file=sys.stderr)
+    try:
+        return outbox.send_draft(cfg, draft, sender, server=server, verbose=req.verbose,
+                                 prog=PROG)
+    except MailError:
+        if interactive:
+            from pymailtools import tilde
+
+            path = dead_letter()
+            tilde.save_dead_letter(draft, path)
+            print(f'"{path}": message not sent, saved', file=sys.stderr)
+        raise
+
+
+def dead_letter() -> str:
+    return os.environ.get("DEAD") or os.path.join(os.path.expanduser("~"), "dead.letter")
+
+
+def _take_headers(draft: Draft, data: bytes) -> bytes:
+    """mailx -t / --read-recipients: the header block at the top of stdin fills the draft."""
+    data = data.replace(b"\r\n", b"\n")
+    head, sep, body = data.partition(b"\n\n")
+    lines = head.split(b"\n")
+    if not lines or not _header_line(lines[0]):
+        return data  # no header block: all of it is the body (s-nail skips such lines too)
+    fields: list[str] = []
+    for line in lines:
+        text = line.decode("utf-8", "surrogateescape")
+        if text[:1] in (" ", "\t") and fields:
+            fields[-1] += " " + text.strip()
+        elif _header_line(line):
+            fields.append(text)
+        else:
+            raise _Quiet(f"not a header line in the message header: {text[:60]!r}")
+    for f in fields:
+        draft.add_header(f)
+    return body if sep else b""
+
+
+def _header_line(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and bool(name) and all(33 <= c <= 126 for c in name)
