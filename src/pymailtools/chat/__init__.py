@@ -1,0 +1,1 @@
+"""smtpchat's library: talk SMTP by hand (console) or run one scripted test transaction."""

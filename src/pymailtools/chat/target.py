@@ -1,0 +1,137 @@
+"""Where to connect: --server HOST[:PORT] parsing, address lookup, and the MX walk of --mx."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from typing import TYPE_CHECKING, NamedTuple
+
+from pymailtools.chat import status
+from pymailtools.chat.errors import ChatError, ResolveError
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+
+class Address(NamedTuple):
+    """One address to try: the host name it belongs to, the IP, the port and the family."""
+
+    host: str
+    ip: str
+    port: int
+    family: int
+
+
+def parse_server(spec: str, default_port: int) -> tuple[str, int]:
+    """swaks' forms: ``host``, ``host:port``, ``host/port``, ``[v6]``, ``[v6]:port``, bare v6."""
+    spec = spec.strip()
+    port: str | None = None
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        if rest[:1] in (":", "/"):
+            port = rest[1:]
+        elif rest:
+            raise ValueError(f"bad server {spec!r}")
+    elif "/" in spec:
+        host, _, port = spec.partition("/")
+    elif spec.count(":") == 1:
+        host, _, port = spec.partition(":")
+    else:
+        host = spec
+    if not host:
+        raise ValueError(f"bad server {spec!r}")
+    return host, parse_port(port) if port else default_port
+
+
+def parse_port(text: str) -> int:
+    """A port number or a service name (``smtp``, ``submission``)."""
+    if text.isdigit():
+        port = int(text)
+        if not 0 < port < 65536:
+            raise ValueError(f"bad port {text!r}")
+        return port
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise ValueError(f"unknown port or service {text!r}") from None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def system_addresses(host: str, port: int, family: int) -> list[Address]:
+    """Addresses from the system resolver (getaddrinfo), in its order, without duplicates."""
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ResolveError(f"Error resolving {host}: {e.strerror}") from None
+    seen: dict[tuple[str, int], Address] = {}
+    for fam, _, _, _, sockaddr in infos:
+        seen.setdefault((sockaddr[0], fam), Address(host, str(sockaddr[0]), port, fam))
+    return list(seen.values())
+
+
+def make_resolver(server: str | None, timeout: float | None) -> dns.resolver.Resolver:
+    """dnspython's resolver, optionally asking only ``server`` (HOST[:PORT], e.g. a test DNS)."""
+    try:
+        import dns.resolver
+    except ImportError:
+        raise ChatError("--mx needs dnspython (apt-get install python3-dnspython)",
+                        status.MISSING_MODULE) from None
+    if server:
+        host, port = parse_server(server, 53)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [host]
+        resolver.port = port
+    else:
+        resolver = dns.resolver.Resolver()
+    if timeout:
+        resolver.lifetime = timeout
+    return resolver
+
+
+def mx_hosts(domain: str, resolver: dns.resolver.Resolver) -> list[str]:
+    """MX hosts by preference, equal preferences shuffled; the domain itself when it has no MX."""
+    import dns.exception
+    import dns.resolver
+
+    try:
+        answer = resolver.resolve(domain, "MX")
+    except dns.resolver.NoAnswer:
+        return [domain]  # implicit MX (RFC 5321 5.1)
+    except dns.resolver.NXDOMAIN:
+        raise ResolveError(f"Error resolving MX of {domain}: no such domain") from None
+    except dns.exception.DNSException as e:
+        raise ResolveError(f"Error resolving MX of {domain}: {e}") from None
+    records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+    if any(name in ("", ".") for _, name in records) and len(records) == 1:
+        raise ResolveError(f"{domain} accepts no mail (null MX, RFC 7505)")
+    random.shuffle(records)
+    records.sort(key=lambda r: r[0])
+    return [name for _, name in records if name not in ("", ".")]
+
+
+def dns_addresses(host: str, port: int, family: int,
+                  resolver: dns.resolver.Resolver) -> list[Address]:
+    """A and AAAA records of an MX host (through the same resolver as the MX lookup)."""
+    import dns.exception
+
+    if _is_ip(host):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return [Address(host, host, port, fam)] if family in (0, fam) else []
+    out: list[Address] = []
+    for rdtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
+        if family not in (0, fam):
+            continue
+        try:
+            answer = resolver.resolve(host, rdtype)
+        except dns.exception.DNSException:
+            continue
+        out.extend(Address(host, r.to_text(), port, fam) for r in answer)
+    return out
