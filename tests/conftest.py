@@ -69,6 +69,9 @@ def config_values(tmp_path: Path, spool: Path) -> dict[str, object]:
         "alias_maps": [str(tmp_path / "aliases")],
         "deliver_lock_delay": 0,
         "syslog": False,
+        # Loopback only: a closed port, so no test ever asks a real resolver.
+        "dns_nameservers": ["127.0.0.1:9"],
+        "dns_timeout": 1,
     }
 
 

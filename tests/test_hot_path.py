@@ -19,7 +19,9 @@ def test_submission_imports(tmp_path: Path, mode: str) -> None:
     env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
                PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
                PYMAILTOOLS_MAIL_SPOOL_DIRECTORY=str(tmp_path / "spool"),
-               PYMAILTOOLS_SYSLOG="no", PYMAILTOOLS_DELIVERY_MODE=mode)
+               PYMAILTOOLS_SYSLOG="no", PYMAILTOOLS_DELIVERY_MODE=mode,
+               # the background runner resolves example.test: loopback only, a closed port
+               PYMAILTOOLS_DNS_NAMESERVERS="127.0.0.1:9", PYMAILTOOLS_DNS_TIMEOUT="1")
     if Path("/etc/pymailtools/config.toml").exists():
         pytest.skip("a system configuration file exists; its parser would load tomllib")
     p = subprocess.run([sys.executable, "-X", "importtime", script("sendmail"), "-i",

@@ -105,6 +105,22 @@ def _duration(value: object, key: str) -> int:
     return parse_duration(value, key)
 
 
+def _optional_path(value: object, key: str) -> str:
+    """An absolute path, or "" for none."""
+    if value == "":
+        return ""
+    return _path(value, key)
+
+
+def _nameservers(value: object, key: str) -> list[str]:
+    """``ip`` or ``ip:port`` (``[v6]:port`` for IPv6 with a port); checked when used."""
+    items = _list(value, key)
+    for item in items:
+        if not all(c.isalnum() or c in ".:[]%" for c in item):
+            raise ConfigError(f"{key}: expected ip or ip:port, got {item!r}")
+    return items
+
+
 # key -> (parser, default). A default of None is computed in Config.__init__.
 SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "queue_directory": (_path, None),
@@ -130,6 +146,32 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "allow_mail_to_commands": (_list, ["alias", "forward"]),
     "allow_mail_to_files": (_list, ["alias", "forward"]),
     "syslog": (_boolean, True),
+    # Remote delivery (SMTP client); names and defaults are Postfix's where it has them.
+    "relayhost": (_string, ""),
+    "smtp_port": (_size, 25),
+    "dns_nameservers": (_nameservers, []),
+    "dns_timeout": (_duration, 10),
+    "smtp_mx_address_limit": (_size, 5),
+    "smtp_tls_security_level": (_choice("none", "may", "encrypt", "verify"), "may"),
+    "smtp_tls_CAfile": (_optional_path, ""),
+    "smtp_sasl_username": (_string, ""),
+    "smtp_sasl_password": (_string, ""),
+    "smtp_sasl_password_file": (_optional_path, ""),
+    "smtp_sasl_allow_plaintext": (_boolean, False),
+    "smtp_connect_timeout": (_duration, 30),
+    "smtp_helo_timeout": (_duration, 300),
+    "smtp_starttls_timeout": (_duration, 300),
+    "smtp_mail_timeout": (_duration, 300),
+    "smtp_rcpt_timeout": (_duration, 300),
+    "smtp_data_init_timeout": (_duration, 120),
+    "smtp_data_xfer_timeout": (_duration, 180),
+    "smtp_data_done_timeout": (_duration, 600),
+    "smtp_rset_timeout": (_duration, 20),
+    "smtp_quit_timeout": (_duration, 300),
+    "smtp_connection_reuse_time_limit": (_duration, 300),
+    "default_destination_concurrency_limit": (_size, 20),
+    "default_destination_recipient_limit": (_size, 50),
+    "default_process_limit": (_size, 100),
 }
 
 
@@ -159,6 +201,31 @@ class Config:
     allow_mail_to_commands: list[str]
     allow_mail_to_files: list[str]
     syslog: bool
+    relayhost: str
+    smtp_port: int
+    dns_nameservers: list[str]
+    dns_timeout: int
+    smtp_mx_address_limit: int
+    smtp_tls_security_level: str
+    smtp_tls_CAfile: str
+    smtp_sasl_username: str
+    smtp_sasl_password: str
+    smtp_sasl_password_file: str
+    smtp_sasl_allow_plaintext: bool
+    smtp_connect_timeout: int
+    smtp_helo_timeout: int
+    smtp_starttls_timeout: int
+    smtp_mail_timeout: int
+    smtp_rcpt_timeout: int
+    smtp_data_init_timeout: int
+    smtp_data_xfer_timeout: int
+    smtp_data_done_timeout: int
+    smtp_rset_timeout: int
+    smtp_quit_timeout: int
+    smtp_connection_reuse_time_limit: int
+    default_destination_concurrency_limit: int
+    default_destination_recipient_limit: int
+    default_process_limit: int
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         values = dict(values or {})
@@ -338,10 +405,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     for f in files:
         if os.path.exists(f):
             values.update(_read_toml(f, check_owner=root))
+    # Environment names are upper case; smtp_tls_CAfile keeps Postfix's mixed case.
+    by_lower = {k.lower(): k for k in SCHEMA}
     for name, raw in env.items():
         if name.startswith("PYMAILTOOLS_") and name != "PYMAILTOOLS_CONFIG":
-            key = name[len("PYMAILTOOLS_") :].lower()
-            if key in SCHEMA:
+            key = by_lower.get(name[len("PYMAILTOOLS_") :].lower())
+            if key is not None:
                 values[key] = raw
     return Config(values)
 

@@ -18,6 +18,7 @@ from pymailtools.envelope import (
     Envelope,
     Recipient,
 )
+from pymailtools.errors import MailError
 from pymailtools.log import Logger, make_line
 from pymailtools.queue import (
     DEFERRED as Q_DEFERRED,
@@ -29,7 +30,61 @@ from pymailtools.queue import (
     Queue,
 )
 
-REMOTE_NOT_IMPLEMENTED = "remote delivery not implemented"
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote recipient is due
+    import asyncio
+
+    from pymailtools.remote import Dispatcher, Job
+    from pymailtools.smtp import Outcome
+
+# Entries held locked at once while their remote recipients are sent: large enough to keep
+# sessions busy across destinations, small enough for the file descriptor limit.
+BATCH = 256
+
+
+class Progress:
+    """What a front end implements to show a long run (sendmail -q on a terminal)."""
+
+    def add_total(self, n: int) -> None:
+        """``n`` more entries will be looked at."""
+
+    def advance(self, stats: "Stats") -> None:
+        """One entry is done; ``stats`` are the run's counts so far."""
+
+
+class _Entry:
+    """A locked queue entry in the middle of a run."""
+
+    def __init__(self, qid: str, state: str, env: Envelope, msg: BinaryIO, fd: int,
+                 now: float) -> None:
+        self.qid = qid
+        self.state = state
+        self.env = env
+        self.msg = msg
+        self.fd = fd
+        self.now = now
+        self.bounced: list[Recipient] = []
+        self.attempted = False
+        self.remote: list[Recipient] = []
+        self.jobs: list[Job] = []
+        self._data: bytes | None = None
+
+    def data(self) -> bytes:
+        """The message as SMTP DATA, made once however many destinations it goes to."""
+        if self._data is None:
+            from pymailtools.smtp import encode_data
+
+            self.msg.seek(0)
+            self._data = encode_data(self.msg.read())
+        return self._data
+
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd >= 0:
+            self.msg.close()
+            os.close(self.fd)
+            self.fd = -1
+            self._data = None
 
 
 class Stats:
@@ -73,6 +128,11 @@ class Runner:
         _capture_library_warnings(self.log)
         self.stats = Stats()
         self.seen: set[str] = set()
+        self.stopping = False  # set (by a signal handler) to end the run after this batch
+        self.progress: Progress | None = None
+        self._remote: Dispatcher | None = None
+        self._remote_error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -90,25 +150,30 @@ class Runner:
             from pymailtools.pickup import pickup
 
             pickup(self.queue, self.cfg, self.log)
-        while True:
-            if ids is not None:
-                todo = []
-                for qid in ids:
-                    try:
-                        todo.append((self.queue.find(qid), qid))
-                    except EntryNotFound:
-                        continue
-            else:
-                todo = self._all() if force else self.queue.due()
-            # Entries queued during this run (bounces, new submissions) get a pass of their own.
-            todo = [(s, q) for s, q in todo if q not in self.seen and s != "hold"]
-            if not todo:
-                return self.stats
-            for state, qid in todo:
-                self.seen.add(qid)
-                self.process(qid, state, force=force, site=site)
-            if ids is not None:
-                return self.stats
+        try:
+            while not self.stopping:
+                if ids is not None:
+                    todo = []
+                    for qid in ids:
+                        try:
+                            todo.append((self.queue.find(qid), qid))
+                        except EntryNotFound:
+                            continue
+                else:
+                    todo = self._all() if force else self.queue.due()
+                # Entries queued during this run (bounces, new submissions) get a pass of
+                # their own.
+                todo = [(s, q) for s, q in todo if q not in self.seen and s != "hold"]
+                if not todo:
+                    break
+                if self.progress is not None:
+                    self.progress.add_total(len(todo))
+                self._run_entries(todo, force=force, site=site)
+                if ids is not None:
+                    break
+        finally:
+            self._close_remote()
+        return self.stats
 
     def _all(self) -> list[tuple[str, str]]:
         return [(s, q) for s in (INCOMING, Q_DEFERRED) for q in self.queue.ids(s)]
@@ -120,6 +185,8 @@ class Runner:
         while True:
             self.run()
             os.close(lock_fd)
+            if self.stopping:
+                return
             fresh = [q for q in self.queue.ids(INCOMING) if q not in self.seen]
             if not fresh:
                 return
@@ -130,15 +197,60 @@ class Runner:
                 os.close(lock_fd)
                 return  # another runner took over and will deliver them
 
-    # -- one entry ------------------------------------------------------------------------
+    # -- entries --------------------------------------------------------------------------
 
     def process(self, qid: str, state: str, *, force: bool = False,
                 site: str | None = None) -> None:
+        """Deliver one entry (local and remote recipients) and record the outcome."""
+        try:
+            self._run_entries([(state, qid)], force=force, site=site)
+        finally:
+            self._close_remote()
+
+    def _run_entries(self, todo: list[tuple[str, str]], *, force: bool,
+                     site: str | None) -> None:
+        """Local recipients are delivered entry by entry; entries with remote recipients are
+        kept locked and sent in batches, so one destination's messages share sessions."""
+        batch: list[_Entry] = []
+        try:
+            for state, qid in todo:
+                if self.stopping:
+                    break
+                self.seen.add(qid)
+                entry = self._open(qid, state)
+                if entry is None:
+                    self._advance()
+                    continue
+                try:
+                    self._local_pass(entry, force=force, site=site)
+                except BaseException:
+                    entry.close()
+                    raise
+                if entry.remote:
+                    batch.append(entry)
+                    if len(batch) >= BATCH:
+                        todo_now, batch = batch, []
+                        self._remote_pass(todo_now)
+                else:
+                    self._finish_entry(entry)
+            if batch:
+                todo_now, batch = batch, []
+                self._remote_pass(todo_now)
+        finally:
+            for entry in batch:  # only after an exception: they stay as they were
+                entry.close()
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.stats)
+
+    def _open(self, qid: str, state: str) -> "_Entry | None":
+        """Lock and load an entry; None when it is busy, gone, held or corrupt."""
         try:
             fd = self.queue.lock(qid)
         except EntryBusy:
             self.stats.busy += 1
-            return
+            return None
         except EntryNotFound:
             if os.path.lexists(self.queue.path(state, qid)):
                 # An envelope whose message file is gone can never be delivered: keep it
@@ -146,45 +258,159 @@ class Runner:
                 self.log.warning(f"{qid}: message file missing; entry moved to corrupt/")
                 self.stats.corrupt += 1
                 self.queue.quarantine(qid, state)
-            return
-        try:
-            with os.fdopen(os.dup(fd), "rb") as msg:
-                self._process_locked(qid, msg, force=force, site=site)
-        finally:
-            os.close(fd)
-
-    def _process_locked(self, qid: str, msg: BinaryIO, *, force: bool,
-                        site: str | None) -> None:
-        state = INCOMING
+            return None
+        msg = os.fdopen(os.dup(fd), "rb")
         try:
             state = self.queue.find(qid)  # it may have moved while we waited for the lock
             state, env = self.queue.load(qid, state)
             if os.fstat(msg.fileno()).st_size != env.size:
                 raise CorruptEnvelope("message file size does not match the envelope")
         except EntryNotFound:
-            return
+            msg.close()
+            os.close(fd)
+            return None
         except (CorruptEnvelope, OSError, UnicodeError) as e:
             self.log.warning(f"{qid}: corrupt queue entry moved to corrupt/: {e}")
             self.stats.corrupt += 1
             self.queue.quarantine(qid, state)
-            return
+            msg.close()
+            os.close(fd)
+            return None
         if state == "hold":
-            return
-        now = time.time()
-        self.log.info(log.queue_active(qid, env.sender, env.size, len(env.recipients)))
-        newly_bounced: list[Recipient] = []
-        attempted = False
-        for r in list(env.recipients):
+            msg.close()
+            os.close(fd)
+            return None
+        return _Entry(qid, state, env, msg, fd, time.time())
+
+    def _local_pass(self, entry: "_Entry", *, force: bool, site: str | None) -> None:
+        """Deliver the due local recipients; collect the due remote ones in entry.remote."""
+        env, now = entry.env, entry.now
+        self.log.info(log.queue_active(entry.qid, env.sender, env.size, len(env.recipients)))
+        i = 0
+        # By index: an alias may add remote recipients while we go; they are due now too.
+        while i < len(env.recipients):
+            r = env.recipients[i]
+            i += 1
             if r.done:
                 continue
             if site and not _matches_site(r.address, site):
                 continue
             if not force and r.next_try > now:
                 continue
-            attempted = True
-            self._deliver_recipient(env, r, msg, now)
+            entry.attempted = True
+            if not route.is_local(self.cfg, r.address):
+                entry.remote.append(r)
+                continue
+            self._deliver_recipient(env, r, entry.msg, now)
             if r.state == BOUNCED:
-                newly_bounced.append(r)
+                entry.bounced.append(r)
+
+    def _remote_pass(self, batch: "list[_Entry]") -> None:
+        """Send the remote recipients of a batch of entries, then record every outcome."""
+        try:
+            jobs = self._remote_jobs(batch)
+            self._deliver_remote(jobs)
+            for entry in batch:
+                for job in entry.jobs:
+                    by_address = {r.address: r for r in entry.remote}
+                    for address in job.rcpts:
+                        outcome, relay = job.results.get(address) or _lost()
+                        self._apply(entry, by_address[address], outcome, relay)
+                self._finish_entry(entry)
+        finally:
+            for entry in batch:
+                entry.close()
+
+    def _remote_jobs(self, batch: "list[_Entry]") -> "list[tuple[str, Job]]":
+        from pymailtools.remote import Job
+
+        disp = self._dispatcher()
+        jobs = []
+        for entry in batch:
+            by_dest: dict[str, list[str]] = {}
+            for r in entry.remote:
+                name = disp.destination(r.address) if disp is not None else ""
+                by_dest.setdefault(name, []).append(r.address)
+            for name, rcpts in by_dest.items():
+                job = Job(entry.qid, entry.env.sender, rcpts, entry.data, entry.env.size)
+                entry.jobs.append(job)
+                jobs.append((name, job))
+        return jobs
+
+    def _dispatcher(self) -> "Dispatcher | None":
+        if self._remote is None and self._remote_error is None:
+            import asyncio
+
+            from pymailtools.errors import ConfigError
+            from pymailtools.remote import Dispatcher
+
+            try:
+                self._remote = Dispatcher(self.cfg, self.log)
+            except ConfigError as e:
+                self._remote_error = str(e)
+                self.log.error(f"remote delivery disabled: {e}")
+                return None
+            self._loop = asyncio.new_event_loop()
+        return self._remote
+
+    def _deliver_remote(self, jobs: "list[tuple[str, Job]]") -> None:
+        disp = self._dispatcher()
+        if disp is None:
+            why = f"configuration error: {self._remote_error}"
+            for _, job in jobs:
+                job.fail(_outcome(DEFERRED, "4.3.5", why))
+            return
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(disp.deliver(jobs))
+        except Exception as e:  # a bug defers these recipients; it must not kill the run
+            why = f"internal error: {type(e).__name__}: {e}"
+            self.log.error(why)
+            for _, job in jobs:
+                job.fail(_outcome(DEFERRED, "4.3.0", why))
+
+    def _close_remote(self) -> None:
+        if self._remote is not None and self._loop is not None:
+            try:
+                self._loop.run_until_complete(self._remote.close())
+            except Exception as e:
+                self.log.warning(f"closing SMTP sessions: {e}")
+            self._loop.close()
+        self._remote = self._loop = None
+        self._remote_error = None
+
+    def _apply(self, entry: "_Entry", r: Recipient, outcome: "Outcome", relay: str) -> None:
+        env = entry.env
+        now = time.time()
+        r.attempts += 1
+        r.last_try = entry.now
+        r.status, r.reason = outcome.dsn, outcome.reason
+        if outcome.state == SENT:
+            r.state = SENT
+            self.stats.delivered += 1
+            self._log_result(env, r, now, "sent", relay, detail=outcome.reason)
+        elif outcome.state == BOUNCED:
+            r.state = BOUNCED
+            entry.bounced.append(r)
+            self.stats.bounced += 1
+            self._log_result(env, r, now, "bounced", relay, detail=outcome.detail)
+        else:
+            r.state = DEFERRED
+            r.next_try = entry.now + self.backoff(entry.now - env.arrival)
+            self.stats.deferred += 1
+            self._log_result(env, r, now, "deferred", relay, detail=outcome.detail)
+
+    def _finish_entry(self, entry: "_Entry") -> None:
+        """Expire, notify the sender, and record the entry's new state (or remove it)."""
+        try:
+            self._finish(entry)
+        finally:
+            entry.close()
+            self._advance()
+
+    def _finish(self, entry: "_Entry") -> None:
+        qid, state, env, msg, now = entry.qid, entry.state, entry.env, entry.msg, entry.now
+        newly_bounced = entry.bounced
         lifetime = (self.cfg.bounce_queue_lifetime if env.sender == ""
                     else self.cfg.maximal_queue_lifetime)
         expired = [r for r in env.recipients if not r.done and now - env.arrival >= lifetime]
@@ -198,6 +424,7 @@ class Runner:
             self.log.info(log.expired(qid, env.sender))
         if newly_bounced:
             self._notify(env, msg, newly_bounced, "failed")
+        attempted = entry.attempted
         delayed = [r for r in env.recipients if r.state == DEFERRED]
         if (delayed and not env.warned and self.cfg.delay_warning_time
                 and now - env.arrival >= self.cfg.delay_warning_time):
@@ -242,7 +469,7 @@ class Runner:
     def _deliver(self, env: Envelope, r: Recipient, msg: BinaryIO) -> tuple[str, str]:
         """Deliver one recipient; return (detail, relay) or raise DeliveryError."""
         if not route.is_local(self.cfg, r.address):
-            raise DeliveryError(REMOTE_NOT_IMPLEMENTED, "4.3.0")
+            raise DeliveryError("remote recipient reached local delivery", "4.3.0")
         msg.seek(0)
         if route.delivered_to_loop(msg, r.address):
             raise DeliveryError("mail forwarding loop for " + r.address, "5.4.6")
@@ -284,11 +511,11 @@ class Runner:
     # -- reporting ------------------------------------------------------------------------
 
     def _log_result(self, env: Envelope, r: Recipient, now: float, status: str,
-                    relay: str = "local") -> None:
+                    relay: str = "local", detail: str | None = None) -> None:
         orig = r.orcpt if r.orcpt and r.orcpt != r.address else None
         self.log.info(make_line(env.id, to=r.address, orig_to=orig, relay=relay,
                                 delay=round(now - env.arrival, 2), dsn=r.status or "2.0.0",
-                                status=status, detail=r.reason))
+                                status=status, detail=r.reason if detail is None else detail))
         self.stats.results.append((env.id, r.address, status, r.reason))
         try:  # the history of a finished entry is removed with it
             self.queue.add_history(env.id, Attempt(now, r.address, relay, status, r.status,
@@ -315,6 +542,65 @@ class Runner:
             self.log.error(f"{env.id}: cannot queue delivery status notification: {e}")
             return
         self.log.info(log.bounce_notice(env.id, bid, delayed=action == "delayed"))
+
+
+def serve(cfg: Config, interval: int, *, prog: str = "sendmail", verbose: bool = False) -> int:
+    """Run the queue every ``interval`` seconds until SIGTERM or SIGINT (sendmail -bD -q15m).
+
+    A signal lets the current batch finish and be recorded, then exits 0; a second one exits
+    at once (entries are locked and their envelopes replaced atomically, so that is safe too).
+    Each run takes the runner lock, so a runner started after a submission and this loop never
+    work at the same time."""
+    import signal
+
+    from pymailtools.wake import open_run_lock, try_lock
+
+    current: list[Runner] = []
+    stop = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop[0]:
+            raise SystemExit(128 + signum)
+        stop[0] = True
+        for r in current:
+            r.stopping = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    logger = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
+    logger.info(f"queue runner started; queue run every {interval}s")
+    while not stop[0]:
+        try:
+            fd = open_run_lock(cfg)
+            if try_lock(fd):
+                runner = Runner(cfg, prog=prog, verbose=verbose)
+                current.append(runner)
+                try:
+                    runner.background(fd)
+                finally:
+                    current.clear()
+            else:
+                os.close(fd)  # a runner started by a submission is at work
+        except (OSError, MailError) as e:
+            logger.error(f"queue run failed: {e}")
+        deadline = time.monotonic() + max(interval, 1)
+        while not stop[0] and deadline - time.monotonic() > 0:
+            time.sleep(min(deadline - time.monotonic(), 0.5))
+    logger.info("queue runner stopped")
+    return 0
+
+
+def _outcome(state: str, dsn: str, why: str) -> "Outcome":
+    from pymailtools.smtp import Outcome
+
+    return Outcome(state, dsn, why, why)
+
+
+def _lost() -> "tuple[Outcome, str]":
+    from pymailtools.smtp import Outcome
+
+    why = "internal error: no delivery result"
+    return Outcome(DEFERRED, "4.3.0", why, why), "none"
 
 
 def _matches_site(addr: str, site: str) -> bool:

@@ -79,6 +79,7 @@ class Request:
         self.verbose = 0
         self.delivery_mode: str | None = None
         self.queue_run: str | None = None  # "" = -q; "I<id>", "R<site>", or an interval
+        self.daemon_flag = ""  # the letter of -bd / -bD / -bl
         self.notify = ""
         self.ret = ""
         self.envid = ""
@@ -98,6 +99,7 @@ def parse(argv: list[str]) -> Request:
             if val not in _MODES:
                 raise UsageError(f"unsupported: -b{val}")
             req.mode = _MODES[val]
+            req.daemon_flag = val if req.mode == "daemon" else ""
         elif opt == "I":
             req.mode = "aliases"
         elif opt in ("f", "r"):
@@ -222,6 +224,8 @@ def run(req: Request) -> int:
         from pymailtools.verify import check_aliases
 
         return check_aliases(cfg, PROG)
+    if mode == "daemon":
+        return _daemon(cfg, req)
     raise MailError(f"-b{'s' if mode == 'smtp' else 'd'} is not implemented yet", EX_UNAVAILABLE)
 
 
@@ -248,6 +252,51 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
         return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
     wake.kick(cfg)
     return EX_OK
+
+
+def _interval(arg: str | None) -> int | None:
+    """Seconds of a -qINTERVAL (``15m``, ``1h``, ``30``), None for -q, -qI, -qR, -qS."""
+    if not arg or arg[0] in "IRS":
+        return None
+    try:
+        return configmod.parse_duration(arg, "-q")
+    except MailError:
+        raise UsageError(f"bad -q interval: {arg}") from None
+
+
+def _daemon(cfg: configmod.Config, req: Request) -> int:
+    """-bd / -bD with -qINTERVAL: the periodic queue runner (-bd detaches, -bD stays in the
+    foreground for systemd). The SMTP listener of -bd is a later issue."""
+    interval = _interval(req.queue_run)
+    if interval is None:
+        raise MailError("-bd: the SMTP listener is not implemented yet; use -bd -q<interval> "
+                        "(e.g. -bD -q15m) to run the queue periodically", EX_UNAVAILABLE)
+    from pymailtools.queue import Queue
+
+    if not Queue(cfg.queue_directory).direct_access():
+        raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
+                               "permission denied (run it as root)")
+    warn("the SMTP listener is not implemented yet; only running the queue "
+         f"every {req.queue_run}")
+    from pymailtools.runner import serve
+
+    if req.daemon_flag == "D":
+        return serve(cfg, interval, prog=PROG, verbose=bool(req.verbose))
+    # -bd: detach like sendmail does, so an init script's call returns.
+    if os.fork():
+        return EX_OK
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
+    code = 1
+    try:
+        code = serve(cfg, interval, prog=PROG)
+    finally:
+        os._exit(code)
 
 
 def _queue_run(cfg: configmod.Config, req: Request) -> int:
@@ -279,7 +328,18 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
                                "permission denied (run it as root)")
     from pymailtools.runner import Runner
 
+    runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
     # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
-    Runner(cfg, prog=PROG, verbose=bool(req.verbose)).run(
-        ids=ids, site=site, force=ids is not None or bool(site), housekeeping=True)
+    kwargs = {"ids": ids, "site": site, "force": ids is not None or bool(site),
+              "housekeeping": True}
+    if sys.stderr.isatty() and not req.verbose:
+        # A long flush on a terminal gets a progress bar; piped, -q stays silent (or prints
+        # log lines with -v), as scripts expect.
+        from pymailtools.progress import Bar
+
+        with Bar("sendmail -q") as bar:
+            runner.progress = bar
+            runner.run(**kwargs)  # type: ignore[arg-type]
+    else:
+        runner.run(**kwargs)  # type: ignore[arg-type]
     return EX_OK

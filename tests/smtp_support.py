@@ -1,0 +1,270 @@
+"""SMTP servers for tests: aiosmtpd sinks with per-recipient behaviour, and a byte-exact fault
+server that replays a script, for what aiosmtpd cannot do (drop after ".", stall, bad bytes)."""
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+
+def free_port(hosts: tuple[str, ...] = ("127.0.0.1",)) -> int:
+    """A TCP port free on every one of ``hosts`` (all MX hosts of a test share smtp_port)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        ok = True
+        for h in hosts:
+            family = socket.AF_INET6 if ":" in h else socket.AF_INET
+            with socket.socket(family) as t:
+                try:
+                    t.bind((h, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise RuntimeError("no free port")
+
+
+class Received:
+    """One message as the server got it."""
+
+    def __init__(self, sender: str, rcpts: list[str], content: bytes, mail_options: list[str],
+                 peer: str) -> None:
+        self.sender = sender
+        self.rcpts = rcpts
+        self.content = content
+        self.mail_options = mail_options
+        self.peer = peer
+
+    def __repr__(self) -> str:
+        return f"Received({self.sender!r}, {self.rcpts!r})"
+
+
+class Handler:
+    """Accepts everything unless ``rcpt_reply(address)`` / ``data_reply(envelope)`` says
+    otherwise (a reply string such as ``"550 5.1.1 no such user"``)."""
+
+    def __init__(self, name: str = "sink") -> None:
+        self.name = name
+        self.messages: list[Received] = []
+        self.sessions = 0
+        self.rcpt_reply: Callable[[str, Envelope], str | None] = lambda a, e: None
+        self.data_reply: Callable[[Envelope], str | None] = lambda e: None
+        self.commands: list[str] = []
+        self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        with self.lock:
+            self.sessions += 1
+            self.commands.append(f"EHLO {hostname}")
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        with self.lock:
+            self.commands.append(f"MAIL {address} {' '.join(mail_options)}".rstrip())
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        with self.lock:
+            self.commands.append(f"RCPT {address}")
+        reply = self.rcpt_reply(address, envelope)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = self.data_reply(envelope)
+        if reply:
+            return reply
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        with self.lock:
+            self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),
+                                          bytes(envelope.content or b""),
+                                          list(envelope.mail_options), peer))
+        return "250 2.0.0 Ok: queued"
+
+    def by_rcpt(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in self.messages:
+            for r in m.rcpts:
+                counts[r] = counts.get(r, 0) + 1
+        return counts
+
+
+class Server:
+    """An aiosmtpd Controller on ``host``:``port`` with a Handler."""
+
+    def __init__(self, host: str, port: int, handler: Handler | None = None,
+                 **kwargs: Any) -> None:
+        self.handler = handler or Handler(host)
+        kwargs.setdefault("decode_data", False)
+        kwargs.setdefault("enable_SMTPUTF8", True)
+        kwargs.setdefault("ready_timeout", 10)
+        self.controller = Controller(self.handler, hostname=host, port=port, **kwargs)
+        self.controller.start()
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+class Authenticator:
+    """Accepts one user name and password; remembers every attempt's mechanism."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user = user.encode()
+        self.password = password.encode()
+        self.attempts: list[tuple[str, bool]] = []
+
+    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        ok = (getattr(auth_data, "login", None) == self.user
+              and getattr(auth_data, "password", None) == self.password)
+        self.attempts.append((mechanism, ok))
+        return AuthResult(success=ok, handled=False)
+
+
+# -- the fault server ----------------------------------------------------------------------------
+
+Step = tuple[str, Any]
+
+
+class FaultServer:
+    """Replays a script per connection and records the exact bytes each connection sent.
+
+    Steps: ("send", bytes); ("expect", b"MAIL") reads one line that must start with that
+    (case-insensitive) or the connection is dropped; ("read_until", b"\\r\\n.\\r\\n");
+    ("read_bytes", n); ("sleep", seconds); ("close", None); ("tls", SSLContext) wraps the
+    socket (server side); ("garbage", bytes) sends and closes. Connection i uses
+    ``scripts[min(i, len(scripts) - 1)]``."""
+
+    def __init__(self, host: str, port: int, scripts: list[list[Step]]) -> None:
+        self.scripts = scripts
+        self.received: list[bytes] = []
+        self.errors: list[str] = []
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def connections(self) -> int:
+        return len(self.received)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            n = len(self.received)
+            self.received.append(b"")
+            script = self.scripts[min(n, len(self.scripts) - 1)]
+            threading.Thread(target=self._run, args=(conn, n, script), daemon=True).start()
+
+    def _run(self, conn: socket.socket, n: int, script: list[Step]) -> None:
+        conn.settimeout(30)
+        buf = b""
+
+        def record(data: bytes) -> None:
+            self.received[n] += data
+
+        def more() -> bytes:
+            data = conn.recv(65536)
+            if not data:
+                raise EOFError
+            record(data)
+            return data
+
+        try:
+            for op, arg in script:
+                if op == "send":
+                    conn.sendall(arg)
+                elif op == "expect":
+                    while b"\r\n" not in buf:
+                        buf += more()
+                    line, buf = buf.split(b"\r\n", 1)
+                    if not line.upper().startswith(arg.upper()):
+                        self.errors.append(f"expected {arg!r}, got {line!r}")
+                        return
+                elif op == "read_until":
+                    while arg not in buf:
+                        buf += more()
+                    buf = buf.split(arg, 1)[1]
+                elif op == "read_bytes":
+                    while len(buf) < arg:
+                        buf += more()
+                    buf = buf[arg:]
+                elif op == "sleep":
+                    time.sleep(arg)
+                elif op == "close":
+                    return
+                elif op == "garbage":
+                    conn.sendall(arg)
+                    return
+                elif op == "tls":
+                    assert isinstance(arg, ssl.SSLContext)
+                    conn = arg.wrap_socket(conn, server_side=True)
+                    buf = b""
+            # script done: swallow the rest (QUIT) politely
+            conn.settimeout(2)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                record(data)
+                if b"QUIT" in data.upper():
+                    conn.sendall(b"221 bye\r\n")
+                    break
+        except (OSError, EOFError, ssl.SSLError):
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+GREETING: list[Step] = [("send", b"220 fault.test ESMTP\r\n"), ("expect", b"EHLO"),
+                        ("send", b"250-fault.test\r\n250 8BITMIME\r\n")]
+"""Greeting and EHLO without PIPELINING: the client then goes in lock-step."""
+
+
+def accept_until_data(rcpts: int = 1) -> list[Step]:
+    """MAIL, ``rcpts`` RCPTs and DATA accepted, in lock-step."""
+    steps: list[Step] = [("expect", b"MAIL FROM:"), ("send", b"250 ok\r\n")]
+    for _ in range(rcpts):
+        steps += [("expect", b"RCPT TO:"), ("send", b"250 ok\r\n")]
+    return steps + [("expect", b"DATA"), ("send", b"354 go ahead\r\n")]
+
+
+def delivered(rcpts: int = 1) -> list[Step]:
+    """A complete, successful lock-step transaction."""
+    return GREETING + accept_until_data(rcpts) + [
+        ("read_until", b"\r\n.\r\n"), ("send", b"250 2.0.0 accepted\r\n")]
