@@ -313,12 +313,15 @@ class Queue:
         return fd
 
     def remove(self, qid: str, state: str) -> None:
-        """Delete an entry (caller holds its lock): envelope first, so no half entry is seen."""
+        """Delete an entry (caller holds its lock): envelope first, so no half entry is seen.
+
+        Not synced, as in Postfix: after a crash a delivered entry may come back and be
+        delivered again (a duplicate), which is the safe direction; never a loss.
+        """
         try:
             os.unlink(self.path(state, qid))
         except FileNotFoundError:
             pass
-        fsync_dir(self.path(state))
         for kind in ("messages", HISTORY):
             try:
                 os.unlink(self.path(kind, qid))
