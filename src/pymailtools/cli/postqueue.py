@@ -1,0 +1,174 @@
+"""postqueue: Postfix's queue control command (-p, -j, -f, -i, -s), plus queue selectors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pymailtools.errors import (
+    EX_OK,
+    EX_SOFTWARE,
+    MailError,
+    PermissionDenied,
+    UsageError,
+)
+from pymailtools.select import Options
+
+PROG = "postqueue"
+USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
+         "postqueue -s site")
+_MODES = "fijps"
+_WITH_ARG = "cis"
+
+
+def config_path(arg: str) -> str:
+    """-c DIR as Postfix's config_directory: a directory means DIR/config.toml."""
+    if os.path.isdir(arg):
+        return os.path.join(arg, "config.toml")
+    return arg
+
+
+def user_label() -> str:
+    """``name(uid)`` as Postfix prints the caller in its permission errors."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}({uid})"
+    except KeyError:
+        return f"unknown({uid})"
+
+
+class Request:
+    """The parsed postqueue command line."""
+
+    def __init__(self) -> None:
+        self.mode = ""
+        self.arg = ""
+        self.config: str | None = None
+        self.verbose = 0
+        self.plain = False
+        self.selectors = Options()
+
+
+def parse(argv: list[str]) -> Request:
+    req = Request()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg == "--plain":
+            req.plain, i = True, i + 1
+            continue
+        if Options.is_option(arg):
+            i = req.selectors.take(argv, i)
+            continue
+        if arg.startswith("--") or not arg.startswith("-") or arg == "-":
+            if arg.startswith("--"):
+                raise UsageError(f"unrecognized option '{arg}'")
+            break
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c not in _MODES + "cv":
+                raise UsageError(f"invalid option -- '{c}'")
+            value = ""
+            if c in _WITH_ARG:
+                if j + 1 < len(arg):
+                    value = arg[j + 1:]
+                else:
+                    i += 1
+                    if i >= len(argv):
+                        raise UsageError(f"option requires an argument -- '{c}'")
+                    value = argv[i]
+                j = len(arg)
+            else:
+                j += 1
+            if c == "c":
+                req.config = config_path(value)
+            elif c == "v":
+                req.verbose += 1
+            else:
+                if req.mode:
+                    raise UsageError(USAGE)
+                req.mode, req.arg = c, value
+        i += 1
+    if argv[i:] or not req.mode:
+        raise UsageError(USAGE)
+    if req.mode not in "pj" and (req.plain or any(req.selectors.values.values())):
+        raise UsageError("selectors and --plain go with -p and -j only")
+    return req
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(parse(argv))
+    except UsageError as e:
+        print(f"{PROG}: fatal: {e}", file=sys.stderr)
+        return e.exit_code
+    except MailError as e:
+        print(f"{PROG}: fatal: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a traceback for the user; say what broke
+        print(f"{PROG}: fatal: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def run(req: Request) -> int:
+    from pymailtools import config as configmod
+
+    if req.mode == "i":
+        _check_id(req.arg)
+    elif req.mode == "s":
+        _check_site(req.arg)
+    cfg = configmod.load(req.config)
+    configmod.warn(cfg, PROG)
+    if req.mode in "pj":
+        from pymailtools.cli.mailq import show
+
+        try:
+            return show(cfg, PROG, selector=req.selectors.selector(),
+                        fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))
+        except PermissionDenied:
+            raise PermissionDenied(f"User {user_label()} is not allowed to view the mail "
+                                   "queue") from None
+    from pymailtools.queue import Queue
+
+    if not Queue(cfg.queue_directory).direct_access():
+        raise PermissionDenied(f"User {user_label()} is not allowed to flush the mail queue")
+    from pymailtools.runner import Runner
+
+    runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
+    if req.mode == "f":
+        runner.run(force=True, housekeeping=True)
+    elif req.mode == "i":
+        runner.run(ids=[req.arg], force=True)  # silent even if the id does not exist
+    else:
+        runner.run(site=req.arg.lower(), force=True)
+    return EX_OK
+
+
+def _check_id(qid: str) -> None:
+    from pymailtools import queueid
+    from pymailtools.showq import printable
+
+    if not queueid.is_valid(qid):
+        raise UsageError(f'Cannot flush queue ID - invalid name: "{printable(qid)}"')
+
+
+def _check_site(site: str) -> None:
+    from pymailtools.showq import printable
+
+    ok = bool(site) and len(site) <= 255 and all(
+        c.isascii() and (c.isalnum() or c in ".-[]:") for c in site)
+    if ok and site.startswith("["):
+        ok = site.endswith("]") and site.count("[") == 1 and site.count("]") == 1
+    elif ok:
+        ok = "[" not in site and "]" not in site and ":" not in site
+    if not ok:
+        raise UsageError(f'Cannot flush mail queue - invalid destination: "{printable(site)}"')

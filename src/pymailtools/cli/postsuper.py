@@ -1,0 +1,238 @@
+"""postsuper: Postfix's queue maintenance command (-d -h -H -r -p -s), with queue selectors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+from pymailtools.errors import (
+    EX_DATAERR,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    MailError,
+    PermissionDenied,
+    UsageError,
+)
+from pymailtools.select import QUEUE_NAMES, Options
+
+PROG = "postsuper"
+USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
+         "[-H queue_id (un-hold)] [-p (purge temporary files)] [-r queue_id (requeue)] "
+         "[-s (structure fix)] [-S (redundant structure fix)] [-v (verbose)] "
+         "[--from PATTERN] [--to PATTERN] [--older-than AGE] [--newer-than AGE] "
+         "[--queue NAME] [--reason PATTERN] [queue...]")
+_OPS = {"d": "delete", "h": "hold", "H": "release", "r": "requeue"}
+SELECTED = object()  # "-d --from X": the operation applies to what the selectors choose
+
+
+class Request:
+    """The parsed postsuper command line."""
+
+    def __init__(self) -> None:
+        self.config: str | None = None
+        self.ops: dict[str, list[object]] = {}
+        self.purge = False
+        self.check = False
+        self.verbose = 0
+        self.queues: list[str] = []
+        self.selectors = Options()
+
+
+def warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+def info(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def parse(argv: list[str]) -> Request:
+    """Postfix's getopt (-d ID may repeat; ALL and - are special), plus long selectors.
+    Every id is validated here, before anything is touched."""
+    from pymailtools import queueid
+
+    req = Request()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if Options.is_option(arg):
+            i = req.selectors.take(argv, i)
+            continue
+        if arg.startswith("--"):
+            raise UsageError(f"unrecognized option '{arg}'\n{PROG}: fatal: {USAGE}")
+        if not arg.startswith("-") or arg == "-":
+            break
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c in "psSv":
+                req.purge |= c == "p"
+                req.check |= c in "sS"
+                req.verbose += c == "v"
+                j += 1
+                continue
+            if c in "ef":
+                raise UsageError(f"-{c} (force expiry) is not supported by pymailtools")
+            if c not in "cdhHr":
+                raise UsageError(f"invalid option -- '{c}'\n{PROG}: fatal: {USAGE}")
+            if j + 1 < len(arg):
+                value = arg[j + 1:]
+            elif i + 1 < len(argv) and not (c in _OPS and Options.is_option(argv[i + 1])):
+                i += 1
+                value = argv[i]
+            elif c in _OPS and i + 1 < len(argv):
+                value = None  # "-d --from X": selectors choose; the option is read next
+            else:
+                raise UsageError(f"option requires an argument -- '{c}'\n{PROG}: fatal: {USAGE}")
+            if c == "c":
+                from pymailtools.cli.postqueue import config_path
+
+                req.config = config_path(str(value))
+            elif value is None:
+                req.ops.setdefault(_OPS[c], []).append(SELECTED)
+            else:
+                if value not in ("ALL", "-"):
+                    queueid.check(value)
+                req.ops.setdefault(_OPS[c], []).append(value)
+            break
+        i += 1
+    while i < len(argv):  # queue names; selectors may still follow them
+        name = argv[i]
+        if Options.is_option(name):
+            i = req.selectors.take(argv, i)
+            continue
+        if name not in QUEUE_NAMES:
+            raise UsageError(f"invalid directory name: {_safe(name)}")
+        req.queues.append(name)
+        i += 1
+    req.queues += req.selectors.values["queues"]
+    if sum(v.count("-") for v in req.ops.values()) > 1:
+        raise UsageError("only one queue id list can be read from standard input")
+    if any(req.selectors.values.values()) and not req.ops:
+        raise UsageError("selectors need an operation: -d, -h, -H or -r")
+    return req
+
+
+def _safe(s: str) -> str:
+    from pymailtools.showq import printable
+
+    return printable(s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(parse(argv))
+    except MailError as e:
+        fatal = "" if e.__class__.__name__ == "InvalidQueueId" else "fatal: "
+        print(f"{PROG}: {fatal}{e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        return EX_OK
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a traceback for the user; say what broke
+        print(f"{PROG}: fatal: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def check_permission(root: str) -> None:
+    """Root, or the owner of the queue directory in use (a per-user queue); others: 77."""
+    euid = os.geteuid()
+    if euid == 0:
+        return
+    try:
+        owner = os.stat(root).st_uid
+    except FileNotFoundError:
+        owner = euid  # no queue yet: nothing to change, nothing to refuse
+    if owner != euid:
+        raise PermissionDenied("use of this command is reserved for the superuser")
+
+
+def run(req: Request) -> int:
+    from pymailtools import config as configmod
+    from pymailtools.admin import DEFAULT_QUEUES, OPERATIONS, Admin, summary
+    from pymailtools.queue import Queue
+
+    cfg = configmod.load(req.config)
+    configmod.warn(cfg, PROG)
+    check_permission(cfg.queue_directory)
+    queue = Queue(cfg.queue_directory)
+    if "maildrop" in req.queues and req.ops:
+        warn("maildrop files are taken over by the queue runner; postsuper leaves them alone")
+    if req.purge:
+        for path in Admin(queue).purge():
+            if req.verbose:
+                info(f"{path}: removed")
+    if req.check:
+        for name, why in Admin(queue).check():
+            warn(f"{_safe(name)}: moved to corrupt/: {_safe(why)}")
+    if not req.ops:
+        return EX_OK
+    selector = req.selectors.selector()
+    bad = 0
+    busy: list[str] = []
+    counts: dict[str, int] = {}
+    for op in OPERATIONS:
+        args = req.ops.get(op)
+        if args is None:
+            continue
+        queues = [q for q in (req.queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
+        counts[op] = 0
+        mass = any(a == "ALL" or a is SELECTED for a in args)
+        if mass:
+            admin = Admin(queue, on_done=_reporter(req.verbose > 0), on_busy=busy.append)
+            counts[op] += admin.apply(op, admin.scan(op, queues), queues, selector).count
+        admin = Admin(queue, on_done=_reporter(True), on_busy=busy.append)
+        named = [a for a in args if isinstance(a, str) and a not in ("ALL", "-")]
+        if named:
+            counts[op] += admin.apply(op, admin.named(named, queues), queues, selector).count
+        if "-" in args:
+            errors: list[str] = []
+            stream = admin.named(_stdin_ids(errors), queues)
+            counts[op] += admin.apply(op, stream, queues, selector).count
+            bad += len(errors)
+    for qid in dict.fromkeys(busy):
+        warn(f"{qid}: skipped: the message is being delivered (locked by a queue runner); "
+             "try again")
+    for op in OPERATIONS:
+        if op in counts:
+            info(summary(op, counts[op]))
+    if bad:
+        return EX_DATAERR
+    return EX_TEMPFAIL if busy else EX_OK
+
+
+def _reporter(each: bool):  # type: ignore[no-untyped-def]
+    if not each:
+        return None
+
+    def report(qid: str, what: str) -> None:
+        info(f"{qid}: {what}")
+
+    return report
+
+
+def _stdin_ids(errors: list[str]) -> Iterator[str]:
+    """Ids from standard input, one per line; a bad line is warned about and skipped."""
+    from pymailtools import queueid
+
+    for raw in sys.stdin.buffer:
+        line = raw.rstrip(b"\n").removesuffix(b"\r")
+        if not line.strip():
+            continue
+        try:
+            qid = line.decode("ascii")
+        except UnicodeDecodeError:
+            qid = ""
+        if not queueid.is_valid(qid):
+            text = line.decode("utf-8", "replace")
+            warn(f"invalid mail queue id: {_safe(text)}")
+            errors.append(text)
+            continue
+        yield qid

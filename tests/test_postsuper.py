@@ -1,0 +1,270 @@
+"""postsuper: Postfix's operations and texts, strict ids, the entry lock, and a live runner."""
+
+import os
+import pwd
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pymailtools.envelope import Envelope, Recipient
+from pymailtools.queue import HOLD, INCOMING, Queue
+from tests.conftest import Sendmail, script
+
+from .test_showq import deferred, put
+
+
+def postsuper(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([script("postsuper"), *args], input=input, capture_output=True,
+                       timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(),
+                                       p.stderr.decode())
+
+
+@pytest.fixture
+def queue(sendmail: Sendmail) -> Queue:
+    q = Queue(str(sendmail.queue_dir))
+    q.ensure()
+    return q
+
+
+def states(q: Queue) -> dict[str, list[str]]:
+    return {s: sorted(q.ids(s)) for s in ("incoming", "deferred", "hold")}
+
+
+def three(q: Queue) -> list[str]:
+    return [put(q, f"Id{i}", f"s{i}@x.test", [deferred(f"r{i}@y.test")]) for i in range(3)]
+
+
+def test_delete_named_all_and_stdin(queue: Queue) -> None:
+    a, b, c = three(queue)
+    p = postsuper("-d", a)
+    assert (p.returncode, p.stdout) == (0, "")
+    assert p.stderr == f"postsuper: {a}: removed\npostsuper: Deleted: 1 message\n"
+    assert not os.path.exists(queue.root + f"/messages/{a}")
+    p = postsuper("-d", "all")  # lower case is an id that matches nothing
+    assert (p.returncode, p.stderr) == (0, "postsuper: Deleted: 0 messages\n")
+    p = postsuper("-d", "-", input=f"{b}\n{b}\nNoSuch1\n".encode())
+    assert p.stderr == f"postsuper: {b}: removed\npostsuper: Deleted: 1 message\n"
+    p = postsuper("-d", "ALL")
+    assert (p.returncode, p.stderr) == (0, "postsuper: Deleted: 1 messages\n".replace(
+        "1 messages", "1 message"))
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/messages") and not os.listdir(queue.root + "/history")
+
+
+def test_hold_release_requeue(queue: Queue) -> None:
+    a, b, c = three(queue)
+    mtime = os.stat(queue.path("deferred", b)).st_mtime
+    p = postsuper("-h", "ALL")
+    assert (p.returncode, p.stderr) == (0, "postsuper: Placed on hold: 3 messages\n")
+    assert states(queue)["hold"] == [a, b, c]
+    p = postsuper("-H", b)
+    assert p.stderr == f"postsuper: {b}: released from hold\npostsuper: Released from hold: " \
+                       "1 message\n"
+    assert os.stat(queue.path("deferred", b)).st_mtime == mtime  # its schedule is kept
+    _, env = queue.load(c, HOLD)
+    env.recipients[0].next_try = time.time() + 9999
+    queue.write_envelope(env, HOLD)
+    p = postsuper("-r", c)
+    assert p.stderr == f"postsuper: {c}: requeued\npostsuper: Requeued: 1 message\n"
+    state, env = queue.load(c)
+    assert state == INCOMING and env.recipients[0].next_try == 0.0
+    assert env.recipients[0].reason  # the history of the entry is kept
+    p = postsuper("-d", "ALL", "deferred")  # a queue operand narrows the search
+    assert p.stderr == "postsuper: Deleted: 1 message\n"
+    assert states(queue) == {"incoming": [c], "deferred": [], "hold": [a]}
+    p = postsuper("-H", "ALL", "-r", "ALL")
+    assert p.stderr == "postsuper: Requeued: 2 messages\npostsuper: Released from hold: " \
+                       "0 messages\n"
+    assert states(queue) == {"incoming": [a, c], "deferred": [], "hold": []}
+
+
+def test_selectors_choose_what_an_operation_touches(queue: Queue) -> None:
+    now = time.time()
+    put(queue, "Spam1", "spammer@example.com", [deferred("a@y.test")], arrival=now - 7200)
+    put(queue, "Spam2", "spammer@example.com", [deferred("b@y.test")], arrival=now)
+    put(queue, "Ham1", "friend@example.com", [deferred("c@y.test")], arrival=now - 7200)
+    p = postsuper("-d", "--from", "spammer@example.com", "--older-than", "1h")
+    assert (p.returncode, p.stderr) == (0, "postsuper: Deleted: 1 message\n")
+    assert states(queue)["deferred"] == ["Ham1", "Spam2"]
+    p = postsuper("-h", "ALL", "--to=@y.test", "--newer-than", "1h")
+    assert p.stderr == "postsuper: Placed on hold: 1 message\n"
+    assert states(queue)["hold"] == ["Spam2"]
+    p = postsuper("--from", "x@y")
+    assert p.returncode == 64 and "need an operation" in p.stderr
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "../../canary", "", ".", "..", "ABC/DEF",
+                                 "ABC\n", "A" * 10000, "١٢٣", "ＡＢＣ", "ID;rm -rf /"])
+def test_invalid_ids_exit_64_before_any_action(queue: Queue, bad: str) -> None:
+    """Q1, Q2: nothing is touched (the good id given first survives too)."""
+    (a, *_) = three(queue)
+    canary = Path(queue.root).parent / "canary"  # what "../../canary" would reach
+    canary.write_bytes(b"keep")
+    Path(queue.root, "messages", "canary").symlink_to(canary)
+    for argv in (["-d", a, "-d", bad], ["-h", bad], ["-r", bad]):
+        p = postsuper(*argv)
+        assert p.returncode == 64, p.stderr
+        assert p.stderr.startswith("postsuper: invalid queue id: ")
+        assert p.stderr.count("\n") == 1  # one line, whatever the id holds
+    assert canary.read_bytes() == b"keep" and Path("/etc/passwd").stat().st_size > 0
+    assert len(states(queue)["deferred"]) == 3
+
+
+def test_stdin_bad_lines_warned_good_ones_processed(queue: Queue) -> None:
+    """Q3."""
+    a, b, c = three(queue)
+    p = postsuper("-d", "-", input=f"{a}\n../x\n{b}*\n{c}\r\n\n".encode() + b"\xff\n")
+    assert p.returncode == 65
+    assert "postsuper: warning: invalid mail queue id: ../x\n" in p.stderr
+    assert f"postsuper: warning: invalid mail queue id: {b}*\n" in p.stderr
+    assert p.stderr.count("invalid mail queue id") == 3
+    assert f"postsuper: {a}: removed\n" in p.stderr and f"postsuper: {c}: removed\n" in p.stderr
+    assert p.stderr.endswith("postsuper: Deleted: 2 messages\n")
+    assert states(queue)["deferred"] == [b]
+
+
+def test_usage_errors_and_bad_queue_names(queue: Queue) -> None:
+    for argv, text in ((["-Z"], "invalid option -- 'Z'"), (["-d"], "requires an argument"),
+                       (["-d", "Id0", "Id1"], "invalid directory name: Id1"),
+                       (["-d", "ALL", "corrupt"], "invalid directory name: corrupt"),
+                       (["-d", "-", "-h", "-"], "standard input"),
+                       (["-e", "Id0"], "not supported")):
+        three(queue) if not states(queue)["deferred"] else None
+        p = postsuper(*argv)
+        assert p.returncode == 64 and text in p.stderr, (argv, p.stderr)
+        assert len(states(queue)["deferred"]) == 3
+    assert postsuper().returncode == 0  # no operation: nothing to do, silently
+
+
+def test_busy_entry_is_skipped_and_said(queue: Queue) -> None:
+    """An entry a runner is delivering is never deleted under it: skipped, exit 75."""
+    a, b, _ = three(queue)
+    fd = queue.lock(a)
+    try:
+        p = postsuper("-d", a, "-d", b)
+        p_all = postsuper("-h", "ALL")
+    finally:
+        os.close(fd)
+    assert p.returncode == 75 and p_all.returncode == 75
+    assert f"postsuper: warning: {a}: skipped: the message is being delivered" in p.stderr
+    assert p.stderr.endswith("postsuper: Deleted: 1 message\n")
+    assert p_all.stderr.endswith("postsuper: Placed on hold: 1 message\n")
+    assert states(queue)["deferred"] == [a]
+    state, env = queue.load(a)  # untouched and whole
+    assert state == "deferred" and env.recipients[0].address == "r0@y.test"
+
+
+def test_purge_and_structure_check(queue: Queue) -> None:
+    a, b, c = three(queue)
+    old = time.time() - 7200
+    stale = Path(queue.root, "tmp", "dead.env.123")
+    stale.write_bytes(b"half")
+    fresh = Path(queue.root, "tmp", "busy.env.456")
+    fresh.write_bytes(b"being written")
+    orphan = Path(queue.root, "messages", "Orphan1")
+    orphan.write_bytes(b"no envelope")
+    for p in (stale, orphan):
+        os.utime(p, (old, old))
+    Path(queue.path("deferred", a)).write_bytes(b"torn envelope")
+    os.unlink(queue.path("messages", b))
+    Path(queue.root, "deferred", "bad.name").write_bytes(b"stray")
+    p = postsuper("-p", "-s", "-v")
+    assert p.returncode == 0
+    assert not stale.exists() and fresh.exists() and not orphan.exists()
+    assert "postsuper: tmp/dead.env.123: removed" in p.stderr
+    assert f"postsuper: warning: {a}: moved to corrupt/" in p.stderr
+    assert f"postsuper: warning: {b}: moved to corrupt/: message file missing" in p.stderr
+    assert "deferred/bad.name: moved to corrupt/: not a queue id" in p.stderr
+    assert states(queue)["deferred"] == [c]
+    corrupt = os.listdir(queue.root + "/corrupt")
+    assert a in corrupt and b in corrupt and any(n.startswith("stray-deferred-") for n in corrupt)
+
+
+def test_config_directory_option(queue: Queue, config_file: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    three(queue)
+    monkeypatch.delenv("PYMAILTOOLS_CONFIG")
+    p = postsuper("-c", str(config_file.parent), "-d", "ALL")
+    assert p.stderr == "postsuper: Deleted: 3 messages\n"
+
+
+def as_user(user: pwd.struct_passwd, cfg: Path, argv: list[str]) -> int:
+    """postsuper's main() as an ordinary user, in a forked child (see test_pickup.submit_as)."""
+    import pymailtools.admin  # noqa: F401  (the child cannot read /root's interpreter)
+    import pymailtools.cli.postsuper as cli
+    import pymailtools.config  # noqa: F401
+
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.environ["PYMAILTOOLS_CONFIG"] = str(cfg)
+            os.environ["HOME"] = user.pw_dir
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+            code = cli.main(argv)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_ordinary_user_gets_77(world_dir: Path, system_user: pwd.struct_passwd) -> None:
+    q = Queue(str(world_dir / "q"))
+    q.ensure()
+    put(q, "Keep1", "s@x.test", [deferred("r@y.test")])
+    cfg = world_dir / "config.toml"
+    cfg.write_text(f'queue_directory = "{q.root}"\nsyslog = false\n')
+    cfg.chmod(0o644)
+    assert as_user(system_user, cfg, ["-d", "ALL"]) == 77
+    assert as_user(system_user, cfg, ["-p"]) == 77
+    assert q.ids("deferred") == ["Keep1"]
+    os.chown(q.root, system_user.pw_uid, system_user.pw_gid)  # a per-user queue: its owner
+    assert as_user(system_user, cfg, []) == 0
+
+
+def test_delete_all_while_a_runner_delivers(sendmail: Sendmail, queue: Queue,
+                                            system_user: pwd.struct_passwd,
+                                            spool: Path) -> None:
+    """F21/Q4: 1,000 local messages; `postsuper -d ALL` during `sendmail -q`. Every message is
+    delivered once or deleted, never both, and the mailbox holds only whole messages."""
+    n = 1000
+    body = "Subject: m{0}\nMessage-Id: <m{0}@x.test>\n\nbody {0}\n"
+    ids = []
+    for i in range(n):
+        sub = queue.submission()
+        sub.write(body.format(i).encode())
+        ids.append(sub.commit(Envelope("", "s@x.test", [Recipient(system_user.pw_name)],
+                                       arrival=time.time())))
+    runner = subprocess.Popen([script("sendmail"), "-q"], env=dict(
+        os.environ, PYMAILTOOLS_CONFIG=str(sendmail.config_file)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    mbox = spool / system_user.pw_name
+    deadline = time.time() + 60
+    while not (mbox.exists() and mbox.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    p = postsuper("-v", "-d", "ALL")
+    runner.wait(timeout=300)
+    assert runner.returncode == 0, runner.stderr
+    assert p.returncode in (0, 75), p.stderr
+    deleted = {line.split(": ")[1] for line in p.stderr.splitlines()
+               if line.endswith(": removed")}
+    busy = {line.split(": ")[2] for line in p.stderr.splitlines() if ": skipped: " in line}
+    text = mbox.read_text() if mbox.exists() else ""
+    subjects = [line[len("Subject: m"):] for line in text.splitlines()
+                if line.startswith("Subject: m")]
+    delivered = {ids[int(s)] for s in subjects}
+    assert len(subjects) == len(delivered), "a message was delivered twice"
+    assert not (deleted & delivered), "deleted and delivered"
+    assert deleted | delivered == set(ids), "a message was lost"
+    assert busy <= delivered, "skipped as busy, yet not delivered by the runner"
+    assert 0 < len(deleted) < n, "the two did not overlap; the test proves nothing"
+    assert f"postsuper: Deleted: {len(deleted)} messages" in p.stderr
+    assert text.count("\nbody ") + text.startswith("body ") == len(delivered)  # whole
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/messages")
