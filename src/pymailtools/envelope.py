@@ -19,6 +19,9 @@ _SAFE = frozenset(
 )
 
 
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
 class CorruptEnvelope(ValueError):
     """Raised when an envelope file is torn, foreign or malformed."""
 
@@ -45,12 +48,9 @@ def unquote(field: str) -> str:
     parts = s.split("%")
     out = [parts[0]]
     for part in parts[1:]:
-        if len(part) < 2:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
             raise CorruptEnvelope("bad %-escape")
-        try:
-            out.append(chr(int(part[:2], 16)))
-        except ValueError:
-            raise CorruptEnvelope("bad %-escape") from None
+        out.append(chr(int(part[:2], 16)))
         out.append(part[2:])
     return "".join(out)
 

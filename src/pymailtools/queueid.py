@@ -6,7 +6,6 @@ import time
 from pymailtools.errors import InvalidQueueId
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_VALID = frozenset(ALPHABET)
 MAX_LENGTH = 32
 TIME_DIGITS = 9  # base-62 microseconds since the epoch: sortable until the year 8000+
 RANDOM_DIGITS = 5
@@ -29,11 +28,9 @@ def new_id() -> str:
 
 def is_valid(qid: object) -> bool:
     """True for 1-32 ASCII letters and digits only (str.isalnum() would accept '١٢٣')."""
-    return (
-        isinstance(qid, str)
-        and 0 < len(qid) <= MAX_LENGTH
-        and all(c in _VALID for c in qid)
-    )
+    # isascii() first: for ASCII text isalnum() is exactly [0-9A-Za-z]; alone it would accept
+    # Arabic-Indic digits and full-width letters.
+    return isinstance(qid, str) and 0 < len(qid) <= MAX_LENGTH and qid.isascii() and qid.isalnum()
 
 
 def check(qid: str) -> str:
