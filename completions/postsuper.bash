@@ -1,4 +1,5 @@
-# bash completion for pymailtools postsuper(1), postqueue(1) and mailq(1)  -*- shell-script -*-
+# bash completion for pymailtools postsuper(1), postqueue(1) and mailq(1); mailq.bash and
+# postqueue.bash are links to this file (bash-completion loads a file per command name)  -*- shell-script -*-
 #
 # Queue ids come from the queue directory when it is readable (root, or a per-user queue):
 # queue_directory from $PYMAILTOOLS_CONFIG or /etc/pymailtools/config.toml, else the default.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from pymailtools.cli.common import run_main
 from pymailtools.config import Config
-from pymailtools.errors import EX_OK, EX_SOFTWARE, EX_USAGE, MailError, UsageError
+from pymailtools.errors import EX_OK, EX_USAGE, MailError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -182,23 +183,14 @@ def _flag(req: Request, c: str) -> None:
     # -n (no system mail.rc: we read none), -i, -I, -d, -F, -~, -#: accepted, no effect.
 
 
-def _reopen_std_fds() -> None:
-    """Make sure fds 0-2 exist, so no file we open later becomes someone's stdout."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _reopen_std_fds()
-    argv = sys.argv if argv is None else argv
+    args = sys.argv if argv is None else argv
+    return run_main(PROG, lambda: _main(args[1:]), interrupted=(130, "\ninterrupted"))
+
+
+def _main(args: list[str]) -> int:
     try:
-        req = parse(argv[1:])
+        req = parse(args)
         if req.help:
             print(USAGE)
             return EX_OK
@@ -207,21 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             return EX_OK
         return run(req)
     except UsageError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
         if e.exit_code == EX_USAGE and not isinstance(e, _Quiet) and "option" in str(e):
-            print(USAGE, file=sys.stderr)
-        return e.exit_code
-    except MailError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return EX_OK
-    except Exception as e:  # never a traceback for the user; say what broke
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EX_SOFTWARE
+            print(f"{PROG}: {e}", file=sys.stderr)
+            print(USAGE, file=sys.stderr)  # mailx shows its usage after an option error
+            return e.exit_code
+        raise
 
 
 class _Quiet(UsageError):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from pymailtools.cli.common import run_main
 from pymailtools.errors import (
     EX_OK,
-    EX_SOFTWARE,
-    MailError,
     PermissionDenied,
     UsageError,
 )
@@ -103,20 +102,8 @@ def parse(argv: list[str]) -> Request:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(parse(argv))
-    except UsageError as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return e.exit_code
-    except MailError as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # never a traceback for the user; say what broke
-        print(f"{PROG}: fatal: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EX_SOFTWARE
+    args = sys.argv[1:] if argv is None else argv
+    return run_main(PROG, lambda: run(parse(args)), prefix="fatal: ")
 
 
 def run(req: Request) -> int:

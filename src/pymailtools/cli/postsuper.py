@@ -6,12 +6,12 @@ import os
 import sys
 from collections.abc import Iterator
 
+from pymailtools.cli.common import run_main
 from pymailtools.errors import (
     EX_DATAERR,
     EX_OK,
-    EX_SOFTWARE,
     EX_TEMPFAIL,
-    MailError,
+    InvalidQueueId,
     PermissionDenied,
     UsageError,
 )
@@ -125,20 +125,10 @@ def _safe(s: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(parse(argv))
-    except MailError as e:
-        fatal = "" if e.__class__.__name__ == "InvalidQueueId" else "fatal: "
-        print(f"{PROG}: {fatal}{e}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:
-        return EX_OK
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # never a traceback for the user; say what broke
-        print(f"{PROG}: fatal: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EX_SOFTWARE
+    args = sys.argv[1:] if argv is None else argv
+    # Postfix prints "invalid queue id" without its usual "fatal: "
+    return run_main(PROG, lambda: run(parse(args)),
+                    prefix=lambda e: "" if isinstance(e, InvalidQueueId) else "fatal: ")
 
 
 def check_permission(root: str) -> None:

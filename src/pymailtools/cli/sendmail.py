@@ -8,9 +8,10 @@ import os
 import sys
 
 from pymailtools import config as configmod
+from pymailtools.cli.common import run_main
 from pymailtools.errors import (
+    EX_IOERR,
     EX_OK,
-    EX_SOFTWARE,
     EX_UNAVAILABLE,
     MailError,
     PermissionDenied,
@@ -163,32 +164,10 @@ def _dsn_notify(val: str) -> str:
     return ",".join(words)
 
 
-def _reopen_std_fds() -> None:
-    """Make sure fds 0-2 exist, so no file we open later becomes someone's stdout (X9)."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _reopen_std_fds()
-    argv = sys.argv if argv is None else argv
-    try:
-        return run(parse(argv))
-    except MailError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted, nothing queued", file=sys.stderr)
-        return 74
-    except Exception as e:  # never a traceback for the user; say what broke
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EX_SOFTWARE
+    args = sys.argv if argv is None else argv
+    return run_main(PROG, lambda: run(parse(args)),
+                    interrupted=(EX_IOERR, "interrupted, nothing queued"))
 
 
 def run(req: Request) -> int:
@@ -226,7 +205,11 @@ def run(req: Request) -> int:
         return check_aliases(cfg, PROG)
     if mode == "daemon":
         return _daemon(cfg, req)
-    raise MailError(f"-b{'s' if mode == 'smtp' else 'd'} is not implemented yet", EX_UNAVAILABLE)
+    if mode == "smtp":
+        from pymailtools.smtpd import serve_stdio
+
+        return serve_stdio(cfg, verbose=req.verbose > 1)
+    raise MailError(f"unsupported mode: {mode}", EX_UNAVAILABLE)
 
 
 def _deliver(cfg: configmod.Config, req: Request) -> int:
@@ -265,23 +248,27 @@ def _interval(arg: str | None) -> int | None:
 
 
 def _daemon(cfg: configmod.Config, req: Request) -> int:
-    """-bd / -bD with -qINTERVAL: the periodic queue runner (-bd detaches, -bD stays in the
-    foreground for systemd). The SMTP listener of -bd is a later issue."""
+    """-bd / -bD: the SMTP listener on smtpd_listen, plus a queue run every INTERVAL with
+    -qINTERVAL. -bd detaches (after the sockets are bound, so a busy port is reported here);
+    -bD stays in the foreground for systemd."""
     interval = _interval(req.queue_run)
-    if interval is None:
-        raise MailError("-bd: the SMTP listener is not implemented yet; use -bd -q<interval> "
-                        "(e.g. -bD -q15m) to run the queue periodically", EX_UNAVAILABLE)
     from pymailtools.queue import Queue
 
-    if not Queue(cfg.queue_directory).direct_access():
-        raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
+    queue = Queue(cfg.queue_directory)
+    try:
+        queue.ensure()
+    except OSError:
+        pass  # reported just below
+    if not queue.direct_access():
+        raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
-    warn("the SMTP listener is not implemented yet; only running the queue "
-         f"every {req.queue_run}")
-    from pymailtools.runner import serve
+    from pymailtools import smtpd
 
+    smtpd.Settings(cfg)  # certificate, password file, mynetworks: refuse to start if broken
+    socks = smtpd.bind(cfg)
     if req.daemon_flag == "D":
-        return serve(cfg, interval, prog=PROG, verbose=bool(req.verbose))
+        return smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path,
+                           verbose=bool(req.verbose))
     # -bd: detach like sendmail does, so an init script's call returns.
     if os.fork():
         return EX_OK
@@ -294,7 +281,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     os.close(null)
     code = 1
     try:
-        code = serve(cfg, interval, prog=PROG)
+        code = smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path)
     finally:
         os._exit(code)
 
