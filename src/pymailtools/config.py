@@ -172,6 +172,17 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "default_destination_concurrency_limit": (_size, 20),
     "default_destination_recipient_limit": (_size, 50),
     "default_process_limit": (_size, 100),
+    # The SMTP listener (sendmail -bd / -bs); addresses and networks are checked when used.
+    "smtpd_listen": (_list, ["127.0.0.1:25", "[::1]:25"]),
+    "mynetworks": (_list, ["127.0.0.0/8", "::1/128"]),
+    "smtpd_recipient_limit": (_size, 1000),
+    "smtpd_client_connection_count_limit": (_size, 50),
+    "smtpd_timeout": (_duration, 300),
+    "smtpd_error_limit": (_size, 20),
+    "smtpd_forbid_bare_newline": (_choice("reject", "normalize"), "reject"),
+    "smtpd_tls_cert_file": (_optional_path, ""),
+    "smtpd_tls_key_file": (_optional_path, ""),
+    "smtpd_sasl_password_file": (_optional_path, ""),
 }
 
 
@@ -226,6 +237,16 @@ class Config:
     default_destination_concurrency_limit: int
     default_destination_recipient_limit: int
     default_process_limit: int
+    smtpd_listen: list[str]
+    mynetworks: list[str]
+    smtpd_recipient_limit: int
+    smtpd_client_connection_count_limit: int
+    smtpd_timeout: int
+    smtpd_error_limit: int
+    smtpd_forbid_bare_newline: str
+    smtpd_tls_cert_file: str
+    smtpd_tls_key_file: str
+    smtpd_sasl_password_file: str
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         values = dict(values or {})

@@ -18,7 +18,7 @@ from pymailtools.queue import Queue, Submission, crash_point
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import BinaryIO
 
 CHUNK = 65536
@@ -31,12 +31,13 @@ class Options:
     """What a front end (sendmail, mail) asks of one submission."""
 
     __slots__ = ("recipients", "sender", "fullname", "extract", "ignore_dots", "envid", "ret",
-                 "notify", "uid")
+                 "notify", "uid", "received")
 
     def __init__(self, recipients: list[str] | None = None, sender: str | None = None,
                  fullname: str | None = None, extract: bool = False, ignore_dots: bool = False,
                  envid: str = "", ret: str = "", notify: str = "",
-                 uid: int | None = None) -> None:
+                 uid: int | None = None,
+                 received: Callable[[str], str] | None = None) -> None:
         self.recipients = list(recipients or [])
         self.sender = sender
         self.fullname = fullname
@@ -46,6 +47,9 @@ class Options:
         self.ret = ret
         self.notify = notify
         self.uid = os.getuid() if uid is None else uid
+        # The SMTP listener's own Received: header, given the queue id (LF line ends); None
+        # for the local-submission one.
+        self.received = received
 
 
 def login_name(uid: int) -> tuple[str, str]:
@@ -230,8 +234,11 @@ def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options,
                    if n not in ("bcc", "resent-bcc")]
     now = time.time()
     host = config.myhostname
-    top = (f"Received: by {host} (pymailtools, from userid {opts.uid})\n"
-           f"\tid {sub.id}; {rfc5322_date(now)}\n")
+    if opts.received is not None:
+        top = opts.received(sub.id)
+    else:
+        top = (f"Received: by {host} (pymailtools, from userid {opts.uid})\n"
+               f"\tid {sub.id}; {rfc5322_date(now)}\n")
     extra = []
     if "date" not in names:
         extra.append(f"Date: {rfc5322_date(now)}\n")

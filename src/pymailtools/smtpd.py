@@ -1,0 +1,644 @@
+"""The SMTP listener (sendmail -bd / -bs): aiosmtpd for the wire, our policy and the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from pymailtools import address, route, smtpd_passwd, submit
+from pymailtools.config import Config
+from pymailtools.delivery import DeliveryError
+from pymailtools.errors import AddressError, ConfigError, MailError, TooBigError
+from pymailtools.log import Logger, escape
+
+IDENT = "ESMTP pymailtools"
+SHUTDOWN_GRACE = 60.0  # seconds transactions in flight get to finish after SIGTERM
+# aiosmtpd's own replies, reworded with RFC 3463 codes the way Postfix words them.
+_REWORDED = {
+    "250 OK": "250 2.0.0 Ok",
+    "221 Bye": "221 2.0.0 Bye",
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed limit",
+    "552 Error: Too much mail data": "552 5.3.4 Error: message file too big",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Error: line too long",
+    "500 Command line too long": "500 5.5.2 Error: command line too long",
+    "502 EXPN not implemented": "502 5.5.1 Error: command not implemented",
+}
+_GENERIC = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+            "530": "5.7.0", "553": "5.1.3", "554": "5.5.1", "555": "5.5.4", "454": "4.7.0"}
+
+# aiosmtpd logs every session at INFO/WARNING on "mail.log"; our Logger writes the log lines.
+logging.getLogger("mail.log").addHandler(logging.NullHandler())
+logging.getLogger("mail.log").propagate = False
+
+
+class Settings:
+    """What the listener needs from the configuration, parsed once (and again on SIGHUP)."""
+
+    def __init__(self, cfg: Config, *, stdio: bool = False) -> None:
+        self.cfg = cfg
+        self.stdio = stdio
+        try:
+            self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.mynetworks]
+        except ValueError as e:
+            raise ConfigError(f"mynetworks: {e}") from None
+        self.tls: ssl.SSLContext | None = None
+        if not stdio and (cfg.smtpd_tls_cert_file or cfg.smtpd_tls_key_file):
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                self.tls.load_cert_chain(cfg.smtpd_tls_cert_file,
+                                         cfg.smtpd_tls_key_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"smtpd_tls_cert_file/smtpd_tls_key_file: {e}") from None
+        self.users: dict[str, str] = {}
+        if not stdio and cfg.smtpd_sasl_password_file:
+            try:
+                self.users = smtpd_passwd.load(cfg.smtpd_sasl_password_file)
+            except smtpd_passwd.PasswordFileError as e:
+                raise ConfigError(f"smtpd_sasl_password_file: {e}") from None
+        self.bare_newline = "normalize" if stdio else cfg.smtpd_forbid_bare_newline
+
+    def trusted_ip(self, ip: str | None) -> bool:
+        if ip is None:
+            return self.stdio
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
+
+
+class State:
+    """Per-connection facts our policy needs beyond aiosmtpd's Session."""
+
+    def __init__(self, ip: str | None, client: str) -> None:
+        self.ip = ip
+        self.client = client  # Postfix's "name[addr]"
+        self.errors = 0
+        self.counts: dict[str, int] = {}
+        self.helo = ""
+        self.proto = "SMTP"
+
+
+def _state(session: Session) -> State:
+    return session.pmt_state  # type: ignore[attr-defined,no-any-return]
+
+
+class Handler:
+    """aiosmtpd hooks: our checks at each command, and the queue at the final dot."""
+
+    def __init__(self, settings: Settings, logger: Logger,
+                 queued: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.log = logger
+        self.queued = queued or (lambda qid: None)
+        self.sessions: set[Server] = set()
+        self.per_ip: dict[str, int] = {}
+        self.draining = False
+
+    @property
+    def cfg(self) -> Config:
+        return self.settings.cfg
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def trusted(self, session: Session) -> bool:
+        return bool(session.authenticated) or self.settings.trusted_ip(_state(session).ip)
+
+    def reject(self, session: Session, envelope: Envelope, stage: str, reply: str,
+               rcpt: str | None = None) -> str:
+        st = _state(session)
+        to = f" to=<{escape(rcpt)}>" if rcpt is not None else ""
+        self.log.info(f"NOQUEUE: reject: {stage} from {st.client}: {escape(reply)}; "
+                      f"from=<{escape(envelope.mail_from or '')}>{to} proto={st.proto} "
+                      f"helo=<{escape(st.helo)}>")
+        return reply
+
+    def _helo_name(self, name: str) -> bool:
+        return 0 < len(name) <= 255 and name.isascii() and name.isprintable() and " " not in name
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    async def handle_HELO(self, server: Server, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        if not self._helo_name(hostname):
+            return "501 5.5.2 Error: invalid HELO name"
+        session.host_name = _state(session).helo = hostname
+        _state(session).proto = "SMTP"
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(self, server: Server, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        if not self._helo_name(hostname):
+            return ["501 5.5.2 Error: invalid EHLO name"]
+        session.host_name = _state(session).helo = hostname
+        _state(session).proto = "ESMTP"
+        offered = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        if not self.settings.users or not server.tls_context:
+            offered = [o for o in offered if not o.startswith("AUTH")]
+        lines = [server.hostname, "PIPELINING", *[o for o in offered if o.startswith("SIZE")],
+                 *[o for o in offered if o.startswith(("STARTTLS", "AUTH"))],
+                 "ENHANCEDSTATUSCODES",
+                 *[o for o in offered if o in ("8BITMIME", "SMTPUTF8")]]
+        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(self, server: Server, session: Session, envelope: Envelope,
+                          addr: str, mail_options: list[str]) -> str:
+        sender = "" if addr == "<>" else addr
+        if sender:
+            try:
+                address.check_envelope(sender, "sender")
+                sender.encode("utf-8")
+            except (AddressError, UnicodeEncodeError):
+                return self.reject(session, envelope, "MAIL",
+                                   "501 5.1.7 Bad sender address syntax")
+        envelope.mail_from = sender
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Server, session: Session, envelope: Envelope,
+                          addr: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.cfg.smtpd_recipient_limit:
+            return self.reject(session, envelope, "RCPT", "452 4.5.3 Error: too many recipients",
+                               addr)
+        try:
+            address.check_envelope(addr, "recipient")
+            addr.encode("utf-8")
+        except (AddressError, UnicodeEncodeError):
+            return self.reject(session, envelope, "RCPT",
+                               "501 5.1.3 Bad recipient address syntax", addr)
+        rcpt = address.qualify(addr, self.cfg.myorigin)
+        trusted = self.trusted(session)
+        local_part = address.local_part(rcpt)
+        if route.is_local(self.cfg, rcpt):
+            # user%host@us, host!user@us, "user@host"@us: routing through us is relaying.
+            if not trusted and any(c in local_part for c in "%!@"):
+                return self.reject(session, envelope, "RCPT",
+                                   f"554 5.7.1 <{addr}>: Relay access denied", addr)
+            try:
+                route.resolve(self.cfg, rcpt)
+            except DeliveryError as e:
+                if e.status == "5.1.1":
+                    reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
+                             "User unknown in local recipient table")
+                elif e.permanent:
+                    reply = f"550 {e.status} <{addr}>: Recipient address rejected"
+                else:
+                    reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
+                return self.reject(session, envelope, "RCPT", reply, addr)
+            except AddressError:
+                return self.reject(session, envelope, "RCPT",
+                                   "501 5.1.3 Bad recipient address syntax", addr)
+        elif not trusted:
+            return self.reject(session, envelope, "RCPT",
+                               f"554 5.7.1 <{addr}>: Relay access denied", addr)
+        envelope.rcpt_tos.append(rcpt)
+        return "250 2.1.5 Ok"
+
+    async def handle_VRFY(self, server: Server, session: Session, envelope: Envelope,
+                          addr: str) -> str:
+        return "252 2.0.0 Cannot VRFY user; try RCPT to attempt delivery"  # no enumeration
+
+    async def handle_DATA(self, server: Server, session: Session, envelope: Envelope) -> str:
+        st = _state(session)
+        content: bytes = envelope.original_content or b""
+        crlf = content.count(b"\r\n")
+        bare_lf, bare_cr = content.count(b"\n") != crlf, content.count(b"\r") != crlf
+        if (bare_lf or bare_cr) and self.settings.bare_newline == "reject":
+            # Postfix's smtpd_forbid_bare_newline = reject: the SMTP-smuggling defence that
+            # keeps "<LF>.<CR><LF>" and friends from meaning anything anywhere downstream.
+            what = "<LF>" if bare_lf else "<CR>"
+            server.close_after_reply()
+            return self.reject(session, envelope, "DATA",
+                               f"521 5.5.2 {server.hostname} Error: bare {what} received")
+        # Accepted content gets one line ending (LF, as submit() stores it): a bare CR or LF
+        # becomes an ordinary line break, never an end of data at the next hop.
+        data = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        opts = submit.Options(list(envelope.rcpt_tos), envelope.mail_from or "", fullname="",
+                              ignore_dots=True,
+                              received=functools.partial(self.received_header, server, session,
+                                                         list(envelope.rcpt_tos)))
+        loop = asyncio.get_running_loop()
+        try:
+            qid = await loop.run_in_executor(None, submit.submit, self.cfg, io.BytesIO(data),
+                                             opts)
+        except TooBigError:
+            return self.reject(session, envelope, "END-OF-MESSAGE",
+                               "552 5.3.4 Error: message file too big")
+        except MailError as e:
+            self.log.error(f"{st.client}: queue file write error: {escape(e)}")
+            return "451 4.3.0 Error: queue file write error"
+        sasl = ""
+        if session.authenticated:
+            sasl = (f", sasl_method={escape(session.pmt_mechanism)}, "  # type: ignore
+                    f"sasl_username={escape(session.auth_data)}")
+        self.log.info(f"{qid}: client={st.client}{sasl}")
+        self.log.info(f"{qid}: from=<{escape(envelope.mail_from or '')}>, "
+                      f"nrcpt={len(envelope.rcpt_tos)} (queued)")
+        self.queued(qid)
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def received_header(self, server: Server, session: Session, rcpts: list[str],
+                        qid: str) -> str:
+        """``Received: from HELO (name [ip]) by us (pymailtools) with ESMTPSA id QID for <r>``."""
+        st = _state(session)
+        helo = "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?"
+                       for c in st.helo) or "unknown"
+        proto = st.proto
+        if session.ssl is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        if st.ip is None:
+            origin = f"from {helo}\n\tby {self.cfg.myhostname} (pymailtools, from userid " \
+                     f"{os.getuid()})"
+        else:
+            origin = f"from {helo} (unknown [{st.ip}])\n\tby {self.cfg.myhostname} (pymailtools)"
+        for_ = ""
+        if len(rcpts) == 1 and all(c.isprintable() for c in rcpts[0]):
+            for_ = f"\n\tfor <{rcpts[0]}>"
+        return f"Received: {origin} with {proto} id {qid}{for_};\n" \
+               f"\t{submit.rfc5322_date(time.time())}\n"
+
+    def authenticate(self, server: Server, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: Any) -> AuthResult:
+        ok = False
+        user = ""
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode("utf-8", "replace")
+            ok = smtpd_passwd.check(self.settings.users.get(user), auth_data.password)
+        if not ok:
+            # The password is never logged, only that it failed (P9).
+            self.log.warning(f"{_state(session).client}: SASL {escape(mechanism)} "
+                             "authentication failed: authentication failure")
+            return AuthResult(success=False, handled=False)
+        session.pmt_mechanism = mechanism  # type: ignore[attr-defined]
+        return AuthResult(success=True, handled=False, auth_data=user)
+
+
+class Server(SMTP):
+    """aiosmtpd's SMTP with our limits: connections per client, errors per session, shutdown."""
+
+    def __init__(self, handler: Handler, **kw: Any) -> None:
+        s = handler.settings
+        cfg = s.cfg
+        super().__init__(handler, hostname=cfg.myhostname, ident=IDENT,
+                         data_size_limit=cfg.message_size_limit or None, enable_SMTPUTF8=True,
+                         decode_data=False, tls_context=s.tls, timeout=cfg.smtpd_timeout or 300,
+                         auth_require_tls=True, authenticator=handler.authenticate, **kw)
+        self.pmt = handler
+        self.refused = False
+        self._close_after = False
+        for name, method in list(self._smtp_methods.items()):
+            self._smtp_methods[name] = self._counted(name, method)
+
+    def _counted(self, name: str, method: Callable[[str | None], Awaitable[None]]
+                 ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)
+        async def wrapper(arg: str | None) -> None:
+            st = _state(self.session)
+            st.counts[name.lower()] = st.counts.get(name.lower(), 0) + 1
+            if self.pmt.draining and name != "QUIT" and not self.in_transaction():
+                await self.push("421 4.3.2 Service shutting down, closing transmission channel")
+                self.close_transport()
+                return
+            await method(arg)
+        return wrapper
+
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def close_after_reply(self) -> None:
+        self._close_after = True
+
+    def close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None and self.session is not None:
+            # The TLS layer after STARTTLS: aiosmtpd starts a fresh Session (the client must
+            # EHLO again), but the connection's facts and counters carry over.
+            state = self.session.pmt_state  # type: ignore[attr-defined]
+            super().connection_made(transport)
+            self.session.pmt_state = state  # type: ignore[attr-defined]
+            return
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        client = f"unknown[{ip}]" if ip is not None else f"local[uid {os.getuid()}]"
+        h = self.pmt
+        if ip is not None and (h.draining or h.per_ip.get(ip, 0)
+                               >= h.cfg.smtpd_client_connection_count_limit):
+            self.refused = True
+            why = "Service shutting down" if h.draining else "too many connections"
+            h.log.warning(f"{why} from {client}")
+            transport.write(f"421 4.7.0 {h.cfg.myhostname} Error: {why}\r\n".encode())
+            transport.close()
+            return
+        if ip is not None:
+            h.per_ip[ip] = h.per_ip.get(ip, 0) + 1
+        h.sessions.add(self)
+        h.log.info(f"connect from {client}")
+        super().connection_made(transport)
+        self.session.pmt_state = State(ip, client)  # type: ignore[union-attr]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.refused:
+            return
+        h = self.pmt
+        if self in h.sessions:
+            h.sessions.discard(self)
+            st = _state(self.session)
+            if st.ip is not None:
+                left = h.per_ip.get(st.ip, 1) - 1
+                if left > 0:
+                    h.per_ip[st.ip] = left
+                else:
+                    h.per_ip.pop(st.ip, None)
+            counts = " ".join(f"{k}={v}" for k, v in st.counts.items())
+            total = sum(st.counts.values())
+            h.log.info(f"disconnect from {st.client} {counts} commands={total}".replace("  ",
+                                                                                        " "))
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        text = _REWORDED.get(text, text)
+        code, sep = text[:3], text[3:4]
+        if sep == " " and code in _GENERIC and not text[4:5].isdigit():
+            text = f"{code} {_GENERIC[code]} {text[4:]}"
+        await super().push(text)
+        if self.session is not None and code[:1] in ("4", "5") and sep == " " \
+                and code != "421" and self.transport is not None:
+            st = _state(self.session)
+            st.errors += 1
+            if st.errors >= self.pmt.cfg.smtpd_error_limit:
+                self.pmt.log.warning(f"too many errors from {st.client}")
+                await super().push(f"421 4.7.0 {self.hostname} Error: too many errors")
+                self.close_transport()
+                return
+        if self._close_after:
+            self.close_transport()
+
+
+# --- sendmail -bs: one session on standard input and output ------------------------------------
+
+class _StdioTransport(asyncio.Transport):
+    """A transport over fds 0 and 1 (pipes, files, terminals or an inetd socket)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: Server) -> None:
+        super().__init__()
+        self.loop = loop
+        self.protocol = protocol
+        self.closing = False
+        self.resume = threading.Event()
+        self.resume.set()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(bytes(data))
+        try:
+            while view:
+                view = view[os.write(1, view):]
+        except OSError:
+            self.close()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.resume.set()
+            self.loop.call_soon(self._lost)
+
+    def _lost(self) -> None:
+        self.protocol.connection_lost(None)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        self.resume.clear()
+
+    def resume_reading(self) -> None:
+        self.resume.set()
+
+    def is_reading(self) -> bool:
+        return self.resume.is_set()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def feed(self, data: bytes) -> None:
+        if not self.closing:
+            self.protocol.data_received(data)
+
+    async def end_of_input(self) -> None:
+        """Input ended: let the session answer everything it has read, then close it (aiosmtpd
+        itself would drop pipelined commands still buffered at end of file)."""
+        reader = self.protocol._reader
+        while not self.closing:
+            if not reader._buffer and reader._waiter is not None:  # type: ignore[attr-defined]
+                self.close()
+                break
+            await asyncio.sleep(0.01)
+
+    def pump(self) -> None:
+        """Reader thread: stdin -> the protocol, honouring pause_reading()."""
+        while True:
+            self.resume.wait()
+            if self.closing:
+                return
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.call_soon_threadsafe(
+                    lambda: self.loop.create_task(self.end_of_input()))
+                return
+            self.loop.call_soon_threadsafe(self.feed, data)
+
+
+def serve_stdio(cfg: Config, *, verbose: bool = False) -> int:
+    """sendmail -bs: an SMTP session on stdin/stdout, queueing as sendmail -bm does."""
+    settings = Settings(cfg, stdio=True)
+    logger = Logger("smtpd", to_syslog=cfg.syslog, verbose=verbose)
+    queued: list[str] = []
+
+    async def session() -> None:
+        loop = asyncio.get_running_loop()
+        handler = Handler(settings, logger, queued.append)
+        server = Server(handler, loop=loop)
+        transport = _StdioTransport(loop, server)
+        server.connection_made(transport)
+        threading.Thread(target=transport.pump, daemon=True, name="stdin").start()
+        await transport.done
+        await asyncio.sleep(0)
+
+    asyncio.run(session())
+    if queued and cfg.delivery_mode != "queue":
+        from pymailtools import wake
+
+        wake.kick(cfg)
+    return 0
+
+
+# --- sendmail -bd / -bD: the network listener -------------------------------------------------
+
+def parse_listen(item: str) -> tuple[str, int]:
+    """``ip:port`` or ``[ipv6]:port`` -> (ip, port)."""
+    host, sep, port = item.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"smtpd_listen: expected ip:port or [ipv6]:port, got {item!r}") \
+            from None
+    if not sep or not 0 < number < 65536:
+        raise ConfigError(f"smtpd_listen: bad port in {item!r}")
+    return host, number
+
+
+def bind(cfg: Config) -> list[socket.socket]:
+    """Listening sockets for every smtpd_listen address (before detaching: errors show)."""
+    socks = []
+    try:
+        for item in cfg.smtpd_listen:
+            host, port = parse_listen(item)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ConfigError(f"smtpd_listen: cannot listen on {item}: {e.strerror}") \
+                    from None
+            s.listen(128)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    if not socks:
+        raise ConfigError("smtpd_listen: no address to listen on")
+    return socks
+
+
+class Kicker:
+    """Starts a queue run after submissions (coalesced), in a fresh process: forking this
+    multi-threaded one to run Python code, as wake.kick() does, would not be safe."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path or ""
+        self.wanted = asyncio.Event()
+
+    def request(self, qid: str = "") -> None:
+        self.wanted.set()
+
+    async def run(self) -> None:
+        code = "import sys; from pymailtools import config, wake; " \
+               "wake.kick(config.load(sys.argv[1] or None))"
+        while True:
+            await self.wanted.wait()
+            self.wanted.clear()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", code, self.config_path, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                await proc.wait()
+            except OSError:
+                await asyncio.sleep(1)
+
+
+def serve(cfg: Config, socks: list[socket.socket], *, interval: int | None,
+          config_path: str | None, verbose: bool = False) -> int:
+    """Run the listener on ``socks`` until SIGTERM: in-flight transactions finish, new commands
+    get 421. SIGHUP re-reads the configuration for new connections. With ``interval`` the queue
+    is also run that often (sendmail -bd -q15m)."""
+    from pymailtools import config as configmod
+
+    logger = Logger("smtpd", to_syslog=cfg.syslog, verbose=verbose)
+    settings = Settings(cfg)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        kicker = Kicker(config_path)
+        handler = Handler(settings, logger,
+                          kicker.request if cfg.delivery_mode != "queue" else None)
+        servers = [await loop.create_server(lambda: Server(handler, loop=loop), sock=s)
+                   for s in socks]
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+        def reload() -> None:
+            try:
+                new = configmod.load(config_path)
+                handler.settings = Settings(new)
+            except MailError as e:
+                logger.error(f"reload failed, keeping the old configuration: {e}")
+                return
+            logger.info("configuration reloaded")
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        tasks = [loop.create_task(kicker.run())]
+        if interval:
+            async def periodic() -> None:
+                while True:
+                    kicker.request()
+                    await asyncio.sleep(interval)
+            tasks.append(loop.create_task(periodic()))
+        names = ", ".join(cfg.smtpd_listen)
+        logger.info(f"daemon started -- listening on {names}")
+        await stop.wait()
+        handler.draining = True
+        for srv in servers:
+            srv.close()
+        for session in list(handler.sessions):
+            if not session.in_transaction() and session.transport is not None:
+                session.transport.write(b"421 4.3.2 Service shutting down, closing "
+                                        b"transmission channel\r\n")
+                session.close_transport()
+        deadline = loop.time() + SHUTDOWN_GRACE
+        while handler.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(handler.sessions):
+            session.close_transport()
+        for t in tasks:
+            t.cancel()
+        logger.info("daemon stopped")
+
+    asyncio.run(main())
+    return 0

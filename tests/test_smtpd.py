@@ -1,0 +1,473 @@
+"""The SMTP listener (sendmail -bd/-bD and -bs) driven by real clients over loopback: swaks, a
+raw socket for byte-exact input (SMTP smuggling), and Postfix relaying into it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pymailtools import smtpd_passwd
+from tests.conftest import Sendmail, need_root, need_tool, script
+from tests.smtpd_support import TIMEOUT, Client, listener, server_lines, swaks
+
+PASSWORD = "Zp1-secret!"
+
+
+@pytest.fixture
+def values(config_values: dict[str, object]) -> dict[str, object]:
+    return dict(config_values, delivery_mode="queue")
+
+
+def entries(values: dict[str, object]) -> list[tuple[str, object, bytes]]:
+    return Sendmail(Path("/nonexistent"), Path(str(values["queue_directory"]))).entries()
+
+
+def transaction(c: Client, rcpt: str = "root@localhost", sender: str = "a@x.test") -> None:
+    assert c.cmd("EHLO client.example").startswith("250")
+    assert c.cmd(f"MAIL FROM:<{sender}>").startswith("250 2.1.0")
+    assert c.cmd(f"RCPT TO:<{rcpt}>").startswith("250 2.1.5")
+    assert c.cmd("DATA").startswith("354")
+
+
+# --- local delivery ------------------------------------------------------------------------------
+
+def test_swaks_to_local_user_ends_in_the_mbox(tmp_path: Path, values: dict[str, object],
+                                              system_user: pwd.struct_passwd,
+                                              sendmail: Sendmail) -> None:
+    name = system_user.pw_name
+    with listener(tmp_path, values) as lst:
+        p = swaks(lst.port, "--from", "alice@remote.example", "--to", f"{name}@localhost",
+                  "--ehlo", "client.example", "--header", "Subject: over smtp",
+                  "--body", "hello from swaks")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert any(line.startswith("250 2.0.0 Ok: queued as ") for line in server_lines(p.stdout))
+        assert lst.stop() == 0
+    (_, env, message), = entries(values)
+    assert env.sender == "alice@remote.example"
+    assert [r.address for r in env.recipients] == [f"{name}@localhost"]
+    first = message.split(b"\n\t", 1)[0]
+    assert first == b"Received: from client.example (unknown [127.0.0.1])"
+    assert b"with ESMTP id " + env.id.encode() in message
+    r = sendmail("-q")
+    assert r.returncode == 0, r.stderr
+    mbox = (Path(str(values["mail_spool_directory"])) / name).read_bytes()
+    assert b"Subject: over smtp" in mbox and b"hello from swaks" in mbox
+    assert b"\r" not in mbox  # line endings normalised on the way in
+    log = lst.log()
+    assert "connect from unknown[127.0.0.1]" in log
+    assert f"{env.id}: client=unknown[127.0.0.1]" in log
+    assert "disconnect from unknown[127.0.0.1]" in log
+
+
+def test_unknown_local_user_is_refused_at_rcpt(tmp_path: Path, values: dict[str, object]) -> None:
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        assert c.greeting.startswith("220 host.example.test ESMTP")
+        c.cmd("EHLO client.example")
+        c.cmd("MAIL FROM:<a@x.test>")
+        reply = c.cmd("RCPT TO:<nosuchuser-pmt@localhost>")
+        assert reply.startswith("550 5.1.1 <nosuchuser-pmt@localhost>"), reply
+        # N2-N4: shell and path syntax in local parts is just an unknown user, never run
+        for bad in ('"|touch /tmp/pwned"@localhost', "../../etc/passwd@localhost",
+                    "${run{/bin/touch /tmp/pwned}}@localhost"):
+            reply = c.cmd(f"RCPT TO:<{bad}>")
+            assert reply[:1] == "5", (bad, reply)
+        assert c.cmd("DATA").startswith("503")
+        assert c.cmd("QUIT").startswith("221")
+        c.close()
+        assert "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1" in lst.log()
+    assert entries(values) == []
+    assert not os.path.exists("/tmp/pwned")
+
+
+# --- no open relay (reliability.md P7) -----------------------------------------------------------
+
+RELAY_PROBES = [
+    ("attacker@external.test", "victim@other.test"),
+    ("attacker@external.test", "victim%other.test@localhost"),
+    ("attacker@external.test", "other.test!victim@localhost"),
+    ("attacker@external.test", "@localhost:victim@other.test"),
+    ("attacker@external.test", '"victim@other.test"@localhost'),
+    ("attacker@external.test", "victim@other.test."),
+    ("attacker@external.test", "victim@[127.0.0.9]"),
+    ("root@localhost", "victim@other.test"),  # a forged local sender grants nothing
+]
+
+
+def test_no_open_relay_from_outside_mynetworks(tmp_path: Path, values: dict[str, object]) -> None:
+    values["mynetworks"] = ["127.0.0.1/32"]
+    with listener(tmp_path, values) as lst:
+        for sender, rcpt in RELAY_PROBES:
+            p = swaks(lst.port, "--from", sender, "--to", rcpt, "--quit-after", "RCPT",
+                      source="127.0.0.2")
+            lines = server_lines(p.stdout)
+            assert lines and lines[-1].startswith("221"), (rcpt, p.stdout)
+            rcpt_reply = lines[-2]
+            assert rcpt_reply[:1] in ("4", "5"), (sender, rcpt, rcpt_reply)
+        # positive controls: local mail from outside; relaying from inside mynetworks
+        p = swaks(lst.port, "--from", "attacker@external.test", "--to", "root@localhost",
+                  "--quit-after", "RCPT", source="127.0.0.2")
+        assert server_lines(p.stdout)[-2].startswith("250 2.1.5"), p.stdout
+        p = swaks(lst.port, "--from", "me@host.example.test", "--to", "victim@other.test",
+                  "--quit-after", "RCPT", source="127.0.0.1")
+        assert server_lines(p.stdout)[-2].startswith("250 2.1.5"), p.stdout
+        p = swaks(lst.port, "--from", "a@external.test", "--to", "victim@other.test",
+                  source="127.0.0.2")
+        assert "554 5.7.1 <victim@other.test>: Relay access denied" in p.stdout
+        log = lst.log()
+    assert entries(values) == []
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <victim@other.test>: "
+            "Relay access denied; from=<a@external.test> to=<victim@other.test> proto=ESMTP "
+            "helo=<") in log
+
+
+# --- STARTTLS and AUTH ---------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_values(tmp_path: Path, values: dict[str, object]) -> dict[str, object]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="host.example.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(tmp_path / "cert.pem"), append=True)
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "passwd").write_text(
+        f"# smtpd users\nalice:{smtpd_passwd.hash_password(PASSWORD)}\n")
+    return dict(values, mynetworks=["127.0.0.1/32"], smtpd_tls_cert_file=str(tmp_path / "cert.pem"),
+                smtpd_tls_key_file=str(tmp_path / "key.pem"),
+                smtpd_sasl_password_file=str(tmp_path / "passwd"))
+
+
+def test_auth_over_tls_allows_relay(tmp_path: Path, tls_values: dict[str, object]) -> None:
+    with listener(tmp_path, tls_values) as lst:
+        p = swaks(lst.port, "-tls", "--tls-verify", "--tls-ca-path", str(tmp_path / "ca.pem"),
+                  "-a", "PLAIN", "-au", "alice", "-ap", PASSWORD,
+                  "--from", "alice@host.example.test", "--to", "victim@other.test",
+                  source="127.0.0.2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        lines = server_lines(p.stdout)
+        assert any(x.startswith("235") for x in lines), lines
+        queued = [x for x in lines if x.startswith("250 2.0.0 Ok: queued as ")]
+        assert len(queued) == 1
+        # a wrong password is refused and relaying stays closed
+        p = swaks(lst.port, "-tls", "-a", "LOGIN", "-au", "alice", "-ap", "wrong",
+                  "--from", "a@x.test", "--to", "victim@other.test", source="127.0.0.2")
+        assert p.returncode != 0
+        assert any(x.startswith("535") for x in server_lines(p.stdout)), p.stdout
+        log = lst.log()
+    (_, env, message), = entries(tls_values)
+    assert [r.address for r in env.recipients] == ["victim@other.test"]
+    assert b"with ESMTPSA id" in message
+    assert "client=unknown[127.0.0.2], sasl_method=PLAIN, sasl_username=alice" in log
+    assert "SASL LOGIN authentication failed" in log
+    secrets = [PASSWORD, base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode(),
+               base64.b64encode(PASSWORD.encode()).decode(), "wrong"]
+    blob = log + message.decode("utf-8", "replace")
+    assert not [s for s in secrets if s in blob]
+
+
+def test_auth_without_tls_is_refused(tmp_path: Path, tls_values: dict[str, object]) -> None:
+    with listener(tmp_path, tls_values) as lst:
+        p = swaks(lst.port, "-a", "PLAIN", "-au", "alice", "-ap", PASSWORD,
+                  "--from", "a@x.test", "--to", "victim@other.test", source="127.0.0.2")
+        assert p.returncode != 0
+        ehlo = [x for x in server_lines(p.stdout) if x.startswith("250")]
+        assert any("STARTTLS" in x for x in ehlo) and not any("AUTH" in x for x in ehlo)
+        c = Client(lst.port, source="127.0.0.2")
+        c.cmd("EHLO client.example")
+        plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+        assert c.cmd(f"AUTH PLAIN {plain}").startswith("538 5.7.11")
+        assert c.cmd("NOOP").startswith("250")  # the session goes on, unauthenticated
+        c.cmd("MAIL FROM:<a@x.test>")
+        assert c.cmd("RCPT TO:<victim@other.test>").startswith("554 5.7.1")
+        c.close()
+        assert PASSWORD not in lst.log() and plain not in lst.log()
+    assert entries(tls_values) == []
+
+
+def test_starttls_discards_pipelined_plaintext(tmp_path: Path,
+                                               tls_values: dict[str, object]) -> None:
+    import ssl
+
+    with listener(tmp_path, tls_values) as lst:
+        c = Client(lst.port, source="127.0.0.2")
+        c.cmd("EHLO client.example")
+        c.send(b"STARTTLS\r\nMAIL FROM:<injected@x.test>\r\n")
+        assert c.reply().startswith("220")
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        # the injected MAIL was dropped: the client must EHLO again, and no MAIL is pending
+        assert c.cmd("MAIL FROM:<a@x.test>").startswith("503")
+        assert "AUTH LOGIN PLAIN" in c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:<a@x.test>").startswith("250")
+        c.close()
+
+
+# --- SMTP smuggling (reliability.md 1.3, N8/N9, P12) --------------------------------------------
+
+SMUGGLING = {
+    "LF.LF": b"\n.\n",
+    "LF.CRLF": b"\n.\r\n",
+    "CR.CR": b"\r.\r",
+    "CRLF.LF": b"\r\n.\n",
+    "CRLF.CR": b"\r\n.\r",
+    "CR.CRLF": b"\r.\r\n",
+    "bare LF": b"\n",
+    "bare CR": b"\r",
+}
+SMUGGLED = (b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<root@localhost>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nsmuggled\r\n")
+
+
+def smuggling_data(ending: bytes) -> bytes:
+    return b"Subject: first\r\n\r\nhello" + ending + SMUGGLED + b".\r\n"
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_smuggling_is_rejected_by_the_listener(tmp_path: Path, values: dict[str, object],
+                                               name: str) -> None:
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        transaction(c)
+        c.send(smuggling_data(SMUGGLING[name]) + b"QUIT\r\n")
+        reply = c.reply()
+        assert reply.startswith("521 5.5.2 host.example.test Error: bare <"), reply
+        assert c.rest() == b""  # disconnected: nothing after the dot is read as commands
+        c.close()
+    assert entries(values) == []
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_smuggling_normalized_is_one_message(tmp_path: Path, values: dict[str, object],
+                                             name: str) -> None:
+    values["smtpd_forbid_bare_newline"] = "normalize"
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        transaction(c)
+        c.send(smuggling_data(SMUGGLING[name]))
+        assert c.reply().startswith("250 2.0.0 Ok: queued as ")
+        assert c.cmd("QUIT").startswith("221")
+        c.close()
+    (_, env, message), = entries(values)
+    assert env.sender == "a@x.test"
+    assert b"\r" not in message and b"smuggled" in message
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_smuggling_on_stdin_is_one_message(values: dict[str, object], sendmail: Sendmail,
+                                           name: str) -> None:
+    session = (b"EHLO client.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<root@localhost>\r\n"
+               b"DATA\r\n" + smuggling_data(SMUGGLING[name]) + b"QUIT\r\n")
+    r = sendmail("-bs", input=session)
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.split(b"\r\n")
+    assert sum(1 for x in replies if x.startswith(b"250 2.0.0 Ok: queued as ")) == 1
+    assert replies[-2] == b"221 2.0.0 Bye"
+    (_, env, message), = sendmail.entries()
+    assert env.sender == "a@x.test" and b"\r" not in message
+
+
+# --- sendmail -bs -----------------------------------------------------------------------------
+
+def test_bs_conversation_like_postfix(sendmail: Sendmail) -> None:
+    session = (b"EHLO client.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<root@localhost>\r\n"
+               b"DATA\r\nSubject: hi\r\n\r\nbody\r\n..leading dot\r\n.\r\nQUIT\r\n")
+    r = sendmail("-bs", input=session)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(b"\r\n") and b"\n" not in r.stdout.replace(b"\r\n", b"")
+    lines = r.stdout.decode().split("\r\n")[:-1]
+    assert lines[0] == "220 host.example.test ESMTP pymailtools"
+    assert lines[1] == "250-host.example.test"
+    ehlo = [x[4:] for x in lines[1:] if x.startswith("250") and lines.index(x) < 9]
+    for ext in ("PIPELINING", "SIZE 10240000", "ENHANCEDSTATUSCODES", "8BITMIME"):
+        assert ext in ehlo
+    assert "STARTTLS" not in r.stdout.decode() and "AUTH" not in r.stdout.decode()
+    tail = lines[-5:]
+    assert tail[0] == "250 2.1.0 Ok" and tail[1] == "250 2.1.5 Ok"
+    assert tail[2] == "354 End data with <CR><LF>.<CR><LF>"
+    assert tail[3].startswith("250 2.0.0 Ok: queued as ") and tail[4] == "221 2.0.0 Bye"
+    (_, env, message), = sendmail.entries()
+    assert tail[3].endswith(env.id)
+    assert message.endswith(b"\n\nbody\n.leading dot\n") and b"\nSubject: hi\n" in message
+    assert message.startswith(b"Received: from client.example\n\tby host.example.test "
+                              b"(pymailtools, from userid ")
+
+
+def test_bs_pipelined_input_then_eof_is_answered_in_full(sendmail: Sendmail) -> None:
+    # No QUIT: the session ends at end of input, after every command read was answered.
+    session = (b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<root@localhost>\r\nDATA\r\n"
+               b"x\r\n.\r\nMAIL FROM:<b@x.test>\r\nRCPT TO:<root@localhost>\r\nDATA\r\n"
+               b"y\r\n.\r\n")
+    r = sendmail("-bs", input=session)
+    assert r.returncode == 0
+    assert r.stdout.count(b"Ok: queued as") == 2
+    assert sorted(e.sender for _, e, _ in sendmail.entries()) == ["a@x.test", "b@x.test"]
+
+
+def test_bs_rejects_recipients_on_the_command_line(sendmail: Sendmail) -> None:
+    r = sendmail("-bs", "root@localhost")
+    assert r.returncode != 0
+    assert b"stand-alone mode requires no recipient" in r.stderr
+
+
+# --- limits (P15) --------------------------------------------------------------------------------
+
+def test_size_limit(tmp_path: Path, values: dict[str, object]) -> None:
+    values["message_size_limit"] = 2000
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        assert "250-SIZE 2000" in c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:<a@x.test> SIZE=999999999").startswith("552 5.3.4")
+        c.cmd("MAIL FROM:<a@x.test> SIZE=100")
+        c.cmd("RCPT TO:<root@localhost>")
+        c.cmd("DATA")
+        reply = c.cmd(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 + (b"y" * 70 + b"\r\n") * 40
+                      + b".\r\n")
+        assert reply.startswith("552 5.3.4"), reply
+        # the session is still usable: a small message goes through
+        c.cmd("MAIL FROM:<a@x.test>")
+        c.cmd("RCPT TO:<root@localhost>")
+        c.cmd("DATA")
+        assert c.cmd(b"Subject: small\r\n\r\nok\r\n.\r\n").startswith("250 2.0.0")
+        c.close()
+    (_, _, message), = entries(values)
+    assert b"Subject: small" in message
+
+
+def test_recipient_and_error_limits(tmp_path: Path, values: dict[str, object]) -> None:
+    values.update(smtpd_recipient_limit=3, smtpd_error_limit=4)
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        c.cmd("EHLO client.example")
+        c.cmd("MAIL FROM:<a@x.test>")
+        for _ in range(3):
+            assert c.cmd("RCPT TO:<root@localhost>").startswith("250")
+        assert c.cmd("RCPT TO:<root@localhost>").startswith("452 4.5.3")
+        assert c.cmd("BOGUS").startswith("500")
+        assert c.cmd("MAIL FROM:<b@x.test>").startswith("503")
+        last = c.cmd("VRFY")  # fourth error: answered, then 421 and the connection closes
+        assert last.startswith("501"), last
+        assert c.reply().startswith("421 4.7.0")
+        assert c.rest() == b""
+        c.close()
+        assert "too many errors from unknown[127.0.0.1]" in lst.log()
+
+
+def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, object]) -> None:
+    values.update(smtpd_client_connection_count_limit=2, smtpd_timeout=2)
+    with listener(tmp_path, values) as lst:
+        time.sleep(0.5)  # the readiness probe's session has ended
+        a, b = Client(lst.port), Client(lst.port)
+        c = Client.__new__(Client)
+        import socket
+
+        c.sock = socket.create_connection(("127.0.0.1", lst.port), timeout=TIMEOUT)
+        c.buf = b""
+        assert c.reply().startswith("421 4.7.0 host.example.test Error: too many connections")
+        assert c.rest() == b""
+        # slow loris: a command line that never ends is cut off after smtpd_timeout
+        start = time.monotonic()
+        a.send(b"EHLO sl")
+        assert a.rest() == b""
+        assert time.monotonic() - start < 30
+        b.close()
+        time.sleep(0.5)
+        d = Client(lst.port)  # the slots are free again
+        assert d.cmd("NOOP").startswith("250")
+        d.close()
+
+
+# --- shutdown ------------------------------------------------------------------------------------
+
+def test_sigterm_finishes_transactions_in_flight(tmp_path: Path,
+                                                 values: dict[str, object]) -> None:
+    with listener(tmp_path, values) as lst:
+        busy = Client(lst.port)
+        transaction(busy)
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        idle = Client(lst.port)
+        idle.cmd("EHLO idle.example")
+        time.sleep(0.3)
+        lst.proc.send_signal(signal.SIGTERM)
+        assert idle.reply().startswith("421 4.3.2")
+        busy.send(b"second half\r\n.\r\n")
+        assert busy.reply().startswith("250 2.0.0 Ok: queued as ")
+        assert busy.cmd("MAIL FROM:<a@x.test>").startswith("421 4.3.2")
+        assert lst.proc.wait(TIMEOUT) == 0
+    (_, _, message), = entries(values)
+    assert message.endswith(b"first half\nsecond half\n")
+
+
+def test_bd_detaches_and_bad_listen_address_is_reported(tmp_path: Path,
+                                                        values: dict[str, object]) -> None:
+    from tests.smtpd_support import write_config
+
+    values["smtpd_listen"] = ["127.0.0.1:not-a-port"]
+    write_config(tmp_path / "bad.toml", values)
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(tmp_path / "bad.toml"))
+    r = subprocess.run([script("sendmail"), "-bd"], capture_output=True, text=True, env=env,
+                       timeout=TIMEOUT)
+    assert r.returncode != 0 and "smtpd_listen" in r.stderr
+
+
+# --- Postfix relaying into our listener --------------------------------------------------------
+
+def test_postfix_relays_into_our_listener(tmp_path: Path, values: dict[str, object],
+                                          system_user: pwd.struct_passwd,
+                                          sendmail: Sendmail) -> None:
+    need_tool("postfix", "postfix")
+    need_root()
+    from tests.smtpchat_support import Certs, postfix_instance
+
+    name = system_user.pw_name
+    with listener(tmp_path, values) as lst:
+        extra = (f"relayhost = [127.0.0.1]:{lst.port}\ndefault_transport = smtp\n"
+                 "relay_transport = smtp\nsmtp_tls_security_level = none\n")
+        with postfix_instance(Certs(tmp_path), extra) as pport:
+            p = swaks(pport, "--from", "sender@remote.example", "--to", f"{name}@localhost",
+                      "--header", "Subject: via postfix", "--body", "relayed body")
+            assert p.returncode == 0, p.stdout
+            deadline = time.monotonic() + TIMEOUT
+            while not entries(values) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        log = lst.log()
+    (_, env, message), = entries(values)
+    assert env.sender == "sender@remote.example", log
+    assert message.startswith(b"Received: from mx.example.test (unknown [127.0.0.1])")
+    r = sendmail("-q")
+    assert r.returncode == 0, r.stderr
+    mbox = (Path(str(values["mail_spool_directory"])) / name).read_bytes()
+    assert b"Subject: via postfix" in mbox and b"relayed body" in mbox
+
+
+# --- the password file --------------------------------------------------------------------------
+
+def test_password_file_round_trip(tmp_path: Path) -> None:
+    entry = smtpd_passwd.hash_password(PASSWORD)
+    assert PASSWORD not in entry and entry.startswith("$scrypt$")
+    path = tmp_path / "passwd"
+    path.write_text(f"# comment\n\nalice:{entry}\n")
+    users = smtpd_passwd.load(str(path))
+    assert smtpd_passwd.check(users["alice"], PASSWORD.encode())
+    assert not smtpd_passwd.check(users["alice"], b"wrong")
+    assert not smtpd_passwd.check(None, PASSWORD.encode())
+    path.write_text(f"alice:{PASSWORD}\n")
+    with pytest.raises(smtpd_passwd.PasswordFileError) as e:
+        smtpd_passwd.load(str(path))
+    assert PASSWORD not in str(e.value)
+    made = subprocess.run([sys.executable, "-m", "pymailtools.smtpd_passwd", "bob"],
+                          input=PASSWORD + "\n", capture_output=True, text=True, timeout=TIMEOUT)
+    assert made.returncode == 0
+    user, _, stored = made.stdout.strip().partition(":")
+    assert user == "bob" and smtpd_passwd.check(stored, PASSWORD.encode())
