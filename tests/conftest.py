@@ -1,5 +1,6 @@
 """Shared fixtures: a private queue and spool, real system users, and interop tool lookup."""
 
+import json
 import os
 import pwd
 import shutil
@@ -80,22 +81,27 @@ def config(config_values: dict[str, object]) -> Config:
     return Config(config_values)
 
 
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, values: dict[str, object]) -> Path:
+    """A flat configuration file with ``values``."""
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
 @pytest.fixture
 def config_file(tmp_path: Path, config_values: dict[str, object],
                 monkeypatch: pytest.MonkeyPatch) -> Path:
     """A TOML file with the test settings, exported as PYMAILTOOLS_CONFIG."""
-    lines = []
-    for key, value in config_values.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, list):
-            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
-        elif isinstance(value, int):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f'{key} = "{value}"')
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path = write_toml(tmp_path / "config.toml", config_values)
     monkeypatch.setenv("PYMAILTOOLS_CONFIG", str(path))
     return path
 

@@ -11,24 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import need_tool, script
+from tests.conftest import need_tool, script, write_toml
 from tests.smtp_support import free_port
 
 TIMEOUT = 60  # generous: two shared cores, other suites running
 
 
 def write_config(path: Path, values: dict[str, object]) -> None:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, list):
-            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
-        elif isinstance(value, int):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f'{key} = "{value}"')
-    path.write_text("\n".join(lines) + "\n")
+    write_toml(path, values)
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes] | None = None,

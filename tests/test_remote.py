@@ -15,6 +15,7 @@ from pymailtools.queue import STATES, Queue
 from pymailtools.runner import Runner, Stats
 from pymailtools.submit import Options, submit
 
+from .conftest import write_toml
 from .dns_support import TestDNS, start_dns
 from .smtp_support import (
     GREETING,
@@ -450,17 +451,7 @@ def test_long_lines_are_broken_not_refused(cfg: Config, port: int, servers: list
 # -- the long-running queue runner (sendmail -bD -qINTERVAL) -----------------------------------
 
 def _config_file(cfg_values: dict, path: Path) -> Path:
-    def toml(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int):
-            return str(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(f'"{x}"' for x in v) + "]"
-        return f'"{v}"'
-
-    path.write_text("".join(f"{k} = {toml(v)}\n" for k, v in cfg_values.items()))
-    return path
+    return write_toml(path, cfg_values)
 
 
 def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(

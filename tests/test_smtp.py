@@ -13,7 +13,7 @@ import trustme
 from pymailtools.config import Config
 from pymailtools.smtp import check_address, encode_data
 
-from .conftest import script
+from .conftest import script, write_toml
 from .dns_support import TestDNS, start_dns
 from .smtp_support import GREETING, Authenticator, FaultServer, Server, delivered, free_port
 from .test_remote import entries, queue, run, states
@@ -235,7 +235,7 @@ def test_auth_plain_through_relayhost_and_the_password_stays_secret(
               "smtp_sasl_password_file": str(pw), "smtp_tls_security_level": "verify",
               "smtp_tls_CAfile": str(ca_file)}
     conf = tmp_path / "auth.toml"
-    conf.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
+    write_toml(conf, values)
     env = dict(os.environ, PYMAILTOOLS_CONFIG=str(conf), PYMAILTOOLS_DELIVERY_MODE="queue")
     p = subprocess.run([script("sendmail"), "-f", "alice@sender.test", "bob@elsewhere.test"],
                        input=b"Subject: auth\n\nbody\n", env=env, capture_output=True,
@@ -248,15 +248,6 @@ def test_auth_plain_through_relayhost_and_the_password_stays_secret(
     assert auth.attempts == [("PLAIN", True)] and len(server.messages) == 1
     _password_nowhere(Path(str(base["queue_directory"])), p.stdout, p.stderr)
 
-
-def _toml(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(f'"{x}"' for x in v) + "]"
-    return f'"{v}"'
 
 
 def test_wrong_password_defers_and_is_not_logged(
