@@ -1,5 +1,6 @@
 """Shared fixtures: a private queue and spool, real system users, and interop tool lookup."""
 
+import io
 import json
 import os
 import pwd
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,35 @@ def open_spool(world_dir: Path) -> Path:
     os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
     os.chmod(spool, 0o2775)
     return spool
+
+
+def run_as(user: pwd.struct_passwd, main: Callable[[], int], *, config: Path | None = None,
+           stdin: Path | None = None, quiet: bool = False) -> int:
+    """Run ``main()`` as ``user`` in a forked child and return its exit status.
+
+    The venv's interpreter lives under /root, which other users cannot read: the child keeps
+    the interpreter already loaded, so import every module ``main`` needs before calling this.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.environ["HOME"] = user.pw_dir
+            if config is not None:
+                os.environ["PYMAILTOOLS_CONFIG"] = str(config)
+            if stdin is not None:
+                os.dup2(os.open(stdin, os.O_RDONLY), 0)
+                sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, closefd=False)))
+            if quiet:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+                sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+            code = main()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _make_user() -> Iterator[pwd.struct_passwd]:

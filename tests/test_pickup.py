@@ -1,9 +1,7 @@
 """Maildrop: unprivileged submission, and pickup treating every maildrop file as hostile."""
 
-import io
 import os
 import pwd
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,8 @@ from pymailtools.envelope import Envelope, Recipient
 from pymailtools.log import Logger
 from pymailtools.pickup import pickup
 from pymailtools.queue import CORRUPT, INCOMING, MAILDROP, MAILDROP_TRAILER, Queue
+
+from .conftest import run_as
 
 MESSAGE = b"Subject: from a user\n\nhello\n"
 
@@ -40,22 +40,7 @@ def submit_as(user: pwd.struct_passwd, cfg_path: Path, argv: list[str], stdin: P
     import pymailtools.submit  # noqa: F401
     import pymailtools.wake  # noqa: F401
 
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            os.environ["PYMAILTOOLS_CONFIG"] = str(cfg_path)
-            os.environ["HOME"] = user.pw_dir
-            fd = os.open(stdin, os.O_RDONLY)
-            os.dup2(fd, 0)
-            sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, closefd=False)))
-            code = cli.main(["sendmail", *argv])
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return run_as(user, lambda: cli.main(["sendmail", *argv]), config=cfg_path, stdin=stdin)
 
 
 def write_config(world_dir: Path, cfg: Config) -> Path:

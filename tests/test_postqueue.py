@@ -11,7 +11,7 @@ import pytest
 
 from pymailtools.envelope import Attempt, Recipient
 from pymailtools.queue import Queue
-from tests.conftest import Sendmail, script
+from tests.conftest import Sendmail, run_as, script
 
 from .test_pickup import submit_as
 from .test_showq import deferred, put
@@ -189,21 +189,9 @@ def test_ordinary_user_cannot_list_or_flush_root_queue(world_dir: Path,
     stdin.write_bytes(b"")
     stdin.chmod(0o644)
     assert submit_as(system_user, cfg, ["-bp"], stdin) == 77
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.setgroups([])
-            os.setgid(system_user.pw_gid)
-            os.setuid(system_user.pw_uid)
-            os.environ["PYMAILTOOLS_CONFIG"] = str(cfg)
-            from pymailtools.cli.postqueue import main
+    from pymailtools.cli.postqueue import main
 
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            code = 1 if (main(["-p"]), main(["-f"])) == (77, 77) else 2
-        finally:
-            os._exit(code)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    status = run_as(system_user, lambda: 1 if (main(["-p"]), main(["-f"])) == (77, 77) else 2,
+                    config=cfg, quiet=True)
     assert status == 1, "postqueue -p and -f should both exit 77"
     assert q.ids("deferred") == ["Rq1"]

@@ -3,7 +3,6 @@
 import os
 import pwd
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from pymailtools.envelope import Envelope, Recipient
 from pymailtools.queue import HOLD, INCOMING, Queue
-from tests.conftest import Sendmail, script
+from tests.conftest import Sendmail, run_as, script
 
 from .test_showq import deferred, put
 
@@ -198,20 +197,7 @@ def as_user(user: pwd.struct_passwd, cfg: Path, argv: list[str]) -> int:
     import pymailtools.cli.postsuper as cli
     import pymailtools.config  # noqa: F401
 
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            os.environ["PYMAILTOOLS_CONFIG"] = str(cfg)
-            os.environ["HOME"] = user.pw_dir
-            sys.stderr = open(os.devnull, "w")  # noqa: SIM115
-            code = cli.main(argv)
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return run_as(user, lambda: cli.main(argv), config=cfg, quiet=True)
 
 
 def test_ordinary_user_gets_77(world_dir: Path, system_user: pwd.struct_passwd) -> None:

@@ -43,27 +43,38 @@ def kick(cfg: Config) -> None:
     if not try_lock(fd):
         os.close(fd)
         return
-    pid = os.fork()
-    if pid:
-        os.close(fd)
-        os.waitpid(pid, 0)
+    if not detach():
+        os.close(fd)  # the detached runner holds the lock through its copy of the fd
         return
     code = 1
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        # cron waits for EOF on the job's stdout/stderr: the runner must not keep them open.
-        null = os.open(os.devnull, os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(null, std)
-        os.close(null)
         from pymailtools.runner import Runner
 
         Runner(cfg, prog="sendmail").background(fd)
         code = 0
     finally:
         os._exit(code)
+
+
+def detach() -> bool:
+    """Fork a daemon: True in it (own session, stdio on /dev/null), False in the caller once
+    the intermediate child is reaped. The daemon must end with os._exit()."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return False
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        # cron waits for EOF on the job's stdout/stderr: a daemon must not keep them open.
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        os.close(null)
+    except BaseException:
+        os._exit(1)
+    return True
 
 
 def deliver_now(cfg: Config, qid: str, *, verbose: bool, prog: str) -> int:

@@ -270,15 +270,10 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
         return smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path,
                            verbose=bool(req.verbose))
     # -bd: detach like sendmail does, so an init script's call returns.
-    if os.fork():
+    from pymailtools.wake import detach
+
+    if not detach():
         return EX_OK
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for std in (0, 1, 2):
-        os.dup2(null, std)
-    os.close(null)
     code = 1
     try:
         code = smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path)
