@@ -311,8 +311,8 @@ class Runner:
             jobs = self._remote_jobs(batch)
             self._deliver_remote(jobs)
             for entry in batch:
+                by_address = {r.address: r for r in entry.remote}
                 for job in entry.jobs:
-                    by_address = {r.address: r for r in entry.remote}
                     for address in job.rcpts:
                         outcome, relay = job.results.get(address) or _lost()
                         self._apply(entry, by_address[address], outcome, relay)
@@ -380,25 +380,29 @@ class Runner:
         self._remote_error = None
 
     def _apply(self, entry: "_Entry", r: Recipient, outcome: "Outcome", relay: str) -> None:
-        env = entry.env
-        now = time.time()
         r.attempts += 1
         r.last_try = entry.now
-        r.status, r.reason = outcome.dsn, outcome.reason
-        if outcome.state == SENT:
-            r.state = SENT
-            self.stats.delivered += 1
-            self._log_result(env, r, now, "sent", relay, detail=outcome.reason)
-        elif outcome.state == BOUNCED:
-            r.state = BOUNCED
+        self._record(entry.env, r, outcome.state, outcome.dsn, outcome.reason, since=entry.now,
+                     relay=relay, detail=outcome.reason if outcome.state == SENT else
+                     outcome.detail)
+        if r.state == BOUNCED:
             entry.bounced.append(r)
+
+    def _record(self, env: Envelope, r: Recipient, state: str, dsn: str, reason: str, *,
+                since: float, relay: str = "local", detail: str | None = None) -> None:
+        """Set a recipient's outcome (a deferral gets its next try on the backoff schedule),
+        count it, log it and add it to the entry's history."""
+        r.state, r.status, r.reason = state, dsn, reason
+        if state == SENT:
+            self.stats.delivered += 1
+        elif state == BOUNCED:
             self.stats.bounced += 1
-            self._log_result(env, r, now, "bounced", relay, detail=outcome.detail)
         else:
             r.state = DEFERRED
-            r.next_try = entry.now + self.backoff(entry.now - env.arrival)
+            r.next_try = since + self.backoff(since - env.arrival)
             self.stats.deferred += 1
-            self._log_result(env, r, now, "deferred", relay, detail=outcome.detail)
+        self._log_result(env, r, time.time(), {SENT: "sent", BOUNCED: "bounced"}.get(
+            r.state, "deferred"), relay, detail=detail)
 
     def _finish_entry(self, entry: "_Entry") -> None:
         """Expire, notify the sender, and record the entry's new state (or remove it)."""
@@ -444,27 +448,13 @@ class Runner:
         try:
             detail, relay = self._deliver(env, r, msg)
         except DeliveryError as e:
-            r.status, r.reason = e.status, e.reason
-            if e.permanent:
-                r.state = BOUNCED
-                self.stats.bounced += 1
-                self._log_result(env, r, now, "bounced")
-            else:
-                r.state = DEFERRED
-                r.next_try = now + self.backoff(now - env.arrival)
-                self.stats.deferred += 1
-                self._log_result(env, r, now, "deferred")
-            return
+            self._record(env, r, BOUNCED if e.permanent else DEFERRED, e.status, e.reason,
+                         since=now)
         except Exception as e:  # a bug must defer one recipient, not kill the whole run
-            r.state, r.status = DEFERRED, "4.3.0"
-            r.reason = f"internal error: {type(e).__name__}: {e}"
-            r.next_try = now + self.backoff(now - env.arrival)
-            self.stats.deferred += 1
-            self._log_result(env, r, now, "deferred")
-            return
-        r.state, r.status, r.reason = SENT, "2.0.0", detail
-        self.stats.delivered += 1
-        self._log_result(env, r, now, "sent", relay)
+            self._record(env, r, DEFERRED, "4.3.0",
+                         f"internal error: {type(e).__name__}: {e}", since=now)
+        else:
+            self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
 
     def _deliver(self, env: Envelope, r: Recipient, msg: BinaryIO) -> tuple[str, str]:
         """Deliver one recipient; return (detail, relay) or raise DeliveryError."""
