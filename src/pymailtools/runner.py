@@ -128,6 +128,7 @@ class Runner:
         _capture_library_warnings(self.log)
         self.stats = Stats()
         self.seen: set[str] = set()
+        self._history: dict[str, list[Attempt]] = {}  # attempts of this pass, per entry
         self.stopping = False  # set (by a signal handler) to end the run after this batch
         self.progress: Progress | None = None
         self._remote: Dispatcher | None = None
@@ -437,10 +438,12 @@ class Runner:
         if not (attempted or expired):
             return  # nothing was due here (-qR for another site): leave the entry as it was
         if env.done:
+            self._save_history(qid, keep=False)
             self.queue.remove(qid, state)
             self.log.info(log.removed(qid))
         else:
             self.queue.save(env, state, Q_DEFERRED)
+            self._save_history(qid, keep=True)
 
     def _deliver_recipient(self, env: Envelope, r: Recipient, msg: BinaryIO, now: float) -> None:
         r.attempts += 1
@@ -507,11 +510,20 @@ class Runner:
                                 delay=round(now - env.arrival, 2), dsn=r.status or "2.0.0",
                                 status=status, detail=r.reason if detail is None else detail))
         self.stats.results.append((env.id, r.address, status, r.reason))
-        try:  # the history of a finished entry is removed with it
-            self.queue.add_history(env.id, Attempt(now, r.address, relay, status, r.status,
-                                                   r.reason))
+        self._history.setdefault(env.id, []).append(
+            Attempt(now, r.address, relay, status, r.status, r.reason))
+
+    def _save_history(self, qid: str, keep: bool) -> None:
+        """Write the attempts of this pass to the entry's history, if the entry stays queued
+        (a delivered entry's history would be removed with it at once: skip the file)."""
+        attempts = self._history.pop(qid, [])
+        if not keep:
+            return
+        try:
+            for a in attempts:
+                self.queue.add_history(qid, a)
         except OSError as e:
-            self.log.warning(f"{env.id}: cannot record attempt history: {e.strerror}")
+            self.log.warning(f"{qid}: cannot record attempt history: {e.strerror}")
 
     def _notify(self, env: Envelope, msg: BinaryIO, rcpts: list[Recipient], action: str) -> None:
         """Queue a DSN to the sender; never for a bounce (null sender)."""
