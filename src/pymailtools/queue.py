@@ -163,7 +163,9 @@ class Queue:
         """A path under the queue; every name after the directory must be a valid id."""
         for name in parts[1:]:
             queueid.check(name.removesuffix(".msg").removesuffix(".history"))
-        return os.path.join(self.root, *parts)
+        # A plain join: the parts are fixed directory names and validated ids, never absolute,
+        # and os.path.join showed up in the runner's per-message profile.
+        return "/".join((self.root, *parts))
 
     # -- set-up ---------------------------------------------------------------------------
 
