@@ -196,3 +196,44 @@ def test_qI_and_qR_deliver_only_what_they_name(sendmail: Sendmail, spool: Path,
     assert states == ["deferred", "incoming"]
     assert sendmail("-qI../x").returncode == 64
     assert sendmail("-qR$(id)").returncode == 64
+
+
+def test_delay_warning_is_sent_once(sendmail: Sendmail, spool: Path,
+                                    system_user: pwd.struct_passwd) -> None:
+    name = system_user.pw_name
+    assert sendmail("-f", name, "someone@example.com",
+                    input=b"Subject: slow\n\nb\n").returncode == 0
+    time.sleep(1.2)
+    warn = {"PYMAILTOOLS_DELAY_WARNING_TIME": "1s"}
+    assert sendmail("-q", env=warn).returncode == 0
+    (dsn,) = mbox_messages(spool / name)  # queued and delivered in the same run
+    assert dsn["Subject"] == "Delayed Mail (still being retried)"
+    assert "Action: delayed" in dsn.as_string() and "someone@example.com" in dsn.as_string()
+    ((state, env, _),) = sendmail.entries()
+    assert state == "deferred" and env.warned
+    assert sendmail("-qRexample.com", env=warn).returncode == 0  # tried again: no new warning
+    assert len(mbox_messages(spool / name)) == 1
+    ((_, env, _),) = sendmail.entries()
+    assert env.recipients[0].attempts == 2
+
+
+def test_queue_run_on_a_terminal_shows_progress(sendmail: Sendmail, spool: Path,
+                                                system_user: pwd.struct_passwd) -> None:
+    from .mail_support import Pty
+
+    for i in range(3):
+        assert sendmail(system_user.pw_name, input=b"Subject: p%d\n\nb\n" % i).returncode == 0
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(sendmail.config_file), COLUMNS="120")
+    term = Pty([script("sendmail"), "-q"], env)
+    try:
+        term.expect("3/3")
+        term.expect("3 delivered")
+        assert term.wait() == 0
+    finally:
+        term.close()
+    assert len(mbox_messages(spool / system_user.pw_name)) == 3
+    # piped, the same run prints nothing (scripts parse silence as success)
+    for i in range(2):
+        assert sendmail(system_user.pw_name, input=b"Subject: q%d\n\nb\n" % i).returncode == 0
+    p = sendmail("-q")
+    assert (p.stdout, p.stderr) == (b"", b"")
