@@ -10,6 +10,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,21 @@ def need_tool(name: str, package: str) -> str:
             pytest.fail(msg + " but PYMAILTOOLS_REQUIRE_INTEROP=1")
         pytest.skip(msg)
     return path
+
+
+@contextmanager
+def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A small real file system for full-disk tests (root only; skipped where it cannot be
+    mounted), unmounted afterwards."""
+    need_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def need_root() -> None:

@@ -15,7 +15,7 @@ import pytest
 from pymailtools import maildir
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
-from tests.conftest import need_root, need_tool
+from tests.conftest import need_root, need_tool, tmpfs
 
 SENDER = "sender@example.test"
 
@@ -195,20 +195,13 @@ def test_read_error_leaves_no_file_behind(
 def test_full_disk_leaves_no_file_behind(
     tmp_path: Path, config: Config, system_user: pwd.struct_passwd
 ) -> None:
-    need_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path, "1m") as mnt:
         path = mnt / "Maildir"
         deliver(path, b"Subject: 0\n\nbody\n", config, system_user)
         with pytest.raises(DeliveryError) as e:
             deliver(path, b"Subject: big\n\n" + b"y" * 2_000_000, config, system_user)
         assert e.value.status == "4.2.2"
         assert len(listing(path)["new"]) == 1 and listing(path)["tmp"] == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.mark.interop

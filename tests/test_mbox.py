@@ -27,7 +27,7 @@ from pymailtools import mbox
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
 from pymailtools.mailbox_lock import MailboxBusy, MailboxLock
-from tests.conftest import need_root, need_tool
+from tests.conftest import need_root, need_tool, tmpfs
 
 CTX = multiprocessing.get_context("fork")
 SENDER = "sender@example.test"
@@ -550,12 +550,7 @@ def test_full_disk_truncates_back_with_4_2_2(
     tmp_path: Path, config: Config, system_user: pwd.struct_passwd
 ) -> None:
     """X3 on a real full file system: a 1 MB tmpfs."""
-    need_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path, "1m") as mnt:
         path = mnt / system_user.pw_name
         deliver(path, b"Subject: 0\n\nbody\n", config, system_user)
         before = sha(path)
@@ -565,8 +560,6 @@ def test_full_disk_truncates_back_with_4_2_2(
         assert sha(path) == before
         deliver(path, b"Subject: 1\n\nfits\n", config, system_user)
         assert len(messages(path)) == 2
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.mark.parametrize("tail", [b"\n", b""], ids=["no-blank-line", "no-newline"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Sendmail
+from .conftest import Sendmail, tmpfs
 
 
 def only_entry(sendmail: Sendmail):
@@ -187,14 +187,9 @@ def test_full_disk_fails_cleanly_and_keeps_older_entries(tmp_path: Path) -> None
     """X1: ENOSPC while writing: exit 74 with one line, no partial entry, temp file gone."""
     import subprocess
 
-    from .conftest import need_root, script
+    from .conftest import script
 
-    need_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path, "256k") as mnt:
         env = dict(os.environ, PYMAILTOOLS_QUEUE_DIRECTORY=str(mnt / "q"),
                    PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no",
                    PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"))
@@ -211,8 +206,6 @@ def test_full_disk_fails_cleanly_and_keeps_older_entries(tmp_path: Path) -> None
         assert {p.name: p.read_bytes() for p in (mnt / "q" / "messages").iterdir()} == before
         assert len(list((mnt / "q" / "incoming").iterdir())) == 1
         assert list((mnt / "q" / "tmp").iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_unprivileged_user_cannot_run_or_list_root_queue(world_dir: Path,
