@@ -257,7 +257,7 @@ class Admin:
         (left by crashes); return their paths relative to the queue."""
         now = time.time() if now is None else now
         removed = []
-        for name in _all_names(os.path.join(self.root, "tmp")):
+        for name in _names(os.path.join(self.root, "tmp"), ids_only=False):
             path = os.path.join(self.root, "tmp", name)
             if _older(path, now - grace) and _unlink(path):
                 removed.append(f"tmp/{name}")
@@ -276,7 +276,7 @@ class Admin:
                 finally:
                     if fd >= 0:
                         os.close(fd)
-        for name in _all_names(os.path.join(self.root, MAILDROP)):
+        for name in _names(os.path.join(self.root, MAILDROP), ids_only=False):
             path = os.path.join(self.root, MAILDROP, name)
             # a submission that died while writing (ID.PID.tmp); a day, as pickup waits
             if not _is_id(name) and _older(path, now - max(grace, 86400.0)) and _unlink(path):
@@ -293,7 +293,7 @@ class Admin:
         moved = []
         for state in STATES:
             d = os.path.join(self.root, state)
-            for name in _all_names(d):
+            for name in _names(d, ids_only=False):
                 if not _is_id(name):
                     if _quarantine_stray(self.root, state, name):
                         moved.append((f"{state}/{name}", "not a queue id"))
@@ -338,16 +338,6 @@ def _unlink_all(directory: str, names: list[str]) -> None:
                 pass
     finally:
         os.close(dfd)
-
-
-def _all_names(path: str) -> Iterator[str]:
-    try:
-        it = os.scandir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    with it:
-        for e in it:
-            yield e.name
 
 
 def _older(path: str, cutoff: float) -> bool:

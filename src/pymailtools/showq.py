@@ -44,15 +44,16 @@ def _is_id(name: str) -> bool:
     return len(name) <= 32 and name.isascii() and name.isalnum()
 
 
-def _names(path: str) -> Iterator[str]:
-    """Entry names of one directory in directory order (Postfix does not sort either)."""
+def _names(path: str, *, ids_only: bool = True) -> Iterator[str]:
+    """Entry names of one directory in directory order (Postfix does not sort either); with
+    ``ids_only=False`` every name, temp files and debris included."""
     try:
         it = os.scandir(path)
     except (FileNotFoundError, NotADirectoryError):
         return
     with it:
         for e in it:
-            if _is_id(e.name):
+            if not ids_only or _is_id(e.name):
                 yield e.name
 
 
