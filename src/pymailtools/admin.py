@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from pymailtools import qindex
 from pymailtools.envelope import CorruptEnvelope, Envelope
 from pymailtools.queue import (
     CORRUPT,
@@ -301,6 +302,7 @@ class Admin:
                 reason = self._check_entry(state, name)
                 if reason:
                     moved.append((name, reason))
+        qindex.rebuild(self.root)  # the listing's summary index, from the entries left
         return moved
 
     def _check_entry(self, state: str, qid: str) -> str:

@@ -43,6 +43,11 @@ def unquote(field: str) -> str:
     s = field[1:]
     if "%" not in s:
         return s
+    # Every "%" starts an escape (a literal one is "%25"), so a whole escape can be replaced
+    # in C; spaces are by far the most common (reasons, full names), 7 us a reason before.
+    s = s.replace("%20", " ")
+    if "%" not in s:
+        return s
     # split on "%": each later part starts with two hex digits (the loop this replaced went
     # character by character: mailq spent most of its time here on reasons with spaces)
     parts = s.split("%")

@@ -23,7 +23,7 @@ import os
 import stat
 import time
 
-from pymailtools import queueid
+from pymailtools import qindex, queueid
 from pymailtools.envelope import Attempt, CorruptEnvelope, Envelope
 from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
 
@@ -223,6 +223,8 @@ class Queue:
             os.fchmod(fd, 0o600)
             _write_all(fd, env.to_bytes())
             os.fsync(fd)
+            # the index line goes first: once the envelope is published, it must describe it
+            qindex.append(self.root, env, os.fstat(fd).st_ino)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)

@@ -6,7 +6,7 @@ import random
 import time
 from typing import BinaryIO
 
-from pymailtools import log, route
+from pymailtools import log, qindex, route
 from pymailtools.config import Config
 from pymailtools.delivery import Command, DeliveryError, File, Mailbox, Remote
 from pymailtools.envelope import (
@@ -174,6 +174,9 @@ class Runner:
                     break
         finally:
             self._close_remote()
+        if self.queue.direct_access():
+            # every deferral appended an index line: compact it when it has grown (one stat)
+            qindex.maybe_rebuild(self.queue.root)
         return self.stats
 
     def _all(self) -> list[tuple[str, str]]:

@@ -116,20 +116,26 @@ class Selector:
 
     def matches(self, env: Envelope) -> bool:
         """Sender, recipient, reason and age tests (each list: any pattern; all lists: and)."""
-        if self.older_than is not None and not env.arrival < self.older_than:
+        return self.matches_fields(env.arrival, env.sender,
+                                   [(r.address, r.reason) for r in env.recipients if not r.done])
+
+    def matches_fields(self, arrival: float, sender: str,
+                       pending: list[tuple[str, str]]) -> bool:
+        """``matches`` on the fields a listing has: pending = (address, reason) per recipient
+        not yet done."""
+        if self.older_than is not None and not arrival < self.older_than:
             return False
-        if self.newer_than is not None and not env.arrival > self.newer_than:
+        if self.newer_than is not None and not arrival > self.newer_than:
             return False
         if self.senders or self.null_sender:
-            s = env.sender
+            s = sender
             if not ((self.null_sender and not s) or
                     (s and any(_match(k, p, s) for k, p in self.senders))):
                 return False
-        pending = [r for r in env.recipients if not r.done]
-        if self.recipients and not any(_match(k, p, r.address) for r in pending
+        if self.recipients and not any(_match(k, p, a) for a, _ in pending
                                        for k, p in self.recipients):
             return False
-        if self.reasons and not any(_match(k, p, r.reason) for r in pending if r.reason
+        if self.reasons and not any(_match(k, p, r) for _, r in pending if r
                                     for k, p in self.reasons):
             return False
         return True

@@ -9,8 +9,17 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from pymailtools import pickup
-from pymailtools.envelope import MAGIC, RCPT_STATES, CorruptEnvelope, Envelope, Recipient, unquote
+from pymailtools import pickup, qindex
+from pymailtools.envelope import DEFERRED as RCPT_DEFERRED
+from pymailtools.envelope import (
+    MAGIC,
+    PENDING,
+    RCPT_STATES,
+    CorruptEnvelope,
+    Envelope,
+    Recipient,
+    unquote,
+)
 from pymailtools.queue import DEFERRED, HOLD, INCOMING, MAILDROP, EntryBusy, EntryNotFound, Queue
 from pymailtools.select import Selector
 
@@ -190,93 +199,119 @@ def _maildrop_items(queue: Queue, max_message: int) -> Iterator[Item]:
         yield Item(MAILDROP, d.envelope, False)
 
 
-def items(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[Item]:
-    """Entries in Postfix's scan order: maildrop, incoming, deferred, hold (directory order
-    within each, as Postfix); entries a runner is delivering are marked active."""
+class Row(NamedTuple):
+    """What a listing shows of one entry: cheap to make from an index line (no Envelope)."""
+    state: str
+    active: bool
+    id: str
+    size: int
+    arrival: float
+    sender: str
+    pending: list[tuple[str, str]]  # (address, reason) of each recipient not yet done
+
+    @property
+    def queue_name(self) -> str:
+        return "active" if self.active else self.state
+
+
+def _row(state: str, env: Envelope, active: bool) -> Row:
+    return Row(state, active, env.id, env.size, env.arrival, env.sender,
+               [(r.address, r.reason) for r in env.recipients if not r.done])
+
+
+def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[Row]:
+    """Maildrop entries first, then every entry of incoming, deferred and hold: those the
+    summary index describes (no file opened), then the others, read from their envelopes.
+    Entries a runner is delivering are marked active."""
     sel = selector or Selector()
     if sel.wants_state(MAILDROP):
         for item in _maildrop_items(queue, max_message):
             if sel.matches(item.envelope):
-                yield item
+                yield _row(MAILDROP, item.envelope, False)
+    states = tuple(s for s in (INCOMING, DEFERRED, HOLD) if sel.wants_state(s))
+    if not states:
+        return
     locked = active_ids(queue)
-    for state in (INCOMING, DEFERRED, HOLD):
-        if not sel.wants_state(state):
+    live = qindex.Live(queue.root, states)
+    fields = sel.needs_envelope
+    for state in states:  # Postfix's scan order
+        if not live.counts[state]:
             continue
-        try:
-            dfd = os.open(os.path.join(queue.root, state), os.O_RDONLY | os.O_DIRECTORY
-                          | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            yield from _state_items(queue, state, dfd, locked, sel)
-        finally:
-            os.close(dfd)
-
-
-def _state_items(queue: Queue, state: str, dfd: int, locked: set[str] | None,
-                 sel: Selector) -> Iterator[Item]:
-    with os.scandir(dfd) as it:
-        for e in it:
-            qid = e.name
-            if not _is_id(qid):
-                continue
-            if state == HOLD:
-                active = False
-            elif locked is None:
-                active = probe_active(queue, qid)
-            else:
-                active = qid in locked
-            if not sel.matches_queue(state, active):
-                continue
+        for qid, size, arrival, sender, pending in qindex.rows(queue.root, live, state):
+            active = _active(queue, state, qid, locked)
+            if sel.matches_queue(state, active) and (
+                    not fields or sel.matches_fields(arrival, sender, pending)):
+                yield Row(state, active, qid, size, arrival, sender, pending)
+        for _, qid, dfd in qindex.unindexed(queue.root, live, (state,)):
             try:
                 env = summary(_read(qid, dfd))
             except (CorruptEnvelope, OSError, UnicodeError):
                 continue  # gone meanwhile, or corrupt: postsuper -s moves it aside
-            if env.id != qid or not sel.matches(env):
-                continue
-            yield Item(state, env, active)
+            if env.id == qid:
+                active = _active(queue, state, qid, locked)
+                if sel.matches_queue(state, active) and sel.matches(env):
+                    yield _row(state, env, active)
+
+
+def _active(queue: Queue, state: str, qid: str, locked: set[str] | None) -> bool:
+    if state == HOLD:
+        return False
+    if locked is None:
+        return probe_active(queue, qid)
+    return qid in locked
+
+
+def items(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[Item]:
+    """The rows as Items with a summary Envelope (pending recipients only): the table view."""
+    for row in rows(queue, max_message, selector):
+        rcpts = [Recipient(a, state=RCPT_DEFERRED if r else PENDING, reason=r)
+                 for a, r in row.pending]
+        env = Envelope(row.id, row.sender, rcpts, arrival=row.arrival, size=row.size)
+        yield Item(row.state, env, row.active)
 
 
 _DATES: dict[int, str] = {}
 
 
 def _asctime(t: int) -> str:
-    """asctime(localtime(t)) without the year; cached, since a backlog shares its seconds."""
-    s = _DATES.get(t)
+    """asctime(localtime(t)) without the year. Cached per minute (one localtime call per
+    minute of arrivals, not per entry) when the zone's offset is whole minutes, as today's."""
+    minute = t - t % 60
+    s = _DATES.get(minute)
     if s is None:
         if len(_DATES) > 4096:
             _DATES.clear()
-        s = _DATES[t] = time.asctime(time.localtime(t))[:19]
-    return s
+        tm = time.localtime(minute)
+        if tm.tm_sec:  # an offset with seconds (historical zones): per second, uncached
+            return time.asctime(time.localtime(t))[:19]
+        s = _DATES[minute] = time.asctime(tm)[:17]
+    return s + "%02d" % (t - minute)
 
 
-def format_item(item: Item) -> str:
+def format_row(row: Row) -> str:
     """One entry in the long-id layout: id+markers, size, date, sender, reasons, recipients."""
-    env = item.envelope
-    marker = "!" if item.state == HOLD else ("*" if item.active else "")
-    when = _asctime(int(env.arrival))
-    sender = printable(env.sender) if env.sender else "MAILER-DAEMON"
-    lines = ["%-17s %8d %19.19s %s\n" % (env.id + marker, env.size, when, sender)]
+    marker = "!" if row.state == HOLD else ("*" if row.active else "")
+    sender = printable(row.sender) if row.sender else "MAILER-DAEMON"
+    lines = ["%-17s %8d %19.19s %s\n" % (row.id + marker, row.size, _asctime(int(row.arrival)),
+                                        sender)]
     previous = ""
-    for r in env.recipients:
-        if r.done:
-            continue
-        reason = printable(r.reason)
+    for address, reason in row.pending:
+        reason = printable(reason)
         if reason != previous:
             text = reason or "reason unavailable"
             lines.append("%*s(%s)\n" % (max(0, 76 - len(text)), "", text))
             previous = reason
-        lines.append("%47s%s\n" % ("", printable(r.address)))
+        lines.append("%47s%s\n" % ("", printable(address)))
     return "".join(lines)
 
 
 def listing(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[str]:
     """The complete mailq text, piece by piece (streams: 100,000 entries need no list)."""
     count = size = 0
-    for item in items(queue, max_message, selector):
-        yield (HEADING if count == 0 else "\n") + format_item(item)
+    for row in rows(queue, max_message, selector):
+        yield (HEADING if count == 0 else "\n") + format_row(row)
         count += 1
-        size += item.envelope.size
+        size += row.size
     if count == 0:
         yield EMPTY
     else:
@@ -306,29 +341,26 @@ def json_quote(s: str) -> str:
     return "".join(out)
 
 
-def json_item(item: Item) -> str:
+def json_row(row: Row) -> str:
     """One postqueue -j line: Postfix's keys, order, separators and types."""
-    env = item.envelope
     rcpts = []
-    for r in env.recipients:
-        if r.done:
-            continue
-        if r.reason:
+    for address, reason in row.pending:
+        if reason:
             rcpts.append('{"address": "%s", "delay_reason": "%s"}'
-                         % (json_quote(r.address), json_quote(r.reason)))
+                         % (json_quote(address), json_quote(reason)))
         else:
-            rcpts.append('{"address": "%s"}' % json_quote(r.address))
+            rcpts.append('{"address": "%s"}' % json_quote(address))
     return ('{"queue_name": "%s", "queue_id": "%s", "arrival_time": %d, "message_size": %d, '
             '"forced_expire": false, "sender": "%s", "recipients": [%s]}\n'
-            % (item.queue_name, json_quote(env.id), int(env.arrival), env.size,
-               json_quote(env.sender or "MAILER-DAEMON"), ", ".join(rcpts)))
+            % (row.queue_name, json_quote(row.id), int(row.arrival), row.size,
+               json_quote(row.sender or "MAILER-DAEMON"), ", ".join(rcpts)))
 
 
 def json_lines(queue: Queue, max_message: int,
                selector: Selector | None = None) -> Iterator[str]:
     """postqueue -j: one object per line; an empty queue prints nothing."""
-    for item in items(queue, max_message, selector):
-        yield json_item(item)
+    for row in rows(queue, max_message, selector):
+        yield json_row(row)
 
 
 def find_item(queue: Queue, qid: str, max_message: int) -> Item | None:

@@ -1,0 +1,428 @@
+"""The queue's summary index: what mailq shows of each entry, without opening 100,000 files.
+
+``queue_directory/summaries`` is an append-only cache. Every envelope write appends one line
+(``Queue.write_envelope``, before the rename that publishes the envelope)::
+
+    INODE :ID ARRIVAL SIZE :SENDER N  STATE :ADDRESS :REASON  ... (N recipients)
+
+keyed by the inode of the envelope file it describes. Envelope files are never changed in
+place (rewrites are new files renamed over the old; hold and release are renames, which keep
+the inode), so "the newest line for this inode" describes the file exactly. A reader lists
+the state directories (names and inodes only: one getdents per few hundred entries), walks
+the index from its end, takes the first line whose (inode, id) is listed, and reads the file
+itself for any entry that has no line. The index is never the authority: the runner and
+postsuper never read it, and a missing, foreign or stale index only costs speed.
+
+Trust rules: the first line names the boot, file system and queue directory it was written
+for (``pymailtools-summaries 1 BOOT_ID DEV INO``); a crash (lines not on disk) or a restored or
+copied queue (new inodes) makes it distrusted until ``rebuild`` writes a new one. A failed
+append deletes the index, so a line can never be missing while an older one for a reused
+inode survives. Appenders hold a shared flock; ``rebuild`` holds the exclusive one.
+Cheap to import (sendmail's hot path): os and fcntl only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from pymailtools.envelope import Envelope, quote, unquote
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from array import array
+    from collections.abc import Iterator
+
+NAME = "summaries"
+MAGIC = "pymailtools-summaries 1"
+STATES = ("incoming", "deferred", "hold")  # the entry states, in their index code order
+_CHUNK = 1 << 18
+_INO_BITS = 38  # key = 38 bits of inode, 24 bits of the id's hash, 2 bits of state: < 2**64
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def path(root: str) -> str:
+    return root + "/" + NAME
+
+
+def record(env: Envelope, ino: int) -> bytes:
+    """The index line for ``env`` stored in the file with inode ``ino``."""
+    parts = [str(ino), quote(env.id), repr(float(env.arrival)), str(int(env.size)),
+             quote(env.sender), str(len(env.recipients))]
+    for r in env.recipients:
+        parts += (r.state, quote(r.address), quote(r.reason))
+    return (" ".join(parts) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read(64).strip().decode("ascii", "replace") or "-"
+    except OSError:
+        return "-"  # never matches: without a boot id a crash cannot be told apart
+
+
+def header(root: str) -> bytes:
+    st = os.stat(root)
+    return f"{MAGIC} {_boot_id()} {st.st_dev} {st.st_ino}\n".encode()
+
+
+def append(root: str, env: Envelope, ino: int) -> None:
+    """Add the line for an envelope file about to be published. Never raises: on any
+    failure the index is removed, since a lost line could leave an older one looking current."""
+    try:
+        _append(root, record(env, ino))
+    except (OSError, UnicodeError):
+        try:
+            os.unlink(path(root))
+        except OSError:
+            pass
+
+
+def _append(root: str, line: bytes) -> None:
+    p = path(root)
+    for _ in range(8):
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+            try:
+                current = os.stat(p).st_ino
+            except FileNotFoundError:
+                current = -1
+            if st.st_ino != current:
+                continue  # rebuilt or removed while we waited: append to the current one
+            data = header(root) + line if st.st_size == 0 else line
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            return
+        finally:
+            os.close(fd)
+    raise OSError(errno.EAGAIN, "index keeps changing")
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def key(ino: int, qid: str) -> int:
+    """One integer for (inode, id); the id's hash catches an inode reused under another id."""
+    return ((ino & ((1 << _INO_BITS) - 1)) << 24) | (hash(qid) & 0xFFFFFF)
+
+
+class Live:
+    """The entries in the state directories right now, as sorted keys: ~9 bytes per entry,
+    so memory stays nearly flat however long the queue is."""
+
+    def __init__(self, root: str, states: tuple[str, ...] = STATES) -> None:
+        from array import array
+        from bisect import bisect_left
+
+        keys: list[int] = []
+        self.counts = dict.fromkeys(STATES, 0)
+        for code, state in enumerate(STATES):
+            if state not in states:
+                continue
+            try:
+                it = os.scandir(root + "/" + state)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            mask = (1 << _INO_BITS) - 1
+            before = len(keys)
+            with it:
+                for e in it:
+                    name = e.name
+                    if len(name) <= 32 and name.isascii() and name.isalnum():
+                        # key(), inlined: once per entry
+                        keys.append((((e.inode() & mask) << 24) | (hash(name) & 0xFFFFFF)) << 2
+                                    | code)
+            self.counts[state] = len(keys) - before
+        keys.sort()
+        self.keys: array[int] = array("Q", keys)
+        self.used = bytearray(len(keys))
+        self._bisect = bisect_left
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _find(self, k: int) -> int:
+        """The index of key ``k`` in keys, or -1."""
+        keys = self.keys
+        i = self._bisect(keys, k << 2)
+        return i if i < len(keys) and keys[i] >> 2 == k else -1
+
+    def claim(self, k: int) -> str | None:
+        """The state of the unclaimed live entry with key ``k`` (then claimed), else None."""
+        i = self._find(k)
+        if i < 0 or self.used[i]:
+            return None
+        self.used[i] = 1
+        return STATES[self.keys[i] & 3]
+
+    def unclaim(self, k: int) -> None:
+        i = self._find(k)
+        if i >= 0:
+            self.used[i] = 0
+
+    def claimed(self, ino: int, qid: str) -> bool:
+        i = self._find(key(ino, qid))
+        return i >= 0 and bool(self.used[i])
+
+
+def trusted(root: str, fd: int) -> int:
+    """The offset of the first line after a header written for this boot and queue, or 0
+    when the index cannot be trusted."""
+    first = os.pread(fd, 512, 0).partition(b"\n")
+    if not first[1]:
+        return 0
+    try:
+        want = header(root)
+    except OSError:
+        return 0
+    return len(first[0]) + 1 if first[0] + b"\n" == want else 0
+
+
+def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """Complete lines between ``start`` and ``end``, last first; a final fragment without its
+    newline (an append in progress, or torn) is skipped."""
+    pos, tail, skipping = end, b"", True
+    while pos > start:
+        n = min(_CHUNK, pos - start)
+        pos -= n
+        block = os.pread(fd, n, pos)
+        if skipping:
+            i = block.rfind(b"\n")
+            if i < 0:
+                continue  # still inside the final fragment
+            skipping = False
+            lines = block[:i].split(b"\n")
+        else:
+            lines = (block + tail).split(b"\n")
+        tail = lines[0]
+        yield from reversed(lines[1:])
+    if tail and not skipping:
+        yield tail
+
+
+def parse(text: str) -> tuple[int, str, list[str]] | None:
+    """(inode, id, fields) of a well-formed line, else None."""
+    t = text.split(" ")
+    if len(t) < 9 or not t[0].isdigit() or t[1][:1] != ":":
+        return None
+    qid = t[1][1:]
+    if not (len(qid) <= 32 and qid.isascii() and qid.isalnum()):
+        return None
+    n = t[5]
+    if not n.isdigit() or len(t) != 6 + 3 * int(n):
+        return None
+    return int(t[0]), qid, t
+
+
+_REASONS: dict[str, str] = {}  # a backlog shares a few reasons: unquote each once
+_DONE = ("sent", "bounced")
+_WAITING = ("pending", "deferred")
+
+
+def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, str,
+                                                              list[tuple[str, str]]]]:
+    """(id, size, arrival, sender, [(address, reason) of each recipient not done]) of each
+    live entry in ``state`` the index describes, newest line first; each is claimed in
+    ``live``. Yields nothing when there is no trusted index."""
+    from pymailtools.envelope import CorruptEnvelope
+
+    try:
+        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return
+    reasons = _REASONS
+    keys, used, bisect = live.keys, live.used, live._bisect
+    nkeys, mask, code = len(keys), (1 << _INO_BITS) - 1, STATES.index(state)
+    try:
+        start = trusted(root, fd)
+        if not start:
+            return
+        for line in _reverse_lines(fd, start, os.fstat(fd).st_size):
+            p = parse(line.decode("utf-8", "surrogateescape"))
+            if p is None:
+                continue
+            ino, qid, t = p
+            k = ((ino & mask) << 24) | (hash(qid) & 0xFFFFFF)  # key(), inlined: 100,000 times
+            i = bisect(keys, k << 2)
+            if i >= nkeys or keys[i] >> 2 != k or used[i] or keys[i] & 3 != code:
+                continue
+            used[i] = 1
+            try:
+                pending = []
+                for i in range(6, len(t), 3):
+                    if t[i] in _WAITING:
+                        q = t[i + 2]
+                        reason = reasons.get(q)
+                        if reason is None:
+                            if len(reasons) > 1024:
+                                reasons.clear()
+                            reason = reasons[q] = unquote(q)
+                        pending.append((unquote(t[i + 1]), reason))
+                    elif t[i] not in _DONE:
+                        raise CorruptEnvelope("bad recipient state")
+                row = (qid, int(t[3]), float(t[2]), unquote(t[4]), pending)
+            except ValueError:  # CorruptEnvelope too
+                live.unclaim(k)
+                continue
+            yield row
+    finally:
+        os.close(fd)
+
+
+def unindexed(root: str, live: Live, states: tuple[str, ...] = STATES
+              ) -> Iterator[tuple[str, str, int]]:
+    """(state, id, dir fd) of the live entries in ``states`` that no index line described (to
+    be read directly); the directory fd is valid until the next item."""
+    if live.used.count(0) == 0:
+        return  # the common case: the index described every entry
+    for state in STATES:
+        if state not in states or not live.counts[state]:
+            continue
+        try:
+            dfd = os.open(root + "/" + state, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    name = e.name
+                    if (len(name) <= 32 and name.isascii() and name.isalnum()
+                            and not live.claimed(e.inode(), name)):
+                        yield state, name, dfd
+        finally:
+            os.close(dfd)
+
+
+# -- rebuilding ---------------------------------------------------------------------------
+
+def rebuild(root: str) -> int:
+    """Write a fresh index of the live entries (the newest line of each, the others read from
+    their envelopes) and swap it in. Appenders wait only for the swap: the lines they add
+    while the new index is being built are copied over under the exclusive lock.
+    Returns the number of lines written before that tail."""
+    from pymailtools.envelope import CorruptEnvelope
+
+    p = path(root)
+    try:
+        old = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        old = -1
+    tmp = f"{root}/tmp/{NAME}.{os.getpid()}"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        live = Live(root)
+        buf, count, end = [header(root)], 0, 0
+        if old >= 0:
+            start, end = trusted(root, old), _line_end(old, os.fstat(old).st_size)
+            if start:
+                for line in _reverse_lines(old, start, end):
+                    q = parse(line.decode("utf-8", "surrogateescape"))
+                    if q is not None and live.claim(key(q[0], q[1])) is not None:
+                        buf.append(line + b"\n")
+                        count += 1
+                        if len(buf) >= 4096:
+                            _write(out, buf)
+        for _state, qid, dfd in unindexed(root, live):
+            try:
+                fd = os.open(qid, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
+                             dir_fd=dfd)
+            except OSError:
+                continue
+            try:
+                ino = os.fstat(fd).st_ino
+                env = Envelope.from_bytes(_read_all(fd))
+            except (CorruptEnvelope, OSError, UnicodeError):
+                continue
+            finally:
+                os.close(fd)
+            if env.id == qid:
+                buf.append(record(env, ino))
+                count += 1
+                if len(buf) >= 4096:
+                    _write(out, buf)
+        _write(out, buf)
+        _swap(root, old, end, out, tmp)
+    finally:
+        os.close(out)
+        if old >= 0:
+            os.close(old)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def _line_end(fd: int, size: int) -> int:
+    """The offset just after the last newline before ``size`` (a line being appended is not
+    complete: it belongs to the tail)."""
+    pos = size
+    while pos > 0:
+        n = min(_CHUNK, pos)
+        i = os.pread(fd, n, pos - n).rfind(b"\n")
+        if i >= 0:
+            return pos - n + i + 1
+        pos -= n
+    return 0
+
+
+def _swap(root: str, old: int, end: int, out: int, tmp: str) -> None:
+    """Under the exclusive lock: copy what was appended to the old index since ``end``, then
+    rename the new one over it. If another process rebuilt meanwhile, keep theirs."""
+    p = path(root)
+    lock = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = os.fstat(lock)
+        if old >= 0 and os.fstat(old).st_ino != st.st_ino:
+            return
+        if old >= 0:
+            pos = end
+        else:  # created meanwhile by an appender: its lines (after its header) are the tail
+            first = os.pread(lock, 512, 0)
+            pos = first.find(b"\n") + 1 if st.st_size else 0
+        while chunk := os.pread(lock, _CHUNK, pos):
+            _write(out, [chunk])
+            pos += len(chunk)
+        os.rename(tmp, p)
+    finally:
+        os.close(lock)
+
+
+def _write(fd: int, buf: list[bytes]) -> None:
+    data = memoryview(b"".join(buf))
+    buf.clear()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def maybe_rebuild(root: str, live_count: int | None = None) -> bool:
+    """Rebuild when the index has grown well past its live lines (every retry appends one)
+    or is not trusted; cheap when it has not: one stat."""
+    try:
+        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size, ok = os.fstat(fd).st_size, trusted(root, fd) > 0
+    finally:
+        os.close(fd)
+    if ok and size < (4 << 20):
+        return False
+    if live_count is None:
+        live_count = len(Live(root))
+    if ok and size < 3 * 256 * max(live_count, 1):
+        return False
+    rebuild(root)
+    return True
