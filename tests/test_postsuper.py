@@ -254,3 +254,98 @@ def test_delete_all_while_a_runner_delivers(sendmail: Sendmail, queue: Queue,
     assert text.count("\nbody ") + text.startswith("body ") == len(delivered)  # whole
     assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
     assert not os.listdir(queue.root + "/messages")
+
+
+def _settled(queue: Queue, timeout: float = 120) -> None:
+    """Wait for postsuper's background settling: trash/ empty."""
+    trash = Path(queue.root, "trash")
+    deadline = time.time() + timeout
+    while trash.exists() and any(trash.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (trash.exists() and any(trash.iterdir())), "trash/ never settled"
+
+
+def test_bulk_delete_all_while_a_runner_delivers(sendmail: Sendmail, queue: Queue,
+                                                 system_user: pwd.struct_passwd,
+                                                 spool: Path) -> None:
+    """The same race with the directory swap (no -v): counted deletions plus deliveries make
+    exactly the messages queued, none twice, and the space is reclaimed in the background."""
+    n = 1000
+    body = "Subject: m{0}\nMessage-Id: <m{0}@x.test>\n\nbody {0}\n"
+    for i in range(n):
+        sub = queue.submission()
+        sub.write(body.format(i).encode())
+        sub.commit(Envelope("", "s@x.test", [Recipient(system_user.pw_name)],
+                            arrival=time.time()))
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(sendmail.config_file))
+    runner = subprocess.Popen([script("sendmail"), "-q"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    mbox = spool / system_user.pw_name
+    deadline = time.time() + 60
+    while not (mbox.exists() and mbox.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    p = postsuper("-d", "ALL")
+    runner.wait(timeout=300)
+    assert runner.returncode == 0, runner.stderr
+    assert p.returncode in (0, 75), p.stderr
+    _settled(queue)
+    # entries skipped as busy were put back: one more run delivers them
+    subprocess.run([script("sendmail"), "-q"], env=env, check=True, timeout=300)
+    deleted = int(p.stderr.rsplit("postsuper: Deleted: ", 1)[1].split()[0])
+    text = mbox.read_text()
+    subjects = [line for line in text.splitlines() if line.startswith("Subject: m")]
+    assert len(subjects) == len(set(subjects)), "a message was delivered twice"
+    assert 0 < deleted < n, "the two did not overlap; the test proves nothing"
+    assert deleted + len(subjects) == n, "deleted and delivered, or lost"
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/messages")
+
+
+@pytest.mark.parametrize(("crash_at", "survivors"), [("bulk_swapped", 3), ("bulk_committed", 0)])
+def test_bulk_delete_interrupted_is_settled_by_purge(queue: Queue, crash_at: str,
+                                                     survivors: int) -> None:
+    """Killed right after the swap, nothing is deleted yet: -p puts all back. Killed after
+    the commit record, the deletion stands: -p finishes it."""
+    three(queue)
+    p = subprocess.run([script("postsuper"), "-d", "ALL"], capture_output=True, timeout=60,
+                       env=dict(os.environ, PYMAILTOOLS_TEST_CRASH_AT=crash_at))
+    assert p.returncode == -9
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}  # swapped away
+    assert postsuper("-p").returncode == 0
+    assert len(states(queue)["deferred"]) == survivors
+    assert len(os.listdir(queue.root + "/messages")) == survivors
+    assert not os.listdir(queue.root + "/trash")
+
+
+def test_bulk_hold_keeps_schedule_and_bulk_delete_reclaims(queue: Queue) -> None:
+    ids = three(queue)
+    due = {q: os.stat(queue.path("deferred", q)).st_mtime for q in ids}
+    p = postsuper("-h", "ALL")
+    assert p.returncode == 0 and p.stderr.endswith("Placed on hold: 3 messages\n")
+    assert states(queue)["hold"] == sorted(ids) and not states(queue)["deferred"]
+    assert {q: os.stat(queue.path(HOLD, q)).st_mtime for q in ids} == due
+    p = postsuper("-d", "ALL")
+    assert p.returncode == 0 and p.stderr.endswith("Deleted: 3 messages\n")
+    _settled(queue)
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/messages")
+
+
+def test_without_renameat2_entries_are_done_one_by_one(queue: Queue,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    from pymailtools import bulk
+    from pymailtools.cli import postsuper as cli
+
+    def unsupported(a: str, b: str) -> None:
+        raise bulk.Unsupported(38, "no renameat2")
+
+    monkeypatch.setattr(bulk, "exchange", unsupported)
+    three(queue)
+    assert cli.main(["-h", "ALL"]) == 0
+    assert len(states(queue)["hold"]) == 3
+    assert cli.main(["-d", "ALL"]) == 0
+    assert "Deleted: 3 messages" in capsys.readouterr().err
+    assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/messages")  # synchronous: nothing left behind

@@ -243,7 +243,10 @@ class Queue:
 
     def save(self, env: Envelope, src: str, dst: str) -> None:
         """Record a new state for an entry: move it (atomic), then rewrite it (atomic)."""
-        self.move(env.id, src, dst)
+        try:
+            self.move(env.id, src, dst)
+        except FileNotFoundError:
+            pass  # a bulk postsuper swapped the directory away; the lock holder's state counts
         nt = env.next_try if dst == DEFERRED else None
         self.write_envelope(env, dst, mtime=nt)
 

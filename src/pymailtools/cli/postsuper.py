@@ -17,6 +17,11 @@ from pymailtools.errors import (
 )
 from pymailtools.select import QUEUE_NAMES, Options
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.bulk import Outcome
+    from pymailtools.queue import Queue
+
 PROG = "postsuper"
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
          "[-H queue_id (un-hold)] [-p (purge temporary files)] [-r queue_id (requeue)] "
@@ -145,8 +150,9 @@ def check_permission(root: str) -> None:
 
 
 def run(req: Request) -> int:
+    from pymailtools import bulk
     from pymailtools import config as configmod
-    from pymailtools.admin import DEFAULT_QUEUES, OPERATIONS, Admin, summary
+    from pymailtools.admin import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
     from pymailtools.queue import Queue
 
     cfg = configmod.load(req.config)
@@ -156,6 +162,8 @@ def run(req: Request) -> int:
     if "maildrop" in req.queues and req.ops:
         warn("maildrop files are taken over by the queue runner; postsuper leaves them alone")
     if req.purge:
+        if os.path.isdir(queue.root):
+            bulk.settle(queue)  # what an interrupted bulk operation left in trash/
         for path in Admin(queue).purge():
             if req.verbose:
                 info(f"{path}: removed")
@@ -168,6 +176,8 @@ def run(req: Request) -> int:
     bad = 0
     busy: list[str] = []
     counts: dict[str, int] = {}
+    bulk_done: list[str] = []  # held entries a swap skipped, for the settling process
+    lock = bulk.admin_lock(queue) if os.path.isdir(queue.root) else -1
     for op in OPERATIONS:
         args = req.ops.get(op)
         if args is None:
@@ -175,7 +185,14 @@ def run(req: Request) -> int:
         queues = [q for q in (req.queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
         counts[op] = 0
         mass = any(a == "ALL" or a is SELECTED for a in args)
-        if mass:
+        if mass and "ALL" in args and selector.empty and not req.verbose and lock >= 0:
+            outcome, queues = _bulk(op, queue, queues)
+            if outcome is not None:
+                counts[op] += outcome.count
+                busy += outcome.skipped
+                bulk_done += outcome.skipped if op == HOLD_OP else []
+                bulk_done.append("")  # something to settle
+        if mass and queues:
             admin = Admin(queue, on_done=_reporter(req.verbose > 0), on_busy=busy.append)
             counts[op] += admin.apply(op, admin.scan(op, queues), queues, selector).count
         admin = Admin(queue, on_done=_reporter(True), on_busy=busy.append)
@@ -187,6 +204,10 @@ def run(req: Request) -> int:
             stream = admin.named(_stdin_ids(errors), queues)
             counts[op] += admin.apply(op, stream, queues, selector).count
             bad += len(errors)
+    if lock >= 0:
+        os.close(lock)
+    if bulk_done:
+        bulk.settle_in_background(queue, [q for q in bulk_done if q])
     for qid in dict.fromkeys(busy):
         warn(f"{qid}: skipped: the message is being delivered (locked by a queue runner); "
              "try again")
@@ -196,6 +217,29 @@ def run(req: Request) -> int:
     if bad:
         return EX_DATAERR
     return EX_TEMPFAIL if busy else EX_OK
+
+
+def _bulk(op: str, queue: Queue, queues: list[str]) -> tuple[Outcome | None, list[str]]:
+    """-d ALL / -h ALL on whole directories (bulk.py): (outcome or None, the queues still to
+    do entry by entry). Only where "active" needs no entry-by-entry look: with both of its
+    directories."""
+    from pymailtools import bulk
+    from pymailtools.admin import DELETE, HOLD_OP
+
+    names = set(queues)
+    if "active" in names and not {"incoming", "deferred"} <= names:
+        return None, queues
+    try:
+        if op == DELETE:
+            return bulk.delete_all(queue, [s for s in ("hold", "incoming", "deferred")
+                                           if s in names]), []
+        if op == HOLD_OP and "deferred" in names:
+            outcome = bulk.hold_all(queue)
+            if outcome is not None:
+                return outcome, [q for q in queues if q == "incoming"]
+    except bulk.Unsupported:
+        pass
+    return None, queues
 
 
 def _reporter(each: bool):  # type: ignore[no-untyped-def]
