@@ -362,19 +362,28 @@ def json_quote(s: str) -> str:
     return "".join(out)
 
 
+_JSON_REASONS: dict[str, str] = {}
+
+
 def json_row(row: Row) -> str:
     """One postqueue -j line: Postfix's keys, order, separators and types."""
+    state, active, qid, size, arrival, sender, pending = row
     rcpts = []
-    for address, reason in row.pending:
+    for address, reason in pending:
         if reason:
+            quoted = _JSON_REASONS.get(reason)
+            if quoted is None:
+                if len(_JSON_REASONS) > 1024:
+                    _JSON_REASONS.clear()
+                quoted = _JSON_REASONS[reason] = json_quote(reason)
             rcpts.append('{"address": "%s", "delay_reason": "%s"}'
-                         % (json_quote(address), json_quote(reason)))
+                         % (json_quote(address), quoted))
         else:
             rcpts.append('{"address": "%s"}' % json_quote(address))
     return ('{"queue_name": "%s", "queue_id": "%s", "arrival_time": %d, "message_size": %d, '
             '"forced_expire": false, "sender": "%s", "recipients": [%s]}\n'
-            % (row.queue_name, json_quote(row.id), int(row.arrival), row.size,
-               json_quote(row.sender or "MAILER-DAEMON"), ", ".join(rcpts)))
+            % ("active" if active else state, qid, int(arrival), size,
+               json_quote(sender or "MAILER-DAEMON"), ", ".join(rcpts)))
 
 
 def json_lines(queue: Queue, max_message: int,
