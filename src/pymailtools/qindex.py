@@ -223,6 +223,14 @@ _DONE = ("sent", "bounced")
 _WAITING = ("pending", "deferred")
 
 
+def _reason(quoted: str) -> str:
+    """Unquote a reason and remember it (an empty reason is cheap and not remembered)."""
+    if len(_REASONS) > 1024:
+        _REASONS.clear()
+    reason = _REASONS[quoted] = unquote(quoted)
+    return reason
+
+
 def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, str,
                                                               list[tuple[str, str]]]]:
     """(id, size, arrival, sender, [(address, reason) of each recipient not done]) of each
@@ -256,16 +264,15 @@ def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, s
                 continue
             used[i] = 1
             try:
+                if len(t) == 9 and t[6] in _WAITING:  # one recipient waiting: most entries
+                    yield (qid, int(t[3]), float(t[2]), unquote(t[4]),
+                           [(unquote(t[7]), reasons.get(t[8]) or _reason(t[8]))])
+                    continue
                 pending = []
                 for i in range(6, len(t), 3):
                     if t[i] in _WAITING:
-                        q = t[i + 2]
-                        reason = reasons.get(q)
-                        if reason is None:
-                            if len(reasons) > 1024:
-                                reasons.clear()
-                            reason = reasons[q] = unquote(q)
-                        pending.append((unquote(t[i + 1]), reason))
+                        pending.append((unquote(t[i + 1]),
+                                        reasons.get(t[i + 2]) or _reason(t[i + 2])))
                     elif t[i] not in _DONE:
                         raise CorruptEnvelope("bad recipient state")
                 row = (qid, int(t[3]), float(t[2]), unquote(t[4]), pending)
