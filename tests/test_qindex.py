@@ -11,6 +11,7 @@ from pymailtools import qindex
 from pymailtools.envelope import BOUNCED, DEFERRED, PENDING, SENT, Envelope, Recipient
 from pymailtools.queue import HOLD, INCOMING, Queue
 from pymailtools.queueid import new_id
+from pymailtools.select import Selector
 from pymailtools.showq import json_lines, listing
 
 
@@ -41,17 +42,20 @@ def blocks(q: Queue) -> list[str]:
     return sorted(rest.split("\n\n")) if "Requests" in text or "Request." in text else [text]
 
 
-def without_index(q: Queue) -> tuple[list[str], list[str]]:
+def without_index(q: Queue) -> tuple[list[str], ...]:
     p = qindex.path(q.root)
     os.rename(p, p + ".aside")
     try:
-        return blocks(q), sorted(json_lines(q, 10**7))
+        return with_index(q)
     finally:
         os.rename(p + ".aside", p)
 
 
-def with_index(q: Queue) -> tuple[list[str], list[str]]:
-    return blocks(q), sorted(json_lines(q, 10**7))
+def with_index(q: Queue) -> tuple[list[str], ...]:
+    """The plain listings (pre-rendered text from the index) and selected ones (its fields)."""
+    chosen = Selector(recipients=["*@d1.test", "r0@*"], reasons=["*full*"])
+    return (blocks(q), sorted(json_lines(q, 10**7)), sorted(json_lines(q, 10**7, chosen)),
+            sorted(json_lines(q, 10**7, Selector(queues=["hold"]))))
 
 
 def corrupt_in_place(q: Queue, state: str, qid: str) -> None:

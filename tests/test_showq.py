@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pymailtools.envelope import BOUNCED, DEFERRED, SENT, Envelope, Recipient
+from pymailtools.qformat import json_quote
 from pymailtools.queue import HOLD, INCOMING, Queue
 from pymailtools.select import Selector
 from pymailtools.showq import (
@@ -18,7 +19,6 @@ from pymailtools.showq import (
     active_ids,
     items,
     json_lines,
-    json_quote,
     listing,
     summary,
 )

@@ -6,7 +6,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from pymailtools import pickup, qindex
@@ -20,6 +20,7 @@ from pymailtools.envelope import (
     Recipient,
     unquote,
 )
+from pymailtools.qformat import json_tail, mailq_tail
 from pymailtools.queue import DEFERRED, HOLD, INCOMING, MAILDROP, EntryBusy, EntryNotFound, Queue
 from pymailtools.select import Selector
 
@@ -38,13 +39,6 @@ class Item(NamedTuple):
     @property
     def queue_name(self) -> str:
         return "active" if self.active else self.state
-
-
-def printable(s: str) -> str:
-    """Unprintable characters as '?', like Postfix, so one field stays one line."""
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else "?" for c in s)
 
 
 def _is_id(name: str) -> bool:
@@ -223,6 +217,17 @@ def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> It
     """Maildrop entries first, then every entry of incoming, deferred and hold: those the
     summary index describes (no file opened), then the others, read from their envelopes.
     Entries a runner is delivering are marked active."""
+    yield from _walk(queue, max_message, selector, rendered=False)  # type: ignore[misc]
+
+
+# A pre-rendered entry from the index: state, active, id, size, arrival, mailq tail, JSON tail.
+Rendered = tuple[str, bool, str, int, float, str, str]
+
+
+def _walk(queue: Queue, max_message: int, selector: Selector | None,
+          rendered: bool) -> Iterator[Row | Rendered]:
+    """rows(); with ``rendered``, index entries come as Rendered tuples (the plain listings
+    with no selector: their text is in the index already)."""
     sel = selector or Selector()
     if sel.wants_state(MAILDROP):
         for item in _maildrop_items(queue, max_message):
@@ -234,14 +239,14 @@ def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> It
     locked = active_ids(queue)
     live = qindex.Live(queue.root, states)
     fields = sel.needs_envelope
-    new_row = tuple.__new__  # Row(...) through NamedTuple's __new__ costs a Python call
+    rendered = rendered and sel.empty and locked is not None
     for state in states:  # Postfix's scan order
         if not live.counts[state]:
             continue
-        if sel.empty and locked is not None:  # the plain listing: 100,000 rows, keep it lean
+        if rendered:  # 100,000 entries: keep this loop lean
             hold = state == HOLD
-            for r in qindex.rows(queue.root, live, state):
-                yield new_row(Row, (state, not hold and r[0] in locked, *r))
+            for qid, *rest in qindex.rendered(queue.root, live, state):
+                yield (state, not hold and qid in locked, qid, *rest)  # type: ignore[misc]
         else:
             for qid, size, arrival, sender, pending in qindex.rows(queue.root, live, state):
                 active = _active(queue, state, qid, locked)
@@ -294,103 +299,56 @@ def _asctime(t: int) -> str:
     return s + "%02d" % (t - minute)
 
 
-_PAD = " " * 47
-_REASON_LINES: dict[str, str] = {}  # a backlog shares a few reasons: format each once
-
-
-def _reason_line(reason: str) -> str:
-    line = _REASON_LINES.get(reason)
-    if line is None:
-        if len(_REASON_LINES) > 1024:
-            _REASON_LINES.clear()
-        text = printable(reason) or "reason unavailable"
-        line = _REASON_LINES[reason] = "%*s(%s)\n" % (max(0, 76 - len(text)), "", text)
-    return line
+def _mailq_text(state: str, active: bool, qid: str, size: int, arrival: float,
+                tail: str) -> str:
+    marker = "!" if state == HOLD else ("*" if active else "")
+    return "%-17s %8d %s" % (qid + marker, size, _asctime(int(arrival))) + tail
 
 
 def format_row(row: Row) -> str:
     """One entry in the long-id layout: id+markers, size, date, sender, reasons, recipients."""
-    state, active, qid, size, arrival, sender, pending = row
-    marker = "!" if state == HOLD else ("*" if active else "")
-    if not sender:
-        sender = "MAILER-DAEMON"
-    elif not sender.isprintable():
-        sender = printable(sender)
-    out = "%-17s %8d %s %s\n" % (qid + marker, size, _asctime(int(arrival)), sender)
-    previous = ""
-    for address, reason in pending:
-        if reason != previous:
-            out += _reason_line(reason)
-            previous = reason
-        out += _PAD + (address if address.isprintable() else printable(address)) + "\n"
-    return out
+    return _mailq_text(row.state, row.active, row.id, row.size, row.arrival,
+                       mailq_tail(row.sender, row.pending))
+
+
+def _texts(queue: Queue, max_message: int, selector: Selector | None,
+           render: Callable[[Row], str],
+           prerendered: Callable[[Rendered], str]) -> Iterator[tuple[int, str]]:
+    """(size, text) of each entry listed."""
+    for r in _walk(queue, max_message, selector, rendered=True):
+        if type(r) is tuple:
+            yield r[3], prerendered(r)  # type: ignore[arg-type]
+        else:
+            yield r[3], render(r)  # type: ignore[arg-type]
 
 
 def listing(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[str]:
     """The complete mailq text, piece by piece (streams: 100,000 entries need no list)."""
     count = size = 0
-    for row in rows(queue, max_message, selector):
-        yield (HEADING if count == 0 else "\n") + format_row(row)
+    for n, text in _texts(queue, max_message, selector, format_row,
+                          lambda r: _mailq_text(*r[:6])):
+        yield (HEADING if count == 0 else "\n") + text
         count += 1
-        size += row.size
+        size += n
     if count == 0:
         yield EMPTY
     else:
         yield "\n-- %d Kbytes in %d Request%s.\n" % (size // 1024, count, "" if count == 1 else "s")
 
 
-_JSON_SHORT = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-               "\\": "\\\\", '"': '\\"'}
-
-
-def json_quote(s: str) -> str:
-    """Postfix's json_quote: short escapes, other controls and DEL as \\u00XX (upper case),
-    UTF-8 kept; bytes that were not UTF-8 (surrogate escapes) become '?'."""
-    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
-        return s
-    out = []
-    for c in s:
-        o = ord(c)
-        if c in _JSON_SHORT:
-            out.append(_JSON_SHORT[c])
-        elif o < 0x20 or o == 0x7F:
-            out.append("\\u%04X" % o)
-        elif 0xD800 <= o <= 0xDFFF:
-            out.append("?")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-_JSON_REASONS: dict[str, str] = {}
-
-
 def json_row(row: Row) -> str:
     """One postqueue -j line: Postfix's keys, order, separators and types."""
-    state, active, qid, size, arrival, sender, pending = row
-    rcpts = []
-    for address, reason in pending:
-        if reason:
-            quoted = _JSON_REASONS.get(reason)
-            if quoted is None:
-                if len(_JSON_REASONS) > 1024:
-                    _JSON_REASONS.clear()
-                quoted = _JSON_REASONS[reason] = json_quote(reason)
-            rcpts.append('{"address": "%s", "delay_reason": "%s"}'
-                         % (json_quote(address), quoted))
-        else:
-            rcpts.append('{"address": "%s"}' % json_quote(address))
-    return ('{"queue_name": "%s", "queue_id": "%s", "arrival_time": %d, "message_size": %d, '
-            '"forced_expire": false, "sender": "%s", "recipients": [%s]}\n'
-            % ("active" if active else state, qid, int(arrival), size,
-               json_quote(sender or "MAILER-DAEMON"), ", ".join(rcpts)))
+    return ('{"queue_name": "%s", ' % row.queue_name
+            + json_tail(row.id, row.arrival, row.size, row.sender, row.pending) + "\n")
 
 
 def json_lines(queue: Queue, max_message: int,
                selector: Selector | None = None) -> Iterator[str]:
     """postqueue -j: one object per line; an empty queue prints nothing."""
-    for row in rows(queue, max_message, selector):
-        yield json_row(row)
+    for _, text in _texts(queue, max_message, selector, json_row,
+                          lambda r: '{"queue_name": "%s", ' % ("active" if r[1] else r[0])
+                          + r[6] + "\n"):
+        yield text
 
 
 def find_item(queue: Queue, qid: str, max_message: int) -> Item | None:

@@ -79,7 +79,7 @@ def _table(entries: Iterable[Item]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from pymailtools.showq import printable
+    from pymailtools.qformat import printable
 
     console = Console(highlight=False)
     now = time.time()
@@ -158,7 +158,7 @@ def _when(t: float) -> str:
 
 
 def _explain_text(item: Item, history: list) -> str:
-    from pymailtools.showq import printable
+    from pymailtools.qformat import printable
 
     env = item.envelope
     out = [f"{env.id}: {item.queue_name}, {env.size} bytes, arrived {_when(env.arrival)}, "

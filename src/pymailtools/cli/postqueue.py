@@ -142,14 +142,14 @@ def run(req: Request) -> int:
 
 def _check_id(qid: str) -> None:
     from pymailtools import queueid
-    from pymailtools.showq import printable
+    from pymailtools.qformat import printable
 
     if not queueid.is_valid(qid):
         raise UsageError(f'Cannot flush queue ID - invalid name: "{printable(qid)}"')
 
 
 def _check_site(site: str) -> None:
-    from pymailtools.showq import printable
+    from pymailtools.qformat import printable
 
     ok = bool(site) and len(site) <= 255 and all(
         c.isascii() and (c.isalnum() or c in ".-[]:") for c in site)

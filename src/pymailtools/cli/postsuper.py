@@ -124,7 +124,7 @@ def parse(argv: list[str]) -> Request:
 
 
 def _safe(s: str) -> str:
-    from pymailtools.showq import printable
+    from pymailtools.qformat import printable
 
     return printable(s)
 
