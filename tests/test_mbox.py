@@ -15,6 +15,7 @@ import resource
 import signal
 import stat
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -834,3 +835,27 @@ def test_mutt_reads_every_message(
             if not ln.startswith((b"Status:", b"Lines:", b"Content-Length:"))
         )
         assert unquote(kept) == stored(body, rcpt)
+
+
+def test_mailbox_being_created_by_another_delivery_is_waited_for(tmp_path: Path) -> None:
+    """Two runners deliver the first message of a new mailbox at once: the loser must not
+    defer because it looked between the winner's O_EXCL create and its fchown."""
+    need_root()
+    path = tmp_path / "box"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # root's, empty: mid-create
+
+    def finish() -> None:
+        time.sleep(0.02)
+        os.fchown(fd, 4242, 4242)
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        got = mbox._open(str(path), 4242, 4242, None, check_owner=True, create=True)
+        assert os.fstat(got).st_uid == 4242
+        os.close(got)
+    finally:
+        t.join()
+        os.close(fd)
+    with pytest.raises(DeliveryError, match="not owned by recipient"):  # and if it stays so
+        mbox._open(str(path), 4343, 4343, None, check_owner=True, create=True)

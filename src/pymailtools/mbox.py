@@ -121,7 +121,7 @@ def _open(
     path: str, uid: int, gid: int, mail_gid: int | None, *, check_owner: bool, create: bool
 ) -> int:
     """Open (or create) the mailbox for appending, refusing anything but our own regular file."""
-    for _ in range(REOPEN_ATTEMPTS):
+    for attempt in range(REOPEN_ATTEMPTS):
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -133,6 +133,12 @@ def _open(
             return fd
         except OSError as e:
             raise os_error(f"cannot open mailbox {path}", e) from None
+        if (check_owner and st.st_uid != uid and st.st_uid == os.geteuid() and not st.st_size
+                and attempt < REOPEN_ATTEMPTS - 1):
+            # Empty and ours: another delivery has just created it (O_EXCL) and its fchown to
+            # the recipient follows at once. Look again rather than defer the message.
+            time.sleep(0.005 * (attempt + 1))
+            continue
         # Checking before open() means a FIFO or device is never even opened.
         _refuse_unsafe(st, uid, check_owner)
         try:
