@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tests.conftest import need_tool, script, write_toml
@@ -65,6 +65,17 @@ class Listener:
         return self.proc.wait(TIMEOUT)
 
 
+    def workers(self, count: int | None = None) -> list[int]:
+        """The pids of its listener processes (with smtpd_workers above 1); with ``count``,
+        waits until that many run."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            pids = worker_pids(self.proc.pid)
+            if count is None or len(pids) == count or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.05)
+
+
 @contextmanager
 def listener(directory: Path, values: dict[str, object], extra_args: tuple[str, ...] = (),
              hosts: tuple[str, ...] = ("127.0.0.1",)) -> Iterator[Listener]:
@@ -72,9 +83,109 @@ def listener(directory: Path, values: dict[str, object], extra_args: tuple[str, 
     try:
         yield lst
     finally:
+        for pid in worker_pids(lst.proc.pid):  # a failed test may have left them stopped
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         if lst.proc.poll() is None:
             lst.proc.kill()
             lst.proc.wait(TIMEOUT)
+
+
+# --- the processes of a listener with several workers (Linux /proc) ----------------------------
+
+def _stat(pid: str) -> tuple[int, str]:
+    """(parent pid, state letter) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[1]), fields[0]
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Children of ``parent`` running its own program (forked workers, not helpers that a
+    queue run starts)."""
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return []
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ppid, state = _stat(name)
+            if ppid != parent or state == "Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if f.read() == cmdline:
+                    pids.append(int(name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return _stat(str(pid))[1] != "Z"
+    except OSError:
+        return False
+
+
+def owner(client: Client, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server side of ``client``'s TCP connection (IPv4)."""
+    ip, port = client.sock.getsockname()[:2]
+    peer = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[2] == peer:
+                inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+        except OSError:
+            continue
+    return None
+
+
+def _holds_posix_lock(pid: int) -> bool:
+    with open("/proc/locks") as f:
+        return any(line.split()[1:2] == ["POSIX"] and line.split()[4:5] == [str(pid)]
+                   for line in f)
+
+
+@contextmanager
+def only(pids: list[int], keep: int) -> Iterator[None]:
+    """Stop (SIGSTOP) every worker but ``keep``: a connection made meanwhile is accepted by
+    ``keep``, as the others cannot take it from the shared accept queue."""
+    others = [p for p in pids if p != keep]
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        for p in others:
+            os.kill(p, signal.SIGSTOP)
+        while any(_stat(str(p))[1] != "T" for p in others) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # One stopped inside its few microseconds holding the lock of the shared table of
+        # client connections would block ``keep`` too: let it finish and stop it again.
+        holders = {p for p in others if _holds_posix_lock(p)}
+        if not holders or time.monotonic() > deadline:
+            break
+        for p in holders:
+            os.kill(p, signal.SIGCONT)
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        for p in others:
+            with suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
 
 
 class Client:

@@ -183,6 +183,7 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtpd_tls_cert_file": (_optional_path, ""),
     "smtpd_tls_key_file": (_optional_path, ""),
     "smtpd_sasl_password_file": (_optional_path, ""),
+    "smtpd_workers": (_size, 0),  # 0: one listener process per CPU
 }
 
 
@@ -247,6 +248,7 @@ class Config:
     smtpd_tls_cert_file: str
     smtpd_tls_key_file: str
     smtpd_sasl_password_file: str
+    smtpd_workers: int
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         values = dict(values or {})

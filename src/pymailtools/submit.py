@@ -160,6 +160,8 @@ class _Input:
 def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = None) -> str:
     """Queue the message read from ``src``; return its queue id once it is durable.
 
+    ``queue``: one the caller has already set up (``Queue.ensure``), as the runner and the SMTP
+    listener do once at their start; without it, the queue of ``config``, created as needed.
     Raises UsageError (no recipients), AddressError, TooBigError, QueueWriteError.
     """
     if not opts.recipients and not opts.extract:
@@ -169,9 +171,10 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
     origin = config.myorigin
     sender = address.qualify(user, origin) if opts.sender is None else opts.sender
     recipients: list[str] = list(opts.recipients)
-    queue = queue or Queue(config.queue_directory)
-    if os.geteuid() == 0 or not os.path.isdir(queue.root):
-        queue.ensure()
+    if queue is None:
+        queue = Queue(config.queue_directory)
+        if os.geteuid() == 0 or not os.path.isdir(queue.root):
+            queue.ensure()
     sub = queue.submission()
     try:
         _copy_message(config, src, sub, opts, sender, gecos, recipients)
