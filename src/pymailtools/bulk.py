@@ -12,7 +12,8 @@ blocks costs ~0.2 ms on an ext4 mounted with ``discard`` (three files per entry)
    the deletion stands; before it, a crash restores everything.
 4. A detached process settles the rest entry by entry, each under the entry's lock: deleted
    entries lose their files, skipped ones go back (unless the runner delivered or re-queued
-   them). ``postsuper -p`` and the next bulk operation settle what a crash left.
+   them). ``postsuper -p`` and the next bulk operation settle what a crash left. (A hold
+   swap puts its skipped entries back at once, then re-checks each under its lock.)
 
 Falls back to entry-by-entry work (admin.py) where renameat2 is missing.
 """
@@ -139,7 +140,7 @@ def _count_deleted(queue: Queue, swapped: list[tuple[str, str, int]]) -> Outcome
     deferred = set(_ids(f"{root}/{DEFERRED}"))  # written back by a runner since the swap
     msgdir = os.open(f"{root}/messages", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for state, t, _ in swapped:
+        for _, t, _ in swapped:
             skipped = []
             for qid in _ids(t):
                 if _is_busy(queue, busy, qid) or qid in deferred:
@@ -150,9 +151,9 @@ def _count_deleted(queue: Queue, swapped: list[tuple[str, str, int]]) -> Outcome
                 except FileNotFoundError:
                     continue  # delivered just before the swap, or debris: not a deletion
                 out.count += 1
+            # Skipped entries go back in settle(), under their lock: put back now, one could
+            # meet the envelope its runner has just written elsewhere (incoming -> deferred).
             _commit(t, skipped)
-            for qid in skipped:  # back at once; settle() checks each under its lock
-                _put_back(f"{t}/{qid}", f"{root}/{state}/{qid}")
             out.skipped += skipped
     finally:
         os.close(msgdir)
@@ -272,20 +273,15 @@ def _settle_trash(queue: Queue, t: str, state: str) -> None:
             keep = None  # the operation never completed: everything goes back
         root = queue.root
         restored = False
-        # the skipped ids too: put back already, but not yet checked under their lock
-        for qid in sorted(set(_ids(t)) | (keep or set())):
-            if not _is_id(qid):
-                continue
+        for qid in list(_ids(t)):
             try:
                 fd = queue.lock(qid, blocking=True)
             except EntryNotFound:
                 _unlink(f"{t}/{qid}")  # the message is gone: delivered, or debris
-                if keep is not None and qid in keep:
-                    _unlink(f"{root}/{state}/{qid}")  # put back just as it was delivered
                 continue
             try:
                 if _live(root, qid):
-                    pass  # put back, or written back by a runner: that is the entry now
+                    pass  # written back by a runner: that is the entry now
                 elif keep is None or qid in keep:
                     try:
                         os.link(f"{t}/{qid}", f"{root}/{state}/{qid}")
