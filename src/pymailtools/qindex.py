@@ -191,9 +191,9 @@ def trusted(root: str, fd: int) -> int:
     return len(first[0]) + 1 if first[0] + b"\n" == want else 0
 
 
-def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
-    """Complete lines between ``start`` and ``end``, last first; a final fragment without its
-    newline (an append in progress, or torn) is skipped."""
+def _reverse_blocks(fd: int, start: int, end: int) -> Iterator[list[bytes]]:
+    """Complete lines between ``start`` and ``end``, last first, a block's worth at a time;
+    a final fragment without its newline (an append in progress, or torn) is skipped."""
     pos, tail, skipping = end, b"", True
     while pos > start:
         n = min(_CHUNK, pos - start)
@@ -208,9 +208,16 @@ def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
         else:
             lines = (block + tail).split(b"\n")
         tail = lines[0]
-        yield from reversed(lines[1:])
+        del lines[0]
+        lines.reverse()
+        yield lines
     if tail and not skipping:
-        yield tail
+        yield [tail]
+
+
+def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
+    for lines in _reverse_blocks(fd, start, end):
+        yield from lines
 
 
 def parse(text: str) -> tuple[int, str, list[str]] | None:
@@ -297,6 +304,8 @@ def rendered(root: str, live: Live, state: str) -> Iterator[tuple[str, int, floa
     """(id, size, arrival, mailq text after the date, postqueue -j object after queue_name) of
     each live entry in ``state`` the index describes, as rows() but without parsing the
     fields: the plain listings of 100,000 entries."""
+    import itertools
+
     try:
         fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
     except OSError:
@@ -307,7 +316,8 @@ def rendered(root: str, live: Live, state: str) -> Iterator[tuple[str, int, floa
         start = trusted(root, fd)
         if not start:
             return
-        for line in _reverse_lines(fd, start, os.fstat(fd).st_size):
+        for line in itertools.chain.from_iterable(
+                _reverse_blocks(fd, start, os.fstat(fd).st_size)):
             fields, _, tails = line.decode("utf-8", "surrogateescape").partition(_US)
             mailq, sep, json = tails.partition(_US)
             t = fields.split(" ", 4)

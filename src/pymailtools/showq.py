@@ -7,7 +7,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from pymailtools import pickup, qindex
 from pymailtools.envelope import DEFERRED as RCPT_DEFERRED
@@ -24,6 +24,7 @@ from pymailtools.qformat import json_tail, mailq_tail
 from pymailtools.queue import DEFERRED, HOLD, INCOMING, MAILDROP, EntryBusy, EntryNotFound, Queue
 from pymailtools.select import Selector
 
+T = TypeVar("T")
 HEADING = "%-17s %8s %-19s %s\n" % (
     "----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
 EMPTY = "Mail queue is empty\n"
@@ -217,42 +218,46 @@ def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> It
     """Maildrop entries first, then every entry of incoming, deferred and hold: those the
     summary index describes (no file opened), then the others, read from their envelopes.
     Entries a runner is delivering are marked active."""
-    yield from _walk(queue, max_message, selector, rendered=False)  # type: ignore[misc]
+    for _, row in _walk(queue, max_message, selector, _same, None):
+        yield row
 
 
-# A pre-rendered entry from the index: state, active, id, size, arrival, mailq tail, JSON tail.
-Rendered = tuple[str, bool, str, int, float, str, str]
+def _same(row: Row) -> Row:
+    return row
 
 
 def _walk(queue: Queue, max_message: int, selector: Selector | None,
-          rendered: bool) -> Iterator[Row | Rendered]:
-    """rows(); with ``rendered``, index entries come as Rendered tuples (the plain listings
-    with no selector: their text is in the index already)."""
+          render: Callable[[Row], T], fast: Callable[..., T] | None
+          ) -> Iterator[tuple[int, T]]:
+    """(size, render(row)) of each entry. With ``fast`` and no selector, entries the index
+    describes skip the Row: fast(state, active, id, size, arrival, mailq tail, JSON tail),
+    their text being in the index already (the plain listings of 100,000 entries)."""
     sel = selector or Selector()
     if sel.wants_state(MAILDROP):
         for item in _maildrop_items(queue, max_message):
             if sel.matches(item.envelope):
-                yield _row(MAILDROP, item.envelope, False)
+                yield item.envelope.size, render(_row(MAILDROP, item.envelope, False))
     states = tuple(s for s in (INCOMING, DEFERRED, HOLD) if sel.wants_state(s))
     if not states:
         return
     locked = active_ids(queue)
     live = qindex.Live(queue.root, states)
     fields = sel.needs_envelope
-    rendered = rendered and sel.empty and locked is not None
+    if not sel.empty or locked is None:
+        fast = None
     for state in states:  # Postfix's scan order
         if not live.counts[state]:
             continue
-        if rendered:  # 100,000 entries: keep this loop lean
+        if fast is not None and locked is not None:  # 100,000 entries: keep this loop lean
             hold = state == HOLD
-            for qid, *rest in qindex.rendered(queue.root, live, state):
-                yield (state, not hold and qid in locked, qid, *rest)  # type: ignore[misc]
+            for qid, size, arrival, mq, js in qindex.rendered(queue.root, live, state):
+                yield size, fast(state, not hold and qid in locked, qid, size, arrival, mq, js)
         else:
             for qid, size, arrival, sender, pending in qindex.rows(queue.root, live, state):
                 active = _active(queue, state, qid, locked)
                 if sel.matches_queue(state, active) and (
                         not fields or sel.matches_fields(arrival, sender, pending)):
-                    yield Row(state, active, qid, size, arrival, sender, pending)
+                    yield size, render(Row(state, active, qid, size, arrival, sender, pending))
         for _, qid, dfd in qindex.unindexed(queue.root, live, (state,)):
             try:
                 env = summary(_read(qid, dfd))
@@ -261,7 +266,7 @@ def _walk(queue: Queue, max_message: int, selector: Selector | None,
             if env.id == qid:
                 active = _active(queue, state, qid, locked)
                 if sel.matches_queue(state, active) and sel.matches(env):
-                    yield _row(state, env, active)
+                    yield env.size, render(_row(state, env, active))
 
 
 def _active(queue: Queue, state: str, qid: str, locked: set[str] | None) -> bool:
@@ -300,9 +305,14 @@ def _asctime(t: int) -> str:
 
 
 def _mailq_text(state: str, active: bool, qid: str, size: int, arrival: float,
-                tail: str) -> str:
+                tail: str, json: str = "") -> str:
     marker = "!" if state == HOLD else ("*" if active else "")
     return "%-17s %8d %s" % (qid + marker, size, _asctime(int(arrival))) + tail
+
+
+def _json_text(state: str, active: bool, qid: str, size: int, arrival: float, tail: str,
+               json: str) -> str:
+    return '{"queue_name": "%s", ' % ("active" if active else state) + json + "\n"
 
 
 def format_row(row: Row) -> str:
@@ -311,22 +321,10 @@ def format_row(row: Row) -> str:
                        mailq_tail(row.sender, row.pending))
 
 
-def _texts(queue: Queue, max_message: int, selector: Selector | None,
-           render: Callable[[Row], str],
-           prerendered: Callable[[Rendered], str]) -> Iterator[tuple[int, str]]:
-    """(size, text) of each entry listed."""
-    for r in _walk(queue, max_message, selector, rendered=True):
-        if type(r) is tuple:
-            yield r[3], prerendered(r)  # type: ignore[arg-type]
-        else:
-            yield r[3], render(r)  # type: ignore[arg-type]
-
-
 def listing(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[str]:
     """The complete mailq text, piece by piece (streams: 100,000 entries need no list)."""
     count = size = 0
-    for n, text in _texts(queue, max_message, selector, format_row,
-                          lambda r: _mailq_text(*r[:6])):
+    for n, text in _walk(queue, max_message, selector, format_row, _mailq_text):
         yield (HEADING if count == 0 else "\n") + text
         count += 1
         size += n
@@ -345,9 +343,7 @@ def json_row(row: Row) -> str:
 def json_lines(queue: Queue, max_message: int,
                selector: Selector | None = None) -> Iterator[str]:
     """postqueue -j: one object per line; an empty queue prints nothing."""
-    for _, text in _texts(queue, max_message, selector, json_row,
-                          lambda r: '{"queue_name": "%s", ' % ("active" if r[1] else r[0])
-                          + r[6] + "\n"):
+    for _, text in _walk(queue, max_message, selector, json_row, _json_text):
         yield text
 
 
