@@ -32,7 +32,6 @@ from pymailtools.qformat import json_tail, mailq_tail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from array import array
     from collections.abc import Iterator
 
 NAME = "summaries"
@@ -120,11 +119,10 @@ def key(ino: int, qid: str) -> int:
 
 
 class Live:
-    """The entries in the state directories right now, as sorted keys: 9 bytes per entry
-    kept (45 while they are sorted), so memory stays nearly flat however long the queue is."""
+    """The entries in the state directories right now, as sorted keys: about 45 bytes per
+    entry, so memory stays nearly flat however long the queue is."""
 
     def __init__(self, root: str, states: tuple[str, ...] = STATES) -> None:
-        from array import array
         from bisect import bisect_left
 
         keys: list[int] = []
@@ -147,7 +145,9 @@ class Live:
                                     | code)
             self.counts[state] = len(keys) - before
         keys.sort()
-        self.keys: array[int] = array("Q", keys)
+        # A list, not an array('Q'): bisect reads a list's items without making int objects,
+        # and the list had to exist anyway to be sorted (the peak is the same).
+        self.keys = keys
         self.used = bytearray(len(keys))
         self._bisect = bisect_left
 
