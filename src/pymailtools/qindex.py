@@ -40,6 +40,7 @@ _US, _RS = "\x1f", "\x1e"  # unit separator (between the parts), record separato
 STATES = ("incoming", "deferred", "hold")  # the entry states, in their index code order
 _CHUNK = 1 << 18
 _INO_BITS = 38  # key = 38 bits of inode, 24 bits of the id's hash, 2 bits of state: < 2**64
+_MASK = (1 << _INO_BITS) - 1
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -154,6 +155,16 @@ class Live:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def slot(self, ino: int, qid: str, code: int) -> int:
+        """The index of the unclaimed live entry (ino, qid) in the state numbered ``code``,
+        or -1 (also for an invalid id)."""
+        if not (len(qid) <= 32 and qid.isascii() and qid.isalnum()):
+            return -1
+        k = (((ino & _MASK) << 24) | (hash(qid) & 0xFFFFFF)) << 2 | code
+        keys = self.keys
+        i = self._bisect(keys, k)
+        return i if i < len(keys) and keys[i] == k and not self.used[i] else -1
+
     def _find(self, k: int) -> int:
         """The index of key ``k`` in keys, or -1."""
         keys = self.keys
@@ -167,11 +178,6 @@ class Live:
             return None
         self.used[i] = 1
         return STATES[self.keys[i] & 3]
-
-    def unclaim(self, k: int) -> None:
-        i = self._find(k)
-        if i >= 0:
-            self.used[i] = 0
 
     def claimed(self, ino: int, qid: str) -> bool:
         i = self._find(key(ino, qid))
@@ -259,24 +265,20 @@ def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, s
     except OSError:
         return
     reasons = _REASONS
-    keys, used, bisect = live.keys, live.used, live._bisect
-    nkeys, mask, code = len(keys), (1 << _INO_BITS) - 1, STATES.index(state)
+    used, slot, code = live.used, live.slot, STATES.index(state)
     try:
         start = trusted(root, fd)
         if not start:
             return
         for line in _reverse_lines(fd, start, os.fstat(fd).st_size):
-            # parse() and key(), inlined: this loop runs once per entry of a 100,000 queue
+            # parse(), inlined: this loop runs once per entry of a 100,000 queue
             t = line.decode("utf-8", "surrogateescape").partition(_US)[0].split(" ")
             if len(t) < 9 or not t[0].isdigit() or t[1][:1] != ":" or not t[5].isdigit() \
                     or len(t) != 6 + 3 * int(t[5]):
                 continue
             qid = t[1][1:]
-            if not (len(qid) <= 32 and qid.isascii() and qid.isalnum()):
-                continue
-            k = ((int(t[0]) & mask) << 24) | (hash(qid) & 0xFFFFFF)
-            i = bisect(keys, k << 2)
-            if i >= nkeys or keys[i] >> 2 != k or used[i] or keys[i] & 3 != code:
+            i = slot(int(t[0]), qid, code)
+            if i < 0:
                 continue
             used[i] = 1
             try:
@@ -285,15 +287,15 @@ def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, s
                            [(unquote(t[7]), reasons.get(t[8]) or _reason(t[8]))])
                     continue
                 pending = []
-                for i in range(6, len(t), 3):
-                    if t[i] in _WAITING:
-                        pending.append((unquote(t[i + 1]),
-                                        reasons.get(t[i + 2]) or _reason(t[i + 2])))
-                    elif t[i] not in _DONE:
+                for j in range(6, len(t), 3):
+                    if t[j] in _WAITING:
+                        pending.append((unquote(t[j + 1]),
+                                        reasons.get(t[j + 2]) or _reason(t[j + 2])))
+                    elif t[j] not in _DONE:
                         raise CorruptEnvelope("bad recipient state")
                 row = (qid, int(t[3]), float(t[2]), unquote(t[4]), pending)
-            except ValueError:  # CorruptEnvelope too
-                live.unclaim(k)
+            except ValueError:  # CorruptEnvelope too: read from the envelope instead
+                used[i] = 0
                 continue
             yield row
     finally:
@@ -310,8 +312,7 @@ def rendered(root: str, live: Live, state: str) -> Iterator[tuple[str, int, floa
         fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
     except OSError:
         return
-    keys, used, bisect = live.keys, live.used, live._bisect
-    nkeys, mask, code = len(keys), (1 << _INO_BITS) - 1, STATES.index(state)
+    used, slot, code = live.used, live.slot, STATES.index(state)
     try:
         start = trusted(root, fd)
         if not start:
@@ -324,11 +325,8 @@ def rendered(root: str, live: Live, state: str) -> Iterator[tuple[str, int, floa
             if not sep or len(t) < 5 or not t[0].isdigit() or t[1][:1] != ":":
                 continue
             qid = t[1][1:]
-            if not (len(qid) <= 32 and qid.isascii() and qid.isalnum()):
-                continue
-            k = ((int(t[0]) & mask) << 24) | (hash(qid) & 0xFFFFFF)
-            i = bisect(keys, k << 2)
-            if i >= nkeys or keys[i] >> 2 != k or used[i] or keys[i] & 3 != code:
+            i = slot(int(t[0]), qid, code)
+            if i < 0:
                 continue
             try:
                 row = (qid, int(t[3]), float(t[2]), mailq.replace(_RS, "\n"), json)
