@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterable
 
+from pymailtools.admin import _unlink
 from pymailtools.queue import (
     DEFERRED,
     HISTORY,
@@ -37,7 +38,7 @@ from pymailtools.queue import (
     crash_point,
 )
 from pymailtools.queue import fsync_dir as _fsync_dir
-from pymailtools.showq import _is_id, active_ids
+from pymailtools.showq import _names, active_ids
 
 TRASH = "trash"
 COMMIT = ".commit"
@@ -73,23 +74,8 @@ class Outcome:
         self.skipped: list[str] = []
 
 
-def _ids(directory: str) -> Iterable[str]:
-    try:
-        it = os.scandir(directory)
-    except FileNotFoundError:
-        return
-    with it:
-        for e in it:
-            if _is_id(e.name):
-                yield e.name
-
-
 def _empty(directory: str) -> bool:
-    return next(iter(_ids(directory)), None) is None
-
-
-def _busy(queue: Queue) -> set[str] | None:
-    return active_ids(queue)
+    return next(iter(_names(directory)), None) is None
 
 
 def _is_busy(queue: Queue, busy: set[str] | None, qid: str) -> bool:
@@ -136,13 +122,13 @@ def _count_deleted(queue: Queue, swapped: list[tuple[str, str, int]]) -> Outcome
     _fsync_dir(root)
     _fsync_dir(trash)
     crash_point("bulk_swapped")
-    busy = _busy(queue)
-    deferred = set(_ids(f"{root}/{DEFERRED}"))  # written back by a runner since the swap
+    busy = active_ids(queue)
+    deferred = set(_names(f"{root}/{DEFERRED}"))  # written back by a runner since the swap
     msgdir = os.open(f"{root}/messages", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for _, t, _ in swapped:
             skipped = []
-            for qid in _ids(t):
+            for qid in _names(t):
                 if _is_busy(queue, busy, qid) or qid in deferred:
                     skipped.append(qid)
                     continue
@@ -186,9 +172,9 @@ def hold_all(queue: Queue) -> Outcome | None:
     exchange(f"{root}/{HOLD}", f"{root}/{DEFERRED}")
     _fsync_dir(root)
     out = Outcome()
-    busy = _busy(queue)
-    deferred = set(_ids(f"{root}/{DEFERRED}"))
-    for qid in _ids(f"{root}/{HOLD}"):
+    busy = active_ids(queue)
+    deferred = set(_names(f"{root}/{DEFERRED}"))
+    for qid in _names(f"{root}/{HOLD}"):
         if _is_busy(queue, busy, qid) or qid in deferred:
             out.skipped.append(qid)
         else:
@@ -273,7 +259,7 @@ def _settle_trash(queue: Queue, t: str, state: str) -> None:
             keep = None  # the operation never completed: everything goes back
         root = queue.root
         restored = False
-        for qid in list(_ids(t)):
+        for qid in list(_names(t)):
             try:
                 fd = queue.lock(qid, blocking=True)
             except EntryNotFound:
@@ -304,13 +290,6 @@ def _settle_trash(queue: Queue, t: str, state: str) -> None:
             pass
     finally:
         os.close(dfd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def admin_lock(queue: Queue) -> int:

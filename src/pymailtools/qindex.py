@@ -116,7 +116,7 @@ def _append(root: str, line: bytes) -> None:
 
 def key(ino: int, qid: str) -> int:
     """One integer for (inode, id); the id's hash catches an inode reused under another id."""
-    return ((ino & ((1 << _INO_BITS) - 1)) << 24) | (hash(qid) & 0xFFFFFF)
+    return ((ino & _MASK) << 24) | (hash(qid) & 0xFFFFFF)
 
 
 class Live:
@@ -135,15 +135,12 @@ class Live:
                 it = os.scandir(root + "/" + state)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            mask = (1 << _INO_BITS) - 1
             before = len(keys)
             with it:
                 for e in it:
                     name = e.name
                     if len(name) <= 32 and name.isascii() and name.isalnum():
-                        # key(), inlined: once per entry
-                        keys.append((((e.inode() & mask) << 24) | (hash(name) & 0xFFFFFF)) << 2
-                                    | code)
+                        keys.append(key(e.inode(), name) << 2 | code)
             self.counts[state] = len(keys) - before
         keys.sort()
         # A list, not an array('Q'): bisect reads a list's items without making int objects,
@@ -160,7 +157,7 @@ class Live:
         or -1 (also for an invalid id)."""
         if not (len(qid) <= 32 and qid.isascii() and qid.isalnum()):
             return -1
-        k = (((ino & _MASK) << 24) | (hash(qid) & 0xFFFFFF)) << 2 | code
+        k = key(ino, qid) << 2 | code
         keys = self.keys
         i = self._bisect(keys, k)
         return i if i < len(keys) and keys[i] == k and not self.used[i] else -1
@@ -197,9 +194,9 @@ def trusted(root: str, fd: int) -> int:
     return len(first[0]) + 1 if first[0] + b"\n" == want else 0
 
 
-def _reverse_blocks(fd: int, start: int, end: int) -> Iterator[list[bytes]]:
-    """Complete lines between ``start`` and ``end``, last first, a block's worth at a time;
-    a final fragment without its newline (an append in progress, or torn) is skipped."""
+def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """Complete lines between ``start`` and ``end``, last first; a final fragment without its
+    newline (an append in progress, or torn) is skipped."""
     pos, tail, skipping = end, b"", True
     while pos > start:
         n = min(_CHUNK, pos - start)
@@ -214,16 +211,24 @@ def _reverse_blocks(fd: int, start: int, end: int) -> Iterator[list[bytes]]:
         else:
             lines = (block + tail).split(b"\n")
         tail = lines[0]
-        del lines[0]
-        lines.reverse()
-        yield lines
+        yield from reversed(lines[1:])
     if tail and not skipping:
-        yield [tail]
+        yield tail
 
 
-def _reverse_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
-    for lines in _reverse_blocks(fd, start, end):
-        yield from lines
+def _index_lines(root: str) -> Iterator[str]:
+    """The lines of a trusted index, newest first; nothing when there is none to trust."""
+    try:
+        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        start = trusted(root, fd)
+        if start:
+            for line in _reverse_lines(fd, start, os.fstat(fd).st_size):
+                yield line.decode("utf-8", "surrogateescape")
+    finally:
+        os.close(fd)
 
 
 def parse(text: str) -> tuple[int, str, list[str]] | None:
@@ -260,82 +265,49 @@ def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, s
     ``live``. Yields nothing when there is no trusted index."""
     from pymailtools.envelope import CorruptEnvelope
 
-    try:
-        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
-    except OSError:
-        return
-    reasons = _REASONS
-    used, slot, code = live.used, live.slot, STATES.index(state)
-    try:
-        start = trusted(root, fd)
-        if not start:
-            return
-        for line in _reverse_lines(fd, start, os.fstat(fd).st_size):
-            # parse(), inlined: this loop runs once per entry of a 100,000 queue
-            t = line.decode("utf-8", "surrogateescape").partition(_US)[0].split(" ")
-            if len(t) < 9 or not t[0].isdigit() or t[1][:1] != ":" or not t[5].isdigit() \
-                    or len(t) != 6 + 3 * int(t[5]):
-                continue
-            qid = t[1][1:]
-            i = slot(int(t[0]), qid, code)
-            if i < 0:
-                continue
-            used[i] = 1
-            try:
-                if len(t) == 9 and t[6] in _WAITING:  # one recipient waiting: most entries
-                    yield (qid, int(t[3]), float(t[2]), unquote(t[4]),
-                           [(unquote(t[7]), reasons.get(t[8]) or _reason(t[8]))])
-                    continue
-                pending = []
-                for j in range(6, len(t), 3):
-                    if t[j] in _WAITING:
-                        pending.append((unquote(t[j + 1]),
-                                        reasons.get(t[j + 2]) or _reason(t[j + 2])))
-                    elif t[j] not in _DONE:
-                        raise CorruptEnvelope("bad recipient state")
-                row = (qid, int(t[3]), float(t[2]), unquote(t[4]), pending)
-            except ValueError:  # CorruptEnvelope too: read from the envelope instead
-                used[i] = 0
-                continue
-            yield row
-    finally:
-        os.close(fd)
+    code = STATES.index(state)
+    for line in _index_lines(root):
+        p = parse(line)
+        if p is None:
+            continue
+        ino, qid, t = p
+        i = live.slot(ino, qid, code)
+        if i < 0:
+            continue
+        try:
+            pending = []
+            for j in range(6, len(t), 3):
+                if t[j] in _WAITING:
+                    pending.append((unquote(t[j + 1]), _REASONS.get(t[j + 2]) or _reason(t[j + 2])))
+                elif t[j] not in _DONE:
+                    raise CorruptEnvelope("bad recipient state")
+            row = (qid, int(t[3]), float(t[2]), unquote(t[4]), pending)
+        except ValueError:  # CorruptEnvelope too: read from the envelope instead
+            continue
+        live.used[i] = 1
+        yield row
 
 
 def rendered(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, str, str]]:
     """(id, size, arrival, mailq text after the date, postqueue -j object after queue_name) of
     each live entry in ``state`` the index describes, as rows() but without parsing the
     fields: the plain listings of 100,000 entries."""
-    import itertools
-
-    try:
-        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
-    except OSError:
-        return
-    used, slot, code = live.used, live.slot, STATES.index(state)
-    try:
-        start = trusted(root, fd)
-        if not start:
-            return
-        for line in itertools.chain.from_iterable(
-                _reverse_blocks(fd, start, os.fstat(fd).st_size)):
-            fields, _, tails = line.decode("utf-8", "surrogateescape").partition(_US)
-            mailq, sep, json = tails.partition(_US)
-            t = fields.split(" ", 4)
-            if not sep or len(t) < 5 or not t[0].isdigit() or t[1][:1] != ":":
-                continue
-            qid = t[1][1:]
-            i = slot(int(t[0]), qid, code)
-            if i < 0:
-                continue
-            try:
-                row = (qid, int(t[3]), float(t[2]), mailq.replace(_RS, "\n"), json)
-            except ValueError:
-                continue
-            used[i] = 1
-            yield row
-    finally:
-        os.close(fd)
+    code = STATES.index(state)
+    for line in _index_lines(root):
+        fields, _, tails = line.partition(_US)
+        mailq, sep, json = tails.partition(_US)
+        t = fields.split(" ", 4)
+        if not sep or len(t) < 5 or not t[0].isdigit() or t[1][:1] != ":":
+            continue
+        i = live.slot(int(t[0]), t[1][1:], code)
+        if i < 0:
+            continue
+        try:
+            row = (t[1][1:], int(t[3]), float(t[2]), mailq.replace(_RS, "\n"), json)
+        except ValueError:
+            continue
+        live.used[i] = 1
+        yield row
 
 
 def unindexed(root: str, live: Live, states: tuple[str, ...] = STATES
@@ -474,7 +446,7 @@ def _read_all(fd: int) -> bytes:
 
 def maybe_rebuild(root: str, live_count: int | None = None) -> bool:
     """Rebuild when the index has grown well past its live lines (every retry appends one)
-    or is not trusted; cheap when it has not: one stat."""
+    or is not trusted; cheap when it has not: the header is read, nothing else."""
     try:
         fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
     except OSError:
