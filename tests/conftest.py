@@ -221,7 +221,7 @@ class Sendmail:
         for state in STATES:
             for qid in q.ids(state):
                 _, env = q.load(qid, state)
-                out.append((state, env, Path(q.path("messages", qid)).read_bytes()))
+                out.append((state, env, q.read_message(qid)))
         return out
 
     def snapshot(self) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.envelope import Envelope
+from pymailtools.envelope import Envelope, Recipient
 from pymailtools.queue import STATES, Queue
 
 from .conftest import Sendmail, script
@@ -26,7 +26,7 @@ def assert_queue_consistent(queue_dir: Path) -> list[Envelope]:
     for state in STATES:
         for qid in q.ids(state):
             _, env = q.load(qid, state)
-            data = Path(q.path("messages", qid)).read_bytes()
+            data = q.read_message(qid)
             assert len(data) == env.size
             assert data.endswith(b"\n\n" + BODY)
             found.append(env)
@@ -78,13 +78,26 @@ def test_leftovers_are_purged_not_delivered(sendmail: Sendmail) -> None:
     for point in ("before_rename", "before_envelope"):
         sendmail("-i", "u@x.test", input=MESSAGE, env={"PYMAILTOOLS_TEST_CRASH_AT": point})
     q = Queue(str(sendmail.queue_dir))
-    assert any((sendmail.queue_dir / "tmp").iterdir())
-    assert any((sendmail.queue_dir / "messages").iterdir())
+    assert len(list((sendmail.queue_dir / "messages").iterdir())) == 2  # written in place
     assert q.due() == []
     assert q.purge_temp(grace=3600) == 0  # too young: a submission may still be running
     assert q.purge_temp(grace=0, now=time.time() + 1) == 2
     assert not any((sendmail.queue_dir / "tmp").iterdir())
     assert not any((sendmail.queue_dir / "messages").iterdir())
+
+
+def test_a_submission_in_progress_is_never_purged(sendmail: Sendmail) -> None:
+    """The message file is written under its final name before any state file names it; its
+    lock, held until it is published, keeps the purge of orphans away however old it is."""
+    q = Queue(str(sendmail.queue_dir))
+    q.ensure()
+    sub = q.submission()
+    sub.write(b"Subject: slow\n\nstill coming\n")
+    assert q.purge_temp(grace=0, now=time.time() + 7200) == 0
+    sub.write(b"more\n")
+    qid = sub.commit(Envelope("", "a@x.test", [Recipient("u@x.test")]))
+    assert q.read_message(qid) == b"Subject: slow\n\nstill coming\nmore\n"
+    assert q.due() == [("incoming", qid)]
 
 
 def test_runner_never_delivers_a_fragment(sendmail: Sendmail, spool: Path,

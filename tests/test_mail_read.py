@@ -232,7 +232,7 @@ def test_mime_message_shows_text_and_lists_attachments(env: dict[str, str], tmp_
     q = Queue(config.queue_directory)
     qid = q.ids("incoming")[0]
     path = tmp_path / "mimebox"
-    deliver(config, path, Path(q.path("messages", qid)).read_bytes())
+    deliver(config, path, q.read_message(qid))
     r = run_mail(dict(env, MAIL=str(path)), input=b"p\nx\n")
     out = r.stdout.decode()
     assert "Grüße aus dem Text" in out

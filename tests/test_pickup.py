@@ -73,7 +73,7 @@ def test_unprivileged_user_submits_through_maildrop(system_user: pwd.struct_pass
     _, env = queue.load(qid)
     assert env.uid == system_user.pw_uid and env.user == system_user.pw_name
     assert env.sender == f"{system_user.pw_name}@host.example.test"
-    assert Path(queue.path("messages", qid)).read_bytes().endswith(b"\n\nhello\n")
+    assert queue.read_message(qid).endswith(b"\n\nhello\n")
 
 
 def test_owner_not_content_gives_identity(system_user: pwd.struct_passwd, queue: Queue,
@@ -131,4 +131,4 @@ def test_hostile_maildrop_files_go_to_corrupt(queue: Queue, cfg: Config, world_d
     (qid,) = queue.ids(INCOMING)
     _, env = queue.load(qid)
     assert [r.address for r in env.recipients] == ["ok@example.test"]
-    assert b"TOPSECRET" not in Path(queue.path("messages", qid)).read_bytes()
+    assert b"TOPSECRET" not in queue.read_message(qid)

@@ -37,6 +37,64 @@ def test_commit_publishes_message_then_envelope(queue: Queue) -> None:
     assert not any(Path(queue.root, "tmp").iterdir())
 
 
+def test_a_new_entry_is_one_file_under_two_names(queue: Queue) -> None:
+    """Message, envelope and trailer in one file, messages/ID and incoming/ID: one fsync of one
+    file per message. The runner's first state change writes a plain envelope beside it."""
+    body = b"Subject: t\n\nb\n" * 100
+    qid = make_entry(queue, body)
+    msg, env_file = os.stat(queue.path("messages", qid)), os.stat(queue.path(INCOMING, qid))
+    assert (msg.st_ino, msg.st_nlink) == (env_file.st_ino, 2)
+    raw = Path(queue.path("messages", qid)).read_bytes()
+    _, env = queue.load(qid)
+    envelope = env.to_bytes()
+    assert raw == body + envelope + b"pymailtools-entry %d %d\n" % (len(body), len(envelope))
+    assert queue.read_message(qid) == body
+    env.recipients[0].state = DEFERRED
+    queue.save(env, INCOMING, "deferred")
+    assert Path(queue.path("deferred", qid)).read_bytes() == env.to_bytes()
+    assert os.stat(queue.path("messages", qid)).st_nlink == 1
+    assert queue.load(qid) == ("deferred", env)
+    assert queue.read_message(qid) == body
+
+
+def test_the_message_reader_ends_where_the_message_ends(queue: Queue) -> None:
+    body = b"".join(b"line %d\n" % i for i in range(20000))
+    qid = make_entry(queue, body)
+    _, env = queue.load(qid)
+    fd = queue.lock(qid)
+    try:
+        with queue.message(fd, env) as f:
+            assert list(f) == body.splitlines(keepends=True)
+            assert f.read() == b"" and f.tell() == len(body)
+            f.seek(-6, os.SEEK_END)
+            assert f.read() == b"19999\n"
+            f.seek(0)
+            assert f.read(5) == b"line " and f.readline() == b"0\n"
+            f.seek(0)
+            assert f.read() == body
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("damage", [b"pymailtools-entry 1 2\n", b"pymailtools-entry x\n", b""])
+def test_a_bad_trailer_goes_to_corrupt(queue: Queue, config_values: dict[str, object],
+                                       damage: bytes) -> None:
+    cfg = Config({**config_values, "queue_directory": queue.root})
+    qid = make_entry(queue)
+    p = Path(queue.path(INCOMING, qid))
+    data = p.read_bytes()
+    p.write_bytes(data[: data.rindex(b"pymailtools-entry")] + damage)
+    assert Runner(cfg).run().corrupt == 1
+    assert sorted(os.listdir(Path(queue.root, CORRUPT))) == [qid, qid + ".msg"]
+
+
+def test_listing_without_the_index_reads_new_entries_envelopes(queue: Queue) -> None:
+    qid = make_entry(queue, b"Subject: t\n\n" + b"x" * 5000 + b"\n")
+    os.unlink(Path(queue.root, "summaries"))
+    text = "".join(listing(queue, 10**7))
+    assert f"{qid}        5013 " in text and "s@x.test" in text and "r@example.test" in text
+
+
 def test_save_moves_and_rewrites_with_mtime_as_next_try(queue: Queue) -> None:
     qid = make_entry(queue)
     _, env = queue.load(qid)

@@ -3,10 +3,17 @@
 One line per field, every string field percent-quoted so that no byte a sender or a remote
 server chose (CR, LF, NUL, space) can ever start a new record; the file ends with
 ``end N`` where N counts the lines before it, so a torn or foreign file is recognised.
+A new entry's state file may instead be its message file itself (a second name for it):
+the message, then the envelope, then a trailer line ``pymailtools-entry <message length>
+<envelope length>`` (``read_envelope`` finds the envelope in either form).
 Cheap to import: no re, no json.
 """
 
+import os
+
 MAGIC = "pymailtools-envelope 1"
+ENTRY_TRAILER = b"pymailtools-entry "
+_HEAD_READ = 65536
 
 PENDING = "pending"
 SENT = "sent"
@@ -24,6 +31,39 @@ _HEX = frozenset("0123456789ABCDEFabcdef")
 
 class CorruptEnvelope(ValueError):
     """Raised when an envelope file is torn, foreign or malformed."""
+
+
+def trailer(fd: int, size: int, magic: bytes) -> tuple[int, int]:
+    """(message length, envelope length) from the last line of a file of ``size`` bytes: the
+    message, the envelope, then ``magic M E``. CorruptEnvelope unless all three add up."""
+    tail_len = min(size, 128)
+    tail = os.pread(fd, tail_len, size - tail_len)
+    line = tail[:-1].rpartition(b"\n")[2]
+    if not tail.endswith(b"\n") or not line.startswith(magic):
+        raise CorruptEnvelope("no trailer (incomplete file)")
+    try:
+        msg_len, env_len = (int(x) for x in line[len(magic):].split(b" "))
+    except ValueError:
+        raise CorruptEnvelope("bad trailer") from None
+    if msg_len < 0 or env_len <= 0 or msg_len + env_len + len(line) + 1 != size:
+        raise CorruptEnvelope("trailer does not match the file size")
+    return msg_len, env_len
+
+
+def read_envelope(fd: int) -> bytes:
+    """The envelope bytes of an open state file: all of a plain envelope file, or the envelope
+    part of a message file published under its state name (``ENTRY_TRAILER``)."""
+    data = os.pread(fd, _HEAD_READ, 0)
+    if data.startswith(MAGIC.encode()) or not data:
+        if len(data) == _HEAD_READ:  # a big envelope (thousands of recipients)
+            parts, pos = [data], len(data)
+            while chunk := os.pread(fd, 1 << 18, pos):
+                parts.append(chunk)
+                pos += len(chunk)
+            data = b"".join(parts)
+        return data
+    msg_len, env_len = trailer(fd, os.fstat(fd).st_size, ENTRY_TRAILER)
+    return os.pread(fd, env_len, msg_len)
 
 
 def quote(s: str) -> str:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from pymailtools import address, queueid
 from pymailtools import log as logline
 from pymailtools.config import Config
-from pymailtools.envelope import CorruptEnvelope, Envelope
+from pymailtools.envelope import CorruptEnvelope, Envelope, trailer
 from pymailtools.log import Logger
 from pymailtools.queue import CORRUPT, MAILDROP, MAILDROP_TRAILER, Queue, Submission, fsync_dir
 
@@ -39,19 +39,7 @@ def read(fd: int, max_message: int) -> Dropped:
         raise CorruptEnvelope(f"file has {st.st_nlink} hard links")
     if st.st_size > max_message + ENVELOPE_LIMIT:
         raise CorruptEnvelope(f"file too large ({st.st_size} bytes)")
-    tail_len = min(st.st_size, 128)
-    tail = os.pread(fd, tail_len, st.st_size - tail_len)
-    if not tail.endswith(b"\n"):
-        raise CorruptEnvelope("no trailer (incomplete file)")
-    line = tail[:-1].rpartition(b"\n")[2]
-    if not line.startswith(MAILDROP_TRAILER):
-        raise CorruptEnvelope("no trailer (incomplete file)")
-    try:
-        msg_len, env_len = (int(x) for x in line[len(MAILDROP_TRAILER):].split(b" "))
-    except ValueError:
-        raise CorruptEnvelope("bad trailer") from None
-    if msg_len < 0 or env_len <= 0 or msg_len + env_len + len(line) + 1 != st.st_size:
-        raise CorruptEnvelope("trailer does not match the file size")
+    msg_len, env_len = trailer(fd, st.st_size, MAILDROP_TRAILER)
     if msg_len > max_message > 0 or env_len > ENVELOPE_LIMIT:
         raise CorruptEnvelope("message too large")
     env = Envelope.from_bytes(os.pread(fd, env_len, msg_len))

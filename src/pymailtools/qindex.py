@@ -27,7 +27,7 @@ import errno
 import fcntl
 import os
 
-from pymailtools.envelope import Envelope, quote, unquote
+from pymailtools.envelope import Envelope, quote, read_envelope, unquote
 from pymailtools.qformat import json_tail, mailq_tail
 
 TYPE_CHECKING = False
@@ -371,7 +371,7 @@ def rebuild(root: str) -> int:
                 continue
             try:
                 ino = os.fstat(fd).st_ino
-                env = Envelope.from_bytes(_read_all(fd))
+                env = Envelope.from_bytes(read_envelope(fd))
             except (CorruptEnvelope, OSError, UnicodeError):
                 continue
             finally:
@@ -435,13 +435,6 @@ def _write(fd: int, buf: list[bytes]) -> None:
     buf.clear()
     while data:
         data = data[os.write(fd, data):]
-
-
-def _read_all(fd: int) -> bytes:
-    parts = []
-    while chunk := os.read(fd, 65536):
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def maybe_rebuild(root: str, live_count: int | None = None) -> bool:

@@ -21,17 +21,26 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import stat
 import time
 
 from pymailtools import qindex, queueid
-from pymailtools.envelope import Attempt, CorruptEnvelope, Envelope
+from pymailtools.envelope import (
+    ENTRY_TRAILER,
+    Attempt,
+    CorruptEnvelope,
+    Envelope,
+    read_envelope,
+    trailer,
+)
 from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import BinaryIO
 
 INCOMING = "incoming"
 DEFERRED = "deferred"
@@ -86,8 +95,11 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 class Submission:
     """A message being written into the queue; ``commit`` publishes it durably.
 
-    Direct submissions (the caller can write the queue) become ``messages/ID`` plus
-    ``incoming/ID``; others go to ``maildrop/ID`` as message + envelope + trailer.
+    Direct submissions (the caller can write the queue) are written as ``messages/ID``, locked
+    while they are written, and published by a second name, ``incoming/ID``, for the same file:
+    the message, its envelope and an ``ENTRY_TRAILER`` line. One file and one file fsync per
+    message (the runner writes a plain envelope when the entry changes state). Others go to
+    ``maildrop/ID`` as message + envelope + ``MAILDROP_TRAILER``.
     """
 
     def __init__(self, queue: Queue, maildrop: bool) -> None:
@@ -95,14 +107,25 @@ class Submission:
         self.maildrop = maildrop
         self.id = queueid.new_id()
         self.size = 0
-        base = queue.path(MAILDROP) if maildrop else queue.path("tmp")
-        self.tmp_path = os.path.join(base, f"{self.id}.{os.getpid()}.tmp")
+        self.published = ""
+        if maildrop:
+            self.path = os.path.join(queue.path(MAILDROP), f"{self.id}.{os.getpid()}.tmp")
+        else:
+            # Under its final name at once: with no state file naming it, it is not an entry
+            # yet, and its lock keeps purges of orphaned message files away until commit.
+            self.path = queue.path("messages", self.id)
         try:
-            self.fd = os.open(self.tmp_path,
+            self.fd = os.open(self.path,
                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC,
                               0o600)
-            os.fchmod(self.fd, 0o600)  # umask-proof; the root pickup reads it anyway
         except OSError as e:
+            raise QueueWriteError(f"cannot create queue file: {e.strerror}", EX_CANTCREAT) from None
+        try:
+            os.fchmod(self.fd, 0o600)  # umask-proof; the root pickup reads it anyway
+            if not maildrop:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.abort()
             raise QueueWriteError(f"cannot create queue file: {e.strerror}", EX_CANTCREAT) from None
         crash_point("after_open")
 
@@ -115,44 +138,91 @@ class Submission:
         self.size += len(data)
 
     def abort(self) -> None:
+        """Remove what was written (a published name first), then let go of the file."""
+        for p in (self.published, self.path):
+            if p:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        self.published = ""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            os.unlink(self.tmp_path)
-        except OSError:
-            pass
 
     def commit(self, env: Envelope) -> str:
-        """fsync, rename into place, fsync the directory; only then is the message queued."""
+        """Append the envelope, fsync, publish by a new name, fsync the directories; only then
+        is the message queued."""
         env.id = self.id
         env.size = self.size
         try:
-            if self.maildrop:
-                body = env.to_bytes()
-                _write_all(self.fd, body)
-                _write_all(self.fd, MAILDROP_TRAILER + f"{self.size} {len(body)}\n".encode())
+            body = env.to_bytes()
+            mark = MAILDROP_TRAILER if self.maildrop else ENTRY_TRAILER
+            _write_all(self.fd, body + mark + f"{self.size} {len(body)}\n".encode())
             crash_point("before_fsync")
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
             crash_point("before_rename")
             if self.maildrop:
+                os.close(self.fd)
+                self.fd = -1
                 final = self.queue.path(MAILDROP, self.id)
-                os.rename(self.tmp_path, final)
+                os.rename(self.path, final)
+                self.path = final
                 crash_point("before_dir_fsync")
                 fsync_dir(self.queue.path(MAILDROP))
             else:
-                os.link(self.tmp_path, self.queue.path("messages", self.id))
-                os.unlink(self.tmp_path)
+                # the message's own name is durable before a state file names it
                 fsync_dir(self.queue.path("messages"))
                 crash_point("before_envelope")
-                self.queue.write_envelope(env, INCOMING)
+                # the index line goes first: once the entry is published, it must describe it
+                qindex.append(self.queue.root, env, os.fstat(self.fd).st_ino)
+                published = self.queue.path(INCOMING, self.id)
+                os.link(self.path, published)
+                self.published = published
+                fsync_dir(self.queue.path(INCOMING))
+                os.close(self.fd)  # and with it the lock: a runner may take the entry now
+                self.fd = -1
             crash_point("after_commit")
         except OSError as e:
             self.abort()
             raise QueueWriteError(f"cannot queue message: {e.strerror}") from None
         return self.id
+
+
+class _Part(io.RawIOBase):
+    """The first ``size`` bytes of an open file, read with pread (its own position)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = os.pread(self.fd, min(len(b), max(self.size - self.pos, 0)), self.pos)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = (0, self.pos, self.size)[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 class Queue:
@@ -263,9 +333,10 @@ class Queue:
     def load(self, qid: str, state: str | None = None) -> tuple[str, Envelope]:
         state = state or self.find(qid)
         fd = os.open(self.path(state, qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(16 * 1024 * 1024)
-        env = Envelope.from_bytes(data)
+        try:
+            env = Envelope.from_bytes(read_envelope(fd))
+        finally:
+            os.close(fd)
         if env.id != qid:
             raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
         return state, env
@@ -320,6 +391,27 @@ class Queue:
                 raise EntryBusy(f"{qid}: entry is locked by another process") from None
             raise
         return fd
+
+    def message(self, fd: int, env: Envelope) -> BinaryIO:
+        """A reader of the message of a locked entry (``fd`` from ``lock``, left open): the
+        whole file, or its first part when the file also holds the envelope it was queued
+        with. CorruptEnvelope when the file does not match ``env``."""
+        size = os.fstat(fd).st_size
+        if size != env.size and trailer(fd, size, ENTRY_TRAILER)[0] != env.size:
+            raise CorruptEnvelope("message file size does not match the envelope")
+        if size == env.size:
+            return os.fdopen(os.dup(fd), "rb")
+        return io.BufferedReader(_Part(os.dup(fd), env.size))
+
+    def read_message(self, qid: str) -> bytes:
+        """The message of an entry, whole (for tests and tools; the runner streams it)."""
+        _, env = self.load(qid)
+        fd = os.open(self.path("messages", qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            with self.message(fd, env) as f:
+                return f.read()
+        finally:
+            os.close(fd)
 
     def remove(self, qid: str, state: str) -> None:
         """Delete an entry (caller holds its lock): envelope first, so no half entry is seen.

@@ -263,21 +263,17 @@ class Runner:
                 self.stats.corrupt += 1
                 self.queue.quarantine(qid, state)
             return None
-        msg = os.fdopen(os.dup(fd), "rb")
         try:
             state = self.queue.find(qid)  # it may have moved while we waited for the lock
             state, env = self.queue.load(qid, state)
-            if os.fstat(msg.fileno()).st_size != env.size:
-                raise CorruptEnvelope("message file size does not match the envelope")
+            msg = self.queue.message(fd, env)
         except EntryNotFound:
-            msg.close()
             os.close(fd)
             return None
         except (CorruptEnvelope, OSError, UnicodeError) as e:
             self.log.warning(f"{qid}: corrupt queue entry moved to corrupt/: {e}")
             self.stats.corrupt += 1
             self.queue.quarantine(qid, state)
-            msg.close()
             os.close(fd)
             return None
         if state == "hold":

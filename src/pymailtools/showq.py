@@ -18,6 +18,7 @@ from pymailtools.envelope import (
     CorruptEnvelope,
     Envelope,
     Recipient,
+    read_envelope,
     unquote,
 )
 from pymailtools.qformat import json_tail, mailq_tail
@@ -29,7 +30,6 @@ HEADING = "%-17s %8s %-19s %s\n" % (
     "----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
 EMPTY = "Mail queue is empty\n"
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_CHUNK = 65536
 
 
 class Item(NamedTuple):
@@ -62,17 +62,12 @@ def _names(path: str, *, ids_only: bool = True) -> Iterator[str]:
 
 
 def _read(path: str, dir_fd: int | None = None) -> bytes:
+    """The envelope bytes of a state file (``envelope.read_envelope``)."""
     fd = os.open(path, _O_READ, dir_fd=dir_fd)
     try:
-        data = os.read(fd, _CHUNK)
-        if len(data) == _CHUNK:  # a big envelope (thousands of recipients)
-            parts = [data]
-            while chunk := os.read(fd, _CHUNK):
-                parts.append(chunk)
-            data = b"".join(parts)
+        return read_envelope(fd)
     finally:
         os.close(fd)
-    return data
 
 
 # The head of an envelope exactly as Envelope.to_bytes writes it; one C-level match per entry.
