@@ -3,7 +3,6 @@ sharing the bound sockets."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import signal
@@ -14,7 +13,7 @@ import time
 from pymailtools.config import Config
 from pymailtools.errors import MailError
 from pymailtools.log import Logger
-from pymailtools.smtpd import KICK_CODE, SHUTDOWN_GRACE, Settings, listen
+from pymailtools.smtpd import KICK_CODE, SHUTDOWN_GRACE, Settings, listen, run_loop
 from pymailtools.smtpd_clients import SharedClients
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
@@ -174,7 +173,7 @@ class Supervisor:
         def ready() -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
-        asyncio.run(listen(Settings(self.cfg), self.log, self.socks, self.config_path,
+        run_loop(listen(Settings(self.cfg), self.log, self.socks, self.config_path,
                             clients=self.clients, batch=1,
                             queued=queued if self.cfg.delivery_mode != "queue" else None,
                             parent_fd=self.alive_r, ready=ready))
