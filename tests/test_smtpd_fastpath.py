@@ -4,8 +4,11 @@ answers aiosmtpd itself gives."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import random
+import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from aiosmtpd.smtp import SMTP
 
 from pymailtools.config import Config
 from pymailtools.log import Logger
-from pymailtools.smtpd import Handler, Server, Settings
+from pymailtools.smtpd import Handler, Server, Settings, _Counted
 
 SAMPLES = [
     "", " ", "<>", "<> SIZE=10", "<a@b>", "<root@localhost>", "  <a@b>", "\t<a@b>\t",
@@ -88,3 +91,58 @@ def test_aiosmtpd_still_finds_every_command_hook_and_mechanism(tmp_path: Path) -
     assert server._ehlo_hook_ver == "new"
     assert list(inspect.signature(handler.handle_EHLO).parameters) == [
         "server", "session", "envelope", "hostname", "responses"]
+
+
+def _same_shape(a: object, b: object, fresh: Server, built: Server, path: str) -> None:
+    """``a`` (an attribute of a fresh Server) matches ``b`` (of a built one): equal values,
+    and bound methods of the same function on the matching object."""
+    if isinstance(a, types.MethodType):
+        assert isinstance(b, types.MethodType) and a.__func__ is b.__func__, path
+        assert a.__self__ is (fresh if b.__self__ is built else b.__self__), path
+    elif isinstance(a, _Counted):
+        assert isinstance(b, _Counted) and a.name == b.name, path
+        assert a.server is fresh and b.server is built, path
+        _same_shape(a.method, b.method, fresh, built, path + ".method")
+    elif isinstance(a, tuple) and hasattr(a, "_fields"):  # aiosmtpd's _AuthMechAttr
+        assert type(a) is type(b), path
+        for field, x, y in zip(a._fields, a, b, strict=True):
+            _same_shape(x, y, fresh, built, f"{path}.{field}")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _same_shape(a[k], b[k], fresh, built, f"{path}[{k!r}]")
+    elif isinstance(a, weakref.ref):
+        assert type(a()) is type(b()), path
+    elif isinstance(a, asyncio.Future | asyncio.StreamReader):
+        assert type(a) is type(b), path
+    else:
+        assert a == b or a is b, path
+
+
+def test_a_fresh_server_is_a_built_one(tmp_path: Path) -> None:
+    """Server.fresh copies a template instead of running aiosmtpd's __init__: every attribute
+    must come out as a built Server has it, none shared that one connection could change.
+    This is what breaks first if aiosmtpd's or asyncio's protocol state changes shape."""
+    cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
+    handler = Handler(Settings(cfg), Logger("smtpd", to_syslog=False, verbose=False))
+
+    async def make() -> tuple[Server, Server, Server]:
+        loop = asyncio.get_running_loop()
+        return Server(handler, loop=loop), Server.fresh(handler, loop), Server.fresh(handler, loop)
+
+    built, fresh, other = asyncio.run(make())
+    assert handler.template is not None
+    assert fresh.__dict__.keys() == built.__dict__.keys()
+    for name, value in fresh.__dict__.items():
+        _same_shape(value, built.__dict__[name], fresh, built, name)
+    for name, value in fresh.__dict__.items():  # nothing one connection changes is shared
+        if isinstance(value, list | set | dict | bytearray | collections.deque | weakref.ref
+                      | asyncio.Future | asyncio.StreamReader):
+            assert value is not other.__dict__[name] or name == "_handle_hooks", name
+    handler.settings = Settings(cfg)  # SIGHUP: the next connection gets a new template
+
+    async def again() -> Server:
+        return Server.fresh(handler, asyncio.get_running_loop())
+
+    asyncio.run(again())
+    assert handler.template.settings is handler.settings

@@ -230,6 +230,7 @@ class Queue:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self._direct = False
 
     def path(self, *parts: str) -> str:
         """A path under the queue; every name after the directory must be a valid id."""
@@ -272,9 +273,13 @@ class Queue:
             os.chmod(p, mode)
 
     def direct_access(self) -> bool:
-        """Can this process write entries itself (root or the queue's owner)?"""
-        return os.access(self.path("tmp"), os.W_OK | os.X_OK) and os.access(
-            self.path(INCOMING), os.W_OK | os.X_OK)
+        """Can this process write entries itself (root or the queue's owner)? A yes is
+        remembered (a long-running listener submits through one Queue); a no is asked again,
+        as the tree may be created meanwhile."""
+        if not self._direct:
+            self._direct = os.access(self.path("messages"), os.W_OK | os.X_OK) and os.access(
+                self.path(INCOMING), os.W_OK | os.X_OK)
+        return self._direct
 
     def submission(self) -> Submission:
         if self.direct_access():

@@ -18,7 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+import aiosmtpd.smtp
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, _AuthMechAttr
 
 from pymailtools import address, route, smtpd_passwd, submit
 from pymailtools.config import Config
@@ -30,6 +31,8 @@ from pymailtools.smtpd_clients import LocalClients, SharedClients
 
 IDENT = "ESMTP pymailtools"
 SHUTDOWN_GRACE = 60.0  # seconds transactions in flight get to finish after SIGTERM
+VERDICT_SECONDS = 2.0  # how long a local recipient's lookup (user, aliases, .forward) is reused
+VERDICT_ENTRIES = 10000  # cached verdicts (and client trust) at most; then start afresh
 # aiosmtpd's own replies, reworded with RFC 3463 codes the way Postfix words them.
 _REWORDED = {
     "250 OK": "250 2.0.0 Ok",
@@ -45,8 +48,25 @@ _GENERIC = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504
             "530": "5.7.0", "553": "5.1.3", "554": "5.5.1", "555": "5.5.4", "454": "4.7.0"}
 
 # aiosmtpd logs every session at INFO/WARNING on "mail.log"; our Logger writes the log lines.
-logging.getLogger("mail.log").addHandler(logging.NullHandler())
-logging.getLogger("mail.log").propagate = False
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+_AIOSMTPD_LOG.addHandler(logging.NullHandler())
+_AIOSMTPD_LOG.propagate = False
+_AIOSMTPD_LOG.setLevel(logging.WARNING)
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _quiet_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    # aiosmtpd sanitizes (a regex match per argument) every command line for its debug and
+    # info lines before the logger looks at its level: ~2% of the listener's CPU, for
+    # nothing at our level. Ask the logger first.
+    level = {"debug": logging.DEBUG, "info": logging.INFO}.get(getattr(func, "__name__", ""))
+    if level is not None and not _AIOSMTPD_LOG.isEnabledFor(level) and \
+            getattr(func, "__self__", None) is _AIOSMTPD_LOG:
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log
 
 
 class Settings:
@@ -77,8 +97,37 @@ class Settings:
         self.bare_newline = "normalize" if stdio else cfg.smtpd_forbid_bare_newline
         # -bd: the queue its starter set up; -bs: submit() sets it up, as for sendmail -bm
         self.queue: Queue | None = None if stdio else Queue(cfg.queue_directory)
+        # local recipient -> (when looked up, the error it gave or None): see local_verdict
+        self.verdicts: dict[str, tuple[float, Exception | None]] = {}
+        self.trust: dict[str | None, bool] = {}
+
+    def local_verdict(self, rcpt: str) -> Exception | None:
+        """The error route.resolve gives for a local recipient (None: deliverable), looked up
+        at most once per VERDICT_SECONDS: a burst of mail for one user costs one passwd,
+        aliases and .forward lookup, as Postfix's cached local_recipient_maps do."""
+        now = time.monotonic()
+        hit = self.verdicts.get(rcpt)
+        if hit is not None and now - hit[0] < VERDICT_SECONDS:
+            return hit[1]
+        error: Exception | None = None
+        try:
+            route.resolve(self.cfg, rcpt)
+        except (DeliveryError, AddressError) as e:
+            error = e
+        if len(self.verdicts) >= VERDICT_ENTRIES:
+            self.verdicts.clear()
+        self.verdicts[rcpt] = (now, error)
+        return error
 
     def trusted_ip(self, ip: str | None) -> bool:
+        known = self.trust.get(ip)
+        if known is None:
+            if len(self.trust) >= VERDICT_ENTRIES:
+                self.trust.clear()
+            known = self.trust[ip] = self._trusted_ip(ip)
+        return known
+
+    def _trusted_ip(self, ip: str | None) -> bool:
         if ip is None:
             return self.stdio
         try:
@@ -131,6 +180,7 @@ class Handler:
         self.clients = clients or LocalClients()
         self.draining = False
         self.uncounted_warned = False
+        self.template: _Template | None = None  # Server.fresh's
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds the hooks with dir() and inspect.getmembers() on every connection;
@@ -216,9 +266,8 @@ class Handler:
             if not trusted and any(c in local_part for c in "%!@"):
                 return self.reject(session, envelope, "RCPT",
                                    f"554 5.7.1 <{addr}>: Relay access denied", addr)
-            try:
-                route.resolve(self.cfg, rcpt)
-            except DeliveryError as e:
+            e = self.settings.local_verdict(rcpt)
+            if isinstance(e, DeliveryError):
                 if e.status == "5.1.1":
                     reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
                              "User unknown in local recipient table")
@@ -227,7 +276,7 @@ class Handler:
                 else:
                     reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
                 return self.reject(session, envelope, "RCPT", reply, addr)
-            except AddressError:
+            if e is not None:
                 return self.reject(session, envelope, "RCPT",
                                    "501 5.1.3 Bad recipient address syntax", addr)
         elif not trusted:
@@ -336,6 +385,24 @@ class _Counted:
         return getattr(self.method, attr)
 
 
+class _Template:
+    """What Server.fresh copies: a built Server's attributes, less those that belong to one
+    connection (asyncio's protocol state, bound methods, the reply buffer)."""
+
+    OWN = frozenset({"_smtp_methods", "_auth_methods", "_held"})
+
+    def __init__(self, built: Server, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        bare = Server.__new__(Server)
+        asyncio.StreamReaderProtocol.__init__(bare, asyncio.StreamReader(loop=loop),
+                                              client_connected_cb=print, loop=loop)
+        mine = self.OWN | set(bare.__dict__)
+        self.attrs = {k: v for k, v in built.__dict__.items() if k not in mine}
+        self.commands = [name for name in built._smtp_methods]
+        self.mechanisms = dict(built._auth_methods)
+
+
 # RFC 5322 atext: what a dot-atom is made of.
 _ATEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
                    "!#$%&'*+-/=?^_`{|}~")
@@ -360,8 +427,31 @@ class Server(SMTP):
         self.counted = False  # this connection is in handler.clients
         self._close_after = False
         self._held: list[str] = []  # the first lines of a multi-line reply
+        self._deadline = self._armed_for = 0.0  # see _reset_timeout
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = _Counted(self, name, method)
+
+    @classmethod
+    def fresh(cls, handler: Handler, loop: asyncio.AbstractEventLoop) -> Server:
+        """The protocol for a new connection: a copy of one built the usual way (once per
+        configuration) with its per-connection parts made anew. aiosmtpd's __init__ looks up
+        its hooks, mechanisms and commands by introspection each time, ~60 us per connection;
+        tests/test_smtpd_fastpath.py checks the copy against a built one, attribute by
+        attribute."""
+        t = handler.template
+        if t is None or t.settings is not handler.settings or t.loop is not loop:
+            t = handler.template = _Template(cls(handler, loop=loop), handler.settings, loop)
+        self = cls.__new__(cls)
+        self.__dict__.update(t.attrs)
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self._held = []
+        self._smtp_methods = {name: _Counted(self, name, getattr(self, "smtp_" + name))
+                              for name in t.commands}
+        self._auth_methods = {name: _AuthMechAttr(getattr(self, how.method.__name__), True)
+                              if how.is_builtin else how for name, how in t.mechanisms.items()}
+        return self
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ runs dir() and inspect.getmembers() over the protocol and the
@@ -397,6 +487,25 @@ class Server(SMTP):
             self.close_transport()
             return
         await method(arg)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-creates a timer at every command; here each command only
+        # moves the deadline, and the one timer re-arms itself if it fires before it.
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None or self._armed_for > self._deadline:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._armed_for = self._deadline
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer)
+
+    def _timer(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._arm()
+        else:
+            self._timeout_cb()
 
     def in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
@@ -687,6 +796,8 @@ class Acceptor:
         self.batch = batch
         self.log = logger
         self.closed = False
+        # socket.accept() converts family and type to enums for every connection
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
 
     def start(self) -> None:
         if not self.closed:
@@ -702,7 +813,7 @@ class Acceptor:
     def _ready(self) -> None:
         for _ in range(self.batch):
             try:
-                conn, _ = self.sock.accept()
+                fd, _ = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
@@ -711,6 +822,7 @@ class Acceptor:
                 self.loop.remove_reader(self.sock.fileno())
                 self.loop.call_later(1.0, self.start)
                 return
+            conn = socket.socket(*self.kind, fileno=fd)
             conn.setblocking(False)
             # No Nagle: a reply written in two parts (one, then 421 and close) must not wait
             # for the client's delayed ACK, ~40 ms. (asyncio sets it itself, but only on
@@ -766,7 +878,7 @@ async def listen(settings: Settings, logger: Logger, socks: list[socket.socket],
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="queue"))
     handler = Handler(settings, logger, queued, clients)
-    acceptors = [Acceptor(loop, s, lambda: Server(handler, loop=loop), batch, logger)
+    acceptors = [Acceptor(loop, s, lambda: Server.fresh(handler, loop), batch, logger)
                  for s in socks]
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

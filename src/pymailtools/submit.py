@@ -53,12 +53,20 @@ class Options:
 
 
 def login_name(uid: int) -> tuple[str, str]:
-    """(login, GECOS full name) of a uid; the uid as text when it has no passwd entry."""
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        return str(uid), ""
-    return pw.pw_name, pw.pw_gecos.split(",", 1)[0]
+    """(login, GECOS full name) of a uid; the uid as text when it has no passwd entry.
+    Looked up once per process (the listener submits thousands of messages as one uid)."""
+    known = _LOGINS.get(uid)
+    if known is None:
+        try:
+            pw = pwd.getpwuid(uid)
+            known = pw.pw_name, pw.pw_gecos.split(",", 1)[0]
+        except KeyError:
+            known = str(uid), ""
+        _LOGINS[uid] = known
+    return known
+
+
+_LOGINS: dict[int, tuple[str, str]] = {}
 
 
 def rfc5322_date(t: float) -> str:
