@@ -10,10 +10,12 @@ import random
 import types
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from pymailtools import smtpd_data
 from pymailtools.config import Config
 from pymailtools.log import Logger
 from pymailtools.smtpd import Handler, Server, Settings, _Counted
@@ -146,3 +148,106 @@ def test_a_fresh_server_is_a_built_one(tmp_path: Path) -> None:
 
     asyncio.run(again())
     assert handler.template.settings is handler.settings
+
+
+async def _aiosmtpd_data(reader: asyncio.StreamReader, size_limit: int,
+                         line_limit: int) -> tuple[bytes, str]:
+    """aiosmtpd 1.4's DATA loop (SMTP.smtp_DATA), as the reference for smtpd_data.read_data."""
+    data: list[bytearray] = []
+    num_bytes, fragments, state = 0, [], ""
+    while True:
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as e:
+            state = state or smtpd_data.TOO_LONG
+            data *= 0
+            line = await reader.read(e.consumed)
+        if not fragments and line == b".\r\n":
+            break
+        num_bytes += len(line)
+        if not state and size_limit and num_bytes > size_limit:
+            state = smtpd_data.TOO_MUCH
+            data *= 0
+        fragments.append(line)
+        if line.endswith(b"\r\n"):
+            if not state:
+                joined = b"".join(fragments)
+                if len(joined) > line_limit:
+                    state = smtpd_data.TOO_LONG
+                    data *= 0
+                else:
+                    data.append(bytearray(joined))
+            fragments = []
+    if state:
+        return b"", state
+    for text in data:
+        if text.startswith(b"."):
+            del text[0]
+    return b"".join(data), ""
+
+
+def _stream(rng: random.Random) -> bytes:
+    """A DATA stream: lines with dots, bare CRs and LFs, some long, the end marker, then
+    perhaps the next commands; or an end marker hidden behind bare line ends."""
+    pieces = [b"a", b"b c", b".", b"..", b"\r", b"\n", b"\r\n", b".\r\n", b"\n.\n", b"\r.\r",
+              b"\n.\r\n", b"x" * rng.choice((5, 19, 30, 999, 1000, 1001, 1500))]
+    body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+    end = rng.choice([b"\r\n.\r\n", b"\r\n.\r\n", b".\r\n"]) if body.endswith(b"\r\n") or \
+        not body else b"\r\n.\r\n"
+    after = rng.choice([b"", b"", b"QUIT\r\n", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", b"."])
+    return body + end + after
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bulk_data_reading_gives_aiosmtpds_answers(seed: int) -> None:
+    """smtpd_data.read_data against aiosmtpd's own loop on 2,500 random streams fed in random
+    pieces: the same content (dots unstuffed), the same verdict, and the same bytes left for
+    the next command. When a message is both too long and too much, either verdict will do."""
+    rng = random.Random(seed)
+
+    async def run(reader_fn: Any, stream: bytes, cuts: list[int], size: int,
+                  width: int) -> tuple[bytes, str, bytes]:
+        reader = asyncio.StreamReader(limit=width)
+        task = asyncio.ensure_future(reader_fn(reader, size, width))
+        last = 0
+        for cut in [*cuts, len(stream)]:
+            reader.feed_data(stream[last:cut])
+            last = cut
+            await asyncio.sleep(0)
+        content, state = await task
+        reader.feed_eof()
+        return content, state, await reader.read()
+
+    async def main() -> None:
+        for _ in range(625):
+            stream = _stream(rng)
+            cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1,
+                                                                rng.randrange(0, 6))))
+            size = rng.choice([0, 0, 40, 200, 1200])
+            width = rng.choice([1001, 1001, 20, 64])
+            want = await run(_aiosmtpd_data, stream, cuts, size, width)
+            got = await run(smtpd_data.read_data, stream, cuts, size, width)
+            if got != want and {got[1], want[1]} == {smtpd_data.TOO_LONG, smtpd_data.TOO_MUCH}:
+                assert got[0] == want[0] == b"" and got[2] == want[2], stream
+                continue
+            assert got == want, (stream, cuts, size, width)
+
+    asyncio.run(main())
+
+
+def test_a_message_of_exactly_the_size_limit_is_kept_however_it_arrives() -> None:
+    """The end marker's dot is no content: one that arrives alone must not tip a message of
+    exactly the limit over it (and neither may its CR)."""
+    body = b"x" * 38 + b"\r\n"  # 40 bytes: exactly the limit
+
+    async def main(cut: int) -> tuple[bytes, str]:
+        reader = asyncio.StreamReader(limit=1001)
+        task = asyncio.ensure_future(smtpd_data.read_data(reader, 40, 1001))
+        stream = body + b".\r\n"
+        reader.feed_data(stream[:cut])
+        await asyncio.sleep(0)
+        reader.feed_data(stream[cut:])
+        return await task
+
+    for cut in range(1, len(body) + 3):
+        assert asyncio.run(main(cut)) == (body, ""), cut

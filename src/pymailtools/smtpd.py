@@ -19,9 +19,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, _AuthMechAttr
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    _AuthMechAttr,
+    syntax,
+)
 
-from pymailtools import address, route, smtpd_passwd, submit
+from pymailtools import address, route, smtpd_data, smtpd_passwd, submit
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
 from pymailtools.errors import AddressError, ConfigError, MailError, TooBigError
@@ -506,6 +514,36 @@ class Server(SMTP):
             self._arm()
         else:
             self._timeout_cb()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the message in bulk (smtpd_data.read_data) instead of one
+        coroutine call per line; the same replies in the same cases."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, problem = await smtpd_data.read_data(
+                self._reader, self.data_size_limit or 0, self.line_length_limit)
+        except asyncio.IncompleteReadError:  # the client went away in the middle of it
+            raise ConnectionResetError("end of file during DATA") from None
+        if problem:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
+                            if problem == smtpd_data.TOO_LONG
+                            else "552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     def in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
