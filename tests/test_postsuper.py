@@ -349,3 +349,30 @@ def test_without_renameat2_entries_are_done_one_by_one(queue: Queue,
     assert "Deleted: 3 messages" in capsys.readouterr().err
     assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
     assert not os.listdir(queue.root + "/messages")  # synchronous: nothing left behind
+
+
+def test_new_entries_under_two_names_go_through_every_operation(queue: Queue) -> None:
+    """A fresh entry is one file, messages/ID and incoming/ID (message + envelope + trailer):
+    the structure check keeps it, hold and release move that file, requeue gives it a plain
+    envelope, and delete removes both names; its message stays exact throughout."""
+    body = b"Subject: two names\n\n" + b"line\n" * 300
+
+    def fresh() -> str:
+        sub = queue.submission()
+        sub.write(body)
+        return sub.commit(Envelope("", "s@x.test", [Recipient("r@y.test")]))
+
+    a, b = fresh(), fresh()
+    assert postsuper("-s").returncode == 0
+    assert states(queue)["incoming"] == sorted([a, b])
+    assert postsuper("-h", a).returncode == 0
+    assert os.stat(queue.path(HOLD, a)).st_ino == os.stat(queue.path("messages", a)).st_ino
+    assert queue.read_message(a) == body
+    assert postsuper("-H", a).returncode == 0 and postsuper("-r", a).returncode == 0
+    assert queue.find(a) == INCOMING and os.stat(queue.path("messages", a)).st_nlink == 1
+    assert Path(queue.path(INCOMING, a)).read_bytes().startswith(b"pymailtools-envelope 1\n")
+    assert queue.read_message(a) == body and postsuper("-s").returncode == 0
+    assert postsuper("-d", b).returncode == 0
+    assert not os.path.exists(queue.path("messages", b))
+    assert states(queue) == {"incoming": [a], "deferred": [], "hold": []}
+    assert not os.listdir(queue.root + "/corrupt")

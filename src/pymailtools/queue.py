@@ -2,9 +2,12 @@
 
 Layout under ``queue_directory``::
 
-    tmp/        files being written (never entries)
-    messages/ID message bytes, written once, never rewritten; flock'ed by whoever works on ID
-    incoming/ID envelope of a new entry (due now)
+    tmp/        envelopes being written (never entries)
+    messages/ID message bytes, written once, never rewritten; flock'ed by whoever works on ID.
+                A new entry's file also holds the envelope it was queued with, after the
+                message, and an ENTRY_TRAILER line: the message is its first env.size bytes
+    incoming/ID envelope of a new entry (due now): for a submission, a second name (hard link)
+                of messages/ID; a plain envelope file once the entry was rewritten
     deferred/ID envelope waiting for a retry; its mtime is the next try time
     hold/ID     envelope kept until released
     corrupt/    entries and maildrop files that failed validation (kept, never deleted)
@@ -13,7 +16,8 @@ Layout under ``queue_directory``::
     trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
 An entry exists once its envelope is in a state directory (published last, after the message
-file is synced and renamed), so a crash leaves either no entry or a complete one.
+file and its directory are synced), so a crash leaves either no entry or a complete one. A
+submission costs one new file and one file fsync: Postfix's count, plus the directories'.
 Cheap to import (sendmail's hot path): os-level calls only.
 """
 
