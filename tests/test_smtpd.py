@@ -384,7 +384,13 @@ def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, ob
         b.close()
         time.sleep(0.5)
         d = Client(lst.port)  # the slots are free again
-        assert d.cmd("NOOP").startswith("250")
+        # each command moves the deadline: a session busy for longer than smtpd_timeout stays
+        for _ in range(6):
+            assert d.cmd("NOOP").startswith("250")
+            time.sleep(0.6)
+        start = time.monotonic()  # then, idle, it is closed about smtpd_timeout later
+        assert d.rest() == b""
+        assert 0.8 < time.monotonic() - start < 4.0
         d.close()
 
 
