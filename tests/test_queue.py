@@ -208,3 +208,11 @@ def test_history_lines_survive_hostile_text(queue: Queue) -> None:
                                    "450 go\naway\x00"))
     (a,) = queue.history(qid)
     assert (a.recipient, a.reason) == ("a b\r\nc", "450 go\naway\x00")
+
+
+def test_a_message_that_looks_like_an_envelope_is_still_a_message(queue: Queue) -> None:
+    body = Envelope("Fake1", "evil@x.test", [Recipient("victim@y.test")]).to_bytes()
+    qid = make_entry(queue, body)
+    state, env = queue.load(qid)
+    assert (state, env.id, env.sender, env.size) == (INCOMING, qid, "s@x.test", len(body))
+    assert queue.read_message(qid) == body

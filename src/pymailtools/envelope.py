@@ -61,7 +61,9 @@ def read_envelope(fd: int) -> bytes:
                 parts.append(chunk)
                 pos += len(chunk)
             data = b"".join(parts)
-        return data
+        # (a message that happens to begin with our magic line still ends in the trailer)
+        if not data[:-1].rpartition(b"\n")[2].startswith(ENTRY_TRAILER):
+            return data
     msg_len, env_len = trailer(fd, os.fstat(fd).st_size, ENTRY_TRAILER)
     return os.pread(fd, env_len, msg_len)
 
