@@ -701,7 +701,6 @@ def test_python_mailbox_rewriting_concurrently_loses_nothing(
             time.sleep(0.01)
         deleted.put(None)
 
-    inode = os.stat(mailbox_path).st_ino
     rw = CTX.Process(target=rewriter)
     rw.start()
     workers = [CTX.Process(target=writer, args=(p,)) for p in range(2)]
@@ -713,8 +712,7 @@ def test_python_mailbox_rewriting_concurrently_loses_nothing(
     rw.join(60)
     assert rw.exitcode == 0 and [w.exitcode for w in workers] == [0, 0]
     gone = set(iter(deleted.get, None))
-    assert len(gone) == 5
-    assert os.stat(mailbox_path).st_ino != inode
+    assert len(gone) == 5  # five rewrites happened (the file's inode number may come back)
     expected = {f"<99.{i}@test>" for i in range(5)}
     expected |= {f"<{p}.{i}@test>" for p in range(2) for i in range(100)}
     ids = message_ids(mailbox_path)

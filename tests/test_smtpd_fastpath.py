@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import io
 import random
 import types
 import weakref
@@ -251,3 +252,44 @@ def test_a_message_of_exactly_the_size_limit_is_kept_however_it_arrives() -> Non
 
     for cut in range(1, len(body) + 3):
         assert asyncio.run(main(cut)) == (body, ""), cut
+
+
+def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QueueWriter: real queue writes on the loop's thread; after one slower than SLOW (a
+    stand-in for a slow disk: a write that sleeps) the next PROBE go to the thread pool, then
+    one is tried on the loop's thread again."""
+    import threading
+    import time
+
+    from pymailtools import submit
+    from pymailtools.queue import Queue
+    from pymailtools.smtpd import QueueWriter
+
+    cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
+    queue = Queue(cfg.queue_directory)
+    queue.ensure()
+    real, slow, where = submit.submit, [False], []
+
+    def recorded(*args: Any) -> str:
+        where.append(threading.current_thread() is threading.main_thread())
+        if slow[0]:
+            time.sleep(QueueWriter.SLOW * 2)
+        return real(*args)
+
+    monkeypatch.setattr(submit, "submit", recorded)
+    writer = QueueWriter()
+    writer.PROBE = 3
+
+    async def write(n: int) -> None:
+        for _ in range(n):
+            opts = submit.Options(["root@localhost"], "a@b.test", fullname="")
+            await writer.submit(cfg, io.BytesIO(b"Subject: x\n\nbody\n"), opts, queue)
+
+    asyncio.run(write(2))
+    slow[0] = True
+    asyncio.run(write(5))
+    slow[0] = False
+    asyncio.run(write(4))
+    assert where == [True, True, True, False, False, False, True, False, False, False, True]
+    assert len(queue.ids("incoming")) == 11
