@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP
 from pymailtools import smtpd_data
 from pymailtools.config import Config
 from pymailtools.log import Logger
-from pymailtools.smtpd import Handler, Server, Settings, _Counted
+from pymailtools.smtpd import Handler, Server, Settings, _Commands, _Counted
 
 SAMPLES = [
     "", " ", "<>", "<> SIZE=10", "<a@b>", "<root@localhost>", "  <a@b>", "\t<a@b>\t",
@@ -110,6 +110,11 @@ def _same_shape(a: object, b: object, fresh: Server, built: Server, path: str) -
         assert type(a) is type(b), path
         for field, x, y in zip(a._fields, a, b, strict=True):
             _same_shape(x, y, fresh, built, f"{path}.{field}")
+    elif isinstance(a, _Commands):
+        assert isinstance(b, _Commands) and list(a) == list(b), path
+        assert a.server is fresh and b.server is built, path
+        for k in a:
+            _same_shape(a[k], b[k], fresh, built, f"{path}[{k!r}]")
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), path
         for k in a:
@@ -256,9 +261,9 @@ def test_a_message_of_exactly_the_size_limit_is_kept_however_it_arrives() -> Non
 
 def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """QueueWriter: real queue writes on the loop's thread; after one slower than SLOW (a
-    stand-in for a slow disk: a write that sleeps) the next PROBE go to the thread pool, then
-    one is tried on the loop's thread again."""
+    """QueueWriter: real queue writes on the loop's thread; one slow write (a stand-in for a
+    slow disk: a write that sleeps) is not a slow disk, but once the average passes SLOW the
+    next PROBE go to the thread pool, then one is tried on the loop's thread again."""
     import threading
     import time
 
@@ -269,27 +274,31 @@ def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
     cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
     queue = Queue(cfg.queue_directory)
     queue.ensure()
-    real, slow, where = submit.submit, [False], []
+    real, delay, where = submit.submit, [0.0], []
 
     def recorded(*args: Any) -> str:
         where.append(threading.current_thread() is threading.main_thread())
-        if slow[0]:
-            time.sleep(QueueWriter.SLOW * 2)
+        time.sleep(delay[0])
         return real(*args)
 
     monkeypatch.setattr(submit, "submit", recorded)
     writer = QueueWriter()
     writer.PROBE = 3
 
-    async def write(n: int) -> None:
-        for _ in range(n):
-            opts = submit.Options(["root@localhost"], "a@b.test", fullname="")
-            await writer.submit(cfg, io.BytesIO(b"Subject: x\n\nbody\n"), opts, queue)
+    def write(n: int, seconds: float) -> None:
+        delay[0] = seconds
 
-    asyncio.run(write(2))
-    slow[0] = True
-    asyncio.run(write(5))
-    slow[0] = False
-    asyncio.run(write(4))
-    assert where == [True, True, True, False, False, False, True, False, False, False, True]
-    assert len(queue.ids("incoming")) == 11
+        async def go() -> None:
+            for _ in range(n):
+                opts = submit.Options(["root@localhost"], "a@b.test", fullname="")
+                await writer.submit(cfg, io.BytesIO(b"Subject: x\n\nbody\n"), opts, queue)
+
+        asyncio.run(go())
+
+    write(2, 0.0)
+    write(1, QueueWriter.SLOW * 2.5)  # one slow fsync: the average stays below SLOW
+    write(1, QueueWriter.SLOW * 15)  # now it is above: the next three go to threads
+    write(3, QueueWriter.SLOW * 15)
+    write(2, 0.0)  # the probe is quick: back on the loop's thread
+    assert where == [True, True, True, True, False, False, False, True, True]
+    assert len(queue.ids("incoming")) == 9

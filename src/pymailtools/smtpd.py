@@ -15,7 +15,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import aiosmtpd.smtp
@@ -154,16 +154,18 @@ class QueueWriter:
 
     A thread hand-off costs more CPU than a fast disk's fsyncs take: the worker thread gives
     the GIL back and waits for it again at each of its twenty-odd system calls, and under
-    smtp-source that cost the listener a quarter of its CPU. But on a slow disk a write on the
-    loop's thread stalls every session of the process, so after one write slower than SLOW the
-    next PROBE writes go to threads, whose fsync waits overlap, and then one is tried inline
-    again."""
+    smtp-source that cost the listener about a third of its CPU. But on a slow disk a write
+    on the loop's thread stalls every session of the process, so once writes take more than
+    SLOW on average (a moving average: one slow fsync is not a slow disk) the next PROBE go
+    to threads, whose fsync waits overlap, and then one is tried inline again."""
 
     SLOW = 0.010  # seconds
     PROBE = 1000  # writes
+    WEIGHT = 0.1  # of the newest write in the average
 
     def __init__(self) -> None:
         self.threaded = 0  # writes left to send to threads
+        self.average = 0.0  # seconds per inline write
 
     async def submit(self, cfg: Config, src: io.BytesIO, opts: submit.Options,
                      queue: Queue | None) -> str:
@@ -171,11 +173,14 @@ class QueueWriter:
             self.threaded -= 1
             return await asyncio.get_running_loop().run_in_executor(
                 None, submit.submit, cfg, src, opts, queue)
-        start = time.monotonic()
+        probe, start = self.threaded == 0 and self.average > self.SLOW, time.monotonic()
         try:
             return submit.submit(cfg, src, opts, queue)
         finally:
-            if time.monotonic() - start > self.SLOW:
+            took = time.monotonic() - start
+            # after a spell in threads the probe alone decides; then the average goes on
+            self.average = took if probe else self.average + self.WEIGHT * (took - self.average)
+            if self.average > self.SLOW:
                 self.threaded = self.PROBE
 
 
@@ -439,8 +444,32 @@ class _Template:
                                               loop=loop)
         mine = self.OWN | set(bare.__dict__)
         self.attrs = {k: v for k, v in built.__dict__.items() if k not in mine}
-        self.commands = [name for name in built._smtp_methods]
+        self.commands = tuple(built._smtp_methods)
         self.mechanisms = dict(built._auth_methods)
+
+
+class _Commands(Mapping[str, _Counted]):
+    """A session's command table (aiosmtpd's ``_smtp_methods``), each method bound when it is
+    looked up: aiosmtpd asks for one command at a time, and binding all of them for every
+    connection was ~5% of the listener's CPU."""
+
+    __slots__ = ("server", "names", "known")
+
+    def __init__(self, server: Server, names: tuple[str, ...]) -> None:
+        self.server = server
+        self.names = names
+        self.known = frozenset(names)
+
+    def __getitem__(self, name: str) -> _Counted:
+        if name not in self.known:
+            raise KeyError(name)
+        return _Counted(self.server, name, getattr(self.server, "smtp_" + name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 # RFC 5322 atext: what a dot-atom is made of.
@@ -468,8 +497,7 @@ class Server(SMTP):
         self._close_after = False
         self._held: list[str] = []  # the first lines of a multi-line reply
         self._deadline = self._armed_for = 0.0  # see _reset_timeout
-        for name, method in list(self._smtp_methods.items()):
-            self._smtp_methods[name] = _Counted(self, name, method)
+        self._smtp_methods = _Commands(self, tuple(self._smtp_methods))
 
     @classmethod
     def fresh(cls, handler: Handler, loop: asyncio.AbstractEventLoop) -> Server:
@@ -487,8 +515,7 @@ class Server(SMTP):
             self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self._held = []
-        self._smtp_methods = {name: _Counted(self, name, getattr(self, "smtp_" + name))
-                              for name in t.commands}
+        self._smtp_methods = _Commands(self, t.commands)
         self._auth_methods = {name: _AuthMechAttr(getattr(self, how.method.__name__), True)
                               if how.is_builtin else how for name, how in t.mechanisms.items()}
         return self

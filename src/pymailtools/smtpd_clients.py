@@ -52,6 +52,7 @@ class SharedClients:
         self.slots = slots
         self.workers = workers
         self.worker = 0  # this process's column, set in each worker after the fork
+        self.keys: dict[str, bytes] = {}
         size = self.row.size * slots
         if hasattr(os, "memfd_create"):
             self.fd = os.memfd_create("pymailtools-smtpd-clients")
@@ -63,12 +64,18 @@ class SharedClients:
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size)
 
-    @staticmethod
-    def key(ip: str) -> bytes:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        if isinstance(addr, ipaddress.IPv4Address):
-            return b"\0" * 10 + b"\xff\xff" + addr.packed  # the same key as ::ffff:a.b.c.d
-        return addr.packed
+    def key(self, ip: str) -> bytes:
+        """The table's key for an address (remembered: each connection asks twice)."""
+        known = self.keys.get(ip)
+        if known is None:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            known = addr.packed
+            if isinstance(addr, ipaddress.IPv4Address):
+                known = b"\0" * 10 + b"\xff\xff" + known  # the same key as ::ffff:a.b.c.d
+            if len(self.keys) >= self.slots:
+                self.keys.clear()
+            self.keys[ip] = known
+        return known
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
