@@ -41,3 +41,21 @@ def test_every_truncation_is_detected() -> None:
 def test_foreign_files_rejected(junk: bytes) -> None:
     with pytest.raises(CorruptEnvelope):
         Envelope.from_bytes(junk)
+
+
+def test_quote_short_cut_gives_the_escaping_loops_answer() -> None:
+    """quote() skips its character loop for plain printable ASCII; every other string still
+    gets %XX for %, white space, controls and DEL, and nothing else is touched."""
+    from pymailtools.envelope import quote, unquote
+
+    def reference(s: str) -> str:
+        return ":" + "".join(ch if 0x21 <= ord(ch) <= 0x7E and ch != "%" or ord(ch) > 0x7F
+                             else f"%{ord(ch):02X}" for ch in s)
+
+    rng = random.Random(7)
+    samples = ["", "a@b.test", "user%host@x", "a b", "x\x7f", "é", "~!#$&'*+/=?^_`{|}"]
+    samples += [_random_text(rng) for _ in range(5000)]
+    samples += ["".join(chr(rng.randrange(0x20, 0x80)) for _ in range(8)) for _ in range(5000)]
+    for s in samples:
+        assert quote(s) == reference(s), repr(s)
+        assert unquote(quote(s)) == s

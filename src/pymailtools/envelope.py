@@ -70,6 +70,8 @@ def read_envelope(fd: int) -> bytes:
 
 def quote(s: str) -> str:
     """':' + s with %, white space, control characters and DEL as %XX (UTF-8 kept)."""
+    if s.isascii() and s.isprintable() and " " not in s and "%" not in s:
+        return ":" + s  # the usual case (addresses, ids), in C
     out = [":"]
     for ch in s:
         if ch in _SAFE or ord(ch) > 0x7F:
