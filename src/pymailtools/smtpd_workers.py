@@ -174,7 +174,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
         run_loop(listen(Settings(self.cfg), self.log, self.socks, self.config_path,
-                            clients=self.clients, batch=1,
+                            clients=self.clients,
                             queued=queued if self.cfg.delivery_mode != "queue" else None,
                             parent_fd=self.alive_r, ready=ready))
         return 0
