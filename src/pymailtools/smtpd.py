@@ -163,7 +163,8 @@ class QueueWriter:
     PROBE = 1000  # writes
     WEIGHT = 0.1  # of the newest write in the average
 
-    def __init__(self) -> None:
+    def __init__(self, logger: Logger | None = None) -> None:
+        self.log = logger
         self.threaded = 0  # writes left to send to threads
         self.average = 0.0  # seconds per inline write
 
@@ -181,6 +182,9 @@ class QueueWriter:
             # after a spell in threads the probe alone decides; then the average goes on
             self.average = took if probe else self.average + self.WEIGHT * (took - self.average)
             if self.average > self.SLOW:
+                if self.log is not None and not probe:
+                    self.log.warning(f"queue writes take {self.average * 1000:.0f} ms: "
+                                     f"the next {self.PROBE} from threads")
                 self.threaded = self.PROBE
 
 
@@ -226,7 +230,7 @@ class Handler:
         self.draining = False
         self.uncounted_warned = False
         self.template: _Template | None = None  # Server.fresh's
-        self.writer = QueueWriter()
+        self.writer = QueueWriter(logger)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds the hooks with dir() and inspect.getmembers() on every connection;
