@@ -216,3 +216,26 @@ def test_a_message_that_looks_like_an_envelope_is_still_a_message(queue: Queue) 
     state, env = queue.load(qid)
     assert (state, env.id, env.sender, env.size) == (INCOMING, qid, "s@x.test", len(body))
     assert queue.read_message(qid) == body
+
+
+def test_a_new_entry_is_never_seen_locked(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message file is locked while it is written (purges keep off) but not once a state
+    file names it: a runner that found a new entry locked would skip it until its next run."""
+    real_link, probes = os.link, []
+
+    def link(src: str, dst: str) -> None:
+        qid = os.path.basename(src)
+        try:
+            os.close(queue.lock(qid))
+            probes.append("free")
+        except EntryBusy:
+            probes.append("locked")
+        real_link(src, dst)
+
+    sub = queue.submission()
+    sub.write(b"Subject: t\n\nb\n")
+    with pytest.raises(EntryBusy):  # while it is written
+        queue.lock(sub.id)
+    monkeypatch.setattr(os, "link", link)
+    sub.commit(Envelope("", "s@x.test", [Recipient("r@example.test")]))
+    assert probes == ["free"]

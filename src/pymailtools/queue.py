@@ -180,11 +180,15 @@ class Submission:
                 crash_point("before_envelope")
                 # the index line goes first: once the entry is published, it must describe it
                 qindex.append(self.queue.root, env, os.fstat(self.fd).st_ino)
+                # Unlocked before it is published: a runner that found a new entry locked
+                # would pass it by until its next run. A purge of orphaned message files
+                # cannot take it meanwhile: the write above made it the newest file there.
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
                 published = self.queue.path(INCOMING, self.id)
                 os.link(self.path, published)
                 self.published = published
                 fsync_dir(self.queue.path(INCOMING))
-                os.close(self.fd)  # and with it the lock: a runner may take the entry now
+                os.close(self.fd)
                 self.fd = -1
             crash_point("after_commit")
         except OSError as e:
