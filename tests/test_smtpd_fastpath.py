@@ -302,3 +302,29 @@ def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
     write(2, 0.0)  # the probe is quick: back on the loop's thread
     assert where == [True, True, True, True, False, False, False, True, True]
     assert len(queue.ids("incoming")) == 9
+
+
+def test_local_recipient_verdicts_are_reused_briefly(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of RCPTs for one address costs one lookup (user, aliases, .forward); a change
+    to the aliases shows once the verdict is older than VERDICT_SECONDS, and a new Settings
+    (SIGHUP) starts afresh."""
+    import time
+
+    from pymailtools import smtpd
+    from pymailtools.delivery import DeliveryError
+
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\n")
+    cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False,
+                  "alias_maps": [str(aliases)], "mydestination": ["localhost"]})
+    monkeypatch.setattr(smtpd, "VERDICT_SECONDS", 0.5)
+    settings = Settings(cfg)
+    assert settings.local_verdict("postmaster@localhost") is None
+    unknown = settings.local_verdict("sales@localhost")
+    assert isinstance(unknown, DeliveryError) and unknown.status == "5.1.1"
+    aliases.write_text("postmaster: root\nsales: root\n")
+    assert settings.local_verdict("sales@localhost") is unknown  # the cached answer
+    assert Settings(cfg).local_verdict("sales@localhost") is None  # a reload asks again
+    time.sleep(0.6)
+    assert settings.local_verdict("sales@localhost") is None  # and so does time

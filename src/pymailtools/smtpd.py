@@ -122,7 +122,7 @@ class Settings:
         try:
             route.resolve(self.cfg, rcpt)
         except (DeliveryError, AddressError) as e:
-            error = e
+            error = e.with_traceback(None)  # kept: without the frames it would keep alive
         if len(self.verdicts) >= VERDICT_ENTRIES:
             self.verdicts.clear()
         self.verdicts[rcpt] = (now, error)
