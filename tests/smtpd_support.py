@@ -140,7 +140,9 @@ def owner(client: Client, pids: list[int]) -> int | None:
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            if fields[2] == peer:
+            if fields[2] == peer and fields[9] != "0":
+                # (a TIME_WAIT socket of an earlier connection from the same client port
+                # has no inode: it belongs to no process)
                 inode = fields[9]
     if inode is None:
         return None
