@@ -37,12 +37,14 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int,
         lines = bytes(buf[line_start:stop]).split(b"\r\n")
         tail = lines.pop()  # the unfinished line; b"" when stop is at a line start
         problem = _check(lines, tail, line_start - 2, size_limit, line_limit)
-        if problem:
-            await _skip(reader, buf[end + 5:] if end >= 0 else buf[-4:], end >= 0)
-            return b"", problem
         if end >= 0:
             _give_back(reader, buf[end + 5:])
+            if problem:
+                return b"", problem
             return bytes(buf[:end + 2]).replace(b"\r\n.", b"\r\n")[2:], ""
+        if problem:
+            await _skip(reader, buf[-4:])
+            return b"", problem
         line_start = stop - len(tail)
         buf += await _more(reader, buf)
 
@@ -62,12 +64,9 @@ def _check(lines: list[bytes], tail: bytes, offset: int, size_limit: int,
     return ""
 
 
-async def _skip(reader: asyncio.StreamReader, last: bytes | bytearray, ended: bool) -> None:
-    """Read and drop the rest of a refused message, up to its end marker; ``last``: the bytes
-    already read after the end (``ended``) or the last few, where the marker may begin."""
-    if ended:
-        _give_back(reader, last)
-        return
+async def _skip(reader: asyncio.StreamReader, last: bytes | bytearray) -> None:
+    """Read and drop the rest of a refused message, up to its end marker; ``last``: the last
+    bytes read, where the marker may begin."""
     buf = bytearray(last)
     while (end := buf.find(_END)) < 0:
         del buf[:-4]
