@@ -74,7 +74,8 @@ def test_flush_and_i_run_the_queue(queue: Queue, sendmail: Sendmail) -> None:
     -i of a missing id is silent, as in Postfix."""
     def entry(qid: str) -> str:
         return put(queue, qid, "", [Recipient("nosuchuser9@host.example.test",
-                                              state="deferred", next_try=time.time() + 9999)])
+                                              state="deferred", next_try=time.time() + 9999)],
+                   arrival=time.time())  # a fixed old arrival would expire and bounce
 
     a, b, c = entry("Fl1"), entry("Fl2"), entry("Fl3")
     assert run("postqueue", "-i", "NoSuch1").returncode == 0
