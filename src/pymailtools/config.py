@@ -183,7 +183,7 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtpd_tls_cert_file": (_optional_path, ""),
     "smtpd_tls_key_file": (_optional_path, ""),
     "smtpd_sasl_password_file": (_optional_path, ""),
-    "smtpd_workers": (_size, 0),  # 0: one listener process per CPU
+    "smtpd_workers": (_size, 0),  # 0: two listener processes per CPU
 }
 
 
