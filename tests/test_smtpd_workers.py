@@ -47,6 +47,20 @@ def wait_for(what: str, check, timeout: float = TIMEOUT) -> None:
         time.sleep(0.05)
 
 
+def test_default_is_two_workers_per_cpu(tmp_path: Path, values: dict[str, object]) -> None:
+    """smtpd_workers = 0 (the default) runs two listener processes per CPU it may use; each
+    takes connections."""
+    values["smtpd_workers"] = 0
+    expected = 2 * len(os.sched_getaffinity(0))
+    with listener(tmp_path, values) as lst:
+        pids = lst.workers(expected)
+        assert len(pids) == expected, pids
+        c = Client(lst.port)
+        assert owner(c, pids) in pids
+        send(c, "default workers")
+        c.close()
+
+
 def test_every_worker_accepts_and_each_message_is_queued_once(tmp_path: Path,
                                                               values: dict[str, object]) -> None:
     values["smtpd_workers"] = 3
