@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -21,16 +22,21 @@ REQUIRE_INTEROP = os.environ.get("PYMAILTOOLS_REQUIRE_INTEROP") == "1"
 BIN = Path(sys.executable).parent
 
 
+def missing(msg: str) -> NoReturn:
+    """Something a test needs is not here: skip locally, fail in CI
+    (PYMAILTOOLS_REQUIRE_INTEROP=1), where it must be."""
+    if REQUIRE_INTEROP:
+        pytest.fail(msg + " but PYMAILTOOLS_REQUIRE_INTEROP=1")
+    pytest.skip(msg)
+
+
 def need_tool(name: str, package: str) -> str:
     """Path of a Debian tool; skip (locally) or fail (CI, PYMAILTOOLS_REQUIRE_INTEROP=1)."""
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
     )
     if path is None:
-        msg = f"{name} not installed (apt-get install {package})"
-        if REQUIRE_INTEROP:
-            pytest.fail(msg + " but PYMAILTOOLS_REQUIRE_INTEROP=1")
-        pytest.skip(msg)
+        missing(f"{name} not installed (apt-get install {package})")
     return path
 
 
@@ -51,9 +57,7 @@ def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
 
 def need_root() -> None:
     if os.geteuid() != 0:
-        if REQUIRE_INTEROP:
-            pytest.fail("test needs root but PYMAILTOOLS_REQUIRE_INTEROP=1")
-        pytest.skip("needs root (creates system users, chowns mailboxes)")
+        missing("needs root (creates system users, chowns mailboxes)")
 
 
 def script(name: str) -> str:
