@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import os
 import pwd
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -314,6 +316,16 @@ def test_bs_pipelined_input_then_eof_is_answered_in_full(sendmail: Sendmail) -> 
     assert sorted(e.sender for _, e, _ in sendmail.entries()) == ["a@x.test", "b@x.test"]
 
 
+def test_bs_ends_at_end_of_input_after_a_line_without_crlf(sendmail: Sendmail) -> None:
+    """A last line without its CRLF can never become a command: the session ends with the
+    input, not smtpd_timeout later."""
+    start = time.monotonic()
+    r = sendmail("-bs", input=b"EHLO x\r\nNOOP", timeout=30)
+    assert r.returncode == 0
+    assert b"250 SMTPUTF8" in r.stdout and b"250 2.0.0 Ok" not in r.stdout
+    assert time.monotonic() - start < 20
+
+
 def test_bs_rejects_recipients_on_the_command_line(sendmail: Sendmail) -> None:
     r = sendmail("-bs", "root@localhost")
     assert r.returncode != 0
@@ -364,7 +376,8 @@ def test_recipient_and_error_limits(tmp_path: Path, values: dict[str, object]) -
 
 
 def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, object]) -> None:
-    values.update(smtpd_client_connection_count_limit=2, smtpd_timeout=2)
+    values.update(smtpd_client_connection_count_limit=2, smtpd_timeout=2,
+                  mynetworks=["10.9.9.0/24"])  # loopback clients would not be counted
     with listener(tmp_path, values) as lst:
         time.sleep(0.5)  # the readiness probe's session has ended
         a, b = Client(lst.port), Client(lst.port)
@@ -393,6 +406,99 @@ def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, ob
         d.close()
 
 
+def test_connections_closed_at_once_free_their_slots(tmp_path: Path,
+                                                    values: dict[str, object]) -> None:
+    """A client that connects and closes straight away (a port probe) gives its slot back at
+    once, not after smtpd_timeout; clients in mynetworks are not counted at all."""
+    values.update(smtpd_client_connection_count_limit=2, smtpd_timeout=120,
+                  mynetworks=["10.9.9.0/24"])
+    with listener(tmp_path, values) as lst:
+        time.sleep(0.5)  # the readiness probe's session has ended
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", lst.port), timeout=TIMEOUT).close()
+        time.sleep(1)
+        a, b = Client(lst.port), Client(lst.port)
+        assert a.greeting.startswith("220") and b.greeting.startswith("220"), b.greeting
+        assert Client(lst.port).greeting.startswith("421 4.7.0")  # the limit still holds
+    values["mynetworks"] = ["127.0.0.0/8"]
+    with listener(tmp_path, values) as lst:
+        clients = [Client(lst.port) for _ in range(4)]
+        assert all(c.greeting.startswith("220") for c in clients)
+
+
+def test_a_slow_message_is_not_cut_off_at_smtpd_timeout(tmp_path: Path,
+                                                        values: dict[str, object]) -> None:
+    """smtpd_timeout is for each wait for the client, not for the whole DATA transfer."""
+    values["smtpd_timeout"] = 2
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        transaction(c)
+        c.send(b"Subject: slow\r\n\r\n")
+        for i in range(8):  # 4 s in all, never 2 s idle
+            time.sleep(0.5)
+            c.send(b"line %d\r\n" % i)
+        assert c.cmd(".").startswith("250 2.0.0 Ok: queued as ")
+        c.close()
+    (_, _, message), = entries(values)
+    assert b"line 7\n" in message
+
+
+def test_pipelined_transaction_after_a_large_message(tmp_path: Path,
+                                                     values: dict[str, object]) -> None:
+    """A 77 KB message, its end and a second transaction in one write (more than one read of
+    the listener's): the second message is queued as sent, its lines never run as commands."""
+    first = b"".join(b"line %05d\r\n" % i for i in range(7000))
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        transaction(c)
+        c.send(b"Subject: one\r\n\r\n" + first + b".\r\nMAIL FROM:<b@x.test>\r\n"
+               b"RCPT TO:<root@localhost>\r\nDATA\r\nSubject: two\r\n\r\n"
+               + b"RSET\r\n" * 40000 + b".\r\nQUIT\r\n")
+        replies = [c.reply()[:12] for _ in range(6)]
+        c.close()
+    assert replies == ["250 2.0.0 Ok", "250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data",
+                       "250 2.0.0 Ok", "221 2.0.0 By"], replies
+    messages = sorted((env.sender, message) for _, env, message in entries(values))
+    assert [m[0] for m in messages] == ["a@x.test", "b@x.test"]
+    assert messages[0][1].count(b"\nline ") == 7000
+    assert messages[1][1].count(b"RSET\n") == 40000
+
+
+def test_the_mail_line_limit_does_not_grow_with_ehlo(tmp_path: Path,
+                                                     values: dict[str, object]) -> None:
+    """aiosmtpd raises its MAIL line limit at each EHLO (for SIZE and SMTPUTF8), in a dict it
+    shares between sessions: thirty EHLOs must not let a 700-byte MAIL line through."""
+    line = "MAIL FROM:<a@x.test> " + "X" * 680
+    with listener(tmp_path, values) as lst:
+        for _ in range(3):
+            other = Client(lst.port)
+            for _ in range(10):
+                assert other.cmd("EHLO other.example").startswith("250")
+            other.close()
+        c = Client(lst.port)
+        for _ in range(10):
+            assert c.cmd("EHLO client.example").startswith("250")
+        assert c.cmd(line).startswith("500 5.5.2"), line
+        assert c.cmd("MAIL FROM:<a@x.test> SMTPUTF8 SIZE=100").startswith("250 2.1.0")
+        c.close()
+
+
+def test_leading_from_lines_over_smtp_are_kept_as_headers(tmp_path: Path,
+                                                          values: dict[str, object]) -> None:
+    """Over SMTP a leading "From " line is the sender's text: kept as X-Mailbox-Line, as
+    Postfix's smtpd does (sendmail on stdin drops it as an mbox envelope line)."""
+    with listener(tmp_path, values) as lst:
+        c = Client(lst.port)
+        transaction(c)
+        reply = c.cmd(b"From the desk of the CEO\r\n>From here on: secret\r\n"
+                      b"Subject: memo\r\n\r\nbody\r\n.\r\n")
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+        c.close()
+    (_, _, message), = entries(values)
+    assert b"\nX-Mailbox-Line: From the desk of the CEO\nX-Mailbox-Line: >From here on: " \
+        b"secret\nSubject: memo\n" in message
+
+
 # --- shutdown ------------------------------------------------------------------------------------
 
 def test_sigterm_finishes_transactions_in_flight(tmp_path: Path,
@@ -418,6 +524,49 @@ def test_bd_detaches_and_bad_listen_address_is_reported(tmp_path: Path,
     r = subprocess.run([script("sendmail"), "-bd"], capture_output=True, text=True, env=env,
                        timeout=TIMEOUT)
     assert r.returncode != 0 and "smtpd_listen" in r.stderr
+
+
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or not ours to read
+        return b""
+
+
+def test_bd_daemon_keeps_no_inherited_descriptor_or_directory(tmp_path: Path,
+                                                              values: dict[str, object]) -> None:
+    """`sendmail -bd 9>&1 | cat` returns: the daemon keeps none of its starter's descriptors
+    but its sockets, and works in /, not in the directory it was started from."""
+    from tests.smtp_support import free_port
+    from tests.smtpd_support import wait_for_port, write_config
+
+    port = free_port()
+    values.update(smtpd_listen=[f"127.0.0.1:{port}"], smtpd_workers=1)
+    write_config(tmp_path / "bd.toml", values)
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(tmp_path / "bd.toml"))
+    read, write = os.pipe()
+    try:
+        r = subprocess.run([script("sendmail"), "-bd"], env=env, timeout=TIMEOUT, cwd=tmp_path,
+                           pass_fds=(write,), capture_output=True)
+        os.close(write)
+        assert r.returncode == 0, r.stderr
+        wait_for_port("127.0.0.1", port)
+        mark = f"PYMAILTOOLS_CONFIG={tmp_path / 'bd.toml'}\0".encode()
+        daemons = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                   and mark in environ(int(pid))]
+        assert len(daemons) == 1, daemons
+        pid, = daemons
+        try:
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
+            os.set_blocking(read, False)
+            assert os.read(read, 1) == b""  # end of file: no process holds the write end
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.close(read)
 
 
 # --- Postfix relaying into our listener --------------------------------------------------------

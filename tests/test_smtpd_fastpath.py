@@ -328,3 +328,42 @@ def test_local_recipient_verdicts_are_reused_briefly(tmp_path: Path,
     assert Settings(cfg).local_verdict("sales@localhost") is None  # a reload asks again
     time.sleep(0.6)
     assert settings.local_verdict("sales@localhost") is None  # and so does time
+
+
+@pytest.mark.parametrize("size_limit", [0, 1000])  # kept, and refused as too much
+def test_bytes_after_the_end_go_back_before_what_the_reader_still_holds(size_limit: int) -> None:
+    """A message, its end and the next commands arriving in one piece larger than a read
+    (smtpd_data.CHUNK): the commands come out of the reader next, in order, whatever part of
+    them the reads took."""
+    message = b"".join(b"line %05d\r\n" % i for i in range(7000))  # 77 KB
+    commands = b"MAIL FROM:<b@x.test>\r\nDATA\r\n" + b"RSET\r\n" * 40000 + b".\r\nQUIT\r\n"
+
+    async def main() -> tuple[bytes, str, bytes]:
+        reader = asyncio.StreamReader(limit=1001)
+        reader.feed_data(message + b".\r\n" + commands)
+        content, problem = await smtpd_data.read_data(reader, size_limit, 1001)
+        reader.feed_eof()
+        return content, problem, await reader.read()
+
+    content, problem, rest = asyncio.run(main())
+    assert (content, problem) == ((message, "") if not size_limit else (b"", "too much"))
+    assert rest == commands
+
+
+def test_data_calls_progress_at_each_read() -> None:
+    """The session's idle timer is moved by every read of a message, not only per command."""
+    calls = []
+
+    async def main() -> bytes:
+        reader = asyncio.StreamReader(limit=1001)
+        task = asyncio.ensure_future(smtpd_data.read_data(reader, 0, 1001,
+                                                          lambda: calls.append(1)))
+        for i in range(5):
+            reader.feed_data(b"part %d\r\n" % i)
+            await asyncio.sleep(0)
+        reader.feed_data(b".\r\n")
+        content, _ = await task
+        return content
+
+    assert asyncio.run(main()) == b"".join(b"part %d\r\n" % i for i in range(5))
+    assert len(calls) == 6

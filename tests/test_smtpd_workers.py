@@ -158,7 +158,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path, values: dict[str, object]) 
 
 def test_a_killed_worker_is_replaced_and_its_connections_forgotten(
         tmp_path: Path, values: dict[str, object]) -> None:
-    values["smtpd_client_connection_count_limit"] = 1
+    values.update(smtpd_client_connection_count_limit=1, mynetworks=["10.9.9.0/24"])
     with listener(tmp_path, values) as lst:
         a, b = pids = lst.workers(2)
         time.sleep(0.5)  # the readiness probe's session has ended

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import io
@@ -355,7 +356,7 @@ class Handler:
         # becomes an ordinary line break, never an end of data at the next hop.
         data = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         opts = submit.Options(list(envelope.rcpt_tos), envelope.mail_from or "", fullname="",
-                              ignore_dots=True,
+                              ignore_dots=True, mailbox_lines=True,
                               received=functools.partial(self.received_header, server, session,
                                                          list(envelope.rcpt_tos)))
         try:
@@ -578,6 +579,14 @@ class Server(SMTP):
         else:
             self._timeout_cb()
 
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd raises the MAIL line limit for SIZE and SMTPUTF8 by adding to a dict on its
+        # class, cleared only in __init__ (which fresh() skips): each EHLO of any session
+        # would raise it for all. Each session gets its own dict, anew at each EHLO.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        await super().smtp_EHLO(hostname)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, reading the message in bulk (smtpd_data.read_data) instead of one
@@ -595,7 +604,8 @@ class Server(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             content, problem = await smtpd_data.read_data(
-                self._reader, self.data_size_limit or 0, self.line_length_limit)
+                self._reader, self.data_size_limit or 0, self.line_length_limit,
+                self._reset_timeout)  # smtpd_timeout per read, as Postfix, not for all of DATA
         except asyncio.IncompleteReadError:  # the client went away in the middle of it
             raise ConnectionResetError("end of file during DATA") from None
         if problem:
@@ -631,7 +641,8 @@ class Server(SMTP):
         ip = peer[0] if isinstance(peer, tuple) and peer else None
         client = f"unknown[{ip}]" if ip is not None else f"local[uid {os.getuid()}]"
         h = self.pmt
-        if ip is not None:
+        # mynetworks clients are not counted (Postfix: smtpd_client_event_limit_exceptions)
+        if ip is not None and (h.draining or not h.settings.trusted_ip(ip)):
             counted = False if h.draining else h.clients.acquire(
                 ip, h.cfg.smtpd_client_connection_count_limit)
             if counted is False:
@@ -650,6 +661,15 @@ class Server(SMTP):
         h.log.info(f"connect from {client}")
         super().connection_made(transport)
         self.session.pmt_state = State(ip, client)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        # aiosmtpd cancels the session's task at end of file; a task cancelled before it ran
+        # (the client closed right after connecting) never closes the transport, and the
+        # connection would hold its client's slot until smtpd_timeout. Close it here.
+        if not self.refused:  # (a refused connection never had a session)
+            super().eof_received()
+        self.close_transport()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.refused:
@@ -764,7 +784,9 @@ class _StdioTransport(asyncio.Transport):
         itself would drop pipelined commands still buffered at end of file)."""
         reader = self.protocol._reader
         while not self.closing:
-            if not reader._buffer and reader._waiter is not None:  # type: ignore[attr-defined]
+            # Waiting for more input: what is left (nothing, or a last line without its
+            # CRLF) can never be a whole command.
+            if reader._waiter is not None:  # type: ignore[attr-defined]
                 self.close()
                 break
             await asyncio.sleep(0.01)

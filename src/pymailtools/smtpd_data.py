@@ -18,6 +18,7 @@ aiosmtpd's loop on random streams in tests/test_smtpd_fastpath.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 TOO_LONG = "too long"
 TOO_MUCH = "too much"
@@ -25,10 +26,12 @@ CHUNK = 65536
 _END = b"\r\n.\r\n"
 
 
-async def read_data(reader: asyncio.StreamReader, size_limit: int,
-                    line_limit: int) -> tuple[bytes, str]:
+async def read_data(reader: asyncio.StreamReader, size_limit: int, line_limit: int,
+                    progress: Callable[[], None] | None = None) -> tuple[bytes, str]:
     """(content, problem): the message with its dots unstuffed and CRLF line ends, and "",
-    TOO_LONG or TOO_MUCH (the content is then empty). IncompleteReadError at end of file."""
+    TOO_LONG or TOO_MUCH (the content is then empty). IncompleteReadError at end of file.
+    ``progress`` is called after each read that brought data (the session's idle timer: a
+    slow client sending a large message is not idle)."""
     buf = bytearray(b"\r\n")  # the CRLF before the first line: DATA starts at a line start
     line_start = 2  # where the first line not yet checked begins in buf
     while True:
@@ -43,10 +46,10 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int,
                 return b"", problem
             return bytes(buf[:end + 2]).replace(b"\r\n.", b"\r\n")[2:], ""
         if problem:
-            await _skip(reader, buf[-4:])
+            await _skip(reader, buf[-4:], progress)
             return b"", problem
         line_start = stop - len(tail)
-        buf += await _more(reader, buf)
+        buf += await _more(reader, buf, progress)
 
 
 def _check(lines: list[bytes], tail: bytes, offset: int, size_limit: int,
@@ -64,26 +67,33 @@ def _check(lines: list[bytes], tail: bytes, offset: int, size_limit: int,
     return ""
 
 
-async def _skip(reader: asyncio.StreamReader, last: bytes | bytearray) -> None:
+async def _skip(reader: asyncio.StreamReader, last: bytes | bytearray,
+                progress: Callable[[], None] | None) -> None:
     """Read and drop the rest of a refused message, up to its end marker; ``last``: the last
     bytes read, where the marker may begin."""
     buf = bytearray(last)
     while (end := buf.find(_END)) < 0:
         del buf[:-4]
-        buf += await _more(reader, buf)
+        buf += await _more(reader, buf, progress)
     _give_back(reader, buf[end + 5:])
 
 
-async def _more(reader: asyncio.StreamReader, buf: bytearray) -> bytes:
+async def _more(reader: asyncio.StreamReader, buf: bytearray,
+                progress: Callable[[], None] | None) -> bytes:
     chunk = await reader.read(CHUNK)
     if not chunk:
         raise asyncio.IncompleteReadError(bytes(buf), None)
+    if progress is not None:
+        progress()
     return chunk
 
 
 def _give_back(reader: asyncio.StreamReader, rest: bytes | bytearray) -> None:
-    """Return bytes read past the end marker (the client's next commands) to the reader; it
-    was emptied by our reads, so they go back in order. Dropped after end of file, as
-    aiosmtpd drops the commands it has not read by then."""
+    """Return bytes read past the end marker (the client's next commands) to the front of the
+    reader's buffer, before what it still holds: a read takes at most CHUNK bytes, and the
+    buffer may hold more (feed_data would put them after those, out of order: body lines
+    of the next message run as commands). Dropped after end of file, as aiosmtpd drops the
+    commands it has not read by then."""
     if rest and not reader.at_eof():
-        reader.feed_data(bytes(rest))
+        # asyncio's StreamReader has no public "unread"; its unread bytes are this bytearray
+        reader._buffer[:0] = rest  # type: ignore[attr-defined]

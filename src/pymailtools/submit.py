@@ -31,13 +31,14 @@ class Options:
     """What a front end (sendmail, mail) asks of one submission."""
 
     __slots__ = ("recipients", "sender", "fullname", "extract", "ignore_dots", "envid", "ret",
-                 "notify", "uid", "received")
+                 "notify", "uid", "received", "mailbox_lines")
 
     def __init__(self, recipients: list[str] | None = None, sender: str | None = None,
                  fullname: str | None = None, extract: bool = False, ignore_dots: bool = False,
                  envid: str = "", ret: str = "", notify: str = "",
                  uid: int | None = None,
-                 received: Callable[[str], str] | None = None) -> None:
+                 received: Callable[[str], str] | None = None,
+                 mailbox_lines: bool = False) -> None:
         self.recipients = list(recipients or [])
         self.sender = sender
         self.fullname = fullname
@@ -50,6 +51,10 @@ class Options:
         # The SMTP listener's own Received: header, given the queue id (LF line ends); None
         # for the local-submission one.
         self.received = received
+        # Leading mbox From_ lines: dropped as envelope (sendmail, as Postfix's postdrop), or
+        # kept as X-Mailbox-Line: headers (the listener, as Postfix's smtpd): over SMTP they
+        # are the sender's text ("From the desk of ...").
+        self.mailbox_lines = mailbox_lines
 
 
 def login_name(uid: int) -> tuple[str, str]:
@@ -215,8 +220,11 @@ def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options,
         sub.write(data)
 
     # Leading mbox From_ lines are envelope, not message (Postfix skips ^>*From ).
+    mailbox_lines: list[bytes] = []
     line = inp.line()
     while line.lstrip(b">").startswith(b"From "):
+        if opts.mailbox_lines:
+            mailbox_lines.append(b"X-Mailbox-Line: " + line.rstrip(b"\n") + b"\n")
         line = inp.line()
 
     headers: list[bytes] = []  # one entry per header, continuation lines included
@@ -260,7 +268,7 @@ def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options,
                              else os.environ.get("NAME", gecos))
         addr = sender or f"MAILER-DAEMON@{host}"
         extra.append(f"From: {name} <{addr}>\n" if name else f"From: {addr}\n")
-    out(top.encode("utf-8", "surrogateescape") + b"".join(headers)
+    out(top.encode("utf-8", "surrogateescape") + b"".join(mailbox_lines) + b"".join(headers)
         + "".join(extra).encode("utf-8", "surrogateescape"))
     if after == b"\n" or overflow:
         out(after)

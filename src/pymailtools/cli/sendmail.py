@@ -272,11 +272,19 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     # -bd: detach like sendmail does, so an init script's call returns.
     from pymailtools.wake import detach
 
+    config_path = os.path.abspath(req.config_path) if req.config_path else None
     if not detach():
         return EX_OK
     code = 1
     try:
-        code = smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path)
+        # A daemon keeps no directory busy and no descriptor its starter gave it but the
+        # listening sockets (a pipe left open would keep a `sendmail -bd | cat` waiting).
+        os.chdir("/")
+        os.closerange(3, min(socks, key=lambda s: s.fileno()).fileno())
+        keep = sorted(s.fileno() for s in socks)
+        for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+            os.closerange(low + 1, high)
+        code = smtpd.serve(cfg, socks, interval=interval, config_path=config_path)
     finally:
         os._exit(code)
 
