@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -533,6 +535,23 @@ def environ(pid: int) -> bytes:
         return b""
 
 
+@contextmanager
+def daemon(config: Path) -> Iterator[int]:
+    """The one detached `sendmail -bd` started with ``config``; stopped (SIGTERM) after."""
+    mark = f"PYMAILTOOLS_CONFIG={config}\0".encode()
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and mark in environ(int(p))]
+    try:
+        assert len(pids) == 1, pids
+        yield pids[0]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def test_bd_daemon_keeps_no_inherited_descriptor_or_directory(tmp_path: Path,
                                                               values: dict[str, object]) -> None:
     """`sendmail -bd 9>&1 | cat` returns: the daemon keeps none of its starter's descriptors
@@ -551,22 +570,55 @@ def test_bd_daemon_keeps_no_inherited_descriptor_or_directory(tmp_path: Path,
         os.close(write)
         assert r.returncode == 0, r.stderr
         wait_for_port("127.0.0.1", port)
-        mark = f"PYMAILTOOLS_CONFIG={tmp_path / 'bd.toml'}\0".encode()
-        daemons = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
-                   and mark in environ(int(pid))]
-        assert len(daemons) == 1, daemons
-        pid, = daemons
-        try:
+        with daemon(tmp_path / "bd.toml") as pid:
             assert os.readlink(f"/proc/{pid}/cwd") == "/"
             os.set_blocking(read, False)
             assert os.read(read, 1) == b""  # end of file: no process holds the write end
-        finally:
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + TIMEOUT
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
     finally:
         os.close(read)
+
+
+def test_default_listen_skips_an_address_the_host_lacks(tmp_path: Path,
+                                                        values: dict[str, object]) -> None:
+    """With the default smtpd_listen (127.0.0.1:25 and [::1]:25) on a host without IPv6,
+    -bd warns and listens on 127.0.0.1:25; a named address that is missing stays an error."""
+    need_root()
+    from tests.smtpd_support import write_config
+
+    values.pop("smtpd_listen", None)
+    values["smtpd_workers"] = 1
+    write_config(tmp_path / "v4.toml", values)
+    script_text = ("ip link set lo up && echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 && "
+                   f"{script('sendmail')} -bd && ss -ltnH")
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(tmp_path / "v4.toml"))
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script_text], env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    with daemon(tmp_path / "v4.toml"):
+        assert r.returncode == 0, r.stderr
+        assert "warning: smtpd_listen: cannot listen on [::1]:25" in r.stderr
+        assert "127.0.0.1:25 " in r.stdout and "[::1]:25" not in r.stdout, r.stdout
+    values["smtpd_listen"] = ["127.0.0.1:2525", "[::1]:2525"]
+    write_config(tmp_path / "named.toml", values)
+    env["PYMAILTOOLS_CONFIG"] = str(tmp_path / "named.toml")
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script_text], env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 78 and "cannot listen on [::1]:2525" in r.stderr, r.stderr
+
+
+def test_a_port_we_may_not_bind_is_exit_77(tmp_path: Path, values: dict[str, object]) -> None:
+    """Port 25 without the capability to bind below 1024: no permission (77), not a
+    configuration error."""
+    need_root()
+    from tests.smtpd_support import write_config
+
+    values["smtpd_listen"] = ["127.0.0.1:25"]
+    write_config(tmp_path / "low.toml", values)
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(tmp_path / "low.toml"))
+    r = subprocess.run(["setpriv", "--inh-caps=-net_bind_service",
+                        "--bounding-set=-net_bind_service", script("sendmail"), "-bD"],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 77, r.stderr
+    assert r.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:25" in r.stderr
 
 
 # --- Postfix relaying into our listener --------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import inspect
 import io
@@ -34,7 +35,13 @@ from aiosmtpd.smtp import (
 from pymailtools import address, route, smtpd_data, smtpd_passwd, submit
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
-from pymailtools.errors import AddressError, ConfigError, MailError, TooBigError
+from pymailtools.errors import (
+    AddressError,
+    ConfigError,
+    MailError,
+    PermissionDenied,
+    TooBigError,
+)
 from pymailtools.log import Logger, escape
 from pymailtools.queue import Queue
 from pymailtools.smtpd_clients import LocalClients, SharedClients
@@ -850,23 +857,41 @@ def parse_listen(item: str) -> tuple[str, int]:
     return host, number
 
 
-def bind(cfg: Config) -> list[socket.socket]:
-    """Listening sockets for every smtpd_listen address (before detaching: errors show)."""
+def bind(cfg: Config, warn: Callable[[str], None] | None = None) -> list[socket.socket]:
+    """Listening sockets for every smtpd_listen address (before detaching: errors show).
+
+    With the default smtpd_listen, an address this host does not have (IPv6 turned off: no
+    ::1) is skipped with a ``warn``ing, as Postfix's default inet_protocols does; an address
+    the administrator named must work. Exit 77 for a port we may not bind (below 1024 without
+    root), 78 for the rest."""
+    from pymailtools.config import SCHEMA
+
+    default = cfg.smtpd_listen == SCHEMA["smtpd_listen"][1]
     socks = []
     try:
         for item in cfg.smtpd_listen:
             host, port = parse_listen(item)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s = None
             try:
+                s = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((host, port))
             except OSError as e:
-                raise ConfigError(f"smtpd_listen: cannot listen on {item}: {e.strerror}") \
-                    from None
+                msg = f"smtpd_listen: cannot listen on {item}: {e.strerror}"
+                if default and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    if s is not None:
+                        socks.remove(s)
+                        s.close()
+                    if warn is not None:
+                        warn(msg + " (skipped)")
+                    continue
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise PermissionDenied(msg) from None
+                raise ConfigError(msg) from None
             s.listen(128)
             s.setblocking(False)
     except BaseException:

@@ -265,7 +265,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     from pymailtools import smtpd
 
     smtpd.Settings(cfg)  # certificate, password file, mynetworks: refuse to start if broken
-    socks = smtpd.bind(cfg)
+    socks = smtpd.bind(cfg, warn)
     if req.daemon_flag == "D":
         return smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path,
                            verbose=bool(req.verbose))
