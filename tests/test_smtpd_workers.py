@@ -217,6 +217,42 @@ def test_accepted_mail_is_delivered_without_a_queue_run(tmp_path: Path,
     assert mbox.read_bytes().count(b"\nFrom ") + mbox.read_bytes().startswith(b"From ") == 3
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_changes_delivery_mode(tmp_path: Path, config_values: dict[str, object],
+                                      system_user: pwd.struct_passwd, workers: int) -> None:
+    """delivery_mode is read for each message: after SIGHUP to "background" accepted mail is
+    delivered at once (with what waited in the queue), after SIGHUP back to "queue" it waits."""
+    name = system_user.pw_name
+    values = dict(config_values, delivery_mode="queue", smtpd_workers=workers)
+    mbox = Path(str(values["mail_spool_directory"])) / name
+
+    def message(i: int) -> None:
+        c = Client(lst.port)
+        send(c, f"mode {i}", rcpt=f"{name}@localhost")
+        c.close()
+
+    def reload(mode: str, times: int) -> None:
+        write_toml(lst.config, dict(lst.values, delivery_mode=mode))
+        lst.proc.send_signal(signal.SIGHUP)
+        wait_for("the reload", lambda: lst.log().count("configuration reloaded") == times)
+
+    with listener(tmp_path, values) as lst:
+        lst.workers(workers if workers > 1 else None)
+        message(0)
+        time.sleep(1.5)
+        assert not mbox.exists()
+        reload("background", workers)
+        message(1)
+        wait_for("delivery", lambda: mbox.exists() and b"mode 0" in mbox.read_bytes()
+                 and b"mode 1" in mbox.read_bytes())
+        reload("queue", 2 * workers)
+        message(2)
+        time.sleep(1.5)
+        assert b"mode 2" not in mbox.read_bytes()
+        assert len(entries(values)) == 1
+        assert lst.stop() == 0
+
+
 # --- the shared table of connections per client ------------------------------------------------
 
 def test_shared_client_table_counts_across_workers_and_forgets_a_dead_one() -> None:

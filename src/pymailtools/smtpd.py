@@ -381,7 +381,8 @@ class Handler:
         self.log.info(f"{qid}: client={st.client}{sasl}")
         self.log.info(f"{qid}: from=<{escape(envelope.mail_from or '')}>, "
                       f"nrcpt={len(envelope.rcpt_tos)} (queued)")
-        self.queued(qid)
+        if self.cfg.delivery_mode != "queue":  # (read at each message: SIGHUP may change it)
+            self.queued(qid)
         return f"250 2.0.0 Ok: queued as {qid}"
 
     def received_header(self, server: Server, session: Session, rcpts: list[str],
@@ -1059,7 +1060,6 @@ def serve(cfg: Config, socks: list[socket.socket], *, interval: int | None,
 
     logger.info(f"daemon started -- listening on {names}")
     run_loop(listen(Settings(cfg), logger, socks, config_path, clients=LocalClients(),
-                        queued=kicker.request if cfg.delivery_mode != "queue" else None,
-                        background=background))
+                        queued=kicker.request, background=background))
     logger.info("daemon stopped")
     return 0

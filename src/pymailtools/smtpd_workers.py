@@ -175,7 +175,7 @@ class Supervisor:
 
         run_loop(listen(Settings(self.cfg), self.log, self.socks, self.config_path,
                             clients=self.clients,
-                            queued=queued if self.cfg.delivery_mode != "queue" else None,
+                            queued=queued,
                             parent_fd=self.alive_r, ready=ready))
         return 0
 
