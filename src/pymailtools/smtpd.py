@@ -563,10 +563,18 @@ class Server(SMTP):
         key = name.lower()
         st.counts[key] = st.counts.get(key, 0) + 1
         if self.pmt.draining and name != "QUIT" and not self.in_transaction():
-            await self.push("421 4.3.2 Service shutting down, closing transmission channel")
-            self.close_transport()
+            await self._shutting_down()
             return
         await method(arg)
+        if self.pmt.draining and name != "QUIT" and not self.in_transaction() and \
+                self.transport is not None:
+            # the transaction this session was let finish is over (DATA, RSET): say so now
+            # rather than wait for a next command the client may never send
+            await self._shutting_down()
+
+    async def _shutting_down(self) -> None:
+        await self.push("421 4.3.2 Service shutting down, closing transmission channel")
+        self.close_transport()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer at every command; here each command only
