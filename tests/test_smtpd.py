@@ -199,6 +199,34 @@ def test_auth_without_tls_is_refused(tmp_path: Path, tls_values: dict[str, objec
     assert entries(tls_values) == []
 
 
+def test_a_stalled_starttls_handshake_ends_at_smtpd_timeout(
+        tmp_path: Path, tls_values: dict[str, object]) -> None:
+    """A client that says STARTTLS and then sends nothing, or leaves in the handshake, is
+    dropped after smtpd_timeout and its connection slot is free again (asyncio's TLS layer
+    tells the session nothing in either case)."""
+    values = dict(tls_values, smtpd_timeout=2, smtpd_client_connection_count_limit=1,
+                  mynetworks=["10.9.9.0/24"])
+    with listener(tmp_path, values) as lst:
+        time.sleep(0.5)  # the readiness probe's session has ended
+        c = Client(lst.port)
+        assert c.cmd("EHLO client.example").startswith("250")
+        assert c.cmd("STARTTLS").startswith("220")
+        start = time.monotonic()
+        assert c.rest() == b""
+        assert time.monotonic() - start < 20  # closed by the listener, not our read timeout
+        c.close()
+        time.sleep(0.5)
+        d = Client(lst.port)
+        assert d.greeting.startswith("220"), d.greeting
+        assert d.cmd("EHLO client.example").startswith("250")
+        assert d.cmd("STARTTLS").startswith("220")
+        d.close()  # gone in the middle of the handshake
+        time.sleep(4)
+        e = Client(lst.port)
+        assert e.greeting.startswith("220"), e.greeting
+        e.close()
+
+
 def test_starttls_discards_pipelined_plaintext(tmp_path: Path,
                                                tls_values: dict[str, object]) -> None:
     import ssl

@@ -510,6 +510,7 @@ class Server(SMTP):
         self._close_after = False
         self._held: list[str] = []  # the first lines of a multi-line reply
         self._deadline = self._armed_for = 0.0  # see _reset_timeout
+        self._tls_up = False  # STARTTLS handshake done
         self._smtp_methods = _Commands(self, tuple(self._smtp_methods))
 
     @classmethod
@@ -592,6 +593,14 @@ class Server(SMTP):
     def _timer(self) -> None:
         if self.loop.time() < self._deadline:
             self._arm()
+        elif self._original_transport is not None and not self._tls_up:
+            # Timed out in the STARTTLS handshake (or the client left during it): asyncio's
+            # TLS layer tells the session nothing then, and closing it would not end the
+            # connection. Drop the TCP connection and end the session as aiosmtpd does when
+            # a handshake fails.
+            self._original_transport.abort()
+            if self.transport is not None:
+                self.connection_lost(None)
         else:
             self._timeout_cb()
 
@@ -650,6 +659,7 @@ class Server(SMTP):
             # The TLS layer after STARTTLS: aiosmtpd starts a fresh Session (the client must
             # EHLO again), but the connection's facts and counters carry over.
             state = self.session.pmt_state  # type: ignore[attr-defined]
+            self._tls_up = True
             super().connection_made(transport)
             self.session.pmt_state = state  # type: ignore[attr-defined]
             return
