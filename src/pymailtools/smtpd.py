@@ -423,6 +423,11 @@ class Handler:
         return AuthResult(success=True, handled=False, auth_data=user)
 
 
+# Commands that end a pipelined group (RFC 2920 section 3.1): the client waits for the reply.
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "NOOP", "VRFY", "EXPN",
+                            "ETRN", "TURN", "HELP"})
+
+
 class _Counted:
     """A command method of one session, run through Server.command. Attribute reads go to
     the method (aiosmtpd's HELP reads the syntax it was decorated with)."""
@@ -559,10 +564,19 @@ class Server(SMTP):
 
     async def command(self, name: str, method: Callable[[str | None], Awaitable[None]],
                       arg: str | None) -> None:
-        """Run one SMTP command: counted for the disconnect log line, 421 while draining."""
+        """Run one SMTP command: counted for the disconnect log line, 421 while draining,
+        554 and the end of the session for improper pipelining."""
+        if self.transport is None or self.transport.is_closing():
+            # closed by an earlier reply (421, 521, 554): aiosmtpd would still run the
+            # commands it has buffered until asyncio reports the connection lost
+            return
         st = _state(self.session)
         key = name.lower()
         st.counts[key] = st.counts.get(key, 0) + 1
+        if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore
+                name in _LAST_IN_GROUP or not self.session.extended_smtp):  # type: ignore
+            await self._improper_pipelining(name, st)
+            return
         if self.pmt.draining and name != "QUIT" and not self.in_transaction():
             await self._shutting_down()
             return
@@ -572,6 +586,17 @@ class Server(SMTP):
             # the transaction this session was let finish is over (DATA, RSET): say so now
             # rather than wait for a next command the client may never send
             await self._shutting_down()
+
+    async def _improper_pipelining(self, name: str, st: State) -> None:
+        """The client sent more after a command it must wait for the reply to (RFC 2920: EHLO,
+        DATA, STARTTLS, AUTH, ...), or pipelined at all after HELO, which does not offer it:
+        as Postfix's smtpd_forbid_unauth_pipelining, which stops injection through a
+        client's unchecked pipelining (and plaintext sent along with STARTTLS)."""
+        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]
+        self.pmt.log.warning(f"improper command pipelining after {name} from {st.client}: "
+                             f"{escape(pending.decode('utf-8', 'replace'))}")
+        await self.push("554 5.5.0 Error: SMTP protocol synchronization")
+        self.close_transport()
 
     async def _shutting_down(self) -> None:
         await self.push("421 4.3.2 Service shutting down, closing transmission channel")
