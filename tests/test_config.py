@@ -37,7 +37,7 @@ def test_durations(text: object, seconds: int) -> None:
     ("key", "value"),
     [("maximal_queue_lifetime", "forever"), ("message_size_limit", -5),
      ("delivery_mode", "sometimes"), ("queue_directory", "relative/path"),
-     ("mydestination", 5), ("syslog", "maybe")],
+     ("mydestination", 5), ("syslog", "maybe"), ("smtpd_workers", 100000)],
 )
 def test_bad_values_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as e:

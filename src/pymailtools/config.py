@@ -60,6 +60,16 @@ def _size(value: object, key: str) -> int:
     return n
 
 
+def _workers(value: object, key: str) -> int:
+    n = _size(value, key)
+    if n > MAX_WORKERS:  # a typo's extra zeros would fork the machine to a halt
+        raise ConfigError(f"{key}: at most {MAX_WORKERS}, got {value!r}")
+    return n
+
+
+MAX_WORKERS = 1024
+
+
 def _string(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -183,7 +193,7 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtpd_tls_cert_file": (_optional_path, ""),
     "smtpd_tls_key_file": (_optional_path, ""),
     "smtpd_sasl_password_file": (_optional_path, ""),
-    "smtpd_workers": (_size, 0),  # 0: two listener processes per CPU
+    "smtpd_workers": (_workers, 0),  # 0: two listener processes per CPU
 }
 
 
