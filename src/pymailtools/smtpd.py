@@ -203,9 +203,22 @@ class State:
         self.ip = ip
         self.client = client  # Postfix's "name[addr]"
         self.errors = 0
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # command -> how many sent
+        self.failed: dict[str, int] = {}  # command -> how many answered 4xx/5xx
+        self.pending = ""  # the command whose verdict (first final reply) is still to come
         self.helo = ""
         self.proto = "SMTP"
+
+
+def _tally(st: State) -> str:
+    """Postfix's command counts: ``ehlo=1 mail=1 rcpt=0/1 data=0/1 commands=2/4``, a count
+    written ok/sent where some were refused."""
+    def one(name: str, sent: int, failed: int) -> str:
+        return f"{name}={sent - failed}/{sent}" if failed else f"{name}={sent}"
+
+    parts = [one(k, v, st.failed.get(k, 0)) for k, v in st.counts.items()]
+    parts.append(one("commands", sum(st.counts.values()), sum(st.failed.values())))
+    return " ".join(parts)
 
 
 def _state(session: Session) -> State:
@@ -573,6 +586,7 @@ class Server(SMTP):
         st = _state(self.session)
         key = name.lower()
         st.counts[key] = st.counts.get(key, 0) + 1
+        st.pending = key
         if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore
                 name in _LAST_IN_GROUP or not self.session.extended_smtp):  # type: ignore
             await self._improper_pipelining(name, st)
@@ -731,10 +745,7 @@ class Server(SMTP):
             st = _state(self.session)
             if st.ip is not None and self.counted:
                 h.clients.release(st.ip)
-            counts = " ".join(f"{k}={v}" for k, v in st.counts.items())
-            total = sum(st.counts.values())
-            h.log.info(f"disconnect from {st.client} {counts} commands={total}".replace("  ",
-                                                                                        " "))
+            h.log.info(f"disconnect from {st.client} {_tally(st)}")
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
@@ -750,9 +761,13 @@ class Server(SMTP):
             text = "\r\n".join((*self._held, text))
             self._held.clear()
         await super().push(text)
-        if self.session is not None and code[:1] in ("4", "5") and sep == " " \
+        st = _state(self.session) if self.session is not None else None
+        if st is not None and st.pending and (code[:1] in ("2", "4", "5") or code == "354"):
+            if code[:1] in "45":  # counted for the disconnect line's rcpt=0/1
+                st.failed[st.pending] = st.failed.get(st.pending, 0) + 1
+            st.pending = ""
+        if st is not None and code[:1] in ("4", "5") and sep == " " \
                 and code != "421" and self.transport is not None:
-            st = _state(self.session)
             st.errors += 1
             if st.errors >= self.pmt.cfg.smtpd_error_limit:
                 self.pmt.log.warning(f"too many errors from {st.client}")
