@@ -94,6 +94,9 @@ def test_unknown_local_user_is_refused_at_rcpt(tmp_path: Path, values: dict[str,
         while tally not in lst.log() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert tally in lst.log(), lst.log()
+        # it said QUIT: only the readiness probe (connected, closed) was a lost connection
+        assert {x for x in lst.log().splitlines() if "lost connection" in x} <= {
+            "smtpd: lost connection after CONNECT from unknown[127.0.0.1]"}
     assert entries(values) == []
     assert not os.path.exists("/tmp/pwned")
 
@@ -487,6 +490,19 @@ def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, ob
         assert d.rest() == b""
         assert 0.8 < time.monotonic() - start < 4.0
         d.close()
+        # Postfix's lines for sessions that end without QUIT
+        for line in ("timeout after CONNECT from unknown[127.0.0.1]\n",  # the slow loris
+                     "timeout after NOOP from unknown[127.0.0.1]\n"):
+            assert line in lst.log(), lst.log()
+        c = Client(lst.port)
+        transaction(c)
+        c.send(b"Subject: half\r\n")
+        c.close()
+        deadline = time.monotonic() + TIMEOUT
+        while "lost connection after DATA from" not in lst.log() and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "lost connection after DATA from unknown[127.0.0.1]\n" in lst.log()
 
 
 def test_connections_closed_at_once_free_their_slots(tmp_path: Path,

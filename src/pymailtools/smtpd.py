@@ -206,6 +206,8 @@ class State:
         self.counts: dict[str, int] = {}  # command -> how many sent
         self.failed: dict[str, int] = {}  # command -> how many answered 4xx/5xx
         self.pending = ""  # the command whose verdict (first final reply) is still to come
+        self.last = "CONNECT"  # for "lost connection after RCPT", as Postfix logs it
+        self.ended = ""  # "timeout", or "closed" when this side ended the session
         self.helo = ""
         self.proto = "SMTP"
 
@@ -587,6 +589,7 @@ class Server(SMTP):
         key = name.lower()
         st.counts[key] = st.counts.get(key, 0) + 1
         st.pending = key
+        st.last = name
         if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore
                 name in _LAST_IN_GROUP or not self.session.extended_smtp):  # type: ignore
             await self._improper_pipelining(name, st)
@@ -632,7 +635,10 @@ class Server(SMTP):
     def _timer(self) -> None:
         if self.loop.time() < self._deadline:
             self._arm()
-        elif self._original_transport is not None and not self._tls_up:
+            return
+        if self.session is not None:
+            _state(self.session).ended = "timeout"
+        if self._original_transport is not None and not self._tls_up:
             # Timed out in the STARTTLS handshake (or the client left during it): asyncio's
             # TLS layer tells the session nothing then, and closing it would not end the
             # connection. Drop the TCP connection and end the session as aiosmtpd does when
@@ -672,6 +678,7 @@ class Server(SMTP):
                 self._reset_timeout)  # smtpd_timeout per read, as Postfix, not for all of DATA
         except asyncio.IncompleteReadError:  # the client went away in the middle of it
             raise ConnectionResetError("end of file during DATA") from None
+        _state(self.session).last = "END-OF-MESSAGE"
         if problem:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
                             if problem == smtpd_data.TOO_LONG
@@ -691,6 +698,8 @@ class Server(SMTP):
 
     def close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self.session is not None:
+                _state(self.session).ended = _state(self.session).ended or "closed"
             self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -733,7 +742,8 @@ class Server(SMTP):
         # connection would hold its client's slot until smtpd_timeout. Close it here.
         if not self.refused:  # (a refused connection never had a session)
             super().eof_received()
-        self.close_transport()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # (not close_transport: the client ended it)
         return False
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -745,6 +755,8 @@ class Server(SMTP):
             st = _state(self.session)
             if st.ip is not None and self.counted:
                 h.clients.release(st.ip)
+            if st.ended != "closed" and "quit" not in st.counts:
+                h.log.info(f"{st.ended or 'lost connection'} after {st.last} from {st.client}")
             h.log.info(f"disconnect from {st.client} {_tally(st)}")
         super().connection_lost(error)
 
