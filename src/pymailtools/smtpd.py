@@ -599,7 +599,7 @@ class Server(SMTP):
             return
         await method(arg)
         if self.pmt.draining and name != "QUIT" and not self.in_transaction() and \
-                self.transport is not None:
+                self.transport is not None and not self.transport.is_closing():
             # the transaction this session was let finish is over (DATA, RSET): say so now
             # rather than wait for a next command the client may never send
             await self._shutting_down()
