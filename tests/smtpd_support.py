@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -15,6 +15,13 @@ from tests.conftest import missing, need_tool, script, write_toml
 from tests.smtp_support import free_port
 
 TIMEOUT = 60  # generous: two shared cores, other suites running
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def write_config(path: Path, values: dict[str, object]) -> None:

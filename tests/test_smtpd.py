@@ -19,7 +19,7 @@ import pytest
 
 from pymailtools import smtpd_passwd
 from tests.conftest import Sendmail, need_root, need_tool, script
-from tests.smtpd_support import TIMEOUT, Client, listener, server_lines, swaks
+from tests.smtpd_support import TIMEOUT, Client, listener, server_lines, swaks, wait_for
 
 PASSWORD = "Zp1-secret!"
 
@@ -90,9 +90,7 @@ def test_unknown_local_user_is_refused_at_rcpt(tmp_path: Path, values: dict[str,
         # Postfix's tally: refused commands as ok/sent
         tally = "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=0/4 data=0/1 quit=1 " \
             "commands=3/8\n"
-        deadline = time.monotonic() + TIMEOUT
-        while tally not in lst.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for("the disconnect line", lambda: tally in lst.log())
         assert tally in lst.log(), lst.log()
         # it said QUIT: only the readiness probe (connected, closed) was a lost connection
         assert {x for x in lst.log().splitlines() if "lost connection" in x} <= {
@@ -498,10 +496,7 @@ def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, ob
         transaction(c)
         c.send(b"Subject: half\r\n")
         c.close()
-        deadline = time.monotonic() + TIMEOUT
-        while "lost connection after DATA from" not in lst.log() and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for("the lost connection", lambda: "lost connection after DATA" in lst.log())
         assert "lost connection after DATA from unknown[127.0.0.1]\n" in lst.log()
 
 

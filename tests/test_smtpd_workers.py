@@ -17,7 +17,16 @@ import pytest
 
 from pymailtools.smtpd_clients import SharedClients
 from tests.conftest import Sendmail, write_toml
-from tests.smtpd_support import TIMEOUT, Client, alive, listener, only, owner, swaks
+from tests.smtpd_support import (
+    TIMEOUT,
+    Client,
+    alive,
+    listener,
+    only,
+    owner,
+    swaks,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -38,13 +47,6 @@ def send(c: Client, body: str, rcpt: str = "root@localhost") -> str:
     reply = c.cmd(f"Subject: {body}\r\n\r\n{body}\r\n.".encode() + b"\r\n")
     assert reply.startswith("250 2.0.0 Ok: queued as "), reply
     return reply.rsplit(" ", 1)[1]
-
-
-def wait_for(what: str, check, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_default_is_two_workers_per_cpu(tmp_path: Path, values: dict[str, object]) -> None:

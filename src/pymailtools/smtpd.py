@@ -33,7 +33,7 @@ from aiosmtpd.smtp import (
 )
 
 from pymailtools import address, route, smtpd_data, smtpd_passwd, submit
-from pymailtools.config import Config
+from pymailtools.config import SCHEMA, Config
 from pymailtools.delivery import DeliveryError
 from pymailtools.errors import (
     AddressError,
@@ -737,13 +737,12 @@ class Server(SMTP):
         self.session.pmt_state = State(ip, client)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
-        # aiosmtpd cancels the session's task at end of file; a task cancelled before it ran
-        # (the client closed right after connecting) never closes the transport, and the
-        # connection would hold its client's slot until smtpd_timeout. Close it here.
+        # aiosmtpd cancels the session's task at end of file but keeps the transport open; a
+        # task cancelled before it ran (the client closed right after connecting) never closes
+        # it, and the connection would hold its client's slot until smtpd_timeout. False: the
+        # transport closes itself (not close_transport: the client ended the session).
         if not self.refused:  # (a refused connection never had a session)
             super().eof_received()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()  # (not close_transport: the client ended it)
         return False
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -935,8 +934,6 @@ def bind(cfg: Config, warn: Callable[[str], None] | None = None) -> list[socket.
     ::1) is skipped with a ``warn``ing, as Postfix's default inet_protocols does; an address
     the administrator named must work. Exit 77 for a port we may not bind (below 1024 without
     root), 78 for the rest."""
-    from pymailtools.config import SCHEMA
-
     default = cfg.smtpd_listen == SCHEMA["smtpd_listen"][1]
     socks = []
     try:

@@ -280,9 +280,8 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
         # A daemon keeps no directory busy and no descriptor its starter gave it but the
         # listening sockets (a pipe left open would keep a `sendmail -bd | cat` waiting).
         os.chdir("/")
-        os.closerange(3, min(socks, key=lambda s: s.fileno()).fileno())
         keep = sorted(s.fileno() for s in socks)
-        for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+        for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
             os.closerange(low + 1, high)
         code = smtpd.serve(cfg, socks, interval=interval, config_path=config_path)
     finally:
