@@ -1,0 +1,108 @@
+"""The wheel installs the man pages and shell completions where man, bash, zsh and fish find them.
+
+Built offline from this tree (hatchling without build isolation), installed into a fresh venv,
+then looked up the way a user's shell does: ``man -w`` with the venv's bin/ first on PATH, the
+bash completion sourced, and bash-completion's own loader finding it by the command's name.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ("sendmail", "mail", "mailx", "mailq", "postqueue", "postsuper", "smtpchat")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "-w", str(out), str(ROOT)], check=True)
+    (whl,) = out.glob("pymailtools-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh venv with the wheel installed (no dependencies: only its files matter here)."""
+    d = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(d / "bin" / "python"),
+                    "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    yield d
+
+
+def _env(venv: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MANPATH", "XDG_DATA_DIRS")}
+    env["PATH"] = f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env.update(extra)
+    return env
+
+
+def test_wheel_carries_every_page_and_completion(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data = "pymailtools-0.1.0.data/data/share/"
+    for page in sorted((ROOT / "man").glob("man?/*.?")):
+        assert f"{data}man/{page.parent.name}/{page.name}" in names
+    for cmd in COMMANDS:
+        assert f"{data}bash-completion/completions/{cmd}" in names
+        assert f"{data}fish/vendor_completions.d/{cmd}.fish" in names
+    for zsh in sorted((ROOT / "completions").glob("_*")):
+        assert f"{data}zsh/site-functions/{zsh.name}" in names
+
+
+@pytest.mark.parametrize(("page", "section"), [("sendmail", "1"), ("mail", "1"), ("mailq", "1"),
+                                               ("postsuper", "1"), ("pymailtools.toml", "5")])
+def test_man_finds_our_page_next_to_bin(venv: Path, page: str, section: str) -> None:
+    man = need_tool("man", "man-db")
+    found = subprocess.run([man, "-w", section, page], env=_env(venv), capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert found and found[0] == str(venv / "share" / "man" / f"man{section}" /
+                                     f"{page}.{section}"), found
+
+
+def test_sourced_bash_completion_registers_the_commands(venv: Path) -> None:
+    need_tool("bash", "bash")
+    comp = venv / "share" / "bash-completion" / "completions"
+    script = "".join(f". {comp / cmd}; complete -p {cmd};" for cmd in COMMANDS)
+    out = subprocess.run(["bash", "--norc", "-c", script], env=_env(venv),
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    for cmd in COMMANDS:
+        assert any(line.startswith("complete -F _pymailtools_") and line.endswith(f" {cmd}")
+                   for line in lines), (cmd, out)
+    assert "complete -F _pymailtools_mail mailx" in lines
+
+
+def test_bash_completion_loader_finds_them_by_name(venv: Path) -> None:
+    loader = Path("/usr/share/bash-completion/bash_completion")
+    if not loader.exists():
+        from tests.conftest import missing
+
+        missing("bash-completion not installed (apt-get install bash-completion)")
+    share = venv / "share"
+    script = (f". {loader}; for c in {' '.join(COMMANDS)}; do __load_completion $c "
+              "&& complete -p $c; done")
+    out = subprocess.run(["bash", "--norc", "-c", script],
+                         env=_env(venv, XDG_DATA_DIRS=f"{share}:/usr/local/share:/usr/share"),
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    for cmd, func in (("sendmail", "sendmail"), ("mail", "mail"), ("mailx", "mail"),
+                      ("mailq", "mailq"), ("postsuper", "postsuper"), ("smtpchat", "smtpchat")):
+        assert f"complete -F _pymailtools_{func} {cmd}" in lines, (cmd, out)
+
+
+def test_fish_loads_the_mailx_completion(venv: Path) -> None:
+    fish = need_tool("fish", "fish")
+    vendor = venv / "share" / "fish" / "vendor_completions.d"
+    out = subprocess.run([fish, "--no-config", "-c", f"source {vendor / 'mailx.fish'}; "
+                          "complete -C'mailx -'"], env=_env(venv), capture_output=True,
+                         text=True, check=True).stdout
+    assert "-s\tSubject" in out, out
