@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.policy
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
 import sys
-from email.header import decode_header, make_header
+import unicodedata
 from email.message import Message
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import TextIO
 
-from pymailtools import mailfolder
+from pymailtools import address, mailfolder
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
 from pymailtools.mailfolder import Entry, Folder
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 EX_NOMAIL = 1
 # Headers p/t show; P/T show them all (mailx "retain" list of most distributions).
 SHOWN_HEADERS = ("date", "from", "to", "cc", "subject", "reply-to")
+# Headers top shows above the first lines (s-nail's default for top).
+TOP_HEADERS = ("from", "to", "cc", "subject")
 
 HELP = """\
                mail commands
@@ -78,25 +82,142 @@ def clean(text: str) -> str:
     return "".join(out)
 
 
-def header_text(msg: Message, name: str) -> str:
-    """A header's value, RFC 2047 decoded, unfolded, terminal-safe; '' when absent."""
-    value = msg.get(name)
-    if value is None:
-        return ""
-    text = str(value)
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+
+
+def raw_value(msg: Message, name: str) -> str | None:
+    """The first ``name`` header as stored (8-bit bytes as surrogate escapes); None when absent.
+
+    compat32's ``msg.get`` would turn each 8-bit byte into U+FFFD before we could decode it.
+    """
+    low = name.lower()
+    return next((v for k, v in msg.raw_items() if k.lower() == low), None)
+
+
+def _bytes_text(data: bytes) -> str:
+    """8-bit header bytes as UTF-8, or as Latin-1 when they are not valid UTF-8."""
     try:
-        text = str(make_header(decode_header(text)))
-    except Exception:  # bogus charsets and broken encoded words: show the raw text
-        pass
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return clean(" ".join(text.split()))
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _unescaped(value: str) -> str:
+    """A stored header value with its 8-bit bytes decoded (RFC 2047 words left as they are)."""
+    return _bytes_text(value.encode("utf-8", "surrogateescape"))
+
+
+def _word(m: re.Match[str]) -> tuple[str, bytes] | None:
+    """(charset, bytes) of one RFC 2047 encoded word; None when it does not decode."""
+    charset, kind, data = m.group(1).split("*", 1)[0].lower(), m.group(2), m.group(3)
+    try:
+        if kind in "Bb":
+            return charset, binascii.a2b_base64(data + "=" * (-len(data) % 4))
+        return charset, binascii.a2b_qp(data.encode("ascii"), header=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _charset_text(charset: str, data: bytes) -> str:
+    try:
+        return data.decode(charset, "replace")
+    except (LookupError, ValueError):  # unknown or non-text codec: as if the bytes were raw
+        return _bytes_text(data)
+
+
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words. Adjacent words join without the space between them, and
+    their bytes join before decoding, so a character split over two words survives."""
+    out: list[str] = []
+    run: list[tuple[str, bytes]] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(text):
+        word = _word(m)
+        if word is None:
+            continue  # stays in the text as it is
+        gap = text[pos : m.start()]
+        if gap.strip() or not run:
+            out.extend(_charset_text(c, d) for c, d in run)
+            run = []
+            out.append(gap)
+        if run and run[-1][0] == word[0]:
+            run[-1] = (word[0], run[-1][1] + word[1])
+        else:
+            run.append(word)
+        pos = m.end()
+    out.extend(_charset_text(c, d) for c, d in run)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def display_text(value: str) -> str:
+    """A stored header value for display: 8-bit bytes decoded, RFC 2047 words decoded,
+    unfolded, terminal-safe."""
+    return clean(" ".join(decode_words(_unescaped(value)).split()))
+
+
+def header_text(msg: Message, name: str) -> str:
+    """A header's value as text (see ``display_text``); '' when absent."""
+    value = raw_value(msg, name)
+    return "" if value is None else display_text(value)
+
+
+def header_addresses(msg: Message, name: str) -> list[tuple[str, str]]:
+    """(display name, address) of each mailbox in an address header, names decoded.
+
+    The list is parsed before RFC 2047 words are decoded, so an encoded comma or angle
+    bracket inside a name stays in the name.
+    """
+    value = raw_value(msg, name)
+    if value is None:
+        return []
+    return [(display_text(n), clean(a)) for n, a in address.parse_list(_unescaped(value))
+            if a]
+
+
+def mailbox_text(name: str, addr: str) -> str:
+    """``Name <addr>`` as a header value to send: the name quoted when it needs it, left in
+    plain text (the composer encodes it for the wire)."""
+    if not name:
+        return addr
+    if any(c in name for c in '()<>[]:;@\\,."'):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{addr}>"
 
 
 def sender_of(e: Entry) -> str:
-    found = [a for _, a in getaddresses([header_text(e.headers, "From")]) if a]
+    """The sender's address: the first of From:, else the From_ line's."""
+    found = header_addresses(e.headers, "From")
     if found:
-        return found[0]
+        return found[0][1]
     return e.from_line.split(" ", 1)[0] if e.from_line else ""
+
+
+def sender_name(e: Entry) -> str:
+    """Who the summary shows: the name part of From: when there is one, else the address."""
+    found = header_addresses(e.headers, "From")
+    if found and found[0][0]:
+        return found[0][0]
+    return sender_of(e)
+
+
+def columns(ch: str) -> int:
+    """Terminal columns a character takes: 2 for wide East Asian, 0 for combining marks."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def fit(text: str, width: int, pad: bool = False) -> str:
+    """``text`` cut to at most ``width`` columns (padded with spaces to it if ``pad``)."""
+    used = 0
+    for i, ch in enumerate(text):
+        w = columns(ch)
+        if used + w > width:
+            text = text[:i]
+            break
+        used += w
+    return text + " " * (width - used) if pad else text
 
 
 def date_of(e: Entry) -> str:
@@ -113,9 +234,10 @@ def date_of(e: Entry) -> str:
 def summary(e: Entry, num: int, current: bool, width: int) -> str:
     lines = e.raw.count(b"\n")
     subject = header_text(e.headers, "Subject")
-    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {sender_of(e)[:18]:<18} "
+    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {fit(sender_name(e), 18, pad=True)} "
             f"{date_of(e)[:16]:<16} {lines:4d}/{len(e.raw):<5d} {subject}")
-    return line[:width].rstrip()
+    # One column short of the width, as s-nail: a full last column makes terminals wrap.
+    return fit(line, width - 1).rstrip()
 
 
 def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
@@ -316,13 +438,10 @@ class Session:
     def render(self, e: Entry, all_headers: bool) -> str:
         out = [f"From {clean(e.from_line)}"] if e.from_line else []
         if all_headers:
-            for name in e.headers.keys():
-                out.append(f"{clean(name)}: {header_text(e.headers, name)}")
+            for name, value in e.headers.raw_items():
+                out.append(f"{clean(name)}: {display_text(value)}")
         else:
-            for name in SHOWN_HEADERS:
-                value = header_text(e.headers, name)
-                if value:
-                    out.append(f"{name.title() if name != 'cc' else 'Cc'}: {value}")
+            out.extend(shown_headers(e, SHOWN_HEADERS))
         out.append("")
         out.append(body_text(e))
         return "\n".join(out)
@@ -551,13 +670,15 @@ class Session:
 
         e = self.box.entries[self.select(args)[0]]
         h = e.headers
-        to = header_text(h, "Reply-To") or header_text(h, "From")
+        found = header_addresses(h, "Reply-To") or header_addresses(h, "From")
+        to = ", ".join(mailbox_text(n, a) for n, a in found)
         draft = Draft(to=[to] if to else [], subject=reply_subject(header_text(h, "Subject")))
         if everyone:
             me = pwd.getpwuid(os.getuid()).pw_name if _has_passwd() else ""
-            others = [f"{n} <{a}>" if n else a
-                      for n, a in getaddresses([header_text(h, "To"), header_text(h, "Cc")])
-                      if a and a.split("@")[0] != me and a not in to]
+            replied = {a.lower() for _, a in found}
+            others = [mailbox_text(n, a)
+                      for n, a in header_addresses(h, "To") + header_addresses(h, "Cc")
+                      if a.split("@")[0] != me and a.lower() not in replied]
             if others:
                 draft.cc.append(", ".join(others))
         msgid = header_text(h, "Message-ID")
@@ -610,8 +731,9 @@ class Session:
 
     def c_top(self, args: str) -> None:
         for i in self.select(args):
-            body = body_text(self.box.entries[i]).split("\n")[:5]
-            self.say(f"Message {i + 1}:\n" + "\n".join(body))
+            e = self.box.entries[i]
+            body = body_text(e).split("\n")[:5]
+            self.say("\n".join([f"Message {i + 1}:", *shown_headers(e, TOP_HEADERS), "", *body]))
 
     def c_help(self, args: str) -> None:
         self.say(HELP.rstrip("\n"))
@@ -664,6 +786,16 @@ class Session:
         return EX_OK
 
 
+def shown_headers(e: Entry, names: tuple[str, ...]) -> list[str]:
+    """``Name: value`` lines of the headers ``names`` that the message has, decoded."""
+    out = []
+    for name in names:
+        value = header_text(e.headers, name)
+        if value:
+            out.append(f"{name.title() if name != 'cc' else 'Cc'}: {value}")
+    return out
+
+
 def body_text(e: Entry) -> str:
     """The text to show for a message: its text part decoded, other parts listed."""
     try:
@@ -713,5 +845,5 @@ def _attachment_line(part: Message, n: int) -> str:
         data = None
     size = len(data) if isinstance(data, bytes) else 0
     name = part.get_filename() or ""
-    name = clean(str(make_header(decode_header(name)))) if name else "(no name)"
+    name = display_text(name) if name else "(no name)"
     return f"[-- Attachment #{n}: {name} ({clean(part.get_content_type())}, {size} bytes) --]"
