@@ -441,7 +441,9 @@ def test_size_limit(tmp_path: Path, values: dict[str, object]) -> None:
 
 
 def test_recipient_and_error_limits(tmp_path: Path, values: dict[str, object]) -> None:
-    values.update(smtpd_recipient_limit=3, smtpd_error_limit=4)
+    # (no overshoot: the first 452 is an error at once; see the overshoot tests below)
+    values.update(smtpd_recipient_limit=3, smtpd_recipient_overshoot_limit=0,
+                  smtpd_error_limit=4)
     with listener(tmp_path, values) as lst:
         c = Client(lst.port)
         c.cmd("EHLO client.example")
@@ -457,6 +459,85 @@ def test_recipient_and_error_limits(tmp_path: Path, values: dict[str, object]) -
         assert c.rest() == b""
         c.close()
         assert "too many errors from unknown[127.0.0.1]" in lst.log()
+
+
+def test_a_long_recipient_list_sent_one_at_a_time_is_taken_in_part(
+        tmp_path: Path, values: dict[str, object]) -> None:
+    """smtplib sends each RCPT and waits for its reply: past smtpd_recipient_limit it gets
+    452 4.5.3 for the rest (its "send these later"), and DATA for the ones taken, as from
+    Postfix; those 452s are not errors that end the session (smtpd_error_limit, 20)."""
+    import smtplib
+
+    rcpts = [f"user{i:04d}@remote.example" for i in range(1100)]
+    with listener(tmp_path, values) as lst:
+        with smtplib.SMTP("127.0.0.1", lst.port, timeout=TIMEOUT) as s:
+            refused = s.sendmail("list@x.test", rcpts,
+                                 b"Subject: the list\r\n\r\nto everyone\r\n")
+            assert sorted(refused) == rcpts[1000:]
+            assert set(refused.values()) == {(452, b"4.5.3 Error: too many recipients")}
+            # the connection is still there for the next transaction
+            assert s.noop()[0] == 250
+            refused = s.sendmail("list@x.test", rcpts[1000:], b"Subject: the rest\r\n\r\nx\r\n")
+            assert refused == {}
+        log = lst.log()
+    assert "too many errors" not in log, log
+    assert " rcpt=1200 " in log, log  # the 452s within the overshoot limit are no refusals
+    first, rest = sorted((e for e in entries(values)), key=lambda e: len(e[1].recipients),
+                         reverse=True)
+    assert [r.address for r in first[1].recipients] == rcpts[:1000]
+    assert b"Subject: the list" in first[2]
+    assert [r.address for r in rest[1].recipients] == rcpts[1000:]
+
+
+# RCPT after RCPT past smtpd_recipient_limit=3: five 452s free (the overshoot limit), then each
+# counts toward smtpd_error_limit=4, whose fourth ends the session: what Postfix's smtpd answers
+# with the same settings (smtpd_hard_error_limit), checked against one below.
+OVERSHOOT = ["250 2.1.5"] * 3 + ["452 4.5.3"] * 9 + ["421 4.7.0"]
+
+
+def overshoot_replies(port: int) -> list[str]:
+    c = Client(port)
+    assert c.cmd("EHLO client.example").startswith("250")
+    assert c.cmd("MAIL FROM:<list@x.test>").startswith("250 2.1.0")
+    replies = [c.cmd(f"RCPT TO:<user{i}@remote.example>") for i in range(12)]
+    replies.append(c.reply())  # the 421 comes unasked, right after the twelfth reply
+    assert c.rest() == b""  # and then the connection closes
+    c.close()
+    return [r[:9] for r in replies]
+
+
+def test_recipient_overshoot_then_counts_toward_the_error_limit(
+        tmp_path: Path, values: dict[str, object]) -> None:
+    values.update(smtpd_recipient_limit=3, smtpd_recipient_overshoot_limit=5,
+                  smtpd_error_limit=4)
+    with listener(tmp_path, values) as lst:
+        assert overshoot_replies(lst.port) == OVERSHOOT
+        # the overshoot is per transaction: a new MAIL gets its five free 452s again
+        c = Client(lst.port)
+        c.cmd("EHLO client.example")
+        for sender in ("a@x.test", "b@x.test"):
+            assert c.cmd(f"MAIL FROM:<{sender}>").startswith("250")
+            for i in range(8):
+                assert c.cmd(f"RCPT TO:<u{i}@remote.example>")[:3] == ("250" if i < 3 else "452")
+            assert c.cmd("RSET").startswith("250")
+        assert c.cmd("QUIT").startswith("221")
+        c.close()
+        log = lst.log()
+    assert "too many errors from unknown[127.0.0.1]" in log
+    assert "rcpt=8/12" in log, log  # as Postfix tallies it: the free 452s are no failures
+
+
+def test_recipient_overshoot_like_postfix(tmp_path: Path, values: dict[str, object]) -> None:
+    need_tool("postfix", "postfix")
+    need_root()
+    from tests.smtpchat_support import Certs, postfix_instance
+
+    extra = ("smtpd_recipient_limit = 3\nsmtpd_recipient_overshoot_limit = 5\n"
+             "smtpd_hard_error_limit = 4\nsmtpd_soft_error_limit = 100\n")
+    values.update(smtpd_recipient_limit=3, smtpd_recipient_overshoot_limit=5,
+                  smtpd_error_limit=4)
+    with listener(tmp_path, values) as lst, postfix_instance(Certs(tmp_path), extra) as pport:
+        assert overshoot_replies(lst.port) == overshoot_replies(pport) == OVERSHOOT
 
 
 def test_connection_count_limit_and_timeout(tmp_path: Path, values: dict[str, object]) -> None:

@@ -186,6 +186,7 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtpd_listen": (_list, ["127.0.0.1:25", "[::1]:25"]),
     "mynetworks": (_list, ["127.0.0.0/8", "::1/128"]),
     "smtpd_recipient_limit": (_size, 1000),
+    "smtpd_recipient_overshoot_limit": (_size, 1000),
     "smtpd_client_connection_count_limit": (_size, 50),
     "smtpd_timeout": (_duration, 300),
     "smtpd_error_limit": (_size, 20),
@@ -251,6 +252,7 @@ class Config:
     smtpd_listen: list[str]
     mynetworks: list[str]
     smtpd_recipient_limit: int
+    smtpd_recipient_overshoot_limit: int
     smtpd_client_connection_count_limit: int
     smtpd_timeout: int
     smtpd_error_limit: int

@@ -203,6 +203,8 @@ class State:
         self.ip = ip
         self.client = client  # Postfix's "name[addr]"
         self.errors = 0
+        self.overshoot = 0  # RCPTs of this transaction refused past smtpd_recipient_limit
+        self.forgiven = False  # the reply about to go out is no error (see handle_RCPT)
         self.counts: dict[str, int] = {}  # command -> how many sent
         self.failed: dict[str, int] = {}  # command -> how many answered 4xx/5xx
         self.pending = ""  # the command whose verdict (first final reply) is still to come
@@ -318,11 +320,19 @@ class Handler:
                                    "501 5.1.7 Bad sender address syntax")
         envelope.mail_from = sender
         envelope.mail_options.extend(mail_options)
+        _state(session).overshoot = 0
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server: Server, session: Session, envelope: Envelope,
                           addr: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.cfg.smtpd_recipient_limit:
+            # A client that sends its whole list one RCPT at a time takes these 452s as "the
+            # rest later" and sends DATA for the ones taken: as Postfix, the first
+            # smtpd_recipient_overshoot_limit of them in a transaction are neither errors
+            # toward smtpd_error_limit nor refusals in the disconnect line's tally.
+            st = _state(session)
+            st.overshoot += 1
+            st.forgiven = st.overshoot <= self.cfg.smtpd_recipient_overshoot_limit
             return self.reject(session, envelope, "RCPT", "452 4.5.3 Error: too many recipients",
                                addr)
         try:
@@ -773,11 +783,14 @@ class Server(SMTP):
             self._held.clear()
         await super().push(text)
         st = _state(self.session) if self.session is not None else None
+        forgiven = st is not None and st.forgiven
+        if st is not None:
+            st.forgiven = False
         if st is not None and st.pending and (code[:1] in ("2", "4", "5") or code == "354"):
-            if code[:1] in "45":  # counted for the disconnect line's rcpt=0/1
+            if code[:1] in "45" and not forgiven:  # counted for the disconnect line's rcpt=0/1
                 st.failed[st.pending] = st.failed.get(st.pending, 0) + 1
             st.pending = ""
-        if st is not None and code[:1] in ("4", "5") and sep == " " \
+        if st is not None and code[:1] in ("4", "5") and sep == " " and not forgiven \
                 and code != "421" and self.transport is not None:
             st.errors += 1
             if st.errors >= self.pmt.cfg.smtpd_error_limit:
