@@ -147,6 +147,20 @@ def test_non_ascii_subject_name_and_body(env: dict[str, str], sendmail: Sendmail
     assert envelope.sender == "joerg@example.test"
 
 
+def test_internationalised_address_is_sent_as_utf8(env: dict[str, str],
+                                                   sendmail: Sendmail) -> None:
+    """An address with a non-ASCII local part (RFC 6531) is queued with raw UTF-8 headers
+    (RFC 6532) for the SMTPUTF8 path, as sendmail takes it; it crashed the composer."""
+    r = run_mail(env, "-s", "Grüße", '"Jörg, M." <Müller@example.test>', "plain@example.test",
+                 input=b"hi\n")
+    assert r.returncode == 0, r.stderr
+    rcpts, msg, raw = only(sendmail)
+    assert rcpts == ["Müller@example.test", "plain@example.test"]
+    head = raw.split(b"\n\n", 1)[0]
+    assert '"Jörg, M." <Müller@example.test>, plain@example.test'.encode() in head
+    assert "Subject: Grüße\n".encode() in head  # UTF-8 throughout, no encoded words
+
+
 def test_invalid_utf8_subject_is_encoded_not_crashed(env: dict[str, str],
                                                      sendmail: Sendmail) -> None:
     """A14: argv bytes that are not UTF-8 become an unknown-8bit encoded word."""

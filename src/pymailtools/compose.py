@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.policy import SMTP
-from email.utils import formataddr, formatdate, make_msgid
+from email.utils import formataddr, formatdate, make_msgid, quote
 
 from pymailtools import address
 from pymailtools.errors import EX_NOINPUT, MailError, UsageError
@@ -162,8 +162,21 @@ def _address_header(values: list[str], origin: str) -> str:
     for value in values:
         for name, addr in address.parse_list(value):
             if addr:
-                parts.append(formataddr((strip_controls(name), address.qualify(addr, origin))))
+                parts.append(_mailbox(strip_controls(name), address.qualify(addr, origin)))
     return ", ".join(parts)
+
+
+def _mailbox(name: str, addr: str) -> str:
+    """``Name <addr>`` for a header. formataddr cannot take an internationalised address
+    (RFC 6531): such a message is written with a UTF-8 policy (see ``build``), so the address
+    goes in as it is and only the name is quoted when it needs it."""
+    if addr.isascii():
+        return formataddr((name, addr))
+    if not name:
+        return addr
+    if any(c in name for c in '()<>@,:;."[]\\'):
+        name = '"' + quote(name) + '"'
+    return f"{name} <{addr}>"
 
 
 def _user_content_type(draft: Draft) -> Message | None:
@@ -198,9 +211,14 @@ def build(draft: Draft, ident: Identity, *, origin: str, hostname: str,
     check_header_text(draft.subject, "subject")
     for name, value in draft.headers:
         check_header_text(value, f"header {name}")
-    msg = EmailMessage(policy=POLICY)
+    # An internationalised address cannot be RFC 2047-encoded: such a message is SMTPUTF8,
+    # its headers raw UTF-8 (RFC 6532), as sendmail accepts and the SMTP client announces.
+    eai = not ident.addr.isascii() or any(
+        not addr.isascii() for value in (*draft.to, *draft.cc) for _, addr in
+        address.parse_list(value))
+    msg = EmailMessage(policy=POLICY.clone(utf8=True) if eai else POLICY)
     msg["Date"] = formatdate(date, localtime=True)
-    msg["From"] = formataddr((ident.name, ident.addr))
+    msg["From"] = _mailbox(ident.name, ident.addr)
     if draft.to:
         msg["To"] = _address_header(draft.to, origin)
     if draft.cc:
