@@ -8,7 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import Sendmail, need_tool, script
+from .test_postqueue import run as tool
 
 BODY = b"First line\nFrom the start of a line\n>From quoted already\n\ttabbed \xc3\xa9\nlast\n"
 
@@ -237,3 +240,58 @@ def test_queue_run_on_a_terminal_shows_progress(sendmail: Sendmail, spool: Path,
         assert sendmail(system_user.pw_name, input=b"Subject: q%d\n\nb\n" % i).returncode == 0
     p = sendmail("-q")
     assert (p.stdout, p.stderr) == (b"", b"")
+
+
+@pytest.mark.parametrize(("mode", "flags"), [("foreground", []), ("queue", ["-odi"]),
+                                             ("queue", ["-v"])], ids=["foreground", "odi", "v"])
+def test_foreground_delivery_delivers_the_bounce_it_queues(
+        sendmail: Sendmail, spool: Path, system_user: pwd.struct_passwd, mode: str,
+        flags: list[str]) -> None:
+    """No daemon, no later queue run: the bounce must be in the sender's mailbox when the
+    submitting command returns."""
+    name = system_user.pw_name
+    p = sendmail(*flags, "-i", "-f", name, "nosuchuser4711", input=b"Subject: lost\n\nbody\n",
+                 mode=mode)
+    assert p.returncode == 0, p.stderr
+    (dsn,) = mbox_messages(spool / name)
+    assert dsn["Subject"] == "Undelivered Mail Returned to Sender"
+    assert "Status: 5.1.1" in dsn.as_string()
+    assert "nosuchuser4711@host.example.test" in dsn.as_string()
+    assert sendmail.entries() == []
+
+
+@pytest.mark.parametrize("argv", [["sendmail", "-q"], ["sendmail", "-qI{qid}"],
+                                  ["sendmail", "-qRhost.example.test"], ["postqueue", "-f"],
+                                  ["postqueue", "-i", "{qid}"],
+                                  ["postqueue", "-s", "host.example.test"]],
+                         ids=["q", "qI", "qR", "postqueue-f", "postqueue-i", "postqueue-s"])
+def test_queue_run_delivers_the_bounce_it_queues(sendmail: Sendmail, spool: Path,
+                                                 system_user: pwd.struct_passwd,
+                                                 argv: list[str]) -> None:
+    """Whatever the run was limited to (one id, one site), the notices it queued go out in it:
+    here the sender is at another local domain than the -qR / -s site."""
+    name = system_user.pw_name
+    assert sendmail("-i", "-f", f"{name}@localhost", "nosuchuser4711",
+                    input=b"Subject: lost\n\nbody\n").returncode == 0
+    ((_, env, _),) = sendmail.entries()
+    args = [a.format(qid=env.id) for a in argv]
+    p = sendmail(*args[1:]) if args[0] == "sendmail" else tool(*args)
+    assert p.returncode == 0, p.stderr
+    (dsn,) = mbox_messages(spool / name)
+    assert dsn["To"] == f"<{name}@localhost>"
+    assert "nosuchuser4711@host.example.test" in dsn.as_string()
+    assert sendmail.entries() == []
+
+
+def test_qR_run_delivers_the_delay_warning_it_queues(sendmail: Sendmail, spool: Path,
+                                                     system_user: pwd.struct_passwd) -> None:
+    name = system_user.pw_name
+    assert sendmail("-f", name, "someone@example.com",
+                    input=b"Subject: slow\n\nb\n").returncode == 0
+    time.sleep(1.2)
+    assert sendmail("-qRexample.com", env={"PYMAILTOOLS_DELAY_WARNING_TIME": "1s"}
+                    ).returncode == 0
+    (dsn,) = mbox_messages(spool / name)
+    assert dsn["Subject"] == "Delayed Mail (still being retried)"
+    ((state, env, _),) = sendmail.entries()
+    assert state == "deferred" and env.sender == f"{name}@host.example.test"

@@ -3,6 +3,7 @@
 and whether the sender got a bounce."""
 
 import io
+import pwd
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pymailtools.queue import STATES, Queue
 from pymailtools.runner import Runner, Stats
 from pymailtools.submit import Options, submit
 
-from .conftest import write_toml
+from .conftest import Sendmail, write_toml
 from .dns_support import TestDNS, start_dns
 from .smtp_support import (
     GREETING,
@@ -26,6 +27,7 @@ from .smtp_support import (
     delivered,
     free_port,
 )
+from .test_e2e import mbox_messages
 
 SENDER = "alice@sender.test"
 MSG = b"Subject: remote\nMessage-ID: <remote-1@sender.test>\n\nHello\n.\nbye\n"
@@ -491,6 +493,60 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
 def test_bd_with_a_bad_interval_is_a_usage_error(sendmail) -> None:  # type: ignore
     # -bd without an interval runs the SMTP listener now (issue 7, tests/test_smtpd.py)
     assert sendmail("-bd", "-qsoon").returncode == 64
+
+
+# -- the foreground run delivers the bounce it queues (no daemon, no later queue run) ---------
+
+def _foreground(config_values: dict, cfg: Config, port: int, tmp_path: Path,
+                user: pwd.struct_passwd, *rcpts: str) -> Sendmail:
+    """``sendmail -f user rcpts...`` with delivery_mode = "foreground"; returns the tool."""
+    conf = _config_file({**config_values, "dns_nameservers": cfg.dns_nameservers,
+                         "dns_timeout": cfg.dns_timeout, "smtp_port": port,
+                         "delivery_mode": "foreground"}, tmp_path / "fg.toml")
+    sendmail = Sendmail(conf, Path(cfg.queue_directory))
+    p = sendmail("-i", "-f", user.pw_name, *rcpts, input=MSG, mode="foreground")
+    assert p.returncode == 0, p.stderr
+    return sendmail
+
+
+def test_null_mx_bounce_reaches_the_local_sender_in_the_same_run(
+        config_values: dict, cfg: Config, port: int, tmp_path: Path, spool: Path,
+        system_user: pwd.struct_passwd) -> None:
+    sendmail = _foreground(config_values, cfg, port, tmp_path, system_user, "bob@nullmx.test")
+    (dsn,) = mbox_messages(spool / system_user.pw_name)
+    text = dsn.as_string()
+    assert "Final-Recipient: rfc822; bob@nullmx.test" in text and "Status: 5.1.10" in text
+    assert sendmail.entries() == []
+
+
+def test_550_for_one_of_three_bounce_reaches_the_local_sender_in_the_same_run(
+        config_values: dict, cfg: Config, port: int, servers: list, tmp_path: Path,
+        spool: Path, system_user: pwd.struct_passwd) -> None:
+    mx1 = sink(servers, "127.0.0.2", port)
+    mx1.handler.rcpt_reply = lambda a, e: "550 5.1.1 no such user" if a.startswith("b@") \
+        else None
+    sendmail = _foreground(config_values, cfg, port, tmp_path, system_user,
+                           "a@good.test", "b@good.test", "c@good.test")
+    assert mx1.handler.by_rcpt() == {"a@good.test": 1, "c@good.test": 1}
+    (dsn,) = mbox_messages(spool / system_user.pw_name)
+    text = dsn.as_string()
+    assert "Final-Recipient: rfc822; b@good.test" in text and "Status: 5.1.1" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in text
+    assert sendmail.entries() == []
+
+
+
+def test_bounce_to_an_unreachable_sender_is_tried_once_and_left_deferred(cfg: Config) -> None:
+    """The foreground run (one id, as sendmail -odi) tries its bounce once and does not wait."""
+    qid = queue(cfg, "bob@nullmx.test", sender="alice@servfail.test")
+    t = time.monotonic()
+    stats = Runner(cfg).run(ids=[qid], force=True)
+    assert time.monotonic() - t < cfg.dns_timeout + 10
+    assert stats.bounced == 1 and stats.deferred == 1
+    ((state, env),) = entries(cfg)
+    (r,) = env.recipients
+    assert (state, env.sender, r.address) == ("deferred", "", "alice@servfail.test")
+    assert r.state == "deferred" and r.attempts == 1 and r.status == "4.4.3"
 
 
 # -- interop: a real Postfix as the receiving MTA ----------------------------------------------

@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote r
 # Entries held locked at once while their remote recipients are sent: large enough to keep
 # sessions busy across destinations, small enough for the file descriptor limit.
 BATCH = 256
+# Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
+# never causes another; the bound only keeps a future kind of notice from chaining without end.
+NOTICE_ROUNDS = 3
 
 
 class Progress:
@@ -129,6 +132,7 @@ class Runner:
         self.stats = Stats()
         self.seen: set[str] = set()
         self._history: dict[str, list[Attempt]] = {}  # attempts of this pass, per entry
+        self._notices: list[str] = []  # ids of the notices queued and not yet delivered
         self.stopping = False  # set (by a signal handler) to end the run after this batch
         self.progress: Progress | None = None
         self._remote: Dispatcher | None = None
@@ -162,14 +166,16 @@ class Runner:
                             continue
                 else:
                     todo = self._all() if force else self.queue.due()
-                # Entries queued during this run (bounces, new submissions) get a pass of
-                # their own.
+                # Entries queued during this run (new submissions) get a pass of their own.
                 todo = [(s, q) for s, q in todo if q not in self.seen and s != "hold"]
                 if not todo:
                     break
                 if self.progress is not None:
                     self.progress.add_total(len(todo))
                 self._run_entries(todo, force=force, site=site)
+                # The notices this pass queued go out now, whatever the run is limited to
+                # (the next look at the queue would hold them to ``site`` as well).
+                self._deliver_notices()
                 if ids is not None:
                     break
         finally:
@@ -208,6 +214,7 @@ class Runner:
         """Deliver one entry (local and remote recipients) and record the outcome."""
         try:
             self._run_entries([(state, qid)], force=force, site=site)
+            self._deliver_notices()
         finally:
             self._close_remote()
 
@@ -243,6 +250,20 @@ class Runner:
         finally:
             for entry in batch:  # only after an exception: they stay as they were
                 entry.close()
+
+    def _deliver_notices(self) -> None:
+        """Deliver the notices (bounces, delay warnings) this run queued, whatever entries or
+        site it was limited to: without a daemon, a notice left queued waits for a queue run
+        that may never come. Each gets the one try of any new entry; one that defers stays
+        deferred for the runs to come."""
+        for _ in range(NOTICE_ROUNDS):
+            todo = [(INCOMING, q) for q in self._notices if q not in self.seen]
+            self._notices = []
+            if not todo or self.stopping:
+                return
+            if self.progress is not None:
+                self.progress.add_total(len(todo))
+            self._run_entries(todo, force=False, site=None)
 
     def _advance(self) -> None:
         if self.progress is not None:
@@ -543,6 +564,7 @@ class Runner:
             self.log.error(f"{env.id}: cannot queue delivery status notification: {e}")
             return
         self.log.info(log.bounce_notice(env.id, bid, delayed=action == "delayed"))
+        self._notices.append(bid)
 
 
 def serve(cfg: Config, interval: int, *, prog: str = "sendmail", verbose: bool = False) -> int:
