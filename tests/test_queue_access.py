@@ -125,13 +125,13 @@ def test_user_submission_into_a_root_queue_not_set_up(world_dir: Path,
     msg.chmod(0o644)
     submit = sendmail_main("sendmail", "-i", "root")
     code, _, err = user_run(system_user, submit, cfg, msg)
-    assert (code, err) == (75, f'sendmail: queue {qdir} is not set up: run "sendmail -q" '
+    assert (code, err) == (73, f'sendmail: queue {qdir} is not set up: run "sendmail -q" '
                                 'once as root\n')
     assert list(place.iterdir()) == []  # nothing half-created
     # The queue root exists, its maildrop does not: the same answer, nothing created.
     qdir.mkdir(mode=0o755)
     code, _, err = user_run(system_user, submit, cfg, msg)
-    assert (code, err) == (75, f'sendmail: queue {qdir} is not set up: run "sendmail -q" '
+    assert (code, err) == (73, f'sendmail: queue {qdir} is not set up: run "sendmail -q" '
                                 'once as root\n')
     assert list(qdir.iterdir()) == []
 

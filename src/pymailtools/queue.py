@@ -39,7 +39,7 @@ from pymailtools.envelope import (
     read_envelope,
     trailer,
 )
-from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, EX_TEMPFAIL, MailError, QueueWriteError
+from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
@@ -69,9 +69,10 @@ def crash_point(name: str) -> None:
 
 class QueueNotSetUp(MailError):
     """The queue (or its maildrop) does not exist yet and this user cannot create it: root
-    must set it up once (75: callers such as cron and PHP try again later)."""
+    must set it up once. 73, as for any queue file that cannot be created: never 75, which
+    PHP's mail() takes for "queued" although nothing was."""
 
-    exit_code = EX_TEMPFAIL
+    exit_code = EX_CANTCREAT
 
     def __init__(self, root: str) -> None:
         super().__init__(f'queue {root} is not set up: run "sendmail -q" once as root')
