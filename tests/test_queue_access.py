@@ -294,3 +294,13 @@ def test_bv_as_an_ordinary_user_says_what_it_could_not_check(
                        text=True, timeout=60, env=dict(os.environ, PYMAILTOOLS_CONFIG=str(cfg)))
     assert (p.returncode, p.stdout) == (0, f"{other_user.pw_name}@host.example.test: forwarded "
                                            "to elsewhere@example.test\n")
+
+
+def test_bv_a_temporary_error_is_not_undeliverable(sendmail: Sendmail, tmp_path: Path) -> None:
+    # Delivery would defer this recipient and try again (4.3.5), so -bv must not call it
+    # undeliverable (67): it could not be verified for now (75).
+    (tmp_path / "aliases").write_text(f"list: :include:{tmp_path}/missing\n")
+    p = sendmail("-bv", "list")
+    assert p.returncode == 75, p.stdout
+    out = p.stdout.decode()
+    assert out.startswith("list@host.example.test: not verified: ") and "(4.3.5)" in out
