@@ -13,11 +13,11 @@ Layout under ``queue_directory``::
     corrupt/    entries and maildrop files that failed validation (kept, never deleted)
     maildrop/   mode 1733: submissions by ordinary users, untrusted input for the root runner
     summaries   the listing's index: one line appended per envelope write (qindex.py)
+    trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
 When every user may list the queue (authorized_mailq_users), incoming/, deferred/, hold/ are
 0755 and summaries 0644: mailq works for ordinary users, who still cannot open an envelope
 (0600) or anything in messages/ and history/ (0700).
-    trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
 An entry exists once its envelope is in a state directory (published last, after the message
 file and its directory are synced), so a crash leaves either no entry or a complete one. A
