@@ -122,6 +122,19 @@ def _optional_path(value: object, key: str) -> str:
     return _path(value, key)
 
 
+ANYONE = "static:anyone"
+
+
+def _users(value: object, key: str) -> list[str]:
+    """``static:anyone`` or a list of user names (Postfix's authorized_*_users, without its
+    other lookup tables); an empty list admits nobody but root and the queue's owner."""
+    items = _list(value, key)
+    for item in items:
+        if ":" in item and item != ANYONE:
+            raise ConfigError(f"{key}: expected static:anyone or user names, got {item!r}")
+    return items
+
+
 def _nameservers(value: object, key: str) -> list[str]:
     """``ip`` or ``ip:port`` (``[v6]:port`` for IPv6 with a port); checked when used."""
     items = _list(value, key)
@@ -156,6 +169,9 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "allow_mail_to_commands": (_list, ["alias", "forward"]),
     "allow_mail_to_files": (_list, ["alias", "forward"]),
     "syslog": (_boolean, True),
+    # Who may list (mailq) and flush (postqueue -f, sendmail -q) the queue; root always may.
+    "authorized_mailq_users": (_users, [ANYONE]),
+    "authorized_flush_users": (_users, [ANYONE]),
     # Remote delivery (SMTP client); names and defaults are Postfix's where it has them.
     "relayhost": (_string, ""),
     "smtp_port": (_size, 25),
@@ -224,6 +240,8 @@ class Config:
     allow_mail_to_commands: list[str]
     allow_mail_to_files: list[str]
     syslog: bool
+    authorized_mailq_users: list[str]
+    authorized_flush_users: list[str]
     relayhost: str
     smtp_port: int
     dns_nameservers: list[str]
@@ -286,6 +304,11 @@ class Config:
             )
         if not hasattr(self, "queue_directory"):
             self.queue_directory = default_queue_directory()
+
+    @property
+    def public_listing(self) -> bool:
+        """May every user list the queue? Then Queue.ensure makes the listing readable."""
+        return ANYONE in self.authorized_mailq_users
 
     def is_local_domain(self, domain: str) -> bool:
         d = domain.lower().rstrip(".")

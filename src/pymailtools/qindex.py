@@ -48,6 +48,32 @@ def path(root: str) -> str:
     return root + "/" + NAME
 
 
+def file_mode(root: str) -> int:
+    """The index's mode: readable by every user when the state directories are listable by
+    every user (Queue.ensure makes them so when anyone may run mailq), else private."""
+    try:
+        public = os.stat(root + "/" + STATES[0]).st_mode & 0o004
+    except OSError:
+        public = 0
+    return 0o644 if public else 0o600
+
+
+def set_mode(root: str, public: bool) -> None:
+    """Bring an existing index to the listing's mode (the queue's owner; best effort)."""
+    try:
+        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        mode = 0o644 if public else 0o600
+        if os.fstat(fd).st_mode & 0o7777 != mode:
+            os.fchmod(fd, mode)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def record(env: Envelope, ino: int) -> bytes:
     """The index line for ``env`` stored in the file with inode ``ino``: the fields, then
     (after US) the entry's mailq text after its date, with RS for newline (printable() left
@@ -103,7 +129,11 @@ def _append(root: str, line: bytes) -> None:
                 current = -1
             if st.st_ino != current:
                 continue  # rebuilt or removed while we waited: append to the current one
-            data = header(root) + line if st.st_size == 0 else line
+            if st.st_size == 0:  # a new index: its mode follows the state directories'
+                os.fchmod(fd, file_mode(root))
+                data = header(root) + line
+            else:
+                data = line
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, "short write")
             return
@@ -382,6 +412,7 @@ def rebuild(root: str) -> int:
                 if len(buf) >= 4096:
                     _write(out, buf)
         _write(out, buf)
+        os.fchmod(out, file_mode(root))
         _swap(root, old, end, out, tmp)
     finally:
         os.close(out)

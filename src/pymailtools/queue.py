@@ -15,6 +15,10 @@ Layout under ``queue_directory``::
     summaries   the listing's index: one line appended per envelope write (qindex.py)
     trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
+When every user may list the queue (authorized_mailq_users), incoming/, deferred/, hold/ are
+0755 and summaries 0644: mailq works for ordinary users, who still cannot open an envelope
+(0600) or anything in messages/ and history/ (0700).
+
 An entry exists once its envelope is in a state directory (published last, after the message
 file and its directory are synced), so a crash leaves either no entry or a complete one. A
 submission costs one new file and one file fsync: Postfix's count, plus the directories'.
@@ -67,6 +71,17 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), 9)
 
 
+class QueueNotSetUp(MailError):
+    """The queue (or its maildrop) does not exist yet and this user cannot create it: root
+    must set it up once. 73, as for any queue file that cannot be created: never 75, which
+    PHP's mail() takes for "queued" although nothing was."""
+
+    exit_code = EX_CANTCREAT
+
+    def __init__(self, root: str) -> None:
+        super().__init__(f'queue {root} is not set up: run "sendmail -q" once as root')
+
+
 class EntryBusy(MailError):
     """Another process holds the entry's lock (a runner delivering it, or postsuper)."""
 
@@ -87,6 +102,16 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _set_dir_mode(path: str, mode: int) -> None:
+    """chmod a directory (never through a symlink) when its mode differs."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -250,18 +275,20 @@ class Queue:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def ensure(self) -> None:
-        """Create the tree with explicit modes (umask-proof); refuse a symlinked queue root."""
+    def ensure(self, public: bool = True, *, repair: bool = False) -> None:
+        """Create the tree with explicit modes (umask-proof); refuse a symlinked queue root.
+
+        ``public``: every user may list the queue (authorized_mailq_users = static:anyone):
+        the state directories are 0755 and the summary index 0644, so a listing shows ids,
+        senders and recipients; messages, envelopes (0600) and histories stay private.
+        ``repair``: also bring existing state directories and the index to those modes (the
+        queue's owner, in queue runs; not on the submission path).
+        Raises QueueNotSetUp when the queue is missing and its place belongs to someone else.
+        """
         try:
             st = os.lstat(self.root)
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(self.root) or ".", exist_ok=True)
-            try:
-                os.mkdir(self.root, 0o755)
-                os.chmod(self.root, 0o755)
-            except FileExistsError:
-                pass
-            st = os.lstat(self.root)
+            st = self._create_root()
         except OSError as e:
             raise QueueWriteError(f"{self.root}: {e.strerror}", EX_CANTCREAT) from None
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
@@ -269,16 +296,64 @@ class Queue:
                             EX_CONFIG)
         mine = st.st_uid == os.geteuid()
         for name, mode in _DIR_MODES.items():
+            if public and name in STATES:
+                mode = 0o755
             p = os.path.join(self.root, name)
             try:
                 os.mkdir(p, mode)
             except FileExistsError:
+                if repair and mine and name in STATES:
+                    _set_dir_mode(p, mode)
                 continue
-            except PermissionError:
+            except PermissionError as e:
                 if mine:
-                    raise
+                    raise QueueWriteError(f"cannot create {p}: {e.strerror}",
+                                          EX_CANTCREAT) from None
                 continue
+            except OSError as e:
+                raise QueueWriteError(f"cannot create {p}: {e.strerror}", EX_CANTCREAT) from None
             os.chmod(p, mode)
+        if repair and mine:
+            qindex.set_mode(self.root, public)
+
+    def _create_root(self) -> os.stat_result:
+        """Create a missing queue root (and its parents). In a place owned by someone else
+        (root's queue, not set up yet, and an ordinary user): QueueNotSetUp, nothing made."""
+        try:
+            os.makedirs(os.path.dirname(self.root) or ".", exist_ok=True)
+            try:
+                os.mkdir(self.root, 0o755)
+                os.chmod(self.root, 0o755)
+            except FileExistsError:
+                pass
+            return os.lstat(self.root)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM) and not self._place_is_mine():
+                raise QueueNotSetUp(self.root) from None
+            raise QueueWriteError(f"cannot create the queue directory {self.root}: "
+                                  f"{e.strerror}", EX_CANTCREAT) from None
+
+    def _place_is_mine(self) -> bool:
+        """Is the nearest existing ancestor of the queue root ours (or are we root)?"""
+        if os.geteuid() == 0:
+            return True
+        p = os.path.dirname(os.path.abspath(self.root))
+        while True:
+            try:
+                return os.stat(p).st_uid == os.geteuid()
+            except FileNotFoundError:
+                if p == os.path.dirname(p):
+                    return False
+                p = os.path.dirname(p)
+            except OSError:
+                return False
+
+    def prepare(self, public: bool = True) -> bool:
+        """Before working on entries (a queue run, a flush, postsuper, the listener): set the
+        tree up where this process may and bring the listing's modes to ``public``; then
+        say whether this process can work on entries itself (``direct_access``)."""
+        self.ensure(public, repair=True)
+        return self.direct_access()
 
     def direct_access(self) -> bool:
         """Can this process write entries itself (root or the queue's owner)? A yes is
@@ -294,6 +369,12 @@ class Queue:
             return Submission(self, maildrop=False)
         if os.access(self.path(MAILDROP), os.W_OK | os.X_OK):
             return Submission(self, maildrop=True)
+        try:
+            os.lstat(self.path(MAILDROP))
+        except FileNotFoundError:
+            raise QueueNotSetUp(self.root) from None
+        except OSError:
+            pass
         raise QueueWriteError(f"cannot create queue file: no write access to {self.root}",
                               EX_CANTCREAT)
 

@@ -108,6 +108,9 @@ class _Expander:
         self.targets: list[Target] = []
         self.done: set[tuple[str, str]] = set()  # expanded once already: no need to repeat
         self.how = "mailbox"  # what the top-level name was: "alias", "forward" or "mailbox"
+        # sendmail -bv as an ordinary user: what could not be checked (another user's
+        # .forward) is noted here and passed by; None (delivery) makes it an error.
+        self.unverified: list[str] | None = None
 
     # -- names ------------------------------------------------------------------------------
 
@@ -189,6 +192,9 @@ class _Expander:
                                  _reader(path, (pw.pw_uid, 0), unsafe_mode=0o022))
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                if os.geteuid() not in (0, pw.pw_uid) and self.unverified is not None:
+                    self.unverified.append(f"cannot read {path} as an ordinary user")
                     continue
                 if os.geteuid() not in (0, pw.pw_uid):
                     raise DeliveryError(f"cannot read {path} without root privileges: "
@@ -323,17 +329,21 @@ def describe(target: Target) -> str:
 
 
 def explain(config: Config, address: str) -> str:
-    """One line for ``sendmail -bv``; raises DeliveryError when the address is undeliverable."""
+    """One line for ``sendmail -bv``; raises DeliveryError when the address is undeliverable.
+    What this user could not check (another user's .forward) is said after the answer."""
     if not is_local(config, address):
         return f"{address}: remote (remote delivery not implemented yet)"
-    exp = _expand(config, address)
+    exp = _Expander(config)
+    exp.unverified = []
+    exp.name(local_name(address), ())
     targets = list(dict.fromkeys(exp.targets))
+    note = f" (not verified: {'; '.join(exp.unverified)})" if exp.unverified else ""
     if exp.how == "mailbox" and len(targets) == 1 and isinstance(targets[0], Mailbox):
         path, is_maildir = mailbox_path(config, targets[0].user)
         kind = "maildir" if is_maildir else "mailbox"
-        return f"{address}: deliverable: local {kind} {path}{'/' if is_maildir else ''}"
+        return f"{address}: deliverable: local {kind} {path}{'/' if is_maildir else ''}{note}"
     verb = "aliased to" if exp.how == "alias" else "forwarded to"
-    return f"{address}: {verb} {', '.join(describe(t) for t in targets) or 'nothing'}"
+    return f"{address}: {verb} {', '.join(describe(t) for t in targets) or 'nothing'}{note}"
 
 
 def delivered_to_loop(message: BinaryIO, recipient: str) -> bool:

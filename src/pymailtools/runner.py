@@ -148,7 +148,7 @@ class Runner:
         ``housekeeping`` also removes debris of crashed submissions older than a day.
         """
         if os.geteuid() == 0 or self.queue.direct_access():
-            self.queue.ensure()
+            self.queue.ensure(self.cfg.public_listing, repair=True)
         if housekeeping and self.queue.direct_access():
             self.queue.purge_temp(grace=86400)
         if ids is None and self.queue.direct_access():
@@ -473,6 +473,9 @@ class Runner:
         except DeliveryError as e:
             self._record(env, r, BOUNCED if e.permanent else DEFERRED, e.status, e.reason,
                          since=now)
+        except OSError as e:  # a file or directory delivery could not use: name it
+            where = f"{e.filename}: " if e.filename else ""
+            self._record(env, r, DEFERRED, "4.3.0", f"{where}{e.strerror or e}", since=now)
         except Exception as e:  # a bug must defer one recipient, not kill the whole run
             self._record(env, r, DEFERRED, "4.3.0",
                          f"internal error: {type(e).__name__}: {e}", since=now)

@@ -53,8 +53,8 @@ def _names(path: str, *, ids_only: bool = True) -> Iterator[str]:
     ``ids_only=False`` every name, temp files and debris included."""
     try:
         it = os.scandir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # the maildrop (1733) is not listable by ordinary users
     with it:
         for e in it:
             if not ids_only or _is_id(e.name):
@@ -135,6 +135,8 @@ def active_ids(queue: Queue) -> set[str] | None:
     msgdir = os.path.join(queue.root, "messages")
     try:
         dfd = os.open(msgdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return set()  # an ordinary user's listing: messages/ is private, nothing shows active
     except OSError:
         return None
     try:
@@ -209,11 +211,27 @@ def _row(state: str, env: Envelope, active: bool) -> Row:
                [(r.address, r.reason) for r in env.recipients if not r.done])
 
 
-def rows(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[Row]:
+UNKNOWN = "(unknown)"  # the sender of an entry only root can read (see _stat_row)
+
+
+def _stat_row(state: str, qid: str, dfd: int) -> Row | None:
+    """What an ordinary user can tell of an entry the index does not describe (no index
+    after a reboot, or no line yet) and whose envelope is private: its id and state, and the
+    earliest time its file shows (arrival, for a new entry). Size 0, sender unknown, no
+    recipients: honest rather than invented. None when it is gone."""
+    try:
+        st = os.stat(qid, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return None
+    return Row(state, False, qid, 0, min(st.st_mtime, st.st_ctime), UNKNOWN, [])
+
+
+def rows(queue: Queue, max_message: int, selector: Selector | None = None,
+         unread: list[str] | None = None) -> Iterator[Row]:
     """Maildrop entries first, then every entry of incoming, deferred and hold: those the
     summary index describes (no file opened), then the others, read from their envelopes.
     Entries a runner is delivering are marked active."""
-    for _, row in _walk(queue, max_message, selector, _same, None):
+    for _, row in _walk(queue, max_message, selector, _same, None, unread):
         yield row
 
 
@@ -222,11 +240,13 @@ def _same(row: Row) -> Row:
 
 
 def _walk(queue: Queue, max_message: int, selector: Selector | None,
-          render: Callable[[Row], T], fast: Callable[..., T] | None
-          ) -> Iterator[tuple[int, T]]:
+          render: Callable[[Row], T], fast: Callable[..., T] | None,
+          unread: list[str] | None = None) -> Iterator[tuple[int, T]]:
     """(size, render(row)) of each entry. With ``fast`` and no selector, entries the index
     describes skip the Row: fast(state, active, id, size, arrival, mailq tail, JSON tail),
-    their text being in the index already (the plain listings of 100,000 entries)."""
+    their text being in the index already (the plain listings of 100,000 entries).
+    Entries neither the index nor this user can read are listed as _stat_row tells (unless
+    a selector needs their fields) and their ids appended to ``unread``."""
     sel = selector or Selector()
     if sel.wants_state(MAILDROP):
         for item in _maildrop_items(queue, max_message):
@@ -256,6 +276,13 @@ def _walk(queue: Queue, max_message: int, selector: Selector | None,
         for _, qid, dfd in qindex.unindexed(queue.root, live, (state,)):
             try:
                 env = summary(_read(qid, dfd))
+            except PermissionError:
+                row = _stat_row(state, qid, dfd)
+                if row is not None and sel.matches_queue(state, False) and not fields:
+                    if unread is not None:
+                        unread.append(qid)
+                    yield 0, render(row)
+                continue
             except (CorruptEnvelope, OSError, UnicodeError):
                 continue  # gone meanwhile, or corrupt: postsuper -s moves it aside
             if env.id == qid:
@@ -272,9 +299,10 @@ def _active(queue: Queue, state: str, qid: str, locked: set[str] | None) -> bool
     return qid in locked
 
 
-def items(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[Item]:
+def items(queue: Queue, max_message: int, selector: Selector | None = None,
+          unread: list[str] | None = None) -> Iterator[Item]:
     """The rows as Items with a summary Envelope (pending recipients only): the table view."""
-    for row in rows(queue, max_message, selector):
+    for row in rows(queue, max_message, selector, unread):
         rcpts = [Recipient(a, state=RCPT_DEFERRED if r else PENDING, reason=r)
                  for a, r in row.pending]
         env = Envelope(row.id, row.sender, rcpts, arrival=row.arrival, size=row.size)
@@ -316,10 +344,11 @@ def format_row(row: Row) -> str:
                        mailq_tail(row.sender, row.pending))
 
 
-def listing(queue: Queue, max_message: int, selector: Selector | None = None) -> Iterator[str]:
+def listing(queue: Queue, max_message: int, selector: Selector | None = None,
+            unread: list[str] | None = None) -> Iterator[str]:
     """The complete mailq text, piece by piece (streams: 100,000 entries need no list)."""
     count = size = 0
-    for n, text in _walk(queue, max_message, selector, format_row, _mailq_text):
+    for n, text in _walk(queue, max_message, selector, format_row, _mailq_text, unread):
         yield (HEADING if count == 0 else "\n") + text
         count += 1
         size += n
@@ -335,10 +364,10 @@ def json_row(row: Row) -> str:
             + json_tail(row.id, row.arrival, row.size, row.sender, row.pending) + "\n")
 
 
-def json_lines(queue: Queue, max_message: int,
-               selector: Selector | None = None) -> Iterator[str]:
+def json_lines(queue: Queue, max_message: int, selector: Selector | None = None,
+               unread: list[str] | None = None) -> Iterator[str]:
     """postqueue -j: one object per line; an empty queue prints nothing."""
-    for _, text in _walk(queue, max_message, selector, json_row, _json_text):
+    for _, text in _walk(queue, max_message, selector, json_row, _json_text, unread):
         yield text
 
 

@@ -187,7 +187,7 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
     if queue is None:
         queue = Queue(config.queue_directory)
         if os.geteuid() == 0 or not os.path.isdir(queue.root):
-            queue.ensure()
+            queue.ensure(config.public_listing)
     sub = queue.submission()
     try:
         _copy_message(config, src, sub, opts, sender, gecos, recipients)

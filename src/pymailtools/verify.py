@@ -5,7 +5,7 @@ from typing import TextIO
 from pymailtools import address, route
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
-from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK
+from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL
 
 
 def _library_warnings_to_stderr(prog: str) -> None:
@@ -20,7 +20,9 @@ def _library_warnings_to_stderr(prog: str) -> None:
 
 
 def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") -> int:
-    """Print one line per recipient; exit 67 if a local user is unknown, 68 for a bad host."""
+    """Print one line per recipient; exit 67 if a local user is unknown, 68 for a bad host,
+    75 when an answer could not be had for now (a temporary error: not undeliverable).
+    What an ordinary user cannot check (another user's .forward) is said, not failed."""
     _library_warnings_to_stderr(prog)
     code = EX_OK
     for arg in args:
@@ -28,6 +30,10 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
             try:
                 print(route.explain(cfg, rcpt), file=out)
             except DeliveryError as e:
+                if not e.permanent:
+                    print(f"{rcpt}: not verified: {e.reason} ({e.status})", file=out)
+                    code = code or EX_TEMPFAIL
+                    continue
                 print(f"{rcpt}: undeliverable: {e.reason} ({e.status})", file=out)
                 if e.status == "5.1.1":
                     code = code or EX_NOUSER

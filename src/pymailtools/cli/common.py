@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pymailtools.errors import EX_OK, EX_SOFTWARE, MailError
+from pymailtools.errors import EX_IOERR, EX_NOPERM, EX_OK, EX_SOFTWARE, MailError
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ def run_main(prog: str, body: Callable[[], int], *,
         code, text = interrupted
         print(f"{prog}: {text}", file=sys.stderr)
         return code
+    except OSError as e:  # a file or directory we cannot use: name it, no "internal error"
+        head = "" if callable(prefix) else prefix
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: {head}{where}{e.strerror or e}", file=sys.stderr)
+        return EX_NOPERM if isinstance(e, PermissionError) else EX_IOERR
     except Exception as e:  # a bug: say what broke, in one line
         head = "" if callable(prefix) else prefix
         print(f"{prog}: {head}internal error: {type(e).__name__}: {e}", file=sys.stderr)

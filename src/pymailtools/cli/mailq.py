@@ -6,7 +6,7 @@ import sys
 import time
 
 from pymailtools.config import Config
-from pymailtools.errors import EX_NOINPUT, EX_SOFTWARE, MailError, UsageError
+from pymailtools.errors import EX_NOINPUT, MailError, UsageError
 from pymailtools.select import Options, Selector
 
 TYPE_CHECKING = False
@@ -22,20 +22,24 @@ TABLE_ROWS = 200  # rows per rendered table: memory stays flat however long the 
 def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
          fmt: str = "auto") -> int:
     """List the queue: ``plain`` (Postfix's text), ``json`` (postqueue -j), ``table`` (rich),
-    or ``auto``: the table on a terminal, Postfix's text otherwise."""
-    from pymailtools.errors import PermissionDenied
+    or ``auto``: the table on a terminal, Postfix's text otherwise. Every user may, unless
+    authorized_mailq_users says otherwise; an ordinary user sees what the listing index and
+    the state directories show (never a message or an envelope)."""
+    from pymailtools.cli.postqueue import authorize
     from pymailtools.queue import Queue
     from pymailtools.showq import items, json_lines, listing
 
+    authorize(cfg, "view")
     queue = Queue(cfg.queue_directory)
     if fmt == "auto":
         fmt = "table" if sys.stdout.isatty() else "plain"
+    unread: list[str] = []
     try:
         if fmt == "table":
-            _table(items(queue, cfg.message_size_limit, selector))
+            _table(items(queue, cfg.message_size_limit, selector, unread))
         else:
             gen = (json_lines if fmt == "json" else listing)(
-                queue, cfg.message_size_limit, selector)
+                queue, cfg.message_size_limit, selector, unread)
             write, buf = sys.stdout.write, []
             for piece in gen:  # a write per 256 entries: 100,000 writes cost 0.1 s
                 buf.append(piece)
@@ -47,9 +51,26 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
     except BrokenPipeError:
         _quiet_broken_pipe()
     except PermissionError:
-        raise PermissionDenied(f"cannot read the queue in {cfg.queue_directory}: "
-                               "permission denied (run it as root)") from None
+        raise _unreadable(cfg) from None
+    if unread:
+        n = len(unread)
+        print(f"{prog}: warning: {n} queue entr{'y is' if n == 1 else 'ies are'} not in the "
+              "listing index yet: shown without size, sender and recipients (only root can "
+              "read them)", file=sys.stderr)
     return 0
+
+
+def _unreadable(cfg: Config) -> MailError:
+    """Why this user could not list the queue: modes not yet opened by a root queue run, or
+    a restricted authorized_mailq_users (then only root can read it)."""
+    from pymailtools.errors import PermissionDenied
+
+    if cfg.public_listing:
+        why = 'not listable by ordinary users yet: run "sendmail -q" once as root'
+    else:
+        why = "authorized_mailq_users is a list, so only root can read it"
+    return PermissionDenied(f"cannot read the queue in {cfg.queue_directory}: "
+                            f"permission denied ({why})")
 
 
 def _quiet_broken_pipe() -> None:
@@ -130,18 +151,20 @@ _STATE_STYLE = {"active": "green", "deferred": "yellow", "hold": "magenta", "inc
 def explain(cfg: Config, qid: str, as_json: bool = False) -> int:
     """mailq --explain ID: the entry and its attempt history, per recipient."""
     from pymailtools import queueid
+    from pymailtools.cli.postqueue import authorize
     from pymailtools.errors import PermissionDenied
     from pymailtools.queue import Queue
     from pymailtools.showq import find_item
 
     queueid.check(qid)
+    authorize(cfg, "view")
     queue = Queue(cfg.queue_directory)
     try:
         item = find_item(queue, qid, cfg.message_size_limit)
         history = queue.history(qid) if item else []
     except PermissionError:
-        raise PermissionDenied(f"cannot read the queue in {cfg.queue_directory}: "
-                               "permission denied (run it as root)") from None
+        raise PermissionDenied(f"{qid}: cannot read the entry in {cfg.queue_directory}: "
+                               "permission denied (its details are for root only)") from None
     if item is None:
         raise MailError(f"{qid}: no such queue entry", EX_NOINPUT)
     text = (_explain_json if as_json else _explain_text)(item, history)
@@ -235,29 +258,26 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, object], Options]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from pymailtools.cli.common import run_main
+
+    return run_main(PROG, lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
     from pymailtools.cli import sendmail
 
-    try:
-        rest, own, sel = parse(argv)
-        if own["explain"] is None and not own["json"] and not own["plain"] and not any(
-                sel.values.values()):
-            return sendmail.main(["mailq", *rest])  # exactly `sendmail -bp`
-        from pymailtools import config as configmod
+    rest, own, sel = parse(argv)
+    if own["explain"] is None and not own["json"] and not own["plain"] and not any(
+            sel.values.values()):
+        return sendmail.run(sendmail.parse(["mailq", *rest]))  # exactly `sendmail -bp`
+    from pymailtools import config as configmod
 
-        req = sendmail.parse(["mailq", *rest])
-        if req.recipients:
-            raise UsageError("display queue mode requires no recipient")
-        cfg = configmod.load(req.config_path)
-        configmod.warn(cfg, PROG)
-        if own["explain"] is not None:
-            return explain(cfg, str(own["explain"]), as_json=bool(own["json"]))
-        fmt = "json" if own["json"] else ("plain" if own["plain"] else "auto")
-        return show(cfg, PROG, selector=sel.selector(), fmt=fmt)
-    except MailError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # never a traceback for the user
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EX_SOFTWARE
+    req = sendmail.parse(["mailq", *rest])
+    if req.recipients:
+        raise UsageError("display queue mode requires no recipient")
+    cfg = configmod.load(req.config_path)
+    configmod.warn(cfg, PROG)
+    if own["explain"] is not None:
+        return explain(cfg, str(own["explain"]), as_json=bool(own["json"]))
+    fmt = "json" if own["json"] else ("plain" if own["plain"] else "auto")
+    return show(cfg, PROG, selector=sel.selector(), fmt=fmt)

@@ -13,6 +13,10 @@ from pymailtools.errors import (
 )
 from pymailtools.select import Options
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.config import Config
+
 PROG = "postqueue"
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
          "postqueue -s site")
@@ -36,6 +40,37 @@ def user_label() -> str:
         return f"{pwd.getpwuid(uid).pw_name}({uid})"
     except KeyError:
         return f"unknown({uid})"
+
+
+def authorize(cfg: Config, action: str) -> None:
+    """May the caller ``view`` (mailq, sendmail -bp, postqueue -p/-j) or ``flush`` (sendmail
+    -q, postqueue -f/-i/-s) the queue? Postfix's rule: root and the queue's owner always;
+    others when authorized_mailq_users / authorized_flush_users holds static:anyone or
+    their name. PermissionDenied (77) in Postfix's words otherwise.
+
+    The caller's own configuration can widen these lists: what keeps an ordinary user from
+    a root queue's contents is the file modes (Queue.ensure), not this check."""
+    from pymailtools.config import ANYONE
+
+    uid = os.getuid()
+    if uid == 0:
+        return
+    try:
+        if os.stat(cfg.queue_directory).st_uid == uid:
+            return
+    except OSError:
+        pass
+    users = cfg.authorized_mailq_users if action == "view" else cfg.authorized_flush_users
+    if ANYONE in users:
+        return
+    import pwd
+
+    try:
+        if pwd.getpwuid(uid).pw_name in users:
+            return
+    except KeyError:
+        pass
+    raise PermissionDenied(f"User {user_label()} is not allowed to {action} the mail queue")
 
 
 class Request:
@@ -118,16 +153,15 @@ def run(req: Request) -> int:
     if req.mode in "pj":
         from pymailtools.cli.mailq import show
 
-        try:
-            return show(cfg, PROG, selector=req.selectors.selector(),
-                        fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))
-        except PermissionDenied:
-            raise PermissionDenied(f"User {user_label()} is not allowed to view the mail "
-                                   "queue") from None
+        return show(cfg, PROG, selector=req.selectors.selector(),
+                    fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))
     from pymailtools.queue import Queue
 
-    if not Queue(cfg.queue_directory).direct_access():
-        raise PermissionDenied(f"User {user_label()} is not allowed to flush the mail queue")
+    authorize(cfg, "flush")
+    if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
+        # Postfix flushes for anyone through its privileged service; pymailtools has none.
+        raise PermissionDenied(f"cannot flush the queue in {cfg.queue_directory}: "
+                               "permission denied (run it as root)")
     from pymailtools.runner import Runner
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))

@@ -159,6 +159,8 @@ def run(req: Request) -> int:
     configmod.warn(cfg, PROG)
     check_permission(cfg.queue_directory)
     queue = Queue(cfg.queue_directory)
+    if os.geteuid() == 0 or os.path.isdir(queue.root):
+        queue.prepare(cfg.public_listing)  # root sets a fresh queue up; modes are repaired
     if "maildrop" in req.queues and req.ops:
         warn("maildrop files are taken over by the queue runner; postsuper leaves them alone")
     if req.purge:

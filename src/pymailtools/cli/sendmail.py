@@ -85,6 +85,7 @@ class Request:
         self.ret = ""
         self.envid = ""
         self.recipients: list[str] = []
+        self.prog = PROG  # the name messages carry: mailq and newaliases keep their own
 
 
 def parse(argv: list[str]) -> Request:
@@ -92,8 +93,10 @@ def parse(argv: list[str]) -> Request:
     name = os.path.basename(argv[0]) if argv else PROG
     if name == "mailq":
         req.mode = "list"
+        req.prog = name
     elif name == "newaliases":
         req.mode = "aliases"
+        req.prog = name
     opts, rest = getopt(argv[1:])
     for opt, val in opts:
         if opt == "b":
@@ -166,6 +169,9 @@ def _dsn_notify(val: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv if argv is None else argv
+    name = os.path.basename(args[0]) if args else PROG
+    if name in ("mailq", "newaliases"):
+        return run_main(name, lambda: run(parse(args)))
     return run_main(PROG, lambda: run(parse(args)),
                     interrupted=(EX_IOERR, "interrupted, nothing queued"))
 
@@ -186,7 +192,7 @@ def run(req: Request) -> int:
     if req.extract and mode not in ("deliver", "verify"):
         raise UsageError("-t can be used only in delivery mode")
     cfg = configmod.load(req.config_path)
-    configmod.warn(cfg, PROG)
+    configmod.warn(cfg, req.prog)
     if mode == "deliver":
         return _deliver(cfg, req)
     if mode == "queue":
@@ -194,7 +200,7 @@ def run(req: Request) -> int:
     if mode == "list":
         from pymailtools.cli.mailq import show
 
-        return show(cfg, PROG)
+        return show(cfg, req.prog)
     if mode == "verify":
         from pymailtools.verify import verify
 
@@ -202,7 +208,7 @@ def run(req: Request) -> int:
     if mode == "aliases":
         from pymailtools.verify import check_aliases
 
-        return check_aliases(cfg, PROG)
+        return check_aliases(cfg, req.prog)
     if mode == "daemon":
         return _daemon(cfg, req)
     if mode == "smtp":
@@ -254,12 +260,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     interval = _interval(req.queue_run)
     from pymailtools.queue import Queue
 
-    queue = Queue(cfg.queue_directory)
-    try:
-        queue.ensure()
-    except OSError:
-        pass  # reported just below
-    if not queue.direct_access():
+    if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
     from pymailtools import smtpd
@@ -310,9 +311,11 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         except MailError:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
+    from pymailtools.cli.postqueue import authorize
     from pymailtools.queue import Queue
 
-    if not Queue(cfg.queue_directory).direct_access():
+    authorize(cfg, "flush")
+    if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
     from pymailtools.runner import Runner
