@@ -26,12 +26,14 @@ def mailbox_path(config: Config, name: str) -> tuple[str, bool]:
 
 
 def deliver_to_user(
-    config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str
+    config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str,
+    busy: dict[str, str] | None = None,
 ) -> str:
     """Deliver ``message`` to local ``user``'s mailbox; return a short note for the log.
 
     Raises DeliveryError: 5.1.1 unknown user, 5.1.3 unusable name, 4.x.x for everything that
     may work later (locks, refusals of unsafe mailboxes, no permission when not root).
+    ``busy`` is the run's memory of mailboxes found locked (see mbox.append).
     """
     if not valid_user_name(user):
         raise DeliveryError(f"invalid user name: {_quoted(user)}", "5.1.3")
@@ -45,10 +47,13 @@ def deliver_to_user(
     path, is_maildir = mailbox_path(config, pw.pw_name)
     if os.geteuid() != 0:
         _check_unprivileged(path, is_maildir, pw)
-    deliver = maildir.deliver if is_maildir else mbox.append
-    deliver(path + "/" if is_maildir else path, message, sender=sender, recipient=recipient,
-            uid=pw.pw_uid, gid=pw.pw_gid, config=config)
-    return "delivered to maildir" if is_maildir else "delivered to mailbox"
+    if is_maildir:
+        maildir.deliver(path + "/", message, sender=sender, recipient=recipient,
+                        uid=pw.pw_uid, gid=pw.pw_gid, config=config)
+        return "delivered to maildir"
+    mbox.append(path, message, sender=sender, recipient=recipient, uid=pw.pw_uid,
+                gid=pw.pw_gid, config=config, busy=busy)
+    return "delivered to mailbox"
 
 
 def _quoted(name: str) -> str:

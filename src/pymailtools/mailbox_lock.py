@@ -175,24 +175,84 @@ class MailboxLock:
         return True
 
     def _remove_if_stale(self) -> bool:
-        """Break a dotlock whose mtime is older than stale_lock_time.
+        """Break a dotlock whose holder is gone: its mtime is older than stale_lock_time, or
+        it names (liblockfile's L_PID convention) a process that no longer exists here.
 
-        Never opened or followed: a symlink (or anything else odd) is only ever unlinked
-        itself, and only once it is stale, so a planted link to /etc/passwd achieves nothing.
-        mtime rather than ctime because holders refresh it with utime (liblockfile touchlock).
+        Never followed: a symlink (or anything else odd) is only ever unlinked itself, and only
+        once it is old, so a planted link to /etc/passwd achieves nothing. mtime rather than
+        ctime because holders refresh it with utime (liblockfile touchlock). A lock without a
+        readable PID (Postfix, mutt and s-nail leave theirs empty) waits for the age rule, and
+        so does one whose PID is alive, even if that PID was reused by an unrelated process.
         """
         try:
             st = os.lstat(self.lock_path)
         except FileNotFoundError:
             return True
-        if stat.S_ISDIR(st.st_mode) or time.time() - st.st_mtime <= self.stale_after:
+        if stat.S_ISDIR(st.st_mode):
             return False
+        if time.time() - st.st_mtime <= self.stale_after:
+            pid = _lock_pid(self.lock_path, st)
+            if pid is None or not _process_gone(pid):
+                return False
         try:
-            # Narrow the race with another breaker: remove only the lock we judged stale.
+            # Remove only the very lock we judged: another breaker may have replaced it by a
+            # live one meanwhile (a new file differs in inode or change time, even if the inode
+            # number is reused). Our own deliverers hold the mailbox's fcntl lock while they
+            # look, so the race left is with programs that take the dotlock first.
             again = os.lstat(self.lock_path)
-            if (again.st_ino, again.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+            if _identity(again) != _identity(st):
                 return False
             os.unlink(self.lock_path)
         except FileNotFoundError:
             pass
         return True
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# No PID is larger on Linux (PID_MAX_LIMIT, 2**22); a bigger number is not a PID lock.
+_PID_MAX = 1 << 22
+
+
+def _lock_pid(path: str, st: os.stat_result) -> int | None:
+    """The PID a dotlock holds, read as liblockfile does: leading blanks, then decimal digits,
+    whatever follows ignored. None for anything else: empty (a lock just created and not yet
+    written, or one of the many programs that write nothing), not a regular file, unreadable,
+    replaced since ``st``, or no number from 1 to the largest possible PID."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return None
+    try:
+        # O_NONBLOCK: a FIFO planted in its place must never make us hang.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            return None
+        data = os.read(fd, 32)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = data.lstrip(b" \t\n")
+    digits = len(text) - len(text.lstrip(b"0123456789"))
+    if not digits or digits > 8:
+        return None
+    pid = int(text[:digits])
+    return pid if 0 < pid < _PID_MAX else None
+
+
+def _process_gone(pid: int) -> bool:
+    """True only when no process ``pid`` exists on this host (kill(pid, 0) gives ESRCH); a
+    process of another user (EPERM) is alive, and so is a zombie not yet reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -11,6 +11,7 @@ from typing import BinaryIO
 from pymailtools.config import Config
 from pymailtools.delivery import DeliveryError
 from pymailtools.mailbox_lock import MailboxBusy, MailboxLock
+from pymailtools.queue import crash_point
 
 # Bound on one line fragment we inspect (headers, quoting); longer lines pass through in pieces.
 LINE_LIMIT = 1 << 16
@@ -50,6 +51,7 @@ def append(
     config: Config,
     check_owner: bool = True,
     create: bool = True,
+    busy: dict[str, str] | None = None,
 ) -> None:
     """Append ``message`` (headers + body, LF line ends) to the mbox file ``path``.
 
@@ -57,8 +59,14 @@ def append(
     truncated back to its old size and DeliveryError (4.x.x, so the message stays queued) is
     raised. ``uid``/``gid`` own a newly created mailbox; with ``check_owner`` an existing one
     must belong to ``uid``.
+
+    ``busy`` remembers, for one queue run, the mailboxes whose locks were held through all
+    attempts and why: a mailbox found there is deferred at once with the same reason, so one
+    busy mailbox costs the run a single wait rather than one per message.
     """
     check_envelope(sender, recipient)
+    if busy is not None and path in busy:
+        raise DeliveryError(busy[path], "4.2.0")
     mail_gid = _mail_gid()
     for _ in range(REOPEN_ATTEMPTS):
         fd = _open(path, uid, gid, mail_gid, check_owner=check_owner, create=create)
@@ -67,6 +75,8 @@ def append(
             try:
                 lock.acquire()
             except MailboxBusy as e:
+                if busy is not None:
+                    busy[path] = str(e)
                 raise DeliveryError(str(e), "4.2.0") from None
             except OSError as e:
                 raise os_error(f"cannot lock mailbox {path}", e) from None
@@ -256,6 +266,8 @@ class _Writer:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 done += n
         self.buf.clear()
+        # Test hook (PYMAILTOOLS_TEST_CRASH_AT): die with part of the message in the mailbox.
+        crash_point("mbox_mid_append")
         if time.monotonic() - self.refreshed > REFRESH_INTERVAL:
             self.lock.refresh()
             self.refreshed = time.monotonic()

@@ -133,6 +133,7 @@ class Runner:
         self.seen: set[str] = set()
         self._history: dict[str, list[Attempt]] = {}  # attempts of this pass, per entry
         self._notices: list[str] = []  # ids of the notices queued and not yet delivered
+        self._busy: dict[str, str] = {}  # mailboxes found locked in this run, and why
         self.stopping = False  # set (by a signal handler) to end the run after this batch
         self.progress: Progress | None = None
         self._remote: Dispatcher | None = None
@@ -147,6 +148,7 @@ class Runner:
 
         ``housekeeping`` also removes debris of crashed submissions older than a day.
         """
+        self._busy.clear()
         if os.geteuid() == 0 or self.queue.direct_access():
             self.queue.ensure(self.cfg.public_listing, repair=True)
         if housekeeping and self.queue.direct_access():
@@ -497,7 +499,7 @@ class Runner:
                 from pymailtools import local
 
                 done.append(local.deliver_to_user(self.cfg, t.user, msg, sender=env.sender,
-                                                  recipient=r.address))
+                                                  recipient=r.address, busy=self._busy))
             elif isinstance(t, File):
                 from pymailtools import pipe
 
