@@ -218,7 +218,7 @@ class Sendmail:
 
     def entries(self) -> list[tuple[str, "Envelope", bytes]]:
         """(state, envelope, message bytes) of every queue entry."""
-        from pymailtools.queue import STATES, Queue
+        from pymailtools.queue.store import STATES, Queue
 
         q = Queue(str(self.queue_dir))
         out = []
@@ -242,4 +242,4 @@ def sendmail(config_file: Path, config_values: dict[str, object]) -> Sendmail:
     return Sendmail(config_file, Path(str(config_values["queue_directory"])))
 
 
-from pymailtools.envelope import Envelope  # noqa: E402  (for the annotation above)
+from pymailtools.queue.envelope import Envelope  # noqa: E402  (for the annotation above)

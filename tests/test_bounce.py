@@ -1,4 +1,4 @@
-"""Tests for bounce.py: RFC 3464 reports as a mail client parses them."""
+"""Tests for qmgr/bounce.py: RFC 3464 reports as a mail client parses them."""
 
 import email
 import email.policy
@@ -8,9 +8,9 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from pymailtools.bounce import BOUNCE_SIZE_LIMIT, make_dsn, should_bounce
 from pymailtools.config import Config
-from pymailtools.envelope import Envelope, Recipient
+from pymailtools.qmgr.bounce import BOUNCE_SIZE_LIMIT, make_dsn, should_bounce
+from pymailtools.queue.envelope import Envelope, Recipient
 
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 5 * 86400

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.envelope import Envelope, Recipient
-from pymailtools.queue import STATES, Queue
+from pymailtools.queue.envelope import Envelope, Recipient
+from pymailtools.queue.store import STATES, Queue
 
 from .conftest import Sendmail, script
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pymailtools.envelope import CorruptEnvelope, Envelope, Recipient
+from pymailtools.queue.envelope import CorruptEnvelope, Envelope, Recipient
 
 
 def _random_text(rng: random.Random) -> str:
@@ -46,7 +46,7 @@ def test_foreign_files_rejected(junk: bytes) -> None:
 def test_quote_short_cut_gives_the_escaping_loops_answer() -> None:
     """quote() skips its character loop for plain printable ASCII; every other string still
     gets %XX for %, white space, controls and DEL, and nothing else is touched."""
-    from pymailtools.envelope import quote, unquote
+    from pymailtools.queue.envelope import quote, unquote
 
     def reference(s: str) -> str:
         return ":" + "".join(ch if 0x21 <= ord(ch) <= 0x7E and ch != "%" or ord(ch) > 0x7F

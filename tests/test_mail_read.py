@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import mbox
 from pymailtools.config import Config
+from pymailtools.local import mbox
 from tests.conftest import need_tool, script
 from tests.mail_support import Pty, mail_env, run_mail
 
@@ -227,7 +227,7 @@ def test_mime_message_shows_text_and_lists_attachments(env: dict[str, str], tmp_
     menv = mail_env(config_file, home)
     assert run_mail(menv, "-s", "mime", "-a", str(tmp_path / "data.bin"), "u@x.test",
                     input="Grüße aus dem Text\n".encode()).returncode == 0
-    from pymailtools.queue import Queue
+    from pymailtools.queue.store import Queue
 
     q = Queue(config.queue_directory)
     qid = q.ids("incoming")[0]

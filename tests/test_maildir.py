@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import maildir
 from pymailtools.config import Config
-from pymailtools.delivery import DeliveryError
+from pymailtools.local import maildir
+from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root, need_tool, tmpfs
 
 SENDER = "sender@example.test"

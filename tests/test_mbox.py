@@ -24,10 +24,10 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from pymailtools import mbox
 from pymailtools.config import Config
-from pymailtools.delivery import DeliveryError
-from pymailtools.mailbox_lock import MailboxBusy, MailboxLock
+from pymailtools.local import mbox
+from pymailtools.local.lock import MailboxBusy, MailboxLock
+from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root, need_tool, tmpfs
 
 CTX = multiprocessing.get_context("fork")

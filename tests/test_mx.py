@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymailtools import mx
 from pymailtools.config import Config
-from pymailtools.delivery import DeliveryError
 from pymailtools.errors import ConfigError
-from pymailtools.relayhost import parse
+from pymailtools.local.targets import DeliveryError
+from pymailtools.smtp import mx
+from pymailtools.smtp.nexthop import parse
 
 from .dns_support import TestDNS, start_dns
 

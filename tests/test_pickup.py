@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.envelope import Envelope, Recipient
 from pymailtools.log import Logger
-from pymailtools.pickup import pickup
-from pymailtools.queue import CORRUPT, INCOMING, MAILDROP, MAILDROP_TRAILER, Queue
+from pymailtools.queue.envelope import Envelope, Recipient
+from pymailtools.queue.store import CORRUPT, INCOMING, MAILDROP, MAILDROP_TRAILER, Queue
+from pymailtools.submit.pickup import pickup
 
 from .conftest import run_as
 
@@ -37,8 +37,8 @@ def submit_as(user: pwd.struct_passwd, cfg_path: Path, argv: list[str], stdin: P
     /root, which other users cannot execute, so the child keeps the already loaded one)."""
     import pymailtools.address  # noqa: F401  (import before dropping privileges)
     import pymailtools.cli.sendmail as cli
-    import pymailtools.submit  # noqa: F401
-    import pymailtools.wake  # noqa: F401
+    import pymailtools.qmgr.trigger  # noqa: F401
+    import pymailtools.submit.submission  # noqa: F401
 
     return run_as(user, lambda: cli.main(["sendmail", *argv]), config=cfg_path, stdin=stdin)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import pipe, route
 from pymailtools.config import Config
-from pymailtools.delivery import Command, DeliveryError, File
+from pymailtools.local import pipe, route
+from pymailtools.local.targets import Command, DeliveryError, File
 from tests.conftest import need_root
 
 User = pwd.struct_passwd

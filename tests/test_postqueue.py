@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.envelope import Attempt, Recipient
-from pymailtools.queue import Queue
+from pymailtools.queue.envelope import Attempt, Recipient
+from pymailtools.queue.store import Queue
 from tests.conftest import Sendmail, run_as, script
 
 from .test_showq import deferred, put
@@ -177,8 +177,8 @@ def test_table_on_a_terminal(queue: Queue, sendmail: Sendmail) -> None:
 
 def test_ordinary_user_lists_but_cannot_flush_root_queue(world_dir: Path,
                                                          system_user: pwd.struct_passwd) -> None:
+    import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.postqueue  # noqa: F401  (the child cannot read /root's interpreter)
-    import pymailtools.showq  # noqa: F401
 
     q = Queue(str(world_dir / "q"))
     q.ensure()

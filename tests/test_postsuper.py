@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.envelope import Envelope, Recipient
-from pymailtools.queue import HOLD, INCOMING, Queue
+from pymailtools.queue.envelope import Envelope, Recipient
+from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import Sendmail, run_as, script
 
 from .test_showq import deferred, put
@@ -193,7 +193,7 @@ def test_config_directory_option(queue: Queue, config_file: Path,
 
 def as_user(user: pwd.struct_passwd, cfg: Path, argv: list[str]) -> int:
     """postsuper's main() as an ordinary user, in a forked child (see test_pickup.submit_as)."""
-    import pymailtools.admin  # noqa: F401  (the child cannot read /root's interpreter)
+    import pymailtools.admin.postsuper  # noqa: F401  (the child cannot read /root's interpreter)
     import pymailtools.cli.postsuper as cli
     import pymailtools.config  # noqa: F401
 
@@ -335,7 +335,7 @@ def test_without_renameat2_entries_are_done_one_by_one(queue: Queue,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
-    from pymailtools import bulk
+    from pymailtools.admin import bulk
     from pymailtools.cli import postsuper as cli
 
     def unsupported(a: str, b: str) -> None:

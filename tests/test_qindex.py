@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import qindex
-from pymailtools.envelope import BOUNCED, DEFERRED, PENDING, SENT, Envelope, Recipient
-from pymailtools.queue import HOLD, INCOMING, Queue
-from pymailtools.queueid import new_id
-from pymailtools.select import Selector
-from pymailtools.showq import json_lines, listing
+from pymailtools.admin.listing import json_lines, listing
+from pymailtools.queue import index as qindex
+from pymailtools.queue.envelope import BOUNCED, DEFERRED, PENDING, SENT, Envelope, Recipient
+from pymailtools.queue.ids import new_id
+from pymailtools.queue.select import Selector
+from pymailtools.queue.store import HOLD, INCOMING, Queue
 
 
 @pytest.fixture

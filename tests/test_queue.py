@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from pymailtools.admin.listing import listing
 from pymailtools.config import Config
-from pymailtools.envelope import DEFERRED, Envelope, Recipient
 from pymailtools.errors import InvalidQueueId
-from pymailtools.queue import CORRUPT, INCOMING, EntryBusy, EntryNotFound, Queue
-from pymailtools.runner import Runner
-from pymailtools.showq import listing
+from pymailtools.qmgr.runner import Runner
+from pymailtools.queue.envelope import DEFERRED, Envelope, Recipient
+from pymailtools.queue.store import CORRUPT, INCOMING, EntryBusy, EntryNotFound, Queue
 
 
 def make_entry(q: Queue, body: bytes = b"Subject: t\n\nb\n", rcpt: str = "r@example.test",
@@ -201,7 +201,7 @@ def test_attempt_history_is_recorded_and_removed_with_the_entry(
 
 
 def test_history_lines_survive_hostile_text(queue: Queue) -> None:
-    from pymailtools.envelope import Attempt
+    from pymailtools.queue.envelope import Attempt
 
     qid = make_entry(queue)
     queue.add_history(qid, Attempt(1.5, "a b\r\nc", "h[1.2.3.4]:25", "deferred", "4.0.0",

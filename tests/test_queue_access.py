@@ -17,7 +17,7 @@ import pytest
 from pymailtools.cli.common import run_main
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError
-from pymailtools.queue import DEFERRED, INCOMING, Queue
+from pymailtools.queue.store import DEFERRED, INCOMING, Queue
 
 from .conftest import Sendmail, need_root, run_as, script, write_toml
 from .test_showq import deferred, put
@@ -51,15 +51,15 @@ def user_run(user: pwd.struct_passwd, fn: Callable[[], int], config: Path | None
 
 def _import_cli() -> None:
     import pymailtools.address  # noqa: F401
+    import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.mailq  # noqa: F401
     import pymailtools.cli.postqueue  # noqa: F401
     import pymailtools.cli.sendmail  # noqa: F401
-    import pymailtools.qformat  # noqa: F401
-    import pymailtools.route  # noqa: F401
-    import pymailtools.showq  # noqa: F401
-    import pymailtools.submit  # noqa: F401
-    import pymailtools.verify  # noqa: F401
-    import pymailtools.wake  # noqa: F401
+    import pymailtools.local.route  # noqa: F401
+    import pymailtools.qmgr.trigger  # noqa: F401
+    import pymailtools.qmgr.verify  # noqa: F401
+    import pymailtools.queue.format  # noqa: F401
+    import pymailtools.submit.submission  # noqa: F401
 
 
 def sendmail_main(*argv: str) -> Callable[[], int]:
@@ -218,7 +218,7 @@ def test_an_entry_the_index_does_not_describe_is_listed_as_far_as_stat_tells(
 
 def test_a_root_run_brings_an_old_queue_to_the_listing_modes(world_dir: Path, root_queue: Queue
                                                              ) -> None:
-    from pymailtools.runner import Runner
+    from pymailtools.qmgr.runner import Runner
 
     index = Path(root_queue.root, "summaries")
     for name in (INCOMING, DEFERRED, "hold"):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from pymailtools import queueid
 from pymailtools.errors import InvalidQueueId
+from pymailtools.queue import ids as queueid
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import trustme
 
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError
-from pymailtools.relayhost import NextHop, parse
+from pymailtools.smtp.nexthop import NextHop, parse
 
 from .dns_support import TestDNS, start_dns
 from .smtp_support import Server, free_port

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.envelope import Envelope
-from pymailtools.queue import STATES, Queue
-from pymailtools.runner import Runner, Stats
-from pymailtools.submit import Options, submit
+from pymailtools.qmgr.runner import Runner, Stats
+from pymailtools.queue.envelope import Envelope
+from pymailtools.queue.store import STATES, Queue
+from pymailtools.submit.submission import Options, submit
 
 from .conftest import Sendmail, write_toml
 from .dns_support import TestDNS, start_dns
@@ -414,7 +414,7 @@ def test_malformed_reply_is_never_success(cfg: Config, port: int, servers: list)
 def test_injected_address_never_reaches_the_wire(cfg: Config, port: int,
                                                  servers: list) -> None:
     """aiosmtplib would have sent <q>: we refuse the address and send nothing for it."""
-    from pymailtools.envelope import Recipient
+    from pymailtools.queue.envelope import Recipient
 
     mx1 = sink(servers, "127.0.0.2", port)
     qid = queue(cfg, "ok@good.test")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import route
 from pymailtools.config import Config
-from pymailtools.delivery import Command, DeliveryError, File, Mailbox, Remote
+from pymailtools.local import route
+from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote
 from tests.conftest import need_root
 
 User = pwd.struct_passwd

@@ -4,9 +4,9 @@ from datetime import datetime
 
 import pytest
 
-from pymailtools.envelope import DEFERRED, SENT, Envelope, Recipient
 from pymailtools.errors import UsageError
-from pymailtools.select import Options, Selector, parse_age
+from pymailtools.queue.envelope import DEFERRED, SENT, Envelope, Recipient
+from pymailtools.queue.select import Options, Selector, parse_age
 
 NOW = 1_800_000_000.0
 

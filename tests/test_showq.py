@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.envelope import BOUNCED, DEFERRED, SENT, Envelope, Recipient
-from pymailtools.qformat import json_quote
-from pymailtools.queue import HOLD, INCOMING, Queue
-from pymailtools.select import Selector
-from pymailtools.showq import (
+from pymailtools.admin.listing import (
     HEADING,
     active_ids,
     items,
@@ -22,6 +18,10 @@ from pymailtools.showq import (
     listing,
     summary,
 )
+from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT, Envelope, Recipient
+from pymailtools.queue.format import json_quote
+from pymailtools.queue.select import Selector
+from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import need_root, need_tool
 
 REFUSED = "connect to 127.0.0.1[127.0.0.1]:9: Connection refused"
@@ -136,7 +136,7 @@ def test_active_marker_for_an_entry_being_delivered(queue: Queue) -> None:
 def test_active_marker_without_proc_locks(queue: Queue,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /proc/locks cannot be trusted, each entry's lock is probed instead."""
-    import pymailtools.showq as showq
+    import pymailtools.admin.listing as showq
 
     monkeypatch.setattr(showq, "_proc_locks", lambda: None)
     busy = put(queue, "Busy2", "s@x.test", [Recipient("r@y.test")], state=INCOMING)

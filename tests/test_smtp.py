@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from pymailtools.config import Config
-from pymailtools.smtp import check_address, encode_data
+from pymailtools.smtp.client import check_address, encode_data
 
 from .conftest import script, write_toml
 from .dns_support import TestDNS, start_dns
@@ -257,7 +257,7 @@ def test_wrong_password_defers_and_is_not_logged(
     cfg = Config({**base, "relayhost": f"[127.0.0.7]:{port}", "smtp_sasl_username": "me",
                   "smtp_sasl_password": "wrong-" + PASSWORD[::-1]})
     qid = queue(cfg, "bob@elsewhere.test")
-    from pymailtools.runner import Runner
+    from pymailtools.qmgr.runner import Runner
 
     stats = Runner(cfg, verbose=True).run()
     assert stats.deferred == 1 and states(cfg, qid) == {"bob@elsewhere.test": "deferred"}

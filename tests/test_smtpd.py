@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools import smtpd_passwd
+from pymailtools.smtpd import passwd as smtpd_passwd
 from tests.conftest import Sendmail, need_root, need_tool, script
 from tests.smtpd_support import TIMEOUT, Client, listener, server_lines, swaks, wait_for
 
@@ -839,7 +839,7 @@ def test_password_file_round_trip(tmp_path: Path) -> None:
     with pytest.raises(smtpd_passwd.PasswordFileError) as e:
         smtpd_passwd.load(str(path))
     assert PASSWORD not in str(e.value)
-    made = subprocess.run([sys.executable, "-m", "pymailtools.smtpd_passwd", "bob"],
+    made = subprocess.run([sys.executable, "-m", "pymailtools.smtpd.passwd", "bob"],
                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=TIMEOUT)
     assert made.returncode == 0
     user, _, stored = made.stdout.strip().partition(":")

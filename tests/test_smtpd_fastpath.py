@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from pymailtools import smtpd_data
 from pymailtools.config import Config
 from pymailtools.log import Logger
-from pymailtools.smtpd import Handler, Server, Settings, _Commands, _Counted
+from pymailtools.smtpd import data as smtpd_data
+from pymailtools.smtpd.listener import Handler, Server, Settings, _Commands, _Counted
 
 SAMPLES = [
     "", " ", "<>", "<> SIZE=10", "<a@b>", "<root@localhost>", "  <a@b>", "\t<a@b>\t",
@@ -267,9 +267,9 @@ def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
     import threading
     import time
 
-    from pymailtools import submit
-    from pymailtools.queue import Queue
-    from pymailtools.smtpd import QueueWriter
+    from pymailtools.queue.store import Queue
+    from pymailtools.smtpd.listener import QueueWriter
+    from pymailtools.submit import submission as submit
 
     cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
     queue = Queue(cfg.queue_directory)
@@ -311,8 +311,8 @@ def test_local_recipient_verdicts_are_reused_briefly(tmp_path: Path,
     (SIGHUP) starts afresh."""
     import time
 
-    from pymailtools import smtpd
-    from pymailtools.delivery import DeliveryError
+    from pymailtools.local.targets import DeliveryError
+    from pymailtools.smtpd import listener as smtpd
 
     aliases = tmp_path / "aliases"
     aliases.write_text("postmaster: root\n")

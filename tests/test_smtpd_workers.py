@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.smtpd_clients import SharedClients
+from pymailtools.smtpd.clients import SharedClients
 from tests.conftest import Sendmail, write_toml
 from tests.smtpd_support import (
     TIMEOUT,

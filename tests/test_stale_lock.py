@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.mailbox_lock import MailboxBusy, MailboxLock
+from pymailtools.local.lock import MailboxBusy, MailboxLock
 
 from .conftest import Sendmail, need_tool, script
 
@@ -268,7 +268,7 @@ def test_our_lock_is_judged_by_dotlockfile(tmp_path: Path) -> None:
     lock = tmp_path / "box.lock"
     code = ("import os, time\n"
             "from pymailtools.config import Config\n"
-            "from pymailtools.mailbox_lock import MailboxLock\n"
+            "from pymailtools.local.lock import MailboxLock\n"
             f"fd = os.open({str(box)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
             f"MailboxLock({str(box)!r}, fd, Config({{'deliver_lock_delay': 0}})).acquire()\n"
             "print('locked', flush=True)\n"

@@ -215,9 +215,9 @@ def test_unprivileged_user_cannot_run_but_can_list_root_queue(
     """sendmail -q as an ordinary user on root's queue: exit 77; mailq (-bp) lists it."""
     import subprocess
 
+    import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.mailq  # noqa: F401  (the child cannot read /root's interpreter)
-    import pymailtools.runner  # noqa: F401
-    import pymailtools.showq  # noqa: F401
+    import pymailtools.qmgr.runner  # noqa: F401
 
     from .conftest import script
     from .test_pickup import submit_as

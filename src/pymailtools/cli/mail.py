@@ -11,7 +11,7 @@ from pymailtools.errors import EX_OK, EX_USAGE, MailError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymailtools.compose import Draft
+    from pymailtools.mua.compose import Draft
 
 PROG = "mail"
 VERSION = "pymailtools mail 0.1.0"
@@ -226,7 +226,7 @@ def run(req: Request) -> int:
         raise _Quiet("too many arguments for read mode")
     cfg = configmod.load()
     configmod.warn(cfg, PROG)
-    from pymailtools import mailread
+    from pymailtools.mua import reader as mailread
 
     folder = req.folder
     if folder == "" and req.operands:
@@ -251,7 +251,8 @@ def server_of(req: Request) -> str | None:
 
 
 def send(cfg: Config, req: Request) -> int:
-    from pymailtools import compose, outbox, submit
+    from pymailtools.mua import compose, outbox
+    from pymailtools.submit import submission as submit
 
     draft = compose.Draft(to=list(req.operands), cc=list(req.cc), bcc=list(req.bcc),
                           subject=req.subject or "")
@@ -271,7 +272,7 @@ def send(cfg: Config, req: Request) -> int:
         sender = draft.sender
     server = server_of(req)
     if server is not None:
-        from pymailtools import smtp_submit
+        from pymailtools.smtp import submit as smtp_submit
 
         smtp_submit.parse_server(server)  # a bad server is a usage error before any input
     login, gecos = submit.login_name(os.getuid())
@@ -282,7 +283,7 @@ def send(cfg: Config, req: Request) -> int:
     skip_empty = req.skip_empty or "skipemptybody" in req.variables
     interactive = sys.stdin.isatty() and not req.read_recipients
     if interactive:
-        from pymailtools import tilde
+        from pymailtools.mua import tilde
 
         escape = req.variables.get("escape", "~")
         composer = tilde.Composer(draft, sys.stdin, sys.stdout, escape=escape[:1])
@@ -306,7 +307,7 @@ def send(cfg: Config, req: Request) -> int:
                                  prog=PROG)
     except MailError:
         if interactive:
-            from pymailtools import tilde
+            from pymailtools.mua import tilde
 
             path = dead_letter()
             tilde.save_dead_letter(draft, path)

@@ -7,13 +7,13 @@ import time
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, MailError, UsageError
-from pymailtools.select import Options, Selector
+from pymailtools.queue.select import Options, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from pymailtools.showq import Item
+    from pymailtools.admin.listing import Item
 
 PROG = "mailq"
 TABLE_ROWS = 200  # rows per rendered table: memory stays flat however long the queue is
@@ -25,9 +25,9 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
     or ``auto``: the table on a terminal, Postfix's text otherwise. Every user may, unless
     authorized_mailq_users says otherwise; an ordinary user sees what the listing index and
     the state directories show (never a message or an envelope)."""
+    from pymailtools.admin.listing import items, json_lines, listing
     from pymailtools.cli.postqueue import authorize
-    from pymailtools.queue import Queue
-    from pymailtools.showq import items, json_lines, listing
+    from pymailtools.queue.store import Queue
 
     authorize(cfg, "view")
     queue = Queue(cfg.queue_directory)
@@ -100,7 +100,7 @@ def _table(entries: Iterable[Item]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from pymailtools.qformat import printable
+    from pymailtools.queue.format import printable
 
     console = Console(highlight=False)
     now = time.time()
@@ -150,11 +150,11 @@ _STATE_STYLE = {"active": "green", "deferred": "yellow", "hold": "magenta", "inc
 
 def explain(cfg: Config, qid: str, as_json: bool = False) -> int:
     """mailq --explain ID: the entry and its attempt history, per recipient."""
-    from pymailtools import queueid
+    from pymailtools.admin.listing import find_item
     from pymailtools.cli.postqueue import authorize
     from pymailtools.errors import PermissionDenied
-    from pymailtools.queue import Queue
-    from pymailtools.showq import find_item
+    from pymailtools.queue import ids as queueid
+    from pymailtools.queue.store import Queue
 
     queueid.check(qid)
     authorize(cfg, "view")
@@ -181,7 +181,7 @@ def _when(t: float) -> str:
 
 
 def _explain_text(item: Item, history: list) -> str:
-    from pymailtools.qformat import printable
+    from pymailtools.queue.format import printable
 
     env = item.envelope
     out = [f"{env.id}: {item.queue_name}, {env.size} bytes, arrived {_when(env.arrival)}, "

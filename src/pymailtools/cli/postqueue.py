@@ -11,7 +11,7 @@ from pymailtools.errors import (
     PermissionDenied,
     UsageError,
 )
-from pymailtools.select import Options
+from pymailtools.queue.select import Options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -155,14 +155,14 @@ def run(req: Request) -> int:
 
         return show(cfg, PROG, selector=req.selectors.selector(),
                     fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))
-    from pymailtools.queue import Queue
+    from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         # Postfix flushes for anyone through its privileged service; pymailtools has none.
         raise PermissionDenied(f"cannot flush the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
-    from pymailtools.runner import Runner
+    from pymailtools.qmgr.runner import Runner
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
     if req.mode == "f":
@@ -175,15 +175,15 @@ def run(req: Request) -> int:
 
 
 def _check_id(qid: str) -> None:
-    from pymailtools import queueid
-    from pymailtools.qformat import printable
+    from pymailtools.queue import ids as queueid
+    from pymailtools.queue.format import printable
 
     if not queueid.is_valid(qid):
         raise UsageError(f'Cannot flush queue ID - invalid name: "{printable(qid)}"')
 
 
 def _check_site(site: str) -> None:
-    from pymailtools.qformat import printable
+    from pymailtools.queue.format import printable
 
     ok = bool(site) and len(site) <= 255 and all(
         c.isascii() and (c.isalnum() or c in ".-[]:") for c in site)

@@ -15,12 +15,12 @@ from pymailtools.errors import (
     PermissionDenied,
     UsageError,
 )
-from pymailtools.select import QUEUE_NAMES, Options
+from pymailtools.queue.select import QUEUE_NAMES, Options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymailtools.bulk import Outcome
-    from pymailtools.queue import Queue
+    from pymailtools.admin.bulk import Outcome
+    from pymailtools.queue.store import Queue
 
 PROG = "postsuper"
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
@@ -56,7 +56,7 @@ def info(msg: str) -> None:
 def parse(argv: list[str]) -> Request:
     """Postfix's getopt (-d ID may repeat; ALL and - are special), plus long selectors.
     Every id is validated here, before anything is touched."""
-    from pymailtools import queueid
+    from pymailtools.queue import ids as queueid
 
     req = Request()
     i = 0
@@ -124,7 +124,7 @@ def parse(argv: list[str]) -> Request:
 
 
 def _safe(s: str) -> str:
-    from pymailtools.qformat import printable
+    from pymailtools.queue.format import printable
 
     return printable(s)
 
@@ -150,10 +150,10 @@ def check_permission(root: str) -> None:
 
 
 def run(req: Request) -> int:
-    from pymailtools import bulk
     from pymailtools import config as configmod
-    from pymailtools.admin import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
-    from pymailtools.queue import Queue
+    from pymailtools.admin import bulk
+    from pymailtools.admin.postsuper import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
+    from pymailtools.queue.store import Queue
 
     cfg = configmod.load(req.config)
     configmod.warn(cfg, PROG)
@@ -222,11 +222,11 @@ def run(req: Request) -> int:
 
 
 def _bulk(op: str, queue: Queue, queues: list[str]) -> tuple[Outcome | None, list[str]]:
-    """-d ALL / -h ALL on whole directories (bulk.py): (outcome or None, the queues still to
+    """-d ALL / -h ALL on whole directories (admin/bulk.py): (outcome or None, the queues still to
     do entry by entry). Only where "active" needs no entry-by-entry look: with both of its
     directories."""
-    from pymailtools import bulk
-    from pymailtools.admin import DELETE, HOLD_OP
+    from pymailtools.admin import bulk
+    from pymailtools.admin.postsuper import DELETE, HOLD_OP
 
     names = set(queues)
     if "active" in names and not {"incoming", "deferred"} <= names:
@@ -256,7 +256,7 @@ def _reporter(each: bool):  # type: ignore[no-untyped-def]
 
 def _stdin_ids(errors: list[str]) -> Iterator[str]:
     """Ids from standard input, one per line; a bad line is warned about and skipped."""
-    from pymailtools import queueid
+    from pymailtools.queue import ids as queueid
 
     for raw in sys.stdin.buffer:
         line = raw.rstrip(b"\n").removesuffix(b"\r")

@@ -202,24 +202,25 @@ def run(req: Request) -> int:
 
         return show(cfg, req.prog)
     if mode == "verify":
-        from pymailtools.verify import verify
+        from pymailtools.qmgr.verify import verify
 
         return verify(cfg, req.recipients, sys.stdout)
     if mode == "aliases":
-        from pymailtools.verify import check_aliases
+        from pymailtools.qmgr.verify import check_aliases
 
         return check_aliases(cfg, req.prog)
     if mode == "daemon":
         return _daemon(cfg, req)
     if mode == "smtp":
-        from pymailtools.smtpd import serve_stdio
+        from pymailtools.smtpd.listener import serve_stdio
 
         return serve_stdio(cfg, verbose=req.verbose > 1)
     raise MailError(f"unsupported mode: {mode}", EX_UNAVAILABLE)
 
 
 def _deliver(cfg: configmod.Config, req: Request) -> int:
-    from pymailtools import address, submit
+    from pymailtools import address
+    from pymailtools.submit import submission as submit
 
     recipients: list[str] = []
     for arg in req.recipients:
@@ -235,7 +236,7 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
         mode = "foreground"
     if mode == "queue":
         return EX_OK
-    from pymailtools import wake
+    from pymailtools.qmgr import trigger as wake
 
     if mode == "foreground":
         return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
@@ -258,12 +259,12 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     -qINTERVAL. -bd detaches (after the sockets are bound, so a busy port is reported here);
     -bD stays in the foreground for systemd."""
     interval = _interval(req.queue_run)
-    from pymailtools.queue import Queue
+    from pymailtools.queue.store import Queue
 
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
-    from pymailtools import smtpd
+    from pymailtools.smtpd import listener as smtpd
 
     smtpd.Settings(cfg)  # certificate, password file, mynetworks: refuse to start if broken
     socks = smtpd.bind(cfg, warn)
@@ -271,7 +272,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
         return smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path,
                            verbose=bool(req.verbose))
     # -bd: detach like sendmail does, so an init script's call returns.
-    from pymailtools.wake import detach
+    from pymailtools.qmgr.trigger import detach
 
     config_path = os.path.abspath(req.config_path) if req.config_path else None
     if not detach():
@@ -290,7 +291,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
 
 
 def _queue_run(cfg: configmod.Config, req: Request) -> int:
-    from pymailtools import queueid
+    from pymailtools.queue import ids as queueid
 
     arg = req.queue_run or ""
     ids: list[str] | None = None
@@ -312,13 +313,13 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
     from pymailtools.cli.postqueue import authorize
-    from pymailtools.queue import Queue
+    from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
-    from pymailtools.runner import Runner
+    from pymailtools.qmgr.runner import Runner
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
     # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
@@ -327,7 +328,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
     if sys.stderr.isatty() and not req.verbose:
         # A long flush on a terminal gets a progress bar; piped, -q stays silent (or prints
         # log lines with -v), as scripts expect.
-        from pymailtools.progress import Bar
+        from pymailtools.cli.progress import Bar
 
         with Bar("sendmail -q") as bar:
             runner.progress = bar

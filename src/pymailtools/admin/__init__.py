@@ -1,0 +1,1 @@
+"""Queue administration: the listing (mailq), postsuper's operations."""

@@ -1,0 +1,1 @@
+"""The MDA: local routing, aliases, mailbox delivery (mbox, Maildir), commands, files."""

@@ -1,0 +1,416 @@
+"""Append a message to an mbox file: safe open, fcntl+dotlock, mboxrd framing, all-or-nothing."""
+
+import errno
+import grp
+import os
+import re
+import stat
+import time
+from typing import BinaryIO
+
+from pymailtools.config import Config
+from pymailtools.local.lock import MailboxBusy, MailboxLock
+from pymailtools.local.targets import DeliveryError
+from pymailtools.queue.store import crash_point
+
+# Bound on one line fragment we inspect (headers, quoting); longer lines pass through in pieces.
+LINE_LIMIT = 1 << 16
+# Body read size, and write buffer size: few large write()s keep a 100 MB append fast.
+BLOCK = 1 << 20
+# A long append refreshes its dotlock this often so nobody breaks it as stale (liblockfile: 60 s).
+REFRESH_INTERVAL = 60.0
+# How often to reopen when a mail reader replaces the mailbox by rename while we wait for locks.
+REOPEN_ATTEMPTS = 10
+
+# Dovecot/UW-IMAP metadata a sender must not be able to forge, and Content-Length, which some
+# readers trust for message boundaries (reliability L13).
+DROP_HEADERS = frozenset(
+    {
+        b"status",
+        b"x-status",
+        b"x-uid",
+        b"x-imapbase",
+        b"x-imap",
+        b"x-keywords",
+        b"content-length",
+    }
+)
+
+_FROM = re.compile(rb"^(?=>*From )", re.MULTILINE)
+_OPEN = os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def append(
+    path: str,
+    message: BinaryIO,
+    *,
+    sender: str,
+    recipient: str,
+    uid: int,
+    gid: int,
+    config: Config,
+    check_owner: bool = True,
+    create: bool = True,
+    busy: dict[str, str] | None = None,
+) -> None:
+    """Append ``message`` (headers + body, LF line ends) to the mbox file ``path``.
+
+    Either the whole message lands, followed by one blank line and fsynced, or the file is
+    truncated back to its old size and DeliveryError (4.x.x, so the message stays queued) is
+    raised. ``uid``/``gid`` own a newly created mailbox; with ``check_owner`` an existing one
+    must belong to ``uid``.
+
+    ``busy`` remembers, for one queue run, the mailboxes whose locks were held through all
+    attempts and why: a mailbox found there is deferred at once with the same reason, so one
+    busy mailbox costs the run a single wait rather than one per message.
+    """
+    check_envelope(sender, recipient)
+    if busy is not None and path in busy:
+        raise DeliveryError(busy[path], "4.2.0")
+    mail_gid = _mail_gid()
+    for _ in range(REOPEN_ATTEMPTS):
+        fd = _open(path, uid, gid, mail_gid, check_owner=check_owner, create=create)
+        try:
+            lock = MailboxLock(path, fd, config, owner=(uid, gid))
+            try:
+                lock.acquire()
+            except MailboxBusy as e:
+                if busy is not None:
+                    busy[path] = str(e)
+                raise DeliveryError(str(e), "4.2.0") from None
+            except OSError as e:
+                raise os_error(f"cannot lock mailbox {path}", e) from None
+            try:
+                # Python's mailbox, mutt and mail(1) rewrite by rename: the inode we opened and
+                # locked may no longer be the mailbox, and appending to it would lose the mail.
+                if not _still_current(path, fd):
+                    continue
+                _write(fd, lock, message, sender, recipient, path)
+            finally:
+                lock.release()
+        finally:
+            os.close(fd)
+        return
+    raise DeliveryError(f"mailbox {path} kept being replaced while locking it", "4.2.0")
+
+
+def check_envelope(sender: str, recipient: str) -> None:
+    """Refuse addresses that would break the From_ line or inject headers (5.1.7 / 5.1.3)."""
+    # The queue validates envelopes already; this guards the lines we write regardless.
+    for address, what, status in ((sender, "sender", "5.1.7"), (recipient, "recipient", "5.1.3")):
+        if any(ord(c) < 32 or ord(c) == 127 for c in address):
+            raise DeliveryError(f"{what} address contains control characters", status)
+
+
+def os_error(action: str, e: OSError) -> DeliveryError:
+    """A temporary DeliveryError for a failed system call: 4.2.2 when out of space or quota."""
+    status = "4.2.2" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0"
+    return DeliveryError(f"{action}: {e.strerror or e}", status)
+
+
+def _mail_gid() -> int | None:
+    try:
+        return grp.getgrnam("mail").gr_gid
+    except KeyError:
+        return None
+
+
+def _refuse_unsafe(st: os.stat_result, uid: int, check_owner: bool) -> None:
+    """Postfix safe_open() rules; all temporary so the mail waits while a human looks."""
+    if stat.S_ISLNK(st.st_mode):
+        raise DeliveryError("mailbox is a symbolic link", "4.2.0")
+    if not stat.S_ISREG(st.st_mode):
+        raise DeliveryError("mailbox is not a regular file", "4.2.0")
+    if st.st_nlink != 1:
+        raise DeliveryError(f"mailbox has {st.st_nlink} hard links", "4.2.0")
+    if check_owner and st.st_uid != uid:
+        raise DeliveryError("mailbox not owned by recipient", "4.2.0")
+
+
+def _open(
+    path: str, uid: int, gid: int, mail_gid: int | None, *, check_owner: bool, create: bool
+) -> int:
+    """Open (or create) the mailbox for appending, refusing anything but our own regular file."""
+    for attempt in range(REOPEN_ATTEMPTS):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                raise DeliveryError(f"mailbox {path} does not exist", "4.2.0") from None
+            fd = _create(path, uid, gid, mail_gid)
+            if fd is None:
+                continue
+            return fd
+        except OSError as e:
+            raise os_error(f"cannot open mailbox {path}", e) from None
+        if (check_owner and st.st_uid != uid and st.st_uid == os.geteuid() and not st.st_size
+                and attempt < REOPEN_ATTEMPTS - 1):
+            # Empty and ours: another delivery has just created it (O_EXCL) and its fchown to
+            # the recipient follows at once. Look again rather than defer the message.
+            time.sleep(0.005 * (attempt + 1))
+            continue
+        # Checking before open() means a FIFO or device is never even opened.
+        _refuse_unsafe(st, uid, check_owner)
+        try:
+            fd = _open_existing(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DeliveryError("mailbox is a symbolic link", "4.2.0") from None
+            if e.errno in (errno.ENXIO, errno.EISDIR):
+                raise DeliveryError("mailbox is not a regular file", "4.2.0") from None
+            raise os_error(f"cannot open mailbox {path}", e) from None
+        try:
+            fst = os.fstat(fd)
+            # Replaced between lstat() and open(): look again rather than trust either.
+            replaced = fst.st_nlink == 0 or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino)
+            if not replaced:
+                _refuse_unsafe(fst, uid, check_owner)
+        except BaseException:
+            os.close(fd)
+            raise
+        if replaced:
+            os.close(fd)
+            continue
+        return fd
+    raise DeliveryError(f"mailbox {path} kept changing while it was being opened", "4.2.0")
+
+
+def _open_existing(path: str) -> int:
+    # Read access lets us look at the file's last bytes through the same descriptor; a second
+    # descriptor would be no good, as closing it would drop our fcntl lock.
+    try:
+        return os.open(path, os.O_RDWR | _OPEN)
+    except PermissionError:
+        return os.open(path, os.O_WRONLY | _OPEN)
+
+
+def _create(path: str, uid: int, gid: int, mail_gid: int | None) -> int | None:
+    """New mailbox: O_EXCL so nothing planted is followed; owner and mode set on the fd only."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600)
+    except FileExistsError:
+        return None
+    except OSError as e:
+        raise os_error(f"cannot create mailbox {path}", e) from None
+    try:
+        if os.geteuid() == 0:
+            group = mail_gid if mail_gid is not None else gid
+            os.fchown(fd, uid, group)
+        else:
+            # An unprivileged creator gets the directory's group (setgid mail spool) or its own.
+            group = os.fstat(fd).st_gid
+        # Debian Policy 11.6: user:mail 0660, or 0600 when there is no mail group to share with.
+        os.fchmod(fd, 0o660 if mail_gid is not None and group == mail_gid else 0o600)
+    except OSError as e:
+        st = os.fstat(fd)
+        os.close(fd)
+        _unlink_if_same(path, st)
+        raise os_error(f"cannot create mailbox {path}", e) from None
+    return fd
+
+
+def _unlink_if_same(path: str, st: os.stat_result) -> None:
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _still_current(path: str, fd: int) -> bool:
+    """After locking: is ``fd`` still the file at ``path``, with exactly one link?"""
+    fst = os.fstat(fd)
+    if fst.st_nlink == 0:
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+        return False
+    if fst.st_nlink != 1:
+        raise DeliveryError(f"mailbox has {fst.st_nlink} hard links", "4.2.0")
+    return True
+
+
+class _MessageReadError(Exception):
+    """Reading the queued message failed; kept apart from mailbox write errors for the log."""
+
+
+class _Writer:
+    """Large buffered appends through the descriptor, refreshing the dotlock on long runs."""
+
+    def __init__(self, fd: int, lock: MailboxLock) -> None:
+        self.fd = fd
+        self.lock = lock
+        self.buf = bytearray()
+        self.last = b""
+        self.refreshed = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.buf += data
+            self.last = data[-1:]
+            if len(self.buf) >= BLOCK:
+                self.flush()
+
+    def flush(self) -> None:
+        with memoryview(self.buf) as view:
+            done = 0
+            while done < len(view):
+                n = os.write(self.fd, view[done:])
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        self.buf.clear()
+        # Test hook (PYMAILTOOLS_TEST_CRASH_AT): die with part of the message in the mailbox.
+        crash_point("mbox_mid_append")
+        if time.monotonic() - self.refreshed > REFRESH_INTERVAL:
+            self.lock.refresh()
+            self.refreshed = time.monotonic()
+
+
+def _write(
+    fd: int, lock: MailboxLock, message: BinaryIO, sender: str, recipient: str, path: str
+) -> None:
+    size = os.fstat(fd).st_size
+    out = _Writer(fd, lock)
+    try:
+        out.write(_separator(fd, size))
+        out.write(_envelope(sender, recipient))
+        out.last = b""
+        _copy(message, out)
+        if out.last != b"\n":
+            out.write(b"\n")
+        out.write(b"\n")
+        out.flush()
+        os.fsync(fd)
+    except BaseException as e:
+        truncated = _truncate(fd, size)
+        if not isinstance(e, Exception):
+            raise
+        if isinstance(e, DeliveryError):
+            raise
+        note = "" if truncated else " (and truncating it back failed)"
+        if isinstance(e, _MessageReadError):
+            cause = e.__cause__
+            raise DeliveryError(f"cannot read queued message: {cause}{note}", "4.3.0") from e
+        if isinstance(e, OSError):
+            err = os_error(f"cannot write mailbox {path}", e)
+            raise DeliveryError(err.reason + note, err.status) from e
+        raise DeliveryError(f"cannot write mailbox {path}: {e!r}{note}", "4.3.0") from e
+
+
+def _truncate(fd: int, size: int) -> bool:
+    # Before unlocking (the caller's finally): a reader must never see half a message.
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _separator(fd: int, size: int) -> bytes:
+    """Newlines that make the file end in a blank line, so a torn last message can't swallow
+    ours (our From_ line would otherwise continue its last line)."""
+    if size == 0:
+        return b""
+    try:
+        tail = os.pread(fd, 2, max(0, size - 2))
+    except OSError:
+        return b""  # write-only descriptor: cannot look, leave the file as it is
+    if tail.endswith(b"\n\n"):
+        return b""
+    return b"\n" if tail.endswith(b"\n") else b"\n\n"
+
+
+def _envelope(sender: str, recipient: str) -> bytes:
+    # asctime in local time, as Postfix, mail.local and mail readers write and expect it.
+    line = (
+        f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n"
+        f"Return-Path: <{sender}>\n"
+        f"Delivered-To: {recipient}\n"
+    )
+    return line.encode("utf-8", "surrogateescape")
+
+
+def _read(message: BinaryIO, size: int) -> bytes:
+    try:
+        return message.read(size)
+    except Exception as e:
+        raise _MessageReadError() from e
+
+
+def _quote(chunk: bytes, at_line_start: bool) -> bytes:
+    """mboxrd: one more '>' on every line matching ^>*From, counting only real line starts."""
+    if b"From " not in chunk:
+        return chunk
+    if at_line_start:
+        return _FROM.sub(b">", chunk)
+    nl = chunk.find(b"\n") + 1
+    if nl == 0:
+        return chunk
+    return chunk[:nl] + _FROM.sub(b">", chunk[nl:])
+
+
+def _copy(message: BinaryIO, out: _Writer) -> None:
+    """Stream the stored message into ``out``: headers line by line (to drop metadata headers),
+    the body in large blocks cut at line ends, never more than ~2 MB in memory."""
+    try:
+        message.seek(0)
+    except Exception as e:
+        raise _MessageReadError() from e
+    buf = b""
+    pos = 0
+    eof = False
+    at_start = True
+    dropping = False
+    # Header block, one line (or LINE_LIMIT fragment) at a time.
+    while True:
+        nl = buf.find(b"\n", pos)
+        if nl < 0 or nl - pos >= LINE_LIMIT:
+            if not eof and len(buf) - pos < LINE_LIMIT:
+                data = _read(message, LINE_LIMIT)
+                buf = buf[pos:] + data
+                pos = 0
+                eof = not data
+                continue
+            end = min(len(buf), pos + LINE_LIMIT)
+        else:
+            end = nl + 1
+        piece = buf[pos:end]
+        pos = end
+        if not piece:
+            return
+        if at_start:
+            if piece in (b"\n", b"\r\n"):
+                out.write(piece)
+                break
+            if piece[:1] not in (b" ", b"\t"):
+                name, colon, _ = piece.partition(b":")
+                dropping = bool(colon) and name.strip().lower() in DROP_HEADERS
+        if not dropping:
+            out.write(_quote(piece, at_start))
+        at_start = piece.endswith(b"\n")
+    # Body, in blocks that end at a line end so quoting sees every line start.
+    pending = buf[pos:]
+    at_start = True
+    while True:
+        data = b"" if eof else _read(message, BLOCK)
+        if not data:
+            out.write(_quote(pending, at_start))
+            return
+        pending += data
+        cut = pending.rfind(b"\n") + 1
+        if cut:
+            out.write(_quote(pending[:cut], at_start))
+            pending = pending[cut:]
+            at_start = True
+        elif len(pending) >= LINE_LIMIT:
+            out.write(_quote(pending, at_start))
+            pending = b""
+            at_start = False

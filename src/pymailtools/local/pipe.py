@@ -1,0 +1,297 @@
+"""Deliver to ``|command`` and ``/file`` destinations with the target's privileges, no shell."""
+
+import errno
+import json
+import os
+import pwd
+import re
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+
+from pymailtools.config import Config
+from pymailtools.local.targets import Command, DeliveryError, File
+from pymailtools.log import escape
+
+PATH = "/usr/bin:/bin"
+OUTPUT_LIMIT = 1024  # bytes of command output kept for the bounce reason
+CHUNK = 65536
+CHILD_REPLY_LIMIT = 16 << 20  # what call_as accepts back from its child
+
+# Exit status -> (DSN status, text), as Postfix's sys_exits.c maps sysexits.h codes.
+SYS_EXITS: dict[int, tuple[str, str]] = {
+    64: ("5.3.0", "command line usage error"),
+    65: ("5.6.0", "data format error"),
+    66: ("5.3.0", "cannot open input"),
+    67: ("5.1.1", "user unknown"),
+    68: ("5.1.2", "host name unknown"),
+    69: ("5.3.0", "service unavailable"),
+    70: ("5.3.0", "internal software error"),
+    71: ("4.3.0", "system resource problem"),
+    72: ("5.3.0", "critical OS file missing"),
+    73: ("5.2.0", "can't create user output file"),
+    74: ("5.3.0", "input/output error"),
+    75: ("4.3.0", "temporary failure"),
+    76: ("5.5.0", "remote error in protocol"),
+    77: ("5.7.0", "permission denied"),
+    78: ("5.3.5", "local configuration error"),
+}
+
+_DSN_AT_START = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+def exit_error(code: int, output: str = "", prog: str = "command") -> DeliveryError | None:
+    """The DeliveryError for a command's exit status (None for 0). Like Postfix, an enhanced
+    status code at the start of the output replaces ours when its class (4 or 5) agrees."""
+    if code == 0:
+        return None
+    status, text = SYS_EXITS.get(code, ("5.3.0", f"unknown mail system error {code}"))
+    m = _DSN_AT_START.match(output)
+    if m and m.group(1) == status[0]:
+        status = ".".join(m.groups())
+    reason = f"{text}: {prog} exited with status {code}"
+    if output:
+        reason += f": {output}"
+    return DeliveryError(reason, status)
+
+
+def _one_line(raw: bytes) -> str:
+    return escape(" ".join(raw.decode("utf-8", "replace").split()))
+
+
+def _clean(value: str) -> str:
+    return value.replace("\x00", "")
+
+
+def environment(uid: int, home: str, sender: str, recipient: str) -> dict[str, str]:
+    """Exactly what a delivery command sees: nothing inherited from us."""
+    try:
+        pw = pwd.getpwuid(uid)
+        user, shell = pw.pw_name, pw.pw_shell or "/bin/sh"
+    except KeyError:
+        user, shell = str(uid), "/bin/sh"
+    return {
+        "HOME": _clean(home),
+        "USER": _clean(user),
+        "LOGNAME": _clean(user),
+        "SHELL": _clean(shell),
+        "PATH": PATH,
+        "SENDER": _clean(sender),
+        "RECIPIENT": _clean(recipient),
+    }
+
+
+def _require_identity(uid: int, what: str) -> None:
+    """Without root we can only act as ourselves; a root-run queue runner will do the rest."""
+    euid = os.geteuid()
+    if euid != 0 and uid != euid:
+        raise DeliveryError(f"cannot {what} as uid {uid} without root privileges", "4.3.0")
+
+
+def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: str,
+                config: Config) -> None:
+    """Run ``target.argv`` with the message on stdin as ``target.uid``/``gid`` in its home.
+
+    Raises DeliveryError mapped from the exit status (sysexits), 4.3.0 on a signal or when
+    ``command_time_limit`` expires (the whole process group is killed)."""
+    _require_identity(target.uid, "run a command")
+    prog = target.argv[0] if target.argv else ""
+    if not prog.startswith("/"):
+        raise DeliveryError(f"command must be an absolute path: {prog!r}", "5.3.5")
+    drop: dict[str, object] = {}
+    if os.geteuid() == 0:
+        # Only the target's primary group, as Postfix's set_ugid() does: no inherited groups.
+        drop = {"user": target.uid, "group": target.gid, "extra_groups": []}
+    message.seek(0)
+    try:
+        proc = subprocess.Popen(
+            list(target.argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=target.home,
+            env=environment(target.uid, target.home, sender, recipient),
+            close_fds=True,
+            start_new_session=True,  # its own process group, so a timeout kills all of it
+            **drop,  # type: ignore[arg-type]
+        )
+    except OSError as e:
+        if e.filename == target.home:
+            raise DeliveryError(f"cannot change to directory {target.home}: {e.strerror}",
+                                "4.3.0") from None
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
+            raise DeliveryError(f"cannot execute {prog}: {e.strerror}", "5.3.0") from None
+        raise DeliveryError(f"cannot run {prog}: {e.strerror}", "4.3.0") from None
+    timed_out = True
+    try:
+        output, timed_out = _pump(proc, message, time.monotonic() + config.command_time_limit)
+    finally:
+        if timed_out:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+    text = _one_line(output)
+    if timed_out:
+        raise DeliveryError(f"command time limit ({config.command_time_limit}s) exceeded: "
+                            f"{prog} killed", "4.3.0")
+    if proc.returncode < 0:
+        raise DeliveryError(f"{prog} died with signal {-proc.returncode}"
+                            + (f": {text}" if text else ""), "4.3.0")
+    err = exit_error(proc.returncode, text, prog)
+    if err is not None:
+        raise err
+
+
+def _pump(proc: subprocess.Popen[bytes], message: BinaryIO,
+          deadline: float) -> tuple[bytes, bool]:
+    """Stream the message in and keep the first OUTPUT_LIMIT bytes of output, both at once so
+    that neither side blocks the other. Returns (output, timed out)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+    stdin_fd, stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
+    os.set_blocking(stdin_fd, False)
+    pending = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stdin_fd, selectors.EVENT_WRITE)
+        sel.register(stdout_fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(out), True
+            events = sel.select(min(left, 1.0))
+            if not events and proc.poll() is not None:
+                break  # it has exited; a background child holding the pipes is not waited for
+            for key, _ in events:
+                if key.fd == stdout_fd:
+                    data = os.read(stdout_fd, CHUNK)
+                    if not data:
+                        sel.unregister(stdout_fd)
+                    elif len(out) < OUTPUT_LIMIT:
+                        out += data[: OUTPUT_LIMIT - len(out)]
+                    continue  # past the limit we keep reading so the command never blocks
+                if not pending:
+                    pending = message.read(CHUNK)
+                    if not pending:  # end of message: the command sees EOF
+                        sel.unregister(stdin_fd)
+                        proc.stdin.close()
+                        continue
+                try:
+                    pending = pending[os.write(stdin_fd, pending):]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    # Reading all of its input is the command's choice; its exit status counts.
+                    pending = b""
+                    sel.unregister(stdin_fd)
+                    proc.stdin.close()
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return bytes(out), True
+    return bytes(out), False
+
+
+def call_as(uid: int, gid: int, func: Callable[[], bytes]) -> bytes:
+    """``func()`` with the privileges of ``uid``/``gid``: in a forked child that has dropped to
+    them when we are root (so the kernel checks every open), else in this process.
+
+    DeliveryError and OSError raised by ``func`` are raised here again; the child's reply is
+    data, never code (a user-owned process must not make us unpickle anything)."""
+    if os.geteuid() != 0 or uid == 0:
+        _require_identity(uid, "act")
+        return func()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the caller's code
+        try:
+            os.close(rfd)
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                reply = b"D" + func()
+            except DeliveryError as e:
+                reply = b"E" + json.dumps({"status": e.status, "reason": e.reason}).encode()
+            except OSError as e:
+                reply = b"O" + json.dumps({"errno": e.errno, "strerror": e.strerror,
+                                           "filename": os.fsdecode(e.filename)
+                                           if e.filename is not None else None}).encode()
+            except BaseException as e:  # noqa: B036 - the child must report, then _exit
+                reply = b"X" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")
+            view = memoryview(reply)
+            while view:
+                view = view[os.write(wfd, view):]
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    chunks, size = [], 0
+    with os.fdopen(rfd, "rb") as r:
+        while size <= CHILD_REPLY_LIMIT:
+            data = r.read(CHUNK)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    _, wstatus = os.waitpid(pid, 0)
+    reply = b"".join(chunks)
+    if size > CHILD_REPLY_LIMIT or not reply:
+        raise DeliveryError(f"helper process as uid {uid} failed (wait status {wstatus})",
+                            "4.3.0")
+    tag, body = reply[:1], reply[1:]
+    if tag == b"D":
+        return body
+    if tag == b"E":
+        e = json.loads(body)
+        raise DeliveryError(str(e["reason"]), str(e["status"]))
+    if tag == b"O":
+        e = json.loads(body)
+        raise OSError(e["errno"], e["strerror"], e["filename"])
+    raise DeliveryError(f"internal error as uid {uid}: {body.decode('utf-8', 'replace')}",
+                        "4.3.0")
+
+
+def _check_writable(path: str) -> None:
+    """Turn "this user may not write there" into a permanent error before mbox.append tries:
+    after setuid() the real ids are the target's, so access() asks the kernel the right thing."""
+    if os.path.lexists(path):
+        if not os.access(path, os.W_OK):
+            raise DeliveryError(f"cannot open file {path}: Permission denied", "5.2.0")
+        return
+    parent = os.path.dirname(path) or "/"
+    if not os.path.isdir(parent):
+        raise DeliveryError(f"cannot create file {path}: no such directory", "5.2.0")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DeliveryError(f"cannot create file {path}: Permission denied", "5.2.0")
+
+
+def deliver_file(target: File, message: BinaryIO, *, sender: str, recipient: str,
+                 config: Config) -> None:
+    """Append the message in mbox format to ``target.path`` as ``target.uid``/``gid``; a file
+    that user may not write bounces (5.2.0) and is left unchanged."""
+    if target.path == "/dev/null":
+        return  # the classic "discard" alias: nothing to lock or append
+    if target.path.endswith("/"):
+        raise DeliveryError(f"maildir destinations are not supported: {target.path}", "5.3.5")
+
+    def append() -> bytes:
+        from pymailtools.local import mbox
+
+        _check_writable(target.path)
+        message.seek(0)
+        mbox.append(target.path, message, sender=sender, recipient=recipient, uid=target.uid,
+                    gid=target.gid, config=config, check_owner=False, create=True)
+        return b""
+
+    try:
+        call_as(target.uid, target.gid, append)
+    except OSError as e:
+        status = "5.2.0" if e.errno in (errno.EACCES, errno.EPERM, errno.EISDIR) else "4.3.0"
+        raise DeliveryError(f"cannot open file {target.path}: {e.strerror}", status) from None

@@ -1,0 +1,1 @@
+"""mail(1)'s library: composing, reading folders, handing a message on."""

@@ -1,0 +1,850 @@
+"""Read mode of mail(1): header summary, message lists and mailx's interactive commands."""
+
+from __future__ import annotations
+
+import binascii
+import email
+import email.policy
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import unicodedata
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from typing import TextIO
+
+from pymailtools import address
+from pymailtools.config import Config
+from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
+from pymailtools.mua import folder as mailfolder
+from pymailtools.mua.folder import Entry, Folder
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.mua.compose import Draft
+
+EX_NOMAIL = 1
+# Headers p/t show; P/T show them all (mailx "retain" list of most distributions).
+SHOWN_HEADERS = ("date", "from", "to", "cc", "subject", "reply-to")
+# Headers top shows above the first lines (s-nail's default for top).
+TOP_HEADERS = ("from", "to", "cc", "subject")
+
+HELP = """\
+               mail commands
+type|p [list]            type messages (T/P: with all headers)
+next|n                   goto and type next message (Enter does the same)
+-                        type the previous message
+headers|h, z, z-         print the window of headers / next / previous window
+from|f list              give header lines of messages
+delete|d [list]          delete messages (dp/dt: and type the next)
+undelete|u [list]        undelete messages
+Unread|U [list]          mark messages unread
+preserve|hold [list]     keep messages in the system mailbox
+mbox|mb [list]           mark messages to go to ~/mbox
+save|s [list] file       append messages to a file
+copy|c [list] file       like save, without marking them saved
+write|w [list] file      append message bodies (without headers) to a file
+reply|r [list]           reply to the sender
+Reply|R [list]           reply to the sender and all recipients
+mail|m addresses         mail to specific recipients
+file|folder|fi           show the mailbox name and counts
+size, top [list]         message sizes / first lines
+=                        current message number
+quit|q                   quit, saving changes (read messages go to ~/mbox)
+xit|x|exit|ex            quit, discarding changes
+!command                 shell escape (interactive only)
+
+A list is: n, n-m, ^, $, ., *, :n (new), :o (old), :r (read), :u (unread), :d (deleted),
+/text (subject contains text), or a sender's address.
+"""
+
+
+def clean(text: str) -> str:
+    """Make text safe for a terminal: controls in caret notation, never a raw escape."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in "\t\n":
+            out.append(ch)
+        elif o < 0x20:
+            out.append("^" + chr(o + 64))
+        elif o == 0x7F:
+            out.append("^?")
+        elif 0x80 <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0xD800 <= o < 0xE000:
+            out.append("\ufffd")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+
+
+def raw_value(msg: Message, name: str) -> str | None:
+    """The first ``name`` header as stored (8-bit bytes as surrogate escapes); None when absent.
+
+    compat32's ``msg.get`` would turn each 8-bit byte into U+FFFD before we could decode it.
+    """
+    low = name.lower()
+    return next((v for k, v in msg.raw_items() if k.lower() == low), None)
+
+
+def _bytes_text(data: bytes) -> str:
+    """8-bit header bytes as UTF-8, or as Latin-1 when they are not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _unescaped(value: str) -> str:
+    """A stored header value with its 8-bit bytes decoded (RFC 2047 words left as they are)."""
+    return _bytes_text(value.encode("utf-8", "surrogateescape"))
+
+
+def _word(m: re.Match[str]) -> tuple[str, bytes] | None:
+    """(charset, bytes) of one RFC 2047 encoded word; None when it does not decode."""
+    charset, kind, data = m.group(1).split("*", 1)[0].lower(), m.group(2), m.group(3)
+    try:
+        if kind in "Bb":
+            return charset, binascii.a2b_base64(data + "=" * (-len(data) % 4))
+        return charset, binascii.a2b_qp(data.encode("ascii"), header=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _charset_text(charset: str, data: bytes) -> str:
+    try:
+        return data.decode(charset, "replace")
+    except (LookupError, ValueError):  # unknown or non-text codec: as if the bytes were raw
+        return _bytes_text(data)
+
+
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words. Adjacent words join without the space between them, and
+    their bytes join before decoding, so a character split over two words survives."""
+    out: list[str] = []
+    run: list[tuple[str, bytes]] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(text):
+        word = _word(m)
+        if word is None:
+            continue  # stays in the text as it is
+        gap = text[pos : m.start()]
+        if gap.strip() or not run:
+            out.extend(_charset_text(c, d) for c, d in run)
+            run = []
+            out.append(gap)
+        if run and run[-1][0] == word[0]:
+            run[-1] = (word[0], run[-1][1] + word[1])
+        else:
+            run.append(word)
+        pos = m.end()
+    out.extend(_charset_text(c, d) for c, d in run)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def display_text(value: str) -> str:
+    """A stored header value for display: 8-bit bytes decoded, RFC 2047 words decoded,
+    unfolded, terminal-safe."""
+    return clean(" ".join(decode_words(_unescaped(value)).split()))
+
+
+def header_text(msg: Message, name: str) -> str:
+    """A header's value as text (see ``display_text``); '' when absent."""
+    value = raw_value(msg, name)
+    return "" if value is None else display_text(value)
+
+
+def header_addresses(msg: Message, name: str) -> list[tuple[str, str]]:
+    """(display name, address) of each mailbox in an address header, names decoded.
+
+    The list is parsed before RFC 2047 words are decoded, so an encoded comma or angle
+    bracket inside a name stays in the name.
+    """
+    value = raw_value(msg, name)
+    if value is None:
+        return []
+    return [(display_text(n), clean(a)) for n, a in address.parse_list(_unescaped(value))
+            if a]
+
+
+def mailbox_text(name: str, addr: str) -> str:
+    """``Name <addr>`` as a header value to send: the name quoted when it needs it, left in
+    plain text (the composer encodes it for the wire)."""
+    if not name:
+        return addr
+    if any(c in name for c in '()<>[]:;@\\,."'):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{addr}>"
+
+
+def sender_of(e: Entry) -> str:
+    """The sender's address: the first of From:, else the From_ line's."""
+    found = header_addresses(e.headers, "From")
+    if found:
+        return found[0][1]
+    return e.from_line.split(" ", 1)[0] if e.from_line else ""
+
+
+def sender_name(e: Entry) -> str:
+    """Who the summary shows: the name part of From: when there is one, else the address."""
+    found = header_addresses(e.headers, "From")
+    if found and found[0][0]:
+        return found[0][0]
+    return sender_of(e)
+
+
+def columns(ch: str) -> int:
+    """Terminal columns a character takes: 2 for wide East Asian, 0 for combining marks."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def fit(text: str, width: int, pad: bool = False) -> str:
+    """``text`` cut to at most ``width`` columns (padded with spaces to it if ``pad``)."""
+    used = 0
+    for i, ch in enumerate(text):
+        w = columns(ch)
+        if used + w > width:
+            text = text[:i]
+            break
+        used += w
+    return text + " " * (width - used) if pad else text
+
+
+def date_of(e: Entry) -> str:
+    """mailx's 16-column date: from the From_ line ("Mon Nov 16 10:00"), else Date:."""
+    parts = e.from_line.split()
+    if len(parts) >= 5 and len(parts[4]) >= 5:
+        return clean(f"{parts[1]} {parts[2]} {parts[3]:>2} {parts[4][:5]}")
+    try:
+        return parsedate_to_datetime(header_text(e.headers, "Date")).strftime("%a %b %d %H:%M")
+    except (TypeError, ValueError, IndexError):
+        return ""
+
+
+def summary(e: Entry, num: int, current: bool, width: int) -> str:
+    lines = e.raw.count(b"\n")
+    subject = header_text(e.headers, "Subject")
+    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {fit(sender_name(e), 18, pad=True)} "
+            f"{date_of(e)[:16]:<16} {lines:4d}/{len(e.raw):<5d} {subject}")
+    # One column short of the width, as s-nail: a full last column makes terminals wrap.
+    return fit(line, width - 1).rstrip()
+
+
+def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
+    """(path, user name, whether it is the system mailbox) for -f / -u / the default."""
+    from pymailtools.local.spool import mailbox_path, valid_user_name
+
+    me = pwd.getpwuid(os.getuid()).pw_name if _has_passwd() else str(os.getuid())
+    if folder is not None:
+        path = folder or os.environ.get("MBOX") or os.path.expanduser("~/mbox")
+        if path.startswith("%"):
+            return resolve_mailbox(cfg, None, path[1:] or None)
+        return os.path.expanduser(path), me, False
+    if user is not None and user != me:
+        if os.geteuid() != 0:
+            raise MailError(f"{user}: only root may read another user's mailbox", EX_NOPERM)
+        if not valid_user_name(user):
+            raise UsageError(f"invalid user name: {user!r}")
+        return mailbox_path(cfg, user)[0], user, True
+    env = os.environ.get("MAIL")
+    if env and user is None:
+        return env, me, True
+    return mailbox_path(cfg, me)[0], me, True
+
+
+def _has_passwd() -> bool:
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return True
+
+
+def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bool,
+          check_only: bool, show_headers: bool, variables: dict[str, str], prog: str) -> int:
+    path, name, system = resolve_mailbox(cfg, folder, user)
+    if system and not os.path.exists(path):
+        if not check_only:
+            print(f"No mail for {name}", file=sys.stderr)
+        return EX_NOMAIL
+    box = mailfolder.load(path, cfg)
+    if check_only:
+        return EX_OK if box.entries else EX_NOMAIL
+    if not box.entries:
+        if system:
+            print(f"No mail for {name}", file=sys.stderr)
+        else:
+            print(f'"{path}": 0 messages')
+        return EX_NOMAIL
+    session = Session(cfg, box, system=system, variables=variables, prog=prog)
+    if headers_only:
+        for i, e in enumerate(box.entries):
+            session.emit_summary(e, i, current=i == session.dot)
+        return EX_OK
+    return session.loop(show_headers)
+
+
+class Session:
+    """One reading session over a folder: the current message, marks, and the command loop."""
+
+    def __init__(self, cfg: Config, box: Folder, *, system: bool, variables: dict[str, str],
+                 prog: str, inp: TextIO | None = None, out: TextIO | None = None) -> None:
+        self.cfg = cfg
+        self.box = box
+        self.system = system
+        self.vars = variables
+        self.prog = prog
+        self.inp = inp or sys.stdin
+        self.out = out or sys.stdout
+        self.tty = self.inp.isatty() and self.out.isatty()
+        entries = box.entries
+        first = next((i for i, e in enumerate(entries) if e.is_new), None)
+        if first is None:
+            first = next((i for i, e in enumerate(entries) if not e.seen), 0)
+        self.dot = first
+        self.dot_shown = False
+        self.window = 0
+        self._console = None
+        if self.out.isatty() and not os.environ.get("NO_COLOR"):
+            from rich.console import Console
+
+            self._console = Console(file=self.out, highlight=False, soft_wrap=True)
+
+    # --- output ---------------------------------------------------------------------------
+
+    @property
+    def width(self) -> int:
+        if self.out.isatty():
+            return shutil.get_terminal_size((80, 24)).columns
+        try:
+            return max(20, int(os.environ.get("COLUMNS", "80")))
+        except ValueError:
+            return 80
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def emit_summary(self, e: Entry, i: int, current: bool) -> None:
+        line = summary(e, i + 1, current, self.width)
+        if self._console is None:
+            self.say(line)
+            return
+        from rich.text import Text
+
+        style = "bold" if e.is_new else "dim" if e.deleted else ""
+        if current:
+            style = (style + " reverse").strip()
+        self._console.print(Text(line, style=style))
+        self.out.flush()
+
+    def banner(self) -> None:
+        entries = self.box.entries
+        n = len(entries)
+        new = sum(1 for e in entries if e.is_new)
+        unread = sum(1 for e in entries if not e.seen and not e.read)
+        text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
+        if new:
+            text += f" {new} new"
+        if unread:
+            text += f" {unread} unread"
+        self.say(clean(text))
+
+    def screen(self) -> int:
+        if not self.out.isatty():
+            return 10**9
+        return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
+
+    def headers(self, start: int | None = None) -> None:
+        visible = [i for i, e in enumerate(self.box.entries) if not e.deleted]
+        if not visible:
+            self.say("No more mail.")
+            return
+        size = self.screen()
+        if start is None:
+            pos = next((k for k, i in enumerate(visible) if i >= self.dot), 0)
+            start = (pos // size) * size
+        self.window = max(0, min(start, len(visible) - 1))
+        for i in visible[self.window : self.window + size]:
+            self.emit_summary(self.box.entries[i], i, i == self.dot)
+
+    # --- message lists --------------------------------------------------------------------
+
+    def select(self, spec: str, *, deleted: bool = False) -> list[int]:
+        """Indices for a mailx message list; the current message when ``spec`` is empty."""
+        entries = self.box.entries
+        usable = [i for i, e in enumerate(entries) if deleted or not e.deleted]
+        if not spec.strip():
+            if self.dot in usable:
+                return [self.dot]
+            raise UsageError("No applicable messages")
+        out: list[int] = []
+        for tok in spec.split():
+            if tok == "*":
+                out.extend(usable)
+            elif tok == "$":
+                out.extend(usable[-1:])
+            elif tok == "^":
+                out.extend(usable[:1])
+            elif tok == ".":
+                out.append(self.dot)
+            elif tok.startswith(":") and len(tok) == 2:
+                test = {"n": lambda e: e.is_new, "o": lambda e: e.old or e.seen,
+                        "r": lambda e: e.seen or e.read, "u": lambda e: not (e.seen or e.read),
+                        "d": lambda e: e.deleted}.get(tok[1])
+                if test is None:
+                    raise UsageError(f"Unknown colon modifier: {tok}")
+                pool = range(len(entries)) if tok == ":d" else usable
+                out.extend(i for i in pool if test(entries[i]))
+            elif tok.startswith("/"):
+                needle = tok[1:].lower()
+                out.extend(i for i in usable
+                           if needle in header_text(entries[i].headers, "Subject").lower())
+            elif "-" in tok and tok.replace("-", "").isdigit():
+                a, _, b = tok.partition("-")
+                lo, hi = int(a), int(b)
+                for n in (lo, hi):
+                    if not 1 <= n <= len(entries):
+                        raise UsageError(f"{n}: Invalid message number")
+                out.extend(i for i in range(lo - 1, hi) if i in usable)
+            elif tok.isdigit():
+                n = int(tok)
+                if not 1 <= n <= len(entries):
+                    raise UsageError(f"{n}: Invalid message number")
+                if n - 1 not in usable:
+                    raise UsageError(f"{n}: Inappropriate message")
+                out.append(n - 1)
+            else:
+                needle = tok.lower()
+                out.extend(i for i in usable if needle in sender_of(entries[i]).lower())
+        seen: set[int] = set()
+        result = [i for i in out if not (i in seen or seen.add(i))]
+        if not result:
+            raise UsageError("No applicable messages")
+        return result
+
+    # --- display --------------------------------------------------------------------------
+
+    def render(self, e: Entry, all_headers: bool) -> str:
+        out = [f"From {clean(e.from_line)}"] if e.from_line else []
+        if all_headers:
+            for name, value in e.headers.raw_items():
+                out.append(f"{clean(name)}: {display_text(value)}")
+        else:
+            out.extend(shown_headers(e, SHOWN_HEADERS))
+        out.append("")
+        out.append(body_text(e))
+        return "\n".join(out)
+
+    def show(self, i: int, all_headers: bool = False) -> None:
+        e = self.box.entries[i]
+        e.read = True
+        self.dot = i
+        self.dot_shown = True
+        text = f"Message {i + 1}:\n" + self.render(e, all_headers)
+        self.page(text)
+
+    def page(self, text: str) -> None:
+        if self.out.isatty() and text.count("\n") > self.screen():
+            pager = os.environ.get("PAGER") or "more"
+            try:
+                subprocess.run(shlex.split(pager), input=text.encode("utf-8", "replace"),
+                               check=False)
+                return
+            except OSError:
+                pass
+        self.say(text)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def loop(self, show_headers: bool) -> int:
+        if self.tty:
+            self.say("pymailtools mail.  Type ? for help.")
+        self.banner()
+        if show_headers:
+            self.headers()
+        while True:
+            if self.tty:
+                self.out.write("& ")
+                self.out.flush()
+            line = self.inp.readline()
+            if not line:
+                return self.quit()
+            line = line.strip()
+            try:
+                result = self.command(line)
+            except MailError as e:
+                self.say(str(e))
+                continue
+            if result is not None:
+                return result
+
+    def command(self, line: str) -> int | None:
+        if line.startswith("!"):
+            if not self.tty:
+                raise UsageError("shell escapes are only run from a terminal")
+            subprocess.run(line[1:], shell=True, check=False)  # noqa: S602 (typed by the user)
+            self.say("!")
+            return None
+        if line.startswith("#"):
+            return None
+        if line == "":
+            return self.next()
+        if line[0] == "-" and (len(line) == 1 or line[1:].isdigit()):
+            return self.previous()
+        if line[0] == "+" and len(line) == 1:
+            return self.next()
+        if line[0].isdigit() or line[0] in "$^.":
+            idx = self.select(line)
+            self.show(idx[0])
+            return None
+        head = line.split(None, 1)
+        cmd, args = head[0], head[1] if len(head) > 1 else ""
+        handler = self.COMMANDS.get(cmd)
+        if handler is None:
+            raise UsageError(f'Unknown command: "{clean(cmd)}"')
+        return getattr(self, handler)(args)
+
+    COMMANDS = {
+        "h": "c_headers", "headers": "c_headers", "z": "c_scroll", "z-": "c_scroll_back",
+        "f": "c_from", "from": "c_from", "p": "c_print", "t": "c_print", "print": "c_print",
+        "type": "c_print", "P": "c_print_all", "T": "c_print_all", "Print": "c_print_all",
+        "Type": "c_print_all", "n": "c_next", "next": "c_next", "d": "c_delete",
+        "delete": "c_delete", "dp": "c_delete_print", "dt": "c_delete_print",
+        "u": "c_undelete", "undelete": "c_undelete", "U": "c_unread", "unread": "c_unread",
+        "pre": "c_preserve", "preserve": "c_preserve", "ho": "c_preserve", "hold": "c_preserve",
+        "mb": "c_mbox", "mbox": "c_mbox", "s": "c_save", "save": "c_save", "c": "c_copy",
+        "copy": "c_copy", "w": "c_write", "write": "c_write", "r": "c_reply",
+        "reply": "c_reply", "R": "c_reply_all", "Reply": "c_reply_all", "m": "c_mail",
+        "mail": "c_mail", "fi": "c_folder", "file": "c_folder", "fo": "c_folder",
+        "folder": "c_folder", "=": "c_dot", "size": "c_size", "si": "c_size", "top": "c_top",
+        "to": "c_top", "q": "c_quit", "quit": "c_quit", "x": "c_exit", "ex": "c_exit",
+        "exit": "c_exit", "xit": "c_exit", "?": "c_help", "help": "c_help", "list": "c_help",
+    }
+
+    def next(self) -> None:
+        entries = self.box.entries
+        if not self.dot_shown and not entries[self.dot].deleted:
+            self.show(self.dot)
+            return
+        for i in range(self.dot + 1, len(entries)):
+            if not entries[i].deleted:
+                self.show(i)
+                return
+        self.say("At EOF")
+
+    def previous(self) -> None:
+        for i in range(self.dot - 1, -1, -1):
+            if not self.box.entries[i].deleted:
+                self.show(i)
+                return
+        self.say("Referencing before 1")
+
+    def c_headers(self, args: str) -> None:
+        if args:
+            self.dot = self.select(args)[0]
+        self.headers()
+
+    def c_scroll(self, args: str) -> None:
+        self.headers(self.window + self.screen())
+
+    def c_scroll_back(self, args: str) -> None:
+        self.headers(max(0, self.window - self.screen()))
+
+    def c_from(self, args: str) -> None:
+        if not args:
+            return self.c_folder(args)
+        for i in self.select(args, deleted=":d" in args):
+            self.emit_summary(self.box.entries[i], i, i == self.dot)
+        return None
+
+    def c_print(self, args: str) -> None:
+        for i in self.select(args):
+            self.show(i)
+
+    def c_print_all(self, args: str) -> None:
+        for i in self.select(args):
+            self.show(i, all_headers=True)
+
+    def c_next(self, args: str) -> None:
+        if args:
+            self.show(self.select(args)[0])
+        else:
+            self.next()
+
+    def c_delete(self, args: str) -> None:
+        for i in self.select(args):
+            self.box.entries[i].deleted = True
+        self._advance()
+
+    def _advance(self) -> bool:
+        entries = self.box.entries
+        if not entries[self.dot].deleted:
+            return True
+        for i in [*range(self.dot + 1, len(entries)), *range(self.dot - 1, -1, -1)]:
+            if not entries[i].deleted:
+                self.dot = i
+                self.dot_shown = False
+                return True
+        return False
+
+    def c_delete_print(self, args: str) -> None:
+        self.c_delete(args)
+        if self._advance() and not self.box.entries[self.dot].deleted:
+            self.show(self.dot)
+        else:
+            self.say("At EOF")
+
+    def c_undelete(self, args: str) -> None:
+        picked = self.select(args or ":d", deleted=True) if args else [self.dot]
+        for i in picked:
+            self.box.entries[i].deleted = False
+        self.dot = picked[-1]
+
+    def c_unread(self, args: str) -> None:
+        for i in self.select(args):
+            e = self.box.entries[i]
+            e.read = e.seen = False
+            e.old = True
+
+    def c_preserve(self, args: str) -> None:
+        for i in self.select(args):
+            self.box.entries[i].preserved = True
+
+    def c_mbox(self, args: str) -> None:
+        for i in self.select(args):
+            self.box.entries[i].to_mbox = True
+
+    def _list_and_file(self, args: str) -> tuple[list[int], str]:
+        words = shlex.split(args)
+        if not words:
+            raise UsageError("No file specified.")
+        path = words[-1]
+        spec = " ".join(words[:-1])
+        return self.select(spec), os.path.expanduser(path)
+
+    def _append(self, path: str, chunks: list[bytes], lines: int, size: int) -> None:
+        created = mailfolder.append_mbox(path, chunks, self.cfg)
+        self.say(f'"{clean(path)}" [{"New file" if created else "Appended"}] {lines}/{size}')
+
+    def c_save(self, args: str, mark: bool = True) -> None:
+        picked, path = self._list_and_file(args)
+        data = [mailfolder.mbox_bytes(self.box.entries[i]) for i in picked]
+        self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
+        if mark:
+            for i in picked:
+                self.box.entries[i].saved = True
+
+    def c_copy(self, args: str) -> None:
+        self.c_save(args, mark=False)
+
+    def c_write(self, args: str) -> None:
+        picked, path = self._list_and_file(args)
+        bodies = []
+        for i in picked:
+            msg = self.box.entries[i].message_bytes
+            cut = msg.find(b"\n\n")
+            bodies.append(msg[cut + 2 :] if cut >= 0 else b"")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        created = os.fstat(fd).st_size == 0
+        with os.fdopen(fd, "ab") as f:
+            f.write(b"".join(bodies))
+        size = sum(map(len, bodies))
+        lines = sum(b.count(b"\n") for b in bodies)
+        self.say(f'"{clean(path)}" [{"New file" if created else "Appended"}] {lines}/{size}')
+        for i in picked:
+            self.box.entries[i].saved = True
+
+    def c_reply(self, args: str, everyone: bool = False) -> None:
+        from pymailtools.mua.compose import Draft, reply_subject
+
+        e = self.box.entries[self.select(args)[0]]
+        h = e.headers
+        found = header_addresses(h, "Reply-To") or header_addresses(h, "From")
+        to = ", ".join(mailbox_text(n, a) for n, a in found)
+        draft = Draft(to=[to] if to else [], subject=reply_subject(header_text(h, "Subject")))
+        if everyone:
+            me = pwd.getpwuid(os.getuid()).pw_name if _has_passwd() else ""
+            replied = {a.lower() for _, a in found}
+            others = [mailbox_text(n, a)
+                      for n, a in header_addresses(h, "To") + header_addresses(h, "Cc")
+                      if a.split("@")[0] != me and a.lower() not in replied]
+            if others:
+                draft.cc.append(", ".join(others))
+        msgid = header_text(h, "Message-ID")
+        if msgid:
+            draft.headers.append(("In-Reply-To", msgid))
+            refs = header_text(h, "References")
+            draft.headers.append(("References", f"{refs} {msgid}".strip()))
+        e.read = True
+        self._compose(draft)
+
+    def c_reply_all(self, args: str) -> None:
+        self.c_reply(args, everyone=True)
+
+    def c_mail(self, args: str) -> None:
+        from pymailtools.mua.compose import Draft
+
+        if not args.strip():
+            raise UsageError("No recipients specified")
+        self._compose(Draft(to=[args]))
+
+    def _compose(self, draft: Draft) -> None:
+        from pymailtools.mua import outbox, tilde
+
+        self.say(f"To: {clean(', '.join(draft.to))}")
+        if draft.cc:
+            self.say(f"Cc: {clean(', '.join(draft.cc))}")
+        composer = tilde.Composer(draft, self.inp, self.out,
+                                  escape=self.vars.get("escape", "~")[:1] if self.tty else "")
+        if draft.subject:
+            self.say(f"Subject: {clean(draft.subject)}")
+        outcome = composer.run(ask_subject=not draft.subject)
+        if outcome != tilde.SEND:
+            return
+        sender = self.vars.get("from", "")
+        server = self.vars.get("smtp") or (self.vars.get("mta") if "://" in
+                                           self.vars.get("mta", "") else None)
+        outbox.send_draft(self.cfg, draft, sender, server=server, verbose=False, prog=self.prog)
+
+    def c_folder(self, args: str) -> None:
+        if args:
+            raise UsageError("switching folders is not supported; quit and use mail -f")
+        self.banner()
+
+    def c_dot(self, args: str) -> None:
+        self.say(str(self.dot + 1))
+
+    def c_size(self, args: str) -> None:
+        for i in self.select(args):
+            self.say(f"{i + 1}: {len(self.box.entries[i].raw)}")
+
+    def c_top(self, args: str) -> None:
+        for i in self.select(args):
+            e = self.box.entries[i]
+            body = body_text(e).split("\n")[:5]
+            self.say("\n".join([f"Message {i + 1}:", *shown_headers(e, TOP_HEADERS), "", *body]))
+
+    def c_help(self, args: str) -> None:
+        self.say(HELP.rstrip("\n"))
+
+    def c_exit(self, args: str) -> int:
+        return EX_OK
+
+    def c_quit(self, args: str) -> int:
+        return self.quit()
+
+    def quit(self) -> int:
+        """mailx's q: drop deleted, move read messages to ~/mbox (system mailbox, no hold)."""
+        entries = self.box.entries
+        hold = "hold" in self.vars
+        keepsave = "keepsave" in self.vars
+        moved: list[Entry] = []
+        keep: list[Entry] = []
+        for e in entries:
+            if e.deleted:
+                continue
+            if self.system and not e.preserved and (e.to_mbox or (
+                    e.read and not hold and not e.saved)):
+                moved.append(e)
+            elif self.system and e.saved and not keepsave and not e.preserved:
+                continue
+            else:
+                keep.append(e)
+        if not self.box.changed() and len(keep) == len(entries):
+            return EX_OK
+        mbox = os.environ.get("MBOX") or os.path.expanduser("~/mbox")
+        if moved and os.path.abspath(mbox) == os.path.abspath(self.box.path):
+            keep = [e for e in entries if not e.deleted]
+            moved = []
+
+        def copy_to_mbox() -> None:
+            if moved:
+                mailfolder.append_mbox(mbox, [mailfolder.mbox_bytes(e) for e in moved],
+                                       self.cfg)
+
+        self.box.before_write = copy_to_mbox  # type: ignore[method-assign]
+        arrived = self.box.save(self.cfg, keep)
+        if moved:
+            n = len(moved)
+            self.say(f"Saved {n} message{'' if n == 1 else 's'} in {clean(mbox)}")
+        if self.system:
+            n = len(keep)
+            self.say(f"Held {n} message{'' if n == 1 else 's'} in {clean(self.box.path)}")
+        if arrived:
+            self.say("You have new mail.")
+        return EX_OK
+
+
+def shown_headers(e: Entry, names: tuple[str, ...]) -> list[str]:
+    """``Name: value`` lines of the headers ``names`` that the message has, decoded."""
+    out = []
+    for name in names:
+        value = header_text(e.headers, name)
+        if value:
+            out.append(f"{name.title() if name != 'cc' else 'Cc'}: {value}")
+    return out
+
+
+def body_text(e: Entry) -> str:
+    """The text to show for a message: its text part decoded, other parts listed."""
+    try:
+        msg = email.message_from_bytes(e.message_bytes, policy=email.policy.compat32)
+    except Exception:
+        return clean(e.message_bytes.decode("utf-8", "replace"))
+    if not msg.is_multipart():
+        if msg.get_content_maintype() in ("text", "message") or not msg.get("Content-Type"):
+            return clean(_decoded(msg))
+        return _attachment_line(msg, 1)
+    out: list[str] = []
+    shown = False
+    n = 0
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        n += 1
+        is_attachment = (part.get("Content-Disposition", "").lower().startswith("attachment")
+                         or part.get_filename() is not None)
+        if not shown and part.get_content_type() == "text/plain" and not is_attachment:
+            out.append(clean(_decoded(part)))
+            shown = True
+        else:
+            out.append(_attachment_line(part, n))
+    return "\n".join(out)
+
+
+def _decoded(part: Message) -> str:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if not isinstance(data, bytes):
+        payload = part.get_payload()
+        return payload if isinstance(payload, str) else ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
+
+
+def _attachment_line(part: Message, n: int) -> str:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    size = len(data) if isinstance(data, bytes) else 0
+    name = part.get_filename() or ""
+    name = display_text(name) if name else "(no name)"
+    return f"[-- Attachment #{n}: {name} ({clean(part.get_content_type())}, {size} bytes) --]"

@@ -1,0 +1,1 @@
+"""The queue manager: runs due entries, triggers runs, bounces, hands to transports."""

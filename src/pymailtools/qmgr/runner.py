@@ -1,0 +1,638 @@
+"""The queue runner: takes due entries under lock, routes and delivers, defers, bounces."""
+
+import logging
+import os
+import random
+import time
+from typing import BinaryIO
+
+from pymailtools import log
+from pymailtools.config import Config
+from pymailtools.errors import MailError
+from pymailtools.local import route
+from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote
+from pymailtools.log import Logger, make_line
+from pymailtools.queue import index as qindex
+from pymailtools.queue.envelope import (
+    BOUNCED,
+    DEFERRED,
+    SENT,
+    Attempt,
+    CorruptEnvelope,
+    Envelope,
+    Recipient,
+)
+from pymailtools.queue.store import (
+    DEFERRED as Q_DEFERRED,
+)
+from pymailtools.queue.store import (
+    INCOMING,
+    EntryBusy,
+    EntryNotFound,
+    Queue,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote recipient is due
+    import asyncio
+
+    from pymailtools.qmgr.dispatch import Dispatcher, Job
+    from pymailtools.smtp.client import Outcome
+
+# Entries held locked at once while their remote recipients are sent: large enough to keep
+# sessions busy across destinations, small enough for the file descriptor limit.
+BATCH = 256
+# Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
+# never causes another; the bound only keeps a future kind of notice from chaining without end.
+NOTICE_ROUNDS = 3
+
+
+class Progress:
+    """What a front end implements to show a long run (sendmail -q on a terminal)."""
+
+    def add_total(self, n: int) -> None:
+        """``n`` more entries will be looked at."""
+
+    def advance(self, stats: "Stats") -> None:
+        """One entry is done; ``stats`` are the run's counts so far."""
+
+
+class _Entry:
+    """A locked queue entry in the middle of a run."""
+
+    def __init__(self, qid: str, state: str, env: Envelope, msg: BinaryIO, fd: int,
+                 now: float) -> None:
+        self.qid = qid
+        self.state = state
+        self.env = env
+        self.msg = msg
+        self.fd = fd
+        self.now = now
+        self.bounced: list[Recipient] = []
+        self.attempted = False
+        self.remote: list[Recipient] = []
+        self.jobs: list[Job] = []
+        self._data: bytes | None = None
+
+    def data(self) -> bytes:
+        """The message as SMTP DATA, made once however many destinations it goes to."""
+        if self._data is None:
+            from pymailtools.smtp.client import encode_data
+
+            self.msg.seek(0)
+            self._data = encode_data(self.msg.read())
+        return self._data
+
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd >= 0:
+            self.msg.close()
+            os.close(self.fd)
+            self.fd = -1
+            self._data = None
+
+
+class Stats:
+    """What one run did, for -v summaries and tests."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.deferred = 0
+        self.bounced = 0
+        self.busy = 0
+        self.corrupt = 0
+        self.results: list[tuple[str, str, str, str]] = []  # (qid, rcpt, status, detail)
+
+
+class _ToLogger(logging.Handler):
+    """Sends warnings of the routing modules (Python logging) to the runner's log."""
+
+    def __init__(self, log: Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.target = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.warning(record.getMessage())
+
+
+def _capture_library_warnings(log: Logger) -> None:
+    lib = logging.getLogger("pymailtools")
+    for h in [h for h in lib.handlers if isinstance(h, _ToLogger)]:
+        lib.removeHandler(h)
+    lib.addHandler(_ToLogger(log))
+    lib.propagate = False
+
+
+class Runner:
+    """One queue run (or a background loop of them) over a queue directory."""
+
+    def __init__(self, cfg: Config, *, prog: str = "sendmail", verbose: bool = False) -> None:
+        self.cfg = cfg
+        self.queue = Queue(cfg.queue_directory)
+        self.log = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
+        _capture_library_warnings(self.log)
+        self.stats = Stats()
+        self.seen: set[str] = set()
+        self._history: dict[str, list[Attempt]] = {}  # attempts of this pass, per entry
+        self._notices: list[str] = []  # ids of the notices queued and not yet delivered
+        self._busy: dict[str, str] = {}  # mailboxes found locked in this run, and why
+        self.stopping = False  # set (by a signal handler) to end the run after this batch
+        self.progress: Progress | None = None
+        self._remote: Dispatcher | None = None
+        self._remote_error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def run(self, ids: list[str] | None = None, site: str | None = None,
+            force: bool = False, housekeeping: bool = False) -> Stats:
+        """Deliver due entries (or ``ids``, or those with a recipient at ``site``) once.
+
+        ``housekeeping`` also removes debris of crashed submissions older than a day.
+        """
+        self._busy.clear()
+        if os.geteuid() == 0 or self.queue.direct_access():
+            self.queue.ensure(self.cfg.public_listing, repair=True)
+        if housekeeping and self.queue.direct_access():
+            self.queue.purge_temp(grace=86400)
+        if ids is None and self.queue.direct_access():
+            from pymailtools.submit.pickup import pickup
+
+            pickup(self.queue, self.cfg, self.log)
+        try:
+            while not self.stopping:
+                if ids is not None:
+                    todo = []
+                    for qid in ids:
+                        try:
+                            todo.append((self.queue.find(qid), qid))
+                        except EntryNotFound:
+                            continue
+                else:
+                    todo = self._all() if force else self.queue.due()
+                # Entries queued during this run (new submissions) get a pass of their own.
+                todo = [(s, q) for s, q in todo if q not in self.seen and s != "hold"]
+                if not todo:
+                    break
+                if self.progress is not None:
+                    self.progress.add_total(len(todo))
+                self._run_entries(todo, force=force, site=site)
+                # The notices this pass queued go out now, whatever the run is limited to
+                # (the next look at the queue would hold them to ``site`` as well).
+                self._deliver_notices()
+                if ids is not None:
+                    break
+        finally:
+            self._close_remote()
+        if self.queue.direct_access():
+            # every deferral appended an index line: compact it when it has grown (one stat)
+            qindex.maybe_rebuild(self.queue.root)
+        return self.stats
+
+    def _all(self) -> list[tuple[str, str]]:
+        return [(s, q) for s in (INCOMING, Q_DEFERRED) for q in self.queue.ids(s)]
+
+    def background(self, lock_fd: int) -> None:
+        """Run until nothing new is due; then release the lock and look once more (see wake)."""
+        from pymailtools.qmgr.trigger import try_lock
+
+        while True:
+            self.run()
+            os.close(lock_fd)
+            if self.stopping:
+                return
+            fresh = [q for q in self.queue.ids(INCOMING) if q not in self.seen]
+            if not fresh:
+                return
+            from pymailtools.qmgr.trigger import open_run_lock
+
+            lock_fd = open_run_lock(self.cfg)
+            if not try_lock(lock_fd):
+                os.close(lock_fd)
+                return  # another runner took over and will deliver them
+
+    # -- entries --------------------------------------------------------------------------
+
+    def process(self, qid: str, state: str, *, force: bool = False,
+                site: str | None = None) -> None:
+        """Deliver one entry (local and remote recipients) and record the outcome."""
+        try:
+            self._run_entries([(state, qid)], force=force, site=site)
+            self._deliver_notices()
+        finally:
+            self._close_remote()
+
+    def _run_entries(self, todo: list[tuple[str, str]], *, force: bool,
+                     site: str | None) -> None:
+        """Local recipients are delivered entry by entry; entries with remote recipients are
+        kept locked and sent in batches, so one destination's messages share sessions."""
+        batch: list[_Entry] = []
+        try:
+            for state, qid in todo:
+                if self.stopping:
+                    break
+                self.seen.add(qid)
+                entry = self._open(qid, state)
+                if entry is None:
+                    self._advance()
+                    continue
+                try:
+                    self._local_pass(entry, force=force, site=site)
+                except BaseException:
+                    entry.close()
+                    raise
+                if entry.remote:
+                    batch.append(entry)
+                    if len(batch) >= BATCH:
+                        todo_now, batch = batch, []
+                        self._remote_pass(todo_now)
+                else:
+                    self._finish_entry(entry)
+            if batch:
+                todo_now, batch = batch, []
+                self._remote_pass(todo_now)
+        finally:
+            for entry in batch:  # only after an exception: they stay as they were
+                entry.close()
+
+    def _deliver_notices(self) -> None:
+        """Deliver the notices (bounces, delay warnings) this run queued, whatever entries or
+        site it was limited to: without a daemon, a notice left queued waits for a queue run
+        that may never come. Each gets the one try of any new entry; one that defers stays
+        deferred for the runs to come."""
+        for _ in range(NOTICE_ROUNDS):
+            todo = [(INCOMING, q) for q in self._notices if q not in self.seen]
+            self._notices = []
+            if not todo or self.stopping:
+                return
+            if self.progress is not None:
+                self.progress.add_total(len(todo))
+            self._run_entries(todo, force=False, site=None)
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.stats)
+
+    def _open(self, qid: str, state: str) -> "_Entry | None":
+        """Lock and load an entry; None when it is busy, gone, held or corrupt."""
+        try:
+            fd = self.queue.lock(qid)
+        except EntryBusy:
+            self.stats.busy += 1
+            return None
+        except EntryNotFound:
+            if os.path.lexists(self.queue.path(state, qid)):
+                # An envelope whose message file is gone can never be delivered: keep it
+                # for inspection instead of retrying it forever.
+                self.log.warning(f"{qid}: message file missing; entry moved to corrupt/")
+                self.stats.corrupt += 1
+                self.queue.quarantine(qid, state)
+            return None
+        try:
+            state = self.queue.find(qid)  # it may have moved while we waited for the lock
+            state, env = self.queue.load(qid, state)
+            msg = self.queue.message(fd, env)
+        except EntryNotFound:
+            os.close(fd)
+            return None
+        except (CorruptEnvelope, OSError, UnicodeError) as e:
+            self.log.warning(f"{qid}: corrupt queue entry moved to corrupt/: {e}")
+            self.stats.corrupt += 1
+            self.queue.quarantine(qid, state)
+            os.close(fd)
+            return None
+        if state == "hold":
+            msg.close()
+            os.close(fd)
+            return None
+        return _Entry(qid, state, env, msg, fd, time.time())
+
+    def _local_pass(self, entry: "_Entry", *, force: bool, site: str | None) -> None:
+        """Deliver the due local recipients; collect the due remote ones in entry.remote."""
+        env, now = entry.env, entry.now
+        self.log.info(log.queue_active(entry.qid, env.sender, env.size, len(env.recipients)))
+        i = 0
+        # By index: an alias may add remote recipients while we go; they are due now too.
+        while i < len(env.recipients):
+            r = env.recipients[i]
+            i += 1
+            if r.done:
+                continue
+            if site and not _matches_site(r.address, site):
+                continue
+            if not force and r.next_try > now:
+                continue
+            entry.attempted = True
+            if not route.is_local(self.cfg, r.address):
+                entry.remote.append(r)
+                continue
+            self._deliver_recipient(env, r, entry.msg, now)
+            if r.state == BOUNCED:
+                entry.bounced.append(r)
+
+    def _remote_pass(self, batch: "list[_Entry]") -> None:
+        """Send the remote recipients of a batch of entries, then record every outcome."""
+        try:
+            jobs = self._remote_jobs(batch)
+            self._deliver_remote(jobs)
+            for entry in batch:
+                by_address = {r.address: r for r in entry.remote}
+                for job in entry.jobs:
+                    for address in job.rcpts:
+                        outcome, relay = job.results.get(address) or _lost()
+                        self._apply(entry, by_address[address], outcome, relay)
+                self._finish_entry(entry)
+        finally:
+            for entry in batch:
+                entry.close()
+
+    def _remote_jobs(self, batch: "list[_Entry]") -> "list[tuple[str, Job]]":
+        from pymailtools.qmgr.dispatch import Job
+
+        disp = self._dispatcher()
+        jobs = []
+        for entry in batch:
+            by_dest: dict[str, list[str]] = {}
+            for r in entry.remote:
+                name = disp.destination(r.address) if disp is not None else ""
+                by_dest.setdefault(name, []).append(r.address)
+            for name, rcpts in by_dest.items():
+                job = Job(entry.qid, entry.env.sender, rcpts, entry.data, entry.env.size)
+                entry.jobs.append(job)
+                jobs.append((name, job))
+        return jobs
+
+    def _dispatcher(self) -> "Dispatcher | None":
+        if self._remote is None and self._remote_error is None:
+            import asyncio
+
+            from pymailtools.errors import ConfigError
+            from pymailtools.qmgr.dispatch import Dispatcher
+
+            try:
+                self._remote = Dispatcher(self.cfg, self.log)
+            except ConfigError as e:
+                self._remote_error = str(e)
+                self.log.error(f"remote delivery disabled: {e}")
+                return None
+            self._loop = asyncio.new_event_loop()
+        return self._remote
+
+    def _deliver_remote(self, jobs: "list[tuple[str, Job]]") -> None:
+        disp = self._dispatcher()
+        if disp is None:
+            why = f"configuration error: {self._remote_error}"
+            for _, job in jobs:
+                job.fail(_outcome(DEFERRED, "4.3.5", why))
+            return
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(disp.deliver(jobs))
+        except Exception as e:  # a bug defers these recipients; it must not kill the run
+            why = f"internal error: {type(e).__name__}: {e}"
+            self.log.error(why)
+            for _, job in jobs:
+                job.fail(_outcome(DEFERRED, "4.3.0", why))
+
+    def _close_remote(self) -> None:
+        if self._remote is not None and self._loop is not None:
+            try:
+                self._loop.run_until_complete(self._remote.close())
+            except Exception as e:
+                self.log.warning(f"closing SMTP sessions: {e}")
+            self._loop.close()
+        self._remote = self._loop = None
+        self._remote_error = None
+
+    def _apply(self, entry: "_Entry", r: Recipient, outcome: "Outcome", relay: str) -> None:
+        r.attempts += 1
+        r.last_try = entry.now
+        self._record(entry.env, r, outcome.state, outcome.dsn, outcome.reason, since=entry.now,
+                     relay=relay, detail=outcome.reason if outcome.state == SENT else
+                     outcome.detail)
+        if r.state == BOUNCED:
+            entry.bounced.append(r)
+
+    def _record(self, env: Envelope, r: Recipient, state: str, dsn: str, reason: str, *,
+                since: float, relay: str = "local", detail: str | None = None) -> None:
+        """Set a recipient's outcome (a deferral gets its next try on the backoff schedule),
+        count it, log it and add it to the entry's history."""
+        r.state, r.status, r.reason = state, dsn, reason
+        if state == SENT:
+            self.stats.delivered += 1
+        elif state == BOUNCED:
+            self.stats.bounced += 1
+        else:
+            r.state = DEFERRED
+            r.next_try = since + self.backoff(since - env.arrival)
+            self.stats.deferred += 1
+        self._log_result(env, r, time.time(), {SENT: "sent", BOUNCED: "bounced"}.get(
+            r.state, "deferred"), relay, detail=detail)
+
+    def _finish_entry(self, entry: "_Entry") -> None:
+        """Expire, notify the sender, and record the entry's new state (or remove it)."""
+        try:
+            self._finish(entry)
+        finally:
+            entry.close()
+            self._advance()
+
+    def _finish(self, entry: "_Entry") -> None:
+        qid, state, env, msg, now = entry.qid, entry.state, entry.env, entry.msg, entry.now
+        newly_bounced = entry.bounced
+        lifetime = (self.cfg.bounce_queue_lifetime if env.sender == ""
+                    else self.cfg.maximal_queue_lifetime)
+        expired = [r for r in env.recipients if not r.done and now - env.arrival >= lifetime]
+        for r in expired:
+            r.state = BOUNCED
+            r.status = r.status if r.status.startswith("4") else "4.4.7"
+            r.reason = f"{r.reason or 'delivery time expired'} (message expired)"
+            newly_bounced.append(r)
+        if expired:
+            self.stats.bounced += len(expired)
+            self.log.info(log.expired(qid, env.sender))
+        if newly_bounced:
+            self._notify(env, msg, newly_bounced, "failed")
+        attempted = entry.attempted
+        delayed = [r for r in env.recipients if r.state == DEFERRED]
+        if (delayed and not env.warned and self.cfg.delay_warning_time
+                and now - env.arrival >= self.cfg.delay_warning_time):
+            self._notify(env, msg, delayed, "delayed")
+            env.warned = attempted = True  # the flag must be saved, or the warning repeats
+        if not (attempted or expired):
+            return  # nothing was due here (-qR for another site): leave the entry as it was
+        if env.done:
+            self._save_history(qid, keep=False)
+            self.queue.remove(qid, state)
+            self.log.info(log.removed(qid))
+        else:
+            self.queue.save(env, state, Q_DEFERRED)
+            self._save_history(qid, keep=True)
+
+    def _deliver_recipient(self, env: Envelope, r: Recipient, msg: BinaryIO, now: float) -> None:
+        r.attempts += 1
+        r.last_try = now
+        try:
+            detail, relay = self._deliver(env, r, msg)
+        except DeliveryError as e:
+            self._record(env, r, BOUNCED if e.permanent else DEFERRED, e.status, e.reason,
+                         since=now)
+        except OSError as e:  # a file or directory delivery could not use: name it
+            where = f"{e.filename}: " if e.filename else ""
+            self._record(env, r, DEFERRED, "4.3.0", f"{where}{e.strerror or e}", since=now)
+        except Exception as e:  # a bug must defer one recipient, not kill the whole run
+            self._record(env, r, DEFERRED, "4.3.0",
+                         f"internal error: {type(e).__name__}: {e}", since=now)
+        else:
+            self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
+
+    def _deliver(self, env: Envelope, r: Recipient, msg: BinaryIO) -> tuple[str, str]:
+        """Deliver one recipient; return (detail, relay) or raise DeliveryError."""
+        if not route.is_local(self.cfg, r.address):
+            raise DeliveryError("remote recipient reached local delivery", "4.3.0")
+        msg.seek(0)
+        if route.delivered_to_loop(msg, r.address):
+            raise DeliveryError("mail forwarding loop for " + r.address, "5.4.6")
+        targets = route.resolve(self.cfg, r.address)
+        done: list[str] = []
+        for t in targets:
+            msg.seek(0)
+            if isinstance(t, Mailbox):
+                from pymailtools.local import spool as local
+
+                done.append(local.deliver_to_user(self.cfg, t.user, msg, sender=env.sender,
+                                                  recipient=r.address, busy=self._busy))
+            elif isinstance(t, File):
+                from pymailtools.local import pipe
+
+                pipe.deliver_file(t, msg, sender=env.sender, recipient=r.address,
+                                  config=self.cfg)
+                done.append(f"delivered to file: {t.path}")
+            elif isinstance(t, Command):
+                from pymailtools.local import pipe
+
+                pipe.run_command(t, msg, sender=env.sender, recipient=r.address,
+                                 config=self.cfg)
+                done.append(f"delivered to command: {' '.join(t.argv)}")
+            elif isinstance(t, Remote):
+                # An alias that expands to a remote address becomes a recipient of its own.
+                if not any(x.address == t.address for x in env.recipients):
+                    env.recipients.append(Recipient(t.address, orcpt=r.orcpt or r.address,
+                                                    notify=r.notify))
+                done.append(f"forwarded to {t.address}")
+        return "; ".join(done) or "discarded (empty alias)", "local"
+
+    def backoff(self, age: float) -> float:
+        """Postfix's rule: wait about as long as the message is old, clamped, with jitter."""
+        lo, hi = self.cfg.minimal_backoff_time, self.cfg.maximal_backoff_time
+        base = min(max(age, lo), hi)
+        return min(base * random.uniform(1.0, 1.25), max(hi, lo))
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _log_result(self, env: Envelope, r: Recipient, now: float, status: str,
+                    relay: str = "local", detail: str | None = None) -> None:
+        orig = r.orcpt if r.orcpt and r.orcpt != r.address else None
+        self.log.info(make_line(env.id, to=r.address, orig_to=orig, relay=relay,
+                                delay=round(now - env.arrival, 2), dsn=r.status or "2.0.0",
+                                status=status, detail=r.reason if detail is None else detail))
+        self.stats.results.append((env.id, r.address, status, r.reason))
+        self._history.setdefault(env.id, []).append(
+            Attempt(now, r.address, relay, status, r.status, r.reason))
+
+    def _save_history(self, qid: str, keep: bool) -> None:
+        """Write the attempts of this pass to the entry's history, if the entry stays queued
+        (a delivered entry's history would be removed with it at once: skip the file)."""
+        attempts = self._history.pop(qid, [])
+        if not keep:
+            return
+        try:
+            for a in attempts:
+                self.queue.add_history(qid, a)
+        except OSError as e:
+            self.log.warning(f"{qid}: cannot record attempt history: {e.strerror}")
+
+    def _notify(self, env: Envelope, msg: BinaryIO, rcpts: list[Recipient], action: str) -> None:
+        """Queue a DSN to the sender; never for a bounce (null sender)."""
+        from pymailtools.qmgr import bounce
+
+        if not bounce.should_bounce(env):
+            return  # a bounce is never bounced (Postfix drops the double bounce too)
+        import io
+
+        from pymailtools.submit.submission import Options, submit
+
+        msg.seek(0)
+        data = bounce.make_dsn(self.cfg, env, msg, rcpts, action=action)
+        try:
+            bid = submit(self.cfg, io.BytesIO(data),
+                         Options([env.sender], sender="", ignore_dots=True), self.queue)
+        except Exception as e:
+            self.log.error(f"{env.id}: cannot queue delivery status notification: {e}")
+            return
+        self.log.info(log.bounce_notice(env.id, bid, delayed=action == "delayed"))
+        self._notices.append(bid)
+
+
+def serve(cfg: Config, interval: int, *, prog: str = "sendmail", verbose: bool = False) -> int:
+    """Run the queue every ``interval`` seconds until SIGTERM or SIGINT (sendmail -bD -q15m).
+
+    A signal lets the current batch finish and be recorded, then exits 0; a second one exits
+    at once (entries are locked and their envelopes replaced atomically, so that is safe too).
+    Each run takes the runner lock, so a runner started after a submission and this loop never
+    work at the same time."""
+    import signal
+
+    from pymailtools.qmgr.trigger import open_run_lock, try_lock
+
+    current: list[Runner] = []
+    stop = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop[0]:
+            raise SystemExit(128 + signum)
+        stop[0] = True
+        for r in current:
+            r.stopping = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    logger = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
+    logger.info(f"queue runner started; queue run every {interval}s")
+    while not stop[0]:
+        try:
+            fd = open_run_lock(cfg)
+            if try_lock(fd):
+                runner = Runner(cfg, prog=prog, verbose=verbose)
+                current.append(runner)
+                try:
+                    runner.background(fd)
+                finally:
+                    current.clear()
+            else:
+                os.close(fd)  # a runner started by a submission is at work
+        except (OSError, MailError) as e:
+            logger.error(f"queue run failed: {e}")
+        deadline = time.monotonic() + max(interval, 1)
+        while not stop[0] and deadline - time.monotonic() > 0:
+            time.sleep(min(deadline - time.monotonic(), 0.5))
+    logger.info("queue runner stopped")
+    return 0
+
+
+def _outcome(state: str, dsn: str, why: str) -> "Outcome":
+    from pymailtools.smtp.client import Outcome
+
+    return Outcome(state, dsn, why, why)
+
+
+def _lost() -> "tuple[Outcome, str]":
+    from pymailtools.smtp.client import Outcome
+
+    why = "internal error: no delivery result"
+    return Outcome(DEFERRED, "4.3.0", why, why), "none"
+
+
+def _matches_site(addr: str, site: str) -> bool:
+    domain = addr.rpartition("@")[2].lower()
+    return domain == site or domain.endswith("." + site)

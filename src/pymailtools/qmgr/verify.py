@@ -1,0 +1,62 @@
+"""sendmail -bv and -bi: where each recipient would go; alias file checks. Delivers nothing."""
+
+from typing import TextIO
+
+from pymailtools import address
+from pymailtools.config import Config
+from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL
+from pymailtools.local import route
+from pymailtools.local.targets import DeliveryError
+
+
+def _library_warnings_to_stderr(prog: str) -> None:
+    """Routing modules warn through Python logging; show those as `prog: warning: ...`."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    lib = logging.getLogger("pymailtools")
+    lib.handlers[:] = [handler]
+    lib.propagate = False
+
+
+def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") -> int:
+    """Print one line per recipient; exit 67 if a local user is unknown, 68 for a bad host,
+    75 when an answer could not be had for now (a temporary error: not undeliverable).
+    What an ordinary user cannot check (another user's .forward) is said, not failed."""
+    _library_warnings_to_stderr(prog)
+    code = EX_OK
+    for arg in args:
+        for rcpt in address.parse_recipients(arg, cfg.myorigin):
+            try:
+                print(route.explain(cfg, rcpt), file=out)
+            except DeliveryError as e:
+                if not e.permanent:
+                    print(f"{rcpt}: not verified: {e.reason} ({e.status})", file=out)
+                    code = code or EX_TEMPFAIL
+                    continue
+                print(f"{rcpt}: undeliverable: {e.reason} ({e.status})", file=out)
+                if e.status == "5.1.1":
+                    code = code or EX_NOUSER
+                elif e.status.startswith("5.1.2") or e.status.startswith("5.4.4"):
+                    code = code or EX_NOHOST
+                else:
+                    code = code or EX_NOUSER
+    return code
+
+
+def check_aliases(cfg: Config, prog: str) -> int:
+    """newaliases / -bi: parse every alias file and report problems (no database to build)."""
+    import sys
+
+    from pymailtools.local import aliases
+
+    _library_warnings_to_stderr(prog)
+    status = EX_OK
+    for path in cfg.alias_maps:
+        try:
+            aliases.load(path)  # it logs each bad line as a warning
+        except DeliveryError as e:
+            print(f"{prog}: {path}: {e.reason}", file=sys.stderr)
+            status = EX_CONFIG
+    return status

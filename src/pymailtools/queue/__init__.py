@@ -1,0 +1,1 @@
+"""The queue: the only code that builds queue paths, renames or removes queue files."""

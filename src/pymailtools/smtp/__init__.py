@@ -1,0 +1,1 @@
+"""The SMTP client: sessions and transactions, MX lookup, next-hop syntax."""

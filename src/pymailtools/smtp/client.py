@@ -1,0 +1,646 @@
+"""The SMTP client: session set-up on aiosmtplib, pipelined transactions, replies to outcomes.
+
+aiosmtplib does what it is good at: greeting, EHLO/HELO, STARTTLS (with its defence against
+injected plaintext) and AUTH, over a socket we connected ourselves (per-address connect timeout,
+TCP_NODELAY, the IP for the log). Its reply reader drops replies that arrive while no command is
+waiting and parses one reply per read, which rules out PIPELINING, and its sendmail() quotes
+addresses its own way; so once the session is set up, the transport is handed to ``_Wire``,
+which writes exactly the bytes we validated and reads every reply in order.
+"""
+
+import asyncio
+import os
+import socket
+import ssl
+import stat
+from typing import NamedTuple
+
+import aiosmtplib
+from aiosmtplib.errors import (
+    SMTPConnectResponseError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPTimeoutError,
+)
+
+from pymailtools.config import Config
+from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
+from pymailtools.smtp.mx import Hop
+
+MAX_LINE = 8192  # one reply line (aiosmtplib's limit too)
+MAX_REPLY = 32768  # one whole, possibly multi-line, reply
+LINE_LIMIT = 998  # RFC 5321 4.5.3.1.6, without CRLF
+MAX_BUFFER = 1 << 20  # unread reply bytes we hold before calling it a protocol error
+
+
+class Reply(NamedTuple):
+    """One server reply: the code of its last line and the text of all lines, joined."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+class Outcome(NamedTuple):
+    """What became of one recipient: state, RFC 3463 status, reason kept in the envelope (the
+    server's reply when there is one), and the detail for the log line."""
+
+    state: str
+    dsn: str
+    reason: str
+    detail: str
+
+
+class HopError(Exception):
+    """The session with one address failed before any transaction: try the next address."""
+
+    def __init__(self, reason: str, status: str = "4.4.2", *, tls: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.tls = tls  # a TLS handshake failed (``may`` retries the address in plaintext)
+
+
+class Lost(Exception):
+    """The connection broke or timed out in the middle of a transaction."""
+
+
+class ProtocolError(Exception):
+    """The server sent something that is not an SMTP reply."""
+
+
+class Timeouts(NamedTuple):
+    connect: float
+    helo: float
+    starttls: float
+    mail: float
+    rcpt: float
+    data_init: float
+    data_xfer: float
+    data_done: float
+    rset: float
+    quit: float
+
+
+class Policy:
+    """How to talk to one kind of next hop: TLS level, credentials, timeouts, our name."""
+
+    def __init__(self, cfg: Config, *, implicit_tls: bool = False) -> None:
+        self.helo_name = cfg.myhostname
+        self.level = cfg.smtp_tls_security_level
+        self.ca_file = cfg.smtp_tls_CAfile or None
+        self.implicit_tls = implicit_tls
+        self.username = cfg.smtp_sasl_username
+        self._password = cfg.smtp_sasl_password
+        self._password_file = cfg.smtp_sasl_password_file
+        self.allow_plaintext = cfg.smtp_sasl_allow_plaintext
+        self.timeouts = Timeouts(*(float(max(getattr(cfg, f"smtp_{k}_timeout"), 1))
+                                   for k in Timeouts._fields))
+
+    def password(self) -> str:
+        """The AUTH password; from the file only if nobody else can read or replace it."""
+        if self._password or not self._password_file:
+            return self._password
+        path = self._password_file
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise HopError(f"cannot open smtp_sasl_password_file {path}: {e.strerror}",
+                           "4.7.0") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or \
+                    st.st_uid not in (0, os.geteuid()):
+                raise HopError(f"smtp_sasl_password_file {path} must be a regular file owned "
+                               "by root (or the runner's user) with mode 0600 or stricter",
+                               "4.7.0")
+            text = f.read(4096).decode("utf-8", "replace")
+        return text.splitlines()[0] if text else ""
+
+    def tls_context(self) -> ssl.SSLContext:
+        if self.level == "verify":
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+        else:
+            # Opportunistic/mandatory encryption without authentication (Postfix may/encrypt):
+            # self-signed certificates are the norm on MX hosts.
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+
+def check_address(addr: str, what: str) -> bytes:
+    """The address as it goes between < and >, or ValueError: never a byte that could end the
+    command or add a parameter (aiosmtplib would silently rewrite such an address)."""
+    if len(addr) > 998 or any(ord(c) < 0x20 or c in "<>\x7f" for c in addr):
+        raise ValueError(f"bad {what} address syntax: {addr!r}")
+    if " " in addr and not addr.startswith('"'):
+        raise ValueError(f"bad {what} address syntax: {addr!r}")
+    return addr.encode("utf-8")
+
+
+def encode_data(raw: bytes) -> bytes:
+    """The message as DATA content, terminator included.
+
+    Order matters (SMTP smuggling): line ends are normalised first, long lines broken, and
+    dot-stuffing comes last, so no ``\\n.\\r\\n`` can survive to end the message early."""
+    data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    if len(data) > LINE_LIMIT and max(map(len, data.split(b"\n"))) > LINE_LIMIT:
+        data = _break_long_lines(data)
+    data = data.replace(b"\n", b"\r\n")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def _break_long_lines(data: bytes) -> bytes:
+    """Lines over 998 octets continue on a new line starting with a space (Postfix's
+    smtp_line_length_limit): a header stays one folded header, a body line stays readable."""
+    out = []
+    for line in data.split(b"\n"):
+        while len(line) > LINE_LIMIT:
+            out.append(line[:LINE_LIMIT])
+            line = b" " + line[LINE_LIMIT:]
+        out.append(line)
+    return b"\n".join(out)
+
+
+def enhanced(reply: Reply, default: str) -> str:
+    """The RFC 3463 code at the start of the reply text if it matches the reply's class."""
+    word = reply.text.split(" ", 1)[0]
+    parts = word.split(".")
+    if len(parts) == 3 and all(p.isdigit() and p.isascii() for p in parts) \
+            and len(parts[0]) == 1 and parts[0] == str(reply.code)[0]:
+        return word
+    return default
+
+
+class _Wire(asyncio.Protocol):
+    """Replies in order, every one of them, with size limits; writes with flow control."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+        self.closed = False
+        self.error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # asyncio callbacks
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > MAX_BUFFER:
+            # A server that talks without being asked: memory stays bounded.
+            self.error = ProtocolError("response too long")
+            del self.buf[:]
+            self.transport.close()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # our side
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport.is_closing():
+            raise Lost("connection already closed")
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        while self._paused and not self.closed:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drain, timeout)
+            except TimeoutError:
+                raise Lost("timeout") from None
+        if self.closed:
+            raise Lost("connection closed")
+
+    async def reply(self, timeout: float) -> Reply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            got = self._parse()
+            if got is not None:
+                return got
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise Lost("connection closed")
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise Lost("timeout") from None
+
+    def _parse(self) -> Reply | None:
+        pos, texts, code = 0, [], 0
+        while True:
+            end = self.buf.find(b"\n", pos)
+            if end < 0:
+                if len(self.buf) - pos > MAX_LINE:
+                    raise ProtocolError("response line too long")
+                return None
+            line = bytes(self.buf[pos:end]).rstrip(b"\r")
+            pos = end + 1
+            if len(line) > MAX_LINE or pos > MAX_REPLY:
+                raise ProtocolError("response too long")
+            head, sep = line[:3], line[3:4]
+            if not (len(head) == 3 and head.isdigit() and head[:1] in b"2345"
+                    and sep in (b"", b" ", b"-")):
+                raise ProtocolError("malformed reply: "
+                                    + line[:80].decode("utf-8", "backslashreplace"))
+            code = int(head)
+            texts.append(line[4:].decode("utf-8", "replace").strip())
+            if sep != b"-":
+                del self.buf[:pos]
+                return Reply(code, " ".join(t for t in texts if t))
+
+
+class Session:
+    """An SMTP session that is set up and ready for transactions."""
+
+    def __init__(self, hop: Hop, smtp: aiosmtplib.SMTP, policy: Policy, tls: str) -> None:
+        self.hop = hop
+        self.relay = hop.relay
+        self.policy = policy
+        self.tls = tls  # "", "Anonymous", "Untrusted" or "Verified" (Postfix's words)
+        self.extensions = dict(smtp.esmtp_extensions)
+        self._smtp = smtp  # kept so that its transport is not collected
+        transport = smtp.transport
+        assert isinstance(transport, asyncio.Transport)
+        self.wire = _Wire(transport)
+        transport.set_protocol(self.wire)
+        self.usable = True
+        self.opened = asyncio.get_running_loop().time()
+        self.transactions = 0
+
+    def _said(self, reply: Reply, stage: str) -> str:
+        return f"host {self.relay} said: {reply} (in reply to {stage} command)"
+
+    def _by_reply(self, reply: Reply, stage: str, *, rcpt: bool = False) -> Outcome:
+        """Postfix's mapping: 2xx sent, 4xx (and 552 to RCPT, RFC 5321 4.5.3.1.10) deferred,
+        5xx bounced."""
+        if reply.code == 421:
+            self.usable = False
+        if reply.code < 400:
+            return Outcome(SENT, enhanced(reply, "2.0.0"), str(reply), self._said(reply, stage))
+        if reply.code < 500 or (rcpt and reply.code == 552):
+            dsn = enhanced(reply, "4.0.0")
+            dsn = "4" + dsn[1:]
+            return Outcome(DEFERRED, dsn, str(reply), self._said(reply, stage))
+        default = "5.3.4" if reply.code == 552 else "5.0.0"
+        return Outcome(BOUNCED, enhanced(reply, default), str(reply), self._said(reply, stage))
+
+    def _broken(self, why: str, during: str) -> Outcome:
+        self.usable = False
+        self.wire.transport.close()
+        text = (f"conversation with {self.relay} timed out while {during}" if why == "timeout"
+                else f"lost connection with {self.relay} while {during}")
+        return Outcome(DEFERRED, "4.4.2", text, text)
+
+    async def send(self, sender: str, rcpts: list[str], data: bytes, size: int,
+                   ) -> tuple[dict[str, Outcome], list[str]]:
+        """One transaction. Returns an outcome per recipient and the recipients the server
+        turned away with 452 after accepting others: send those again, now, in a new one.
+
+        ``data`` is encode_data()'s output; ``size`` the message size to declare."""
+        out: dict[str, Outcome] = {}
+        try:
+            mail_from = check_address(sender, "sender")
+        except ValueError as e:
+            return {r: Outcome(BOUNCED, "5.1.7", str(e), str(e)) for r in rcpts}, []
+        wire_rcpts: list[tuple[str, bytes]] = []
+        for r in rcpts:
+            try:
+                wire_rcpts.append((r, check_address(r, "recipient")))
+            except ValueError as e:
+                out[r] = Outcome(BOUNCED, "5.1.3", str(e), str(e))
+        ext = self.extensions
+        utf8 = not sender.isascii() or any(not r.isascii() for r, _ in wire_rcpts)
+        if utf8 and "smtputf8" not in ext:
+            why = f"SMTPUTF8 is required, but was not offered by host {self.relay}"
+            for r, _ in wire_rcpts:
+                out[r] = Outcome(BOUNCED, "5.6.7", why, why)
+            return out, []
+        limit = ext.get("size", "")
+        if limit.isdigit() and int(limit) and size > int(limit):
+            why = f"message size {size} exceeds size limit {limit} of server {self.relay}"
+            for r, _ in wire_rcpts:
+                out[r] = Outcome(BOUNCED, "5.3.4", why, why)
+            return out, []
+        if not wire_rcpts:
+            return out, []
+        params = b""
+        if "size" in ext:
+            params += b" SIZE=%d" % size
+        if not data.isascii() and ("8bitmime" in ext or "smtputf8" in ext):
+            params += b" BODY=8BITMIME"
+        if utf8:
+            params += b" SMTPUTF8"
+        self.transactions += 1
+        mail = b"MAIL FROM:<" + mail_from + b">" + params + b"\r\n"
+        if "pipelining" in ext:
+            return await self._pipelined(mail, wire_rcpts, data, out)
+        return await self._lockstep(mail, wire_rcpts, data, out)
+
+    async def _pipelined(self, mail: bytes, rcpts: list[tuple[str, bytes]], data: bytes,
+                         out: dict[str, Outcome]) -> tuple[dict[str, Outcome], list[str]]:
+        t = self.policy.timeouts
+        wire = self.wire
+        stage = "receiving the MAIL FROM reply"
+        try:
+            wire.write(mail + b"".join(b"RCPT TO:<" + w + b">\r\n" for _, w in rcpts)
+                       + b"DATA\r\n")
+            mail_reply = await wire.reply(t.mail)
+            stage = "receiving the RCPT TO reply"
+            rcpt_replies = [await wire.reply(t.rcpt) for _ in rcpts]
+            stage = "receiving the DATA reply"
+            data_reply = await wire.reply(t.data_init)
+        except Lost as e:
+            return self._all(out, rcpts, self._broken(str(e), stage)), []
+        except ProtocolError as e:
+            return self._all(out, rcpts, self._protocol(e)), []
+        return await self._finish(mail_reply, rcpt_replies, data_reply, rcpts, data, out)
+
+    async def _lockstep(self, mail: bytes, rcpts: list[tuple[str, bytes]], data: bytes,
+                        out: dict[str, Outcome]) -> tuple[dict[str, Outcome], list[str]]:
+        t = self.policy.timeouts
+        wire = self.wire
+        stage = "receiving the MAIL FROM reply"
+        rcpt_replies: list[Reply] = []
+        data_reply: Reply | None = None
+        try:
+            wire.write(mail)
+            mail_reply = await wire.reply(t.mail)
+            if mail_reply.code < 400:
+                stage = "receiving the RCPT TO reply"
+                for _, w in rcpts:
+                    wire.write(b"RCPT TO:<" + w + b">\r\n")
+                    rcpt_replies.append(await wire.reply(t.rcpt))
+                    if rcpt_replies[-1].code == 421:
+                        break
+                if any(r.code < 400 for r in rcpt_replies):
+                    stage = "receiving the DATA reply"
+                    wire.write(b"DATA\r\n")
+                    data_reply = await wire.reply(t.data_init)
+        except Lost as e:
+            return self._all(out, rcpts, self._broken(str(e), stage)), []
+        except ProtocolError as e:
+            return self._all(out, rcpts, self._protocol(e)), []
+        return await self._finish(mail_reply, rcpt_replies, data_reply, rcpts, data, out)
+
+    def _protocol(self, e: ProtocolError) -> Outcome:
+        self.usable = False
+        self.wire.transport.close()
+        text = f"protocol error with {self.relay}: {e}"
+        return Outcome(DEFERRED, "4.5.0", text, text)
+
+    @staticmethod
+    def _all(out: dict[str, Outcome], rcpts: list[tuple[str, bytes]],
+             outcome: Outcome) -> dict[str, Outcome]:
+        for r, _ in rcpts:
+            out.setdefault(r, outcome)
+        return out
+
+    async def _finish(self, mail_reply: Reply, rcpt_replies: list[Reply],
+                      data_reply: Reply | None, rcpts: list[tuple[str, bytes]], data: bytes,
+                      out: dict[str, Outcome]) -> tuple[dict[str, Outcome], list[str]]:
+        t = self.policy.timeouts
+        if mail_reply.code >= 400:
+            await self._abort(data_reply)
+            return self._all(out, rcpts, self._by_reply(mail_reply, "MAIL FROM")), []
+        accepted: list[str] = []
+        retry: list[str] = []
+        for i, (r, _) in enumerate(rcpts):
+            if i >= len(rcpt_replies):
+                # Not sent after a 421: the session is over, the rest waits for next time.
+                why = f"lost connection with {self.relay} before RCPT TO"
+                out[r] = Outcome(DEFERRED, "4.4.2", why, why)
+                continue
+            reply = rcpt_replies[i]
+            if reply.code < 400:
+                accepted.append(r)
+            elif reply.code == 452 and self.usable:
+                retry.append(r)  # "too many recipients": the rest go in the next transaction
+            else:
+                out[r] = self._by_reply(reply, "RCPT TO", rcpt=True)
+        if not accepted:
+            for r in retry:
+                out[r] = self._by_reply(rcpt_replies[[x for x, _ in rcpts].index(r)],
+                                        "RCPT TO", rcpt=True)
+            await self._abort(data_reply)
+            return out, []
+        if data_reply is None or data_reply.code != 354:
+            if data_reply is None:
+                outcome = Outcome(DEFERRED, "4.4.2", "no reply to DATA", "no reply to DATA")
+            else:
+                outcome = self._by_reply(data_reply, "DATA")
+            for r in accepted:
+                out[r] = outcome
+            await self._abort(None)
+            return out, retry
+        stage = "sending message body"
+        try:
+            self.wire.write(data)
+            await self.wire.drain(t.data_xfer)
+            stage = "sending end of data -- message may be sent more than once"
+            final = await self.wire.reply(t.data_done)
+        except Lost as e:
+            broken = self._broken(str(e), stage)
+            for r in accepted:
+                out[r] = broken
+            return out, retry
+        except ProtocolError as e:
+            for r in accepted:
+                out[r] = self._protocol(e)
+            return out, retry
+        outcome = self._by_reply(final, "end of DATA")
+        for r in accepted:
+            out[r] = outcome
+        return out, retry
+
+    async def _abort(self, data_reply: Reply | None) -> None:
+        """End a transaction that will not carry data, keeping the session usable."""
+        if not self.usable:
+            return
+        try:
+            if data_reply is not None and data_reply.code == 354:
+                # Pipelined DATA was accepted although no recipient was: a lone "." ends it
+                # without a message (RFC 2920 3.1).
+                self.wire.write(b".\r\n")
+                await self.wire.reply(self.policy.timeouts.data_done)
+            self.wire.write(b"RSET\r\n")
+            reply = await self.wire.reply(self.policy.timeouts.rset)
+            if reply.code >= 400:
+                self.usable = False
+        except (Lost, ProtocolError):
+            self.usable = False
+
+    async def quit(self) -> None:
+        """QUIT without waiting long: the transactions are all recorded already."""
+        if self.usable and not self.wire.closed:
+            try:
+                self.wire.write(b"QUIT\r\n")
+                await self.wire.reply(min(self.policy.timeouts.quit, 5.0))
+            except (Lost, ProtocolError):
+                pass
+        self.close()
+
+    def close(self) -> None:
+        self.usable = False
+        self.wire.transport.close()
+
+
+async def _connect(hop: Hop, timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in hop.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    # The final "." goes in one write with the data anyway; no delayed-ACK stall either way.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
+            sock, (hop.address, hop.port)), timeout)
+    except TimeoutError:
+        sock.close()
+        raise HopError(f"connect to {hop.relay}: Connection timed out", "4.4.1") from None
+    except OSError as e:
+        sock.close()
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise HopError(f"connect to {hop.relay}: {why}", "4.4.1") from None
+    return sock
+
+
+async def open_session(hop: Hop, policy: Policy, *, plaintext: bool = False) -> Session:
+    """Connect, read the greeting, EHLO (HELO), STARTTLS and AUTH as the policy says.
+
+    Raises HopError for every failure: the caller tries the next address."""
+    t = policy.timeouts
+    sock = await _connect(hop, t.connect)
+    implicit = policy.implicit_tls
+    smtp = aiosmtplib.SMTP(hostname=hop.host, sock=sock, local_hostname=policy.helo_name,
+                           timeout=t.helo, start_tls=False, use_tls=implicit,
+                           tls_context=policy.tls_context() if implicit else None)
+    try:
+        return await _setup(smtp, hop, policy, plaintext)
+    except HopError:
+        smtp.close()
+        raise
+    except BaseException:
+        smtp.close()
+        raise
+
+
+async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: bool) -> Session:
+    t = policy.timeouts
+    relay = hop.relay
+    tls = ""
+    try:
+        await smtp.connect()
+    except SMTPConnectResponseError as e:
+        # Even a 5xx greeting only ends this session (Postfix smtp_skip_5xx_greeting).
+        raise HopError(f"host {relay} refused to talk to me: {e.code} {e.message}",
+                       "4.0.0" if e.code < 500 else "4.3.0") from None
+    except (SMTPTimeoutError, TimeoutError):
+        raise HopError(f"conversation with {relay} timed out while receiving the initial "
+                       "server greeting") from None
+    except ssl.SSLError as e:
+        raise HopError(f"TLS handshake with {relay} failed: {e.reason or e}", "4.7.5",
+                       tls=True) from None
+    except (SMTPException, OSError) as e:
+        raise HopError(f"lost connection with {relay} while receiving the initial server "
+                       f"greeting: {e}") from None
+    if policy.implicit_tls:
+        tls = "Verified" if policy.level == "verify" else "Anonymous"
+    await _hello(smtp, relay, t.helo)
+    want_tls = policy.level != "none" and not policy.implicit_tls and not plaintext
+    if want_tls and smtp.supports_extension("starttls"):
+        try:
+            await smtp.starttls(server_hostname=hop.host, tls_context=policy.tls_context(),
+                                timeout=t.starttls)
+        except SMTPResponseException as e:
+            raise HopError(f"host {relay} refused STARTTLS: {e.code} {e.message}",
+                           "4.7.5", tls=True) from None
+        except (ssl.SSLError, SMTPException, OSError, TimeoutError) as e:
+            what = "Server certificate not verified" if isinstance(
+                e, ssl.SSLCertVerificationError) else "TLS handshake failed"
+            raise HopError(f"{what} with {relay}: {getattr(e, 'reason', None) or e}",
+                           "4.7.5", tls=True) from None
+        tls = "Verified" if policy.level == "verify" else "Anonymous"
+        await _hello(smtp, relay, t.helo)
+    elif policy.level in ("encrypt", "verify") and not policy.implicit_tls:
+        raise HopError(f"TLS is required, but was not offered by host {relay}", "4.7.4")
+    if policy.username:
+        await _auth(smtp, relay, policy, encrypted=bool(tls))
+    return Session(hop, smtp, policy, tls)
+
+
+async def _hello(smtp: aiosmtplib.SMTP, relay: str, timeout: float) -> None:
+    try:
+        try:
+            await smtp.ehlo(timeout=timeout)
+        except SMTPHeloError as e:
+            if e.code == 421 or not smtp.is_connected:
+                raise
+            await smtp.helo(timeout=timeout)  # very old servers: no ESMTP
+    except SMTPResponseException as e:
+        raise HopError(f"host {relay} refused to talk to me: {e.code} {e.message} "
+                       "(in reply to EHLO command)") from None
+    except (SMTPTimeoutError, TimeoutError):
+        raise HopError(f"conversation with {relay} timed out while performing the EHLO "
+                       "handshake") from None
+    except (SMTPException, OSError) as e:
+        raise HopError(f"lost connection with {relay} while performing the EHLO handshake: "
+                       f"{e}") from None
+
+
+async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, *, encrypted: bool) -> None:
+    methods = smtp.server_auth_methods
+    if not methods:
+        return  # nothing offered: the server does not want it (Postfix sends none either)
+    if not encrypted and not policy.allow_plaintext:
+        raise HopError(f"not sending credentials to {relay} over an unencrypted connection "
+                       "(smtp_sasl_allow_plaintext = false)", "4.7.0")
+    password = policy.password()
+    try:
+        if "plain" in methods:
+            await smtp.auth_plain(policy.username, password, timeout=policy.timeouts.helo)
+        elif "login" in methods:
+            await smtp.auth_login(policy.username, password, timeout=policy.timeouts.helo)
+        else:
+            raise HopError(f"host {relay} offers no AUTH mechanism we support "
+                           f"({' '.join(methods)})", "4.7.0")
+    except SMTPResponseException as e:
+        # Never bounce for this: wrong credentials are our configuration, not the mail.
+        raise HopError(f"SASL authentication failed; server {relay} said: {e.code} "
+                       f"{e.message}", "4.7.8") from None
+    except (SMTPTimeoutError, TimeoutError):
+        raise HopError(f"conversation with {relay} timed out during AUTH") from None
+    except (SMTPException, OSError) as e:
+        raise HopError(f"lost connection with {relay} during AUTH: {e}") from None

@@ -1,0 +1,1 @@
+"""The SMTP listener (sendmail -bd / -bD / -bs): policy, protocol, workers."""
