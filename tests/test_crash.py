@@ -80,8 +80,8 @@ def test_leftovers_are_purged_not_delivered(sendmail: Sendmail) -> None:
     q = Queue(str(sendmail.queue_dir))
     assert len(list((sendmail.queue_dir / "messages").iterdir())) == 2  # written in place
     assert q.due() == []
-    assert q.purge_temp(grace=3600) == 0  # too young: a submission may still be running
-    assert q.purge_temp(grace=0, now=time.time() + 1) == 2
+    assert q.purge(grace=3600) == []  # too young: a submission may still be running
+    assert len(q.purge(grace=0, now=time.time() + 1)) == 2
     assert not any((sendmail.queue_dir / "tmp").iterdir())
     assert not any((sendmail.queue_dir / "messages").iterdir())
 
@@ -93,7 +93,7 @@ def test_a_submission_in_progress_is_never_purged(sendmail: Sendmail) -> None:
     q.ensure()
     sub = q.submission()
     sub.write(b"Subject: slow\n\nstill coming\n")
-    assert q.purge_temp(grace=0, now=time.time() + 7200) == 0
+    assert q.purge(grace=0, now=time.time() + 7200) == []
     sub.write(b"more\n")
     qid = sub.commit(Envelope("", "a@x.test", [Recipient("u@x.test")]))
     assert q.read_message(qid) == b"Subject: slow\n\nstill coming\nmore\n"

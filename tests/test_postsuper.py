@@ -335,8 +335,8 @@ def test_without_renameat2_entries_are_done_one_by_one(queue: Queue,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
-    from pymailtools.admin import bulk
     from pymailtools.cli import postsuper as cli
+    from pymailtools.queue import bulk
 
     def unsupported(a: str, b: str) -> None:
         raise bulk.Unsupported(38, "no renameat2")

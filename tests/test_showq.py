@@ -12,12 +12,12 @@ import pytest
 
 from pymailtools.admin.listing import (
     HEADING,
-    active_ids,
     items,
     json_lines,
     listing,
     summary,
 )
+from pymailtools.queue.active import active_ids
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT, Envelope, Recipient
 from pymailtools.queue.format import json_quote
 from pymailtools.queue.select import Selector
@@ -136,13 +136,13 @@ def test_active_marker_for_an_entry_being_delivered(queue: Queue) -> None:
 def test_active_marker_without_proc_locks(queue: Queue,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /proc/locks cannot be trusted, each entry's lock is probed instead."""
-    import pymailtools.admin.listing as showq
+    import pymailtools.queue.active as active
 
-    monkeypatch.setattr(showq, "_proc_locks", lambda: None)
+    monkeypatch.setattr(active, "_proc_locks", lambda: None)
     busy = put(queue, "Busy2", "s@x.test", [Recipient("r@y.test")], state=INCOMING)
     fd = queue.lock(busy)
     try:
-        assert showq.active_ids(queue) is None
+        assert active.active_ids(queue) is None
         assert "Busy2*" in "".join(listing(queue, 10**7))
     finally:
         os.close(fd)

@@ -1,303 +1,34 @@
-"""postsuper's whole-queue operations in constant time: swap a state directory, settle later.
-
-``postsuper -d ALL`` after an outage removes 100,000 entries. Unlinking a file that owns data
-blocks costs ~0.2 ms on an ext4 mounted with ``discard`` (three files per entry), so instead:
-
-1. ``renameat2(RENAME_EXCHANGE)`` swaps the state directory with a new empty one under
-   ``trash/`` (delete) or with the empty ``hold`` directory (hold): one atomic step, after
-   which no runner can find those entries (a runner re-finds an entry after taking its lock).
-2. The entries a runner held locked at that moment (``/proc/locks``) or wrote back since are
-   "skipped", as postsuper does for an entry being delivered; the rest are counted.
-3. For a delete, ``trash/DIR/.commit`` (the skipped ids) is written and synced: from then on
-   the deletion stands; before it, a crash restores everything.
-4. A detached process settles the rest entry by entry, each under the entry's lock: deleted
-   entries lose their files, skipped ones go back (unless the runner delivered or re-queued
-   them). ``postsuper -p`` and the next bulk operation settle what a crash left. (A hold
-   swap puts its skipped entries back at once, then re-checks each under its lock.)
-
-Falls back to entry-by-entry work (postsuper.py) where renameat2 is missing.
-"""
+"""postsuper's whole-queue path: when -d ALL / -h ALL may swap whole state directories
+(queue/bulk.py, constant time), and settling what a swap left, in a detached process."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import time
-from collections.abc import Iterable
 
-from pymailtools.admin.listing import _names, active_ids
-from pymailtools.admin.postsuper import _unlink
-from pymailtools.queue.store import (
-    DEFERRED,
-    HISTORY,
-    HOLD,
-    INCOMING,
-    STATES,
-    EntryNotFound,
-    Queue,
-    crash_point,
-)
-from pymailtools.queue.store import fsync_dir as _fsync_dir
-
-TRASH = "trash"
-COMMIT = ".commit"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+from pymailtools.admin.postsuper import DELETE, HOLD_OP
+from pymailtools.queue import bulk
+from pymailtools.queue.bulk import Outcome
+from pymailtools.queue.store import DEFERRED, HOLD, INCOMING, Queue
 
 
-class Unsupported(OSError):
-    """No renameat2(RENAME_EXCHANGE) here: the caller works entry by entry."""
-
-
-def exchange(a: str, b: str) -> None:
-    """Atomically swap two paths (Linux renameat2, glibc 2.28+)."""
-    import ctypes
-
+def whole(op: str, queue: Queue, queues: list[str]) -> tuple[Outcome | None, list[str]]:
+    """-d ALL / -h ALL on whole directories: (outcome or None, the queues still to do entry
+    by entry). Only where "active" needs no entry-by-entry look: with both of its
+    directories; entry by entry where renameat2 is missing."""
+    names = set(queues)
+    if "active" in names and not {INCOMING, DEFERRED} <= names:
+        return None, queues
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except AttributeError:
-        raise Unsupported(errno.ENOSYS, "renameat2 is not available") from None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise Unsupported(err, os.strerror(err))
-        raise OSError(err, os.strerror(err), a)
-
-
-class Outcome:
-    """What a bulk operation did: the count for the summary line, and the skipped ids."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.skipped: list[str] = []
-
-
-def _empty(directory: str) -> bool:
-    return next(iter(_names(directory)), None) is None
-
-
-def _is_busy(queue: Queue, busy: set[str] | None, qid: str) -> bool:
-    if busy is not None:
-        return qid in busy
-    from pymailtools.admin.listing import probe_active
-
-    return probe_active(queue, qid)
-
-
-def delete_all(queue: Queue, states: Iterable[str]) -> Outcome:
-    """postsuper -d ALL on whole state directories; raises Unsupported before touching any."""
-    root = queue.root
-    trash = f"{root}/{TRASH}"
-    os.makedirs(trash, 0o700, exist_ok=True)
-    swapped: list[tuple[str, str, int]] = []
-    try:
-        for state in states:
-            if _empty(f"{root}/{state}"):
-                continue
-            t = f"{trash}/{state}.{time.time_ns()}.{os.getpid()}"
-            os.mkdir(t, 0o700)
-            # locked until committed, so that no settle() elsewhere takes it for debris
-            tfd = os.open(t, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fcntl.flock(tfd, fcntl.LOCK_EX)
-            try:
-                exchange(t, f"{root}/{state}")
-            except BaseException:
-                os.close(tfd)
-                os.rmdir(t)
-                raise
-            swapped.append((state, t, tfd))
-        return _count_deleted(queue, swapped)
-    finally:
-        for _, _, tfd in swapped:
-            os.close(tfd)
-
-
-def _count_deleted(queue: Queue, swapped: list[tuple[str, str, int]]) -> Outcome:
-    root, trash = queue.root, f"{queue.root}/{TRASH}"
-    out = Outcome()
-    if not swapped:
-        return out
-    _fsync_dir(root)
-    _fsync_dir(trash)
-    crash_point("bulk_swapped")
-    busy = active_ids(queue)
-    deferred = set(_names(f"{root}/{DEFERRED}"))  # written back by a runner since the swap
-    msgdir = os.open(f"{root}/messages", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for _, t, _ in swapped:
-            skipped = []
-            for qid in _names(t):
-                if _is_busy(queue, busy, qid) or qid in deferred:
-                    skipped.append(qid)
-                    continue
-                try:
-                    os.stat(qid, dir_fd=msgdir, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # delivered just before the swap, or debris: not a deletion
-                out.count += 1
-            # Skipped entries go back in settle(), under their lock: put back now, one could
-            # meet the envelope its runner has just written elsewhere (incoming -> deferred).
-            _commit(t, skipped)
-            out.skipped += skipped
-    finally:
-        os.close(msgdir)
-    _fsync_dir(trash)
-    crash_point("bulk_committed")
-    return out
-
-
-def _commit(t: str, skipped: list[str]) -> None:
-    tmp = f"{t}/{COMMIT}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        data = "".join(f"{q}\n" for q in skipped).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, f"{t}/{COMMIT}")
-    _fsync_dir(t)
-
-
-def hold_all(queue: Queue) -> Outcome | None:
-    """postsuper -h ALL for the deferred queue when hold is empty: swap the two directories.
-    None when hold is not empty (the caller works entry by entry)."""
-    root = queue.root
-    if not _empty(f"{root}/{HOLD}"):
-        return None
-    exchange(f"{root}/{HOLD}", f"{root}/{DEFERRED}")
-    _fsync_dir(root)
-    out = Outcome()
-    busy = active_ids(queue)
-    deferred = set(_names(f"{root}/{DEFERRED}"))
-    for qid in _names(f"{root}/{HOLD}"):
-        if _is_busy(queue, busy, qid) or qid in deferred:
-            out.skipped.append(qid)
-        else:
-            out.count += 1
-    for qid in out.skipped:  # back at once; settle() checks each under its lock
-        if not _put_back(f"{root}/{HOLD}/{qid}", f"{root}/{DEFERRED}/{qid}"):
-            _unlink(f"{root}/{HOLD}/{qid}")  # the runner wrote it back already: stale copy
-    _fsync_dir(f"{root}/{DEFERRED}")
-    return out
-
-
-def _put_back(src: str, dst: str) -> bool:
-    """Move without replacing (link, then unlink): False if ``dst`` exists."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        return True
-    _unlink(src)
-    return True
-
-
-# -- settling, in the background --------------------------------------------------------------
-
-def settle(queue: Queue, held_skipped: Iterable[str] = ()) -> None:
-    """Finish what bulk operations left: every trash directory (delete what was deleted,
-    restore what was skipped or never committed) and the skipped entries of a hold swap.
-    Each entry is handled under its lock, waiting for a runner that holds it."""
-    root = queue.root
-    for qid in held_skipped:
-        _settle_held(queue, qid)
-    try:
-        names = sorted(os.listdir(f"{root}/{TRASH}"))
-    except FileNotFoundError:
-        return
-    for name in names:
-        _settle_trash(queue, f"{root}/{TRASH}/{name}", name.partition(".")[0])
-
-
-def _live(root: str, qid: str) -> bool:
-    return any(os.path.lexists(f"{root}/{s}/{qid}") for s in STATES)
-
-
-def _settle_held(queue: Queue, qid: str) -> None:
-    """A skipped entry of a hold swap, put back to deferred without its lock: now, under the
-    lock, drop what is stale (a copy left in hold; a put-back envelope whose message the
-    runner had just delivered and removed)."""
-    root = queue.root
-    try:
-        fd = queue.lock(qid, blocking=True)
-    except EntryNotFound:
-        _unlink(f"{root}/{HOLD}/{qid}")
-        _unlink(f"{root}/{DEFERRED}/{qid}")
-        return
-    try:
-        if os.path.lexists(f"{root}/{DEFERRED}/{qid}") or os.path.lexists(
-                f"{root}/{INCOMING}/{qid}"):
-            _unlink(f"{root}/{HOLD}/{qid}")
-        elif _put_back(f"{root}/{HOLD}/{qid}", f"{root}/{DEFERRED}/{qid}"):
-            _fsync_dir(f"{root}/{DEFERRED}")
-    finally:
-        os.close(fd)
-
-
-def _settle_trash(queue: Queue, t: str, state: str) -> None:
-    if state not in STATES:
-        return
-    try:
-        dfd = os.open(t, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    try:
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return  # another process is settling it
-        try:
-            with open(f"{t}/{COMMIT}", "rb") as f:
-                keep: set[str] | None = set(f.read().decode("ascii", "replace").split())
-        except FileNotFoundError:
-            keep = None  # the operation never completed: everything goes back
-        root = queue.root
-        restored = False
-        for qid in list(_names(t)):
-            try:
-                fd = queue.lock(qid, blocking=True)
-            except EntryNotFound:
-                _unlink(f"{t}/{qid}")  # the message is gone: delivered, or debris
-                continue
-            try:
-                if _live(root, qid):
-                    pass  # written back by a runner: that is the entry now
-                elif keep is None or qid in keep:
-                    try:
-                        os.link(f"{t}/{qid}", f"{root}/{state}/{qid}")
-                        restored = True
-                    except FileExistsError:
-                        pass
-                else:
-                    _unlink(f"{root}/messages/{qid}")
-                    _unlink(f"{root}/{HISTORY}/{qid}")
-                _unlink(f"{t}/{qid}")
-            finally:
-                os.close(fd)
-        if restored:
-            _fsync_dir(f"{root}/{state}")
-        _unlink(f"{t}/{COMMIT}")
-        _unlink(f"{t}/{COMMIT}.tmp")
-        try:
-            os.rmdir(t)
-        except OSError:
-            pass
-    finally:
-        os.close(dfd)
-
-
-def admin_lock(queue: Queue) -> int:
-    """One postsuper at a time changes the queue (a swap must not meet another's moves)."""
-    fd = os.open(f"{queue.root}/postsuper.lock",
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+        if op == DELETE:
+            return bulk.delete_all(queue, [s for s in (HOLD, INCOMING, DEFERRED)
+                                           if s in names]), []
+        if op == HOLD_OP and DEFERRED in names:
+            outcome = bulk.hold_all(queue)
+            if outcome is not None:
+                return outcome, [q for q in queues if q == INCOMING]
+    except bulk.Unsupported:
+        pass
+    return None, queues
 
 
 def settle_in_background(queue: Queue, held_skipped: list[str]) -> None:
@@ -307,6 +38,6 @@ def settle_in_background(queue: Queue, held_skipped: list[str]) -> None:
     if detach():
         try:
             os.nice(10)
-            settle(queue, held_skipped)
+            bulk.settle(queue, held_skipped)
         finally:
             os._exit(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import time
@@ -10,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple, TypeVar
 
 from pymailtools.queue import index as qindex
+from pymailtools.queue import maildrop
+from pymailtools.queue.active import active_ids, is_active, probe_active
 from pymailtools.queue.envelope import DEFERRED as RCPT_DEFERRED
 from pymailtools.queue.envelope import (
     MAGIC,
@@ -18,7 +19,6 @@ from pymailtools.queue.envelope import (
     CorruptEnvelope,
     Envelope,
     Recipient,
-    read_envelope,
     unquote,
 )
 from pymailtools.queue.format import json_tail, mailq_tail
@@ -28,17 +28,15 @@ from pymailtools.queue.store import (
     HOLD,
     INCOMING,
     MAILDROP,
-    EntryBusy,
     EntryNotFound,
     Queue,
+    envelope_bytes,
 )
-from pymailtools.submit import pickup
 
 T = TypeVar("T")
 HEADING = "%-17s %8s %-19s %s\n" % (
     "----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
 EMPTY = "Mail queue is empty\n"
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class Item(NamedTuple):
@@ -49,34 +47,6 @@ class Item(NamedTuple):
     @property
     def queue_name(self) -> str:
         return "active" if self.active else self.state
-
-
-def _is_id(name: str) -> bool:
-    # The same rule as queueid.is_valid (1-32 ASCII letters and digits), in C speed: on an
-    # ASCII string isalnum() accepts exactly [0-9A-Za-z]. Used once per directory entry.
-    return len(name) <= 32 and name.isascii() and name.isalnum()
-
-
-def _names(path: str, *, ids_only: bool = True) -> Iterator[str]:
-    """Entry names of one directory in directory order (Postfix does not sort either); with
-    ``ids_only=False`` every name, temp files and debris included."""
-    try:
-        it = os.scandir(path)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return  # the maildrop (1733) is not listable by ordinary users
-    with it:
-        for e in it:
-            if not ids_only or _is_id(e.name):
-                yield e.name
-
-
-def _read(path: str, dir_fd: int | None = None) -> bytes:
-    """The envelope bytes of a state file (``envelope.read_envelope``)."""
-    fd = os.open(path, _O_READ, dir_fd=dir_fd)
-    try:
-        return read_envelope(fd)
-    finally:
-        os.close(fd)
 
 
 # The head of an envelope exactly as Envelope.to_bytes writes it; one C-level match per entry.
@@ -113,91 +83,13 @@ def summary(data: bytes) -> Envelope:
         raise CorruptEnvelope(f"bad record: {e}") from None
 
 
-def _proc_locks() -> list[tuple[int, int, int]] | None:
-    """(major, minor, inode) of every flock held on the system, or None without /proc."""
-    try:
-        with open("/proc/locks", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    out = []
-    for line in text.splitlines():
-        p = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters ("->") hold nothing.
-        if len(p) >= 6 and p[1] == b"FLOCK":
-            try:
-                major, minor, ino = p[5].split(b":")
-                out.append((int(major, 16), int(minor, 16), int(ino)))
-            except ValueError:
-                continue
-    return out
-
-
-def active_ids(queue: Queue) -> set[str] | None:
-    """Ids of the entries some process holds locked (being delivered), in one pass.
-
-    Probing every entry's lock costs three system calls per entry; instead read /proc/locks
-    once and map the locked inodes back to names with one scan of messages/. A lock we take
-    ourselves on messages/ proves that /proc/locks reports this file system's inodes as
-    stat() does (overlay file systems may not); otherwise return None (probe per entry).
-    """
-    msgdir = os.path.join(queue.root, "messages")
-    try:
-        dfd = os.open(msgdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        return set()  # an ordinary user's listing: messages/ is private, nothing shows active
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return None
-        st = os.fstat(dfd)
-        locks = _proc_locks()
-    finally:
-        os.close(dfd)
-    dev = (os.major(st.st_dev), os.minor(st.st_dev))
-    if locks is None or (*dev, st.st_ino) not in locks:
-        return None
-    inodes = {ino for major, minor, ino in locks if (major, minor) == dev and ino != st.st_ino}
-    if not inodes:
-        return set()
-    out = set()
-    with os.scandir(msgdir) as it:
-        for e in it:
-            if e.inode() in inodes and _is_id(e.name):
-                out.add(e.name)
-    return out
-
-
-def probe_active(queue: Queue, qid: str) -> bool:
-    """Is the entry locked by someone else? (One entry: a lock probe.)"""
-    try:
-        fd = queue.lock(qid)
-    except EntryBusy:
-        return True
-    except (EntryNotFound, OSError):
-        return False
-    os.close(fd)
-    return False
-
-
 def _maildrop_items(queue: Queue, max_message: int) -> Iterator[Item]:
-    drop = os.path.join(queue.root, MAILDROP)
-    for name in _names(drop):
+    for name in maildrop.names(queue):
         try:
-            fd = os.open(os.path.join(drop, name), _O_READ)
-        except OSError:
-            continue
-        try:
-            d = pickup.read(fd, max_message)
+            env = maildrop.load(queue, name, max_message)
         except (CorruptEnvelope, OSError, UnicodeError):
             continue
-        finally:
-            os.close(fd)
-        d.envelope.id = name  # the provisional id, as Postfix shows maildrop files
-        yield Item(MAILDROP, d.envelope, False)
+        yield Item(MAILDROP, env, False)
 
 
 class Row(NamedTuple):
@@ -284,7 +176,7 @@ def _walk(queue: Queue, max_message: int, selector: Selector | None,
                     yield size, render(Row(state, active, qid, size, arrival, sender, pending))
         for _, qid, dfd in qindex.unindexed(queue.root, live, (state,)):
             try:
-                env = summary(_read(qid, dfd))
+                env = summary(envelope_bytes(qid, dfd))
             except PermissionError:
                 row = _stat_row(state, qid, dfd)
                 if row is not None and sel.matches_queue(state, False) and not fields:
@@ -301,11 +193,7 @@ def _walk(queue: Queue, max_message: int, selector: Selector | None,
 
 
 def _active(queue: Queue, state: str, qid: str, locked: set[str] | None) -> bool:
-    if state == HOLD:
-        return False
-    if locked is None:
-        return probe_active(queue, qid)
-    return qid in locked
+    return state != HOLD and is_active(queue, qid, locked)
 
 
 def items(queue: Queue, max_message: int, selector: Selector | None = None,
@@ -382,20 +270,11 @@ def json_lines(queue: Queue, max_message: int, selector: Selector | None = None,
 
 def find_item(queue: Queue, qid: str, max_message: int) -> Item | None:
     """The entry with this id (validated by the caller), wherever it is, or None."""
-    for state in (INCOMING, DEFERRED, HOLD):
-        path = os.path.join(queue.root, state, qid)
+    try:
+        state, env = queue.load(qid)
+    except EntryNotFound:
         try:
-            env = Envelope.from_bytes(_read(path))
+            return Item(MAILDROP, maildrop.load(queue, qid, max_message), False)
         except FileNotFoundError:
-            continue
-        return Item(state, env, state != HOLD and probe_active(queue, qid))
-    try:
-        fd = os.open(os.path.join(queue.root, MAILDROP, qid), _O_READ)
-    except FileNotFoundError:
-        return None
-    try:
-        d = pickup.read(fd, max_message)
-    finally:
-        os.close(fd)
-    d.envelope.id = qid
-    return Item(MAILDROP, d.envelope, False)
+            return None
+    return Item(state, env, state != HOLD and probe_active(queue, qid))

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 
-from pymailtools.admin.listing import _is_id, _names, _read
+from pymailtools.queue import ids as queueid
 from pymailtools.queue import index as qindex
-from pymailtools.queue.envelope import CorruptEnvelope, Envelope
+from pymailtools.queue import maildrop
+from pymailtools.queue.envelope import CorruptEnvelope
 from pymailtools.queue.select import Selector
 from pymailtools.queue.store import (
-    CORRUPT,
     DEFERRED,
-    HISTORY,
     HOLD,
     INCOMING,
-    MAILDROP,
     STATES,
     EntryBusy,
     EntryNotFound,
     Queue,
-    fsync_dir,
 )
 
 DELETE, HOLD_OP, RELEASE, REQUEUE = "delete", "hold", "release", "requeue"
@@ -93,17 +89,17 @@ class Admin:
             op, (HOLD, INCOMING, DEFERRED))
         for state in order:
             if state in dirs:
-                for qid in _names(os.path.join(self.root, state)):
+                for qid in self.queue.names(state):
                     yield state, qid
 
     def named(self, ids: Iterable[str], queues: Iterable[str]) -> Iterator[tuple[str, str]]:
         """(state, id) for ids (already validated) wherever they are among the queues."""
         dirs, _ = self.states_for(queues)
         for qid in ids:
-            for state in dirs:
-                if os.path.lexists(os.path.join(self.root, state, qid)):
-                    yield state, qid
-                    break
+            try:
+                yield self.queue.find(qid, dirs), qid
+            except EntryNotFound:
+                continue
 
     # -- the operations -------------------------------------------------------------------
 
@@ -127,7 +123,7 @@ class Admin:
                     self.on_busy(qid)
                 continue
             except EntryNotFound:
-                if op == DELETE and state in allowed and self._delete_orphan(state, qid):
+                if op == DELETE and state in allowed and self.queue.remove_orphan(state, qid):
                     self._done(result, op, qid)
                 continue
             try:
@@ -170,35 +166,34 @@ class Admin:
 
     def _where(self, state: str, qid: str, allowed: tuple[str, ...]) -> str | None:
         """The entry's state now that we hold its lock (a runner may have moved it)."""
-        if state in allowed and os.path.lexists(os.path.join(self.root, state, qid)):
-            return state
-        for s in allowed:
-            if s != state and os.path.lexists(os.path.join(self.root, s, qid)):
-                return s
-        return None
+        first = (state,) if state in allowed else ()
+        try:
+            return self.queue.find(qid, first + tuple(s for s in allowed if s != state))
+        except EntryNotFound:
+            return None
 
     def _selected(self, state: str, qid: str, sel: Selector) -> bool:
         try:
-            env = Envelope.from_bytes(_read(os.path.join(self.root, state, qid)))
+            _, env = self.queue.load(qid, state)
         except (CorruptEnvelope, OSError, UnicodeError):
             return False
-        return env.id == qid and sel.matches(env)
+        return sel.matches(env)
 
     def _act(self, op: str, e: _Locked) -> bool:
         """The first, atomic step of ``op`` on a locked entry; False if there was nothing to do."""
-        src = os.path.join(self.root, e.state, e.qid)
         try:
             if op == DELETE:
-                os.unlink(src)  # the envelope first: without it the entry no longer exists
+                # the envelope first: without it the entry no longer exists
+                return self.queue.discard(e.state, e.qid)
             elif op == HOLD_OP:
                 if e.state == HOLD:
                     return False
-                os.rename(src, os.path.join(self.root, HOLD, e.qid))
+                self.queue.move(e.qid, e.state, HOLD, sync=False)
             elif op == RELEASE:
                 if e.state != HOLD:
                     return False
-                # rename keeps the mtime, i.e. the retry schedule the entry had
-                os.rename(src, os.path.join(self.root, DEFERRED, e.qid))
+                # a move keeps the mtime, i.e. the retry schedule the entry had
+                self.queue.move(e.qid, e.state, DEFERRED, sync=False)
             elif op == REQUEUE:
                 self._requeue(e)
         except FileNotFoundError:
@@ -223,69 +218,25 @@ class Admin:
         elif op == RELEASE:
             dirs.add(DEFERRED)
         if op != REQUEUE:  # Queue.save synced its own moves
-            for d in dirs:
-                fsync_dir(os.path.join(self.root, d))
+            self.queue.sync(*dirs)
         if op == DELETE:
             # Only now that the envelopes' removal is on disk: a crash in between leaves
             # orphaned message files (postsuper -p removes them), never a half entry.
             # (Threads do not help here: parallel unlinks only contend in the journal.)
-            ids = [e.qid for e in batch]
-            for kind in ("messages", HISTORY):
-                _unlink_all(os.path.join(self.root, kind), ids)
+            self.queue.remove_files([e.qid for e in batch])
         for e in batch:
             if e.fd >= 0:
                 os.close(e.fd)
         batch.clear()
 
-    def _delete_orphan(self, state: str, qid: str) -> bool:
-        """An envelope whose message file is gone (nothing to lock): remove what is left."""
-        path = os.path.join(self.root, state, qid)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-        fsync_dir(os.path.join(self.root, state))
-        try:
-            os.unlink(os.path.join(self.root, HISTORY, qid))
-        except FileNotFoundError:
-            pass
-        return True
-
     # -- maintenance (-p, -s) -------------------------------------------------------------
 
     def purge(self, grace: float = 3600.0, now: float | None = None) -> list[str]:
-        """Remove temp files, orphaned message and history files older than ``grace``
-        (left by crashes); return their paths relative to the queue."""
-        now = time.time() if now is None else now
-        removed = []
-        for name in _names(os.path.join(self.root, "tmp"), ids_only=False):
-            path = os.path.join(self.root, "tmp", name)
-            if _older(path, now - grace) and _unlink(path):
-                removed.append(f"tmp/{name}")
-        for kind in ("messages", HISTORY):
-            for qid in _names(os.path.join(self.root, kind)):
-                if self._listed(qid) or not _older(os.path.join(self.root, kind, qid),
-                                                   now - grace):
-                    continue
-                try:
-                    fd = self.queue.lock(qid) if kind == "messages" else -1
-                except (EntryBusy, EntryNotFound):
-                    continue
-                try:
-                    if not self._listed(qid) and _unlink(os.path.join(self.root, kind, qid)):
-                        removed.append(f"{kind}/{qid}")
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
-        for name in _names(os.path.join(self.root, MAILDROP), ids_only=False):
-            path = os.path.join(self.root, MAILDROP, name)
-            # a submission that died while writing (ID.PID.tmp); a day, as pickup waits
-            if not _is_id(name) and _older(path, now - max(grace, 86400.0)) and _unlink(path):
-                removed.append(f"{MAILDROP}/{name}")
-        return removed
-
-    def _listed(self, qid: str) -> bool:
-        return any(os.path.lexists(os.path.join(self.root, s, qid)) for s in STATES)
+        """Remove temp files, orphaned message and history files older than ``grace``, and
+        maildrop submissions that died while being written, older than a day at least (as
+        pickup waits); return their paths relative to the queue."""
+        return (self.queue.purge(grace, now)
+                + maildrop.purge(self.queue, max(grace, maildrop.STALE_TEMP), now))
 
     def check(self) -> list[tuple[str, str]]:
         """Move entries that cannot be delivered (unreadable, torn, foreign, message missing or
@@ -293,10 +244,9 @@ class Admin:
         Return (name, reason) for each; entries being delivered are left alone."""
         moved = []
         for state in STATES:
-            d = os.path.join(self.root, state)
-            for name in _names(d, ids_only=False):
-                if not _is_id(name):
-                    if _quarantine_stray(self.root, state, name):
+            for name in self.queue.names(state, ids_only=False):
+                if not queueid.is_valid(name):
+                    if self.queue.quarantine_stray(state, name):
                         moved.append((f"{state}/{name}", "not a queue id"))
                     continue
                 reason = self._check_entry(state, name)
@@ -311,7 +261,9 @@ class Admin:
         except EntryBusy:
             return ""
         except EntryNotFound:
-            if not os.path.lexists(os.path.join(self.root, state, qid)):
+            try:
+                self.queue.find(qid, (state,))
+            except EntryNotFound:
                 return ""
             self.queue.quarantine(qid, state)
             return "message file missing"
@@ -328,41 +280,3 @@ class Admin:
         finally:
             os.close(fd)
 
-
-def _unlink_all(directory: str, names: list[str]) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in names:
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except FileNotFoundError:
-                pass
-    finally:
-        os.close(dfd)
-
-
-def _older(path: str, cutoff: float) -> bool:
-    try:
-        return os.lstat(path).st_mtime < cutoff
-    except FileNotFoundError:
-        return False
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _quarantine_stray(root: str, state: str, name: str) -> bool:
-    """A file whose name is not an id never becomes a path of ours: keep it under a safe name."""
-    safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)[:64]
-    dst = os.path.join(root, CORRUPT, f"stray-{state}-{safe}-{time.time_ns()}")
-    try:
-        os.rename(os.path.join(root, state, name), dst)
-    except FileNotFoundError:
-        return False
-    fsync_dir(os.path.join(root, CORRUPT))
-    return True

@@ -17,11 +17,6 @@ from pymailtools.errors import (
 )
 from pymailtools.queue.select import QUEUE_NAMES, Options
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymailtools.admin.bulk import Outcome
-    from pymailtools.queue.store import Queue
-
 PROG = "postsuper"
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
          "[-H queue_id (un-hold)] [-p (purge temporary files)] [-r queue_id (requeue)] "
@@ -151,8 +146,9 @@ def check_permission(root: str) -> None:
 
 def run(req: Request) -> int:
     from pymailtools import config as configmod
-    from pymailtools.admin import bulk
+    from pymailtools.admin.bulk import settle_in_background, whole
     from pymailtools.admin.postsuper import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
+    from pymailtools.queue import bulk
     from pymailtools.queue.store import Queue
 
     cfg = configmod.load(req.config)
@@ -188,7 +184,7 @@ def run(req: Request) -> int:
         counts[op] = 0
         mass = any(a == "ALL" or a is SELECTED for a in args)
         if mass and "ALL" in args and selector.empty and not req.verbose and lock >= 0:
-            outcome, queues = _bulk(op, queue, queues)
+            outcome, queues = whole(op, queue, queues)
             if outcome is not None:
                 counts[op] += outcome.count
                 busy += outcome.skipped
@@ -209,7 +205,7 @@ def run(req: Request) -> int:
     if lock >= 0:
         os.close(lock)
     if bulk_done:
-        bulk.settle_in_background(queue, [q for q in bulk_done if q])
+        settle_in_background(queue, [q for q in bulk_done if q])
     for qid in dict.fromkeys(busy):
         warn(f"{qid}: skipped: the message is being delivered (locked by a queue runner); "
              "try again")
@@ -219,29 +215,6 @@ def run(req: Request) -> int:
     if bad:
         return EX_DATAERR
     return EX_TEMPFAIL if busy else EX_OK
-
-
-def _bulk(op: str, queue: Queue, queues: list[str]) -> tuple[Outcome | None, list[str]]:
-    """-d ALL / -h ALL on whole directories (admin/bulk.py): (outcome or None, the queues still to
-    do entry by entry). Only where "active" needs no entry-by-entry look: with both of its
-    directories."""
-    from pymailtools.admin import bulk
-    from pymailtools.admin.postsuper import DELETE, HOLD_OP
-
-    names = set(queues)
-    if "active" in names and not {"incoming", "deferred"} <= names:
-        return None, queues
-    try:
-        if op == DELETE:
-            return bulk.delete_all(queue, [s for s in ("hold", "incoming", "deferred")
-                                           if s in names]), []
-        if op == HOLD_OP and "deferred" in names:
-            outcome = bulk.hold_all(queue)
-            if outcome is not None:
-                return outcome, [q for q in queues if q == "incoming"]
-    except bulk.Unsupported:
-        pass
-    return None, queues
 
 
 def _reporter(each: bool):  # type: ignore[no-untyped-def]

@@ -154,7 +154,7 @@ class Runner:
         if os.geteuid() == 0 or self.queue.direct_access():
             self.queue.ensure(self.cfg.public_listing, repair=True)
         if housekeeping and self.queue.direct_access():
-            self.queue.purge_temp(grace=86400)
+            self.queue.purge(grace=86400)
         if ids is None and self.queue.direct_access():
             from pymailtools.submit.pickup import pickup
 

@@ -1,4 +1,4 @@
-"""The on-disk queue: the only code that touches queue files.
+"""The on-disk queue: its layout, and every operation on an entry and its files.
 
 Layout under ``queue_directory``::
 
@@ -12,8 +12,9 @@ Layout under ``queue_directory``::
     hold/ID     envelope kept until released
     corrupt/    entries and maildrop files that failed validation (kept, never deleted)
     maildrop/   mode 1733: submissions by ordinary users, untrusted input for the root runner
+                (written by Submission, read and validated by maildrop.py)
     summaries   the listing's index: one line appended per envelope write (index.py)
-    trash/      state directories swapped out by postsuper -d ALL, settled later (admin/bulk.py)
+    trash/      state directories swapped out by postsuper -d ALL, settled later (bulk.py)
 
 When every user may list the queue (authorized_mailq_users), incoming/, deferred/, hold/ are
 0755 and summaries 0644: mailq works for ordinary users, who still cannot open an envelope
@@ -48,7 +49,7 @@ from pymailtools.queue.envelope import (
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
     from typing import BinaryIO
 
 INCOMING = "incoming"
@@ -63,6 +64,8 @@ _DIR_MODES = {"tmp": 0o700, "messages": 0o700, HISTORY: 0o700, INCOMING: 0o700, 
               HOLD: 0o700,
               CORRUPT: 0o700, MAILDROP: 0o1733}
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Reading a file of the queue: never through a symlink, never hanging on a planted FIFO.
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC
 _TEST_CRASH_AT = os.environ.get("PYMAILTOOLS_TEST_CRASH_AT", "")
 
 
@@ -120,6 +123,25 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def remove_file(path: str, dir_fd: int | None = None) -> bool:
+    """Unlink a file of the queue; False when it was gone already."""
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def envelope_bytes(path: str, dir_fd: int | None = None) -> bytes:
+    """The envelope bytes of a state file (``read_envelope``); ``path`` may be relative to
+    ``dir_fd``, an open state directory (a listing's walk)."""
+    fd = os.open(path, _O_READ, dir_fd=dir_fd)
+    try:
+        return read_envelope(fd)
+    finally:
+        os.close(fd)
 
 
 class Submission:
@@ -402,11 +424,20 @@ class Queue:
         os.rename(tmp, self.path(state, env.id))
         fsync_dir(self.path(state))
 
-    def move(self, qid: str, src: str, dst: str) -> None:
+    def move(self, qid: str, src: str, dst: str, *, sync: bool = True) -> None:
+        """Move an entry's envelope to another state (rename keeps its mtime, i.e. its retry
+        schedule); ``sync=False`` leaves the directories to ``sync`` (a batch: one fsync per
+        directory). FileNotFoundError when it is not in ``src``."""
         if src != dst:
             os.rename(self.path(src, qid), self.path(dst, qid))
-            fsync_dir(self.path(dst))
-            fsync_dir(self.path(src))
+            if sync:
+                fsync_dir(self.path(dst))
+                fsync_dir(self.path(src))
+
+    def sync(self, *directories: str) -> None:
+        """Make the renames and unlinks in these directories of the queue durable."""
+        for d in directories:
+            fsync_dir(self.path(d))
 
     def save(self, env: Envelope, src: str, dst: str) -> None:
         """Record a new state for an entry: move it (atomic), then rewrite it (atomic)."""
@@ -417,24 +448,45 @@ class Queue:
         nt = env.next_try if dst == DEFERRED else None
         self.write_envelope(env, dst, mtime=nt)
 
-    def find(self, qid: str) -> str:
-        """The state directory an entry is in; EntryNotFound otherwise."""
-        queueid.check(qid)
-        for state in STATES:
+    def find(self, qid: str, states: Iterable[str] = STATES) -> str:
+        """The state an entry is in: the first of ``states`` whose directory names it (every
+        state by default); EntryNotFound when none does. The one answer to "where is it?"."""
+        for state in states:
             if os.path.lexists(self.path(state, qid)):
                 return state
         raise EntryNotFound(f"{qid}: no such queue entry")
 
     def load(self, qid: str, state: str | None = None) -> tuple[str, Envelope]:
-        state = state or self.find(qid)
-        fd = os.open(self.path(state, qid), os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
-        try:
-            env = Envelope.from_bytes(read_envelope(fd))
-        finally:
-            os.close(fd)
+        """(state, envelope) of an entry; without ``state``, wherever it is (looked for again
+        when a runner moved it meanwhile). CorruptEnvelope when the file names another id."""
+        for _ in range(3):
+            where = state or self.find(qid)
+            try:
+                data = envelope_bytes(self.path(where, qid))
+                break
+            except FileNotFoundError:
+                if state:
+                    raise
+        else:
+            raise EntryNotFound(f"{qid}: no such queue entry")
+        env = Envelope.from_bytes(data)
         if env.id != qid:
             raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
-        return state, env
+        return where, env
+
+    def names(self, directory: str, *, ids_only: bool = True) -> Iterator[str]:
+        """Names in a directory of the queue, in directory order (Postfix does not sort
+        either), streamed; only valid ids unless ``ids_only=False`` (temp files, debris).
+        Nothing when it is missing or unreadable (the maildrop, 1733, for ordinary users)."""
+        try:
+            it = os.scandir(f"{self.root}/{directory}")
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        is_valid = queueid.is_valid
+        with it:
+            for e in it:
+                if not ids_only or is_valid(e.name):
+                    yield e.name
 
     def ids(self, state: str) -> list[str]:
         """Entry ids in a state directory, from the directory alone (no file is read)."""
@@ -514,15 +566,35 @@ class Queue:
         Not synced, as in Postfix: after a crash a delivered entry may come back and be
         delivered again (a duplicate), which is the safe direction; never a loss.
         """
-        try:
-            os.unlink(self.path(state, qid))
-        except FileNotFoundError:
-            pass
+        for kind in (state, "messages", HISTORY):
+            remove_file(self.path(kind, qid))
+
+    def discard(self, state: str, qid: str) -> bool:
+        """Unlink an entry's envelope, not synced (the caller holds the entry's lock and syncs
+        the directory; without its envelope the entry no longer exists). False if it is not
+        in ``state``."""
+        return remove_file(self.path(state, qid))
+
+    def remove_files(self, qids: list[str]) -> None:
+        """Unlink the message and history files of entries whose envelopes are gone (their
+        removal synced first: a crash in between leaves orphaned files, never a half entry).
+        One directory open for the lot."""
         for kind in ("messages", HISTORY):
+            dfd = os.open(self.path(kind), os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
             try:
-                os.unlink(self.path(kind, qid))
-            except FileNotFoundError:
-                pass
+                for qid in qids:
+                    remove_file(queueid.check(qid), dfd)
+            finally:
+                os.close(dfd)
+
+    def remove_orphan(self, state: str, qid: str) -> bool:
+        """Delete an envelope whose message file is gone (nothing to lock), durably, and its
+        history; False when the envelope was gone too."""
+        if not self.discard(state, qid):
+            return False
+        fsync_dir(self.path(state))
+        remove_file(self.path(HISTORY, qid))
+        return True
 
     # -- attempt history (for mailq --explain) -------------------------------------------
 
@@ -563,29 +635,55 @@ class Queue:
                 pass
         fsync_dir(self.path(CORRUPT))
 
-    def purge_temp(self, grace: float = 3600.0, now: float | None = None) -> int:
-        """Remove temp files and orphaned message files older than ``grace`` seconds."""
+    def quarantine_stray(self, state: str, name: str) -> bool:
+        """Move a file of a state directory whose name is not an id to corrupt/, under a safe
+        name (it never becomes a path of ours); False when it is gone."""
+        safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)[:64]
+        try:
+            os.rename(f"{self.root}/{state}/{name}",
+                      f"{self.root}/{CORRUPT}/stray-{state}-{safe}-{time.time_ns()}")
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.path(CORRUPT))
+        return True
+
+    def purge(self, grace: float = 3600.0, now: float | None = None) -> list[str]:
+        """Remove temp files, and message and history files no entry names, older than
+        ``grace`` seconds (left by crashes); return their paths relative to the queue. An
+        orphaned message file is removed under its lock: a submission in progress holds it."""
         now = time.time() if now is None else now
-        removed = 0
-        with os.scandir(self.path("tmp")) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                if now - st.st_mtime > grace:
-                    os.unlink(e.path)
-                    removed += 1
-        listed = set()
-        for state in STATES:
-            listed.update(self.ids(state))
-        for qid, st in list(self.scan("messages")):
-            if qid not in listed and now - st.st_mtime > grace:
+        cutoff = now - grace
+        removed = []
+        for name in self.names("tmp", ids_only=False):
+            path = f"{self.root}/tmp/{name}"
+            if _older(path, cutoff) and remove_file(path):
+                removed.append(f"tmp/{name}")
+        for kind in ("messages", HISTORY):
+            for qid in self.names(kind):
+                if self._listed(qid) or not _older(self.path(kind, qid), cutoff):
+                    continue
                 try:
-                    fd = self.lock(qid)
+                    fd = self.lock(qid) if kind == "messages" else -1
                 except (EntryBusy, EntryNotFound):
                     continue
                 try:
-                    if not any(os.path.lexists(self.path(s, qid)) for s in STATES):
-                        os.unlink(self.path("messages", qid))
-                        removed += 1
+                    if not self._listed(qid) and remove_file(self.path(kind, qid)):
+                        removed.append(f"{kind}/{qid}")
                 finally:
-                    os.close(fd)
+                    if fd >= 0:
+                        os.close(fd)
         return removed
+
+    def _listed(self, qid: str) -> bool:
+        try:
+            self.find(qid)
+        except EntryNotFound:
+            return False
+        return True
+
+
+def _older(path: str, cutoff: float) -> bool:
+    try:
+        return os.lstat(path).st_mtime < cutoff
+    except FileNotFoundError:
+        return False
