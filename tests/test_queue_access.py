@@ -203,6 +203,22 @@ def test_ordinary_users_list_the_queue_but_cannot_read_it(world_dir: Path, root_
     assert root_queue.ids(DEFERRED) == ["Rq1"]
 
 
+@pytest.mark.parametrize("mode", [0o755, 0o700])
+def test_explain_by_an_ordinary_user_is_refused_not_reported_missing(
+        world_dir: Path, root_queue: Queue, system_user: pwd.struct_passwd, mode: int) -> None:
+    """mailq --explain needs the envelope, which is root's: an ordinary user is told so (77),
+    also where the state directories are still private, never "no such queue entry"."""
+    _import_cli()
+    from pymailtools.cli import mailq
+
+    for name in (INCOMING, DEFERRED, "hold"):
+        os.chmod(root_queue.path(name), mode)
+    cfg = config_for(world_dir, Path(root_queue.root))
+    code, out, err = user_run(system_user, lambda: mailq.main(["--explain", "Rq1"]), cfg)
+    assert (code, out) == (77, "")
+    assert "Rq1: cannot read the entry" in err and "permission denied" in err
+
+
 def test_an_entry_the_index_does_not_describe_is_listed_as_far_as_stat_tells(
         world_dir: Path, root_queue: Queue, system_user: pwd.struct_passwd) -> None:
     _import_cli()

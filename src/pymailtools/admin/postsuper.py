@@ -97,9 +97,10 @@ class Admin:
         dirs, _ = self.states_for(queues)
         for qid in ids:
             try:
-                yield self.queue.find(qid, dirs), qid
+                state = self.queue.find(qid, dirs)
             except EntryNotFound:
                 continue
+            yield state, qid
 
     # -- the operations -------------------------------------------------------------------
 

@@ -452,8 +452,11 @@ class Queue:
         """The state an entry is in: the first of ``states`` whose directory names it (every
         state by default); EntryNotFound when none does. The one answer to "where is it?"."""
         for state in states:
-            if os.path.lexists(self.path(state, qid)):
-                return state
+            try:
+                os.lstat(self.path(state, qid))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            return state  # PermissionError goes up: this user may not look, not "no entry"
         raise EntryNotFound(f"{qid}: no such queue entry")
 
     def load(self, qid: str, state: str | None = None) -> tuple[str, Envelope]:
