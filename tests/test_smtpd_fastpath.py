@@ -311,7 +311,7 @@ def test_local_recipient_verdicts_are_reused_briefly(tmp_path: Path,
     (SIGHUP) starts afresh."""
     import time
 
-    from pymailtools.local.targets import DeliveryError
+    from pymailtools.errors import DeliveryError
     from pymailtools.smtpd import listener as smtpd
 
     aliases = tmp_path / "aliases"

@@ -37,12 +37,12 @@ from pymailtools.config import SCHEMA, Config
 from pymailtools.errors import (
     AddressError,
     ConfigError,
+    DeliveryError,
     MailError,
     PermissionDenied,
     TooBigError,
 )
 from pymailtools.local import route
-from pymailtools.local.targets import DeliveryError
 from pymailtools.log import Logger, escape
 from pymailtools.queue.store import Queue
 from pymailtools.smtpd import data as smtpd_data
