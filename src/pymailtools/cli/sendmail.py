@@ -198,7 +198,7 @@ def run(req: Request) -> int:
     if mode == "queue":
         return _queue_run(cfg, req)
     if mode == "list":
-        from pymailtools.cli.mailq import show
+        from pymailtools.cli.show import show
 
         return show(cfg, req.prog)
     if mode == "verify":
@@ -314,7 +314,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         except MailError:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
-    from pymailtools.cli.postqueue import authorize
+    from pymailtools.cli.common import authorize
     from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")
