@@ -8,9 +8,9 @@ from typing import BinaryIO
 
 from pymailtools.chat import status
 from pymailtools.chat.errors import ChatError, ConnectionLost
-from pymailtools.chat.reply import Reply
 from pymailtools.chat.session import Options, Session, Stop, authenticate
 from pymailtools.chat.transcript import MASK, Transcript
+from pymailtools.smtp.reply import Reply
 
 HELP = """\
 Lines you type are sent to the server with CRLF; each reply is shown in full.

@@ -11,9 +11,9 @@ from typing import Any
 
 from pymailtools.chat import status, target
 from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
-from pymailtools.chat.reply import Reply, extensions
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
+from pymailtools.smtp.reply import Reply, extensions
 
 # --quit-after names (swaks' and ours) -> the point after which the session stops.
 QUIT_POINTS = {

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from pymailtools.chat.reply import Reply
+from pymailtools.smtp.reply import Reply
 
 # swaks' hints (cli-compat.md 6.2): 3 characters, then a space, then the text.
 INFO, ERROR = "===", "***"
