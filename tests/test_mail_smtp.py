@@ -56,15 +56,9 @@ def other_ca_file(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
-@pytest.fixture
-def env(config_file: Path, home: Path) -> dict[str, str]:
-    return mail_env(config_file, home)
+def env(config_file: Path, tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "home").mkdir()
+    return mail_env(config_file, tmp_path / "home")
 
 
 @pytest.fixture
@@ -99,8 +93,8 @@ def one_line_error(stderr: bytes) -> str:
 @pytest.mark.parametrize("how", ["variables", "config"])
 def test_verification_on_and_the_right_ca_delivers(env: dict[str, str], servers: list,
                                                    ca: trustme.CA, ca_file: str,
-                                                   config_values: dict, home: Path,
-                                                   tmp_path: Path, how: str) -> None:
+                                                   config_values: dict, tmp_path: Path,
+                                                   how: str) -> None:
     _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"))
     if how == "variables":
         r = send(env, "-t", f"127.0.0.1:{port}", "-S", "tls-verify=strict",
@@ -108,7 +102,7 @@ def test_verification_on_and_the_right_ca_delivers(env: dict[str, str], servers:
     else:
         conf = write_toml(tmp_path / "verify.toml", {
             **config_values, "smtp_tls_security_level": "verify", "smtp_tls_CAfile": ca_file})
-        r = send(mail_env(conf, home), "-t", f"127.0.0.1:{port}")
+        r = send(dict(env, PYMAILTOOLS_CONFIG=str(conf)), "-t", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr
     assert handler.encrypted == [True] and len(handler.messages) == 1
     assert handler.messages[0].rcpts == ["rcpt@example.test"]
@@ -142,12 +136,13 @@ def test_without_verification_a_self_signed_server_still_gets_mail(
 
 
 def test_tls_verify_ignore_overrides_a_verify_level(
-        servers: list, ca: trustme.CA, config_values: dict, home: Path,
+        env: dict[str, str], servers: list, ca: trustme.CA, config_values: dict,
         tmp_path: Path, other_ca_file: str) -> None:
     _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"))
     conf = write_toml(tmp_path / "verify.toml", {
         **config_values, "smtp_tls_security_level": "verify", "smtp_tls_CAfile": other_ca_file})
-    r = send(mail_env(conf, home), "-S", f"smtp=127.0.0.1:{port}", "-S", "ssl-verify=ignore")
+    r = send(dict(env, PYMAILTOOLS_CONFIG=str(conf)), "-S", f"smtp=127.0.0.1:{port}",
+             "-S", "ssl-verify=ignore")
     assert r.returncode == 0, r.stderr
     assert handler.encrypted == [True] and len(handler.messages) == 1
 

@@ -189,7 +189,7 @@ class _Wire(asyncio.Protocol):
                 raise Lost("timeout") from None
 
     def _parse(self) -> Reply | None:
-        pos, lines = 0, []
+        pos, lines = 0, list[bytes]()
         while True:
             end = self.buf.find(b"\n", pos)
             if end < 0:
