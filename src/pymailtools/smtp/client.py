@@ -1,4 +1,4 @@
-"""The SMTP client: session set-up on aiosmtplib, pipelined transactions, replies to outcomes.
+"""One SMTP client for the queue and mail: session set-up on aiosmtplib, pipelining, outcomes.
 
 aiosmtplib does what it is good at: greeting, EHLO/HELO, STARTTLS (with its defence against
 injected plaintext) and AUTH, over a socket we connected ourselves (per-address connect timeout,
