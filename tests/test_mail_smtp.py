@@ -246,3 +246,27 @@ def test_a_password_in_a_bad_url_is_not_echoed(env: dict[str, str]) -> None:
                  input=b"x\n")
     assert r.returncode == 64, r.stderr
     assert PASSWORD.encode() not in r.stderr and b"me:***@" in r.stderr
+
+
+def test_site_relay_credentials_go_to_the_relayhost_only(
+        env: dict[str, str], servers: list, ca: trustme.CA, config_values: dict,
+        tmp_path: Path) -> None:
+    """The configuration's smtp_sasl_* credentials are the relayhost's: `mail -t` to the
+    relayhost uses them, to any other server the user names it never offers them."""
+    auth = Authenticator("site@example.test", PASSWORD)
+    _, relay_handler, relay_port = start(servers, tls_context=context(ca, "127.0.0.1"),
+                                         authenticator=auth, auth_require_tls=True)
+    other_auth = Authenticator("site@example.test", PASSWORD)
+    _, other_handler, other_port = start(servers, tls_context=context(ca, "127.0.0.1"),
+                                         authenticator=other_auth, auth_require_tls=True)
+    conf = write_toml(tmp_path / "relay.toml", {
+        **config_values, "relayhost": f"[127.0.0.1]:{relay_port}",
+        "smtp_sasl_username": "site@example.test", "smtp_sasl_password": PASSWORD})
+    site = dict(env, PYMAILTOOLS_CONFIG=str(conf))
+    r = send(site, "-t", f"127.0.0.1:{relay_port}")
+    assert r.returncode == 0, r.stderr
+    assert auth.attempts == [("PLAIN", True)] and len(relay_handler.messages) == 1
+    r = send(site, "-t", f"127.0.0.1:{other_port}")
+    assert r.returncode == 0, r.stderr
+    assert other_auth.attempts == [] and len(other_handler.messages) == 1
+    assert not any(c.upper().startswith("AUTH") for c in other_handler.commands)

@@ -66,6 +66,10 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
         raise UsageError(f"bad SMTP server {shown}: {e}") from None
     policy = Policy.from_config(cfg)
     changes: dict[str, object] = {}
+    if not _is_relayhost(cfg, host, hp.port):
+        # The site's relay credentials are for the relayhost only: never offered to a server
+        # the user names (as Postfix keys them by next hop).
+        changes.update(username="", password="", password_file="")
     if implicit or hp.port == nexthop.IMPLICIT_TLS_PORT:
         changes["implicit_tls"] = True
     if "smtp-use-starttls" in variables and policy.level in ("none", "may"):
@@ -88,6 +92,19 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
             raise UsageError("smtp-auth-user is set, but no password: set smtp-auth-password")
         changes.update(username=user, password=password, password_file="")
     return Server(host, hp.port, policy.clone(**changes), shown)
+
+
+def _is_relayhost(cfg: Config, host: str, port: int) -> bool:
+    """Is ``host``:``port`` the configured relayhost?"""
+    from pymailtools.smtp import nexthop
+
+    if not cfg.relayhost:
+        return False
+    try:
+        relay = nexthop.parse(cfg.relayhost)
+    except ValueError:
+        return False
+    return relay.host.lower() == host.lower() and relay.port == port
 
 
 def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]) -> str:
