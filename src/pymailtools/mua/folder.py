@@ -8,7 +8,6 @@ import os
 import re
 import stat
 import tempfile
-import time
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -16,10 +15,11 @@ from email.policy import compat32
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
+from pymailtools.fileio import fsync_dir, write_all
+from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
 
 _FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
-_QUOTE = re.compile(rb"^(?=>*From )", re.MULTILINE)
 _STATUS = re.compile(rb"^Status:[^\n]*\n", re.MULTILINE | re.IGNORECASE)
 
 
@@ -61,8 +61,7 @@ class Entry:
         """The RFC 5322 message: without the From_ line, mboxrd quoting undone."""
         if not self.raw.startswith(b"From "):
             return self.raw
-        body = self.raw[self.raw.find(b"\n") + 1 :]
-        return re.sub(rb"(?m)^>(>*From )", rb"\1", body)
+        return mbox.unquote(self.raw[self.raw.find(b"\n") + 1 :])
 
     @property
     def headers(self) -> Message:
@@ -209,9 +208,9 @@ class MboxFolder(Folder):
 
 
 def _join(new: bytes, arrived: bytes) -> bytes:
-    if arrived and new and not new.endswith(b"\n\n"):
-        new += b"\n" if new.endswith(b"\n") else b"\n\n"
-    return new + arrived
+    if not arrived:
+        return new
+    return new + mbox.separator(new[-2:]) + arrived
 
 
 def _with_status(e: Entry) -> bytes:
@@ -275,12 +274,15 @@ def _rewrite(path: str, fd: int, st: os.stat_result, content: bytes) -> None:
                     except OSError:
                         pass
                 os.fchmod(tfd, stat.S_IMODE(st.st_mode))
-                _write_all(tfd, content, 0)
+                write_all(tfd, content, 0)
                 os.fsync(tfd)
             finally:
                 os.close(tfd)
             os.rename(tmp, path)
-            _fsync_dir(directory)
+            try:
+                fsync_dir(directory)
+            except OSError:
+                pass  # renamed already: the new content is in place either way
             return
         except OSError:
             try:
@@ -302,39 +304,18 @@ def _rewrite_in_place(path: str, fd: int, content: bytes) -> None:
         same += 1
     bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
     try:
-        _write_all(bfd, content, 0)
+        write_all(bfd, content, 0)
         os.fsync(bfd)
     finally:
         os.close(bfd)
     try:
-        _write_all(fd, content[same:], same)
+        write_all(fd, content[same:], same)
         os.ftruncate(fd, len(content))
         os.fsync(fd)
     except OSError as e:
         raise FolderError(f"{path}: rewriting failed ({e.strerror}); the intended content is "
                           f"in {backup}") from None
     os.unlink(backup)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[: 1 << 20], offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 class MaildirFolder(Folder):
@@ -411,18 +392,12 @@ def load(path: str, config: Config) -> Folder:
 def mbox_bytes(e: Entry, status: bool = True) -> bytes:
     """The message framed for appending to an mbox file (From_ line, quoting, blank line)."""
     if e.raw.startswith(b"From "):
-        data = _with_status(e) if status else e.raw
-    else:
-        sender = "MAILER-DAEMON"
-        rp = e.headers.get("Return-Path", "")
-        if rp:
-            sender = str(rp).strip().strip("<>") or sender
-        data = f"From {sender} {time.asctime()}\n".encode() + _QUOTE.sub(b">", e.raw)
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    if not data.endswith(b"\n\n"):
-        data += b"\n"
-    return data
+        return mbox.end_entry(_with_status(e) if status else e.raw)
+    sender = "MAILER-DAEMON"
+    rp = e.headers.get("Return-Path", "")
+    if rp:
+        sender = str(rp).strip().strip("<>") or sender
+    return mbox.frame(e.raw, sender)
 
 
 def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
@@ -437,21 +412,8 @@ def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
-        with MailboxLock(path, fd, config):
-            size = os.fstat(fd).st_size
-            sep = b""
-            if size:
-                tail = os.pread(fd, 2, max(0, size - 2))
-                sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n")
-                                                          else b"\n\n")
-            try:
-                data = memoryview(sep + b"".join(messages))
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, size)
-                raise
+        with MailboxLock(path, fd, config) as lock:
+            mbox.append_framed(fd, lock, b"".join(messages))
     finally:
         os.close(fd)
     return created
