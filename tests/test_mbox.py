@@ -857,3 +857,18 @@ def test_mailbox_being_created_by_another_delivery_is_waited_for(tmp_path: Path)
         os.close(fd)
     with pytest.raises(DeliveryError, match="not owned by recipient"):  # and if it stays so
         mbox._open(str(path), 4343, 4343, None, check_owner=True, create=True)
+
+
+# --- the framing mail's reader shares -------------------------------------------------------
+
+
+def test_frame_quote_unquote_and_separator() -> None:
+    """The pieces mail's `s` and quit use are the deliverer's: same From_ line and quoting."""
+    msg = b"Subject: q\n\nFrom a\n>From b\n>>From c\nFromage\n From d\n"
+    framed = mbox.frame(msg, "")
+    line, body = framed.split(b"\n", 1)
+    assert line.startswith(b"From MAILER-DAEMON ") and len(line) == 19 + len(time.asctime())
+    assert body == b"Subject: q\n\n>From a\n>>From b\n>>>From c\nFromage\n From d\n\n"
+    assert mbox.unquote(body) == msg + b"\n"
+    assert mbox.frame(b"Subject: x\n\nno newline", "a@b").endswith(b"no newline\n\n")
+    assert [mbox.separator(t) for t in (b"", b"x", b"x\n", b"\n\n")] == [b"", b"\n\n", b"\n", b""]
