@@ -14,7 +14,7 @@ from pymailtools.config import Config
 from pymailtools.errors import AddressError
 from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
-from pymailtools.local.spool import mailbox_path, valid_user_name
+from pymailtools.local.spool import mailbox_path, passwd_entry
 from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote, Target
 
 log = logging.getLogger("pymailtools.local.route")
@@ -143,13 +143,8 @@ class _Expander:
 
     def user(self, name: str, chain: tuple[tuple[str, str], ...], *, forward: bool) -> None:
         """A passwd user: their .forward if they have one (and ``forward``), else the mailbox."""
-        if not valid_user_name(name):
-            # Never a path: the mailbox is spool + "/" + a validated passwd name.
-            raise DeliveryError(f'invalid user name: "{name}"', "5.1.3")
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            raise DeliveryError(f'unknown user: "{name}"', "5.1.1") from None
+        # Never a path: the mailbox is spool + "/" + a validated passwd name.
+        pw = passwd_entry(name)
         if forward:
             values = self.forward(pw)
             if values:

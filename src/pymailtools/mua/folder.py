@@ -136,14 +136,8 @@ class MboxFolder(Folder):
 
     @classmethod
     def load(cls, path: str, config: Config) -> MboxFolder:
+        fd, st = _open_file(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise open_error(path, e) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
             # Shared fcntl lock while reading, so we never index half an appended message.
             lock = MailboxLock(path, fd, config)
             try:
@@ -205,6 +199,20 @@ class MboxFolder(Folder):
 
     def before_write(self) -> None:
         """Hook run with the mailbox locked and verified, before it is rewritten (mbox copies)."""
+
+
+def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
+    """Open an mbox folder file (a new one mode 0600): FolderError when that fails or it is
+    not a regular file."""
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise open_error(path, e) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
+    return fd, st
 
 
 def _join(new: bytes, arrived: bytes) -> bytes:
@@ -404,14 +412,8 @@ def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
     """Append framed messages to the mbox ``path`` under the delivery locks; True if created."""
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     created = not os.path.lexists(path)
+    fd, _ = _open_file(path, flags)
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise open_error(path, e) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
         with MailboxLock(path, fd, config) as lock:
             mbox.append_framed(fd, lock, b"".join(messages))
     finally:
