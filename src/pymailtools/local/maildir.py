@@ -169,4 +169,3 @@ def _read(message: BinaryIO) -> bytes:
         return message.read(BLOCK)
     except Exception as e:
         raise DeliveryError(f"cannot read queued message: {e}", "4.3.0") from e
-
