@@ -140,14 +140,15 @@ class MboxFolder(Folder):
         try:
             # Shared fcntl lock while reading, so we never index half an appended message.
             lock = MailboxLock(path, fd, config)
+            locked = True
             try:
                 lock.acquire()
             except OSError:
-                lock = None  # read-only media, NFS without locks: read anyway
+                locked = False  # read-only media, NFS without locks: read anyway
             try:
                 data = _read_all(fd)
             finally:
-                if lock is not None:
+                if locked:
                     lock.release()
         finally:
             os.close(fd)
@@ -244,7 +245,7 @@ def _current_inode(path: str) -> tuple[int, int] | None:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     offset = 0
     while True:
         chunk = os.pread(fd, 1 << 20, offset)
