@@ -1,4 +1,4 @@
-"""Local delivery to a user's spool mailbox (mbox or Maildir): what the queue runner calls."""
+"""The mail spool: safe user names, mailbox paths, and delivery to a user's mbox or Maildir."""
 
 import os
 import pwd
@@ -10,7 +10,7 @@ from pymailtools.local import maildir, mbox
 from pymailtools.local.targets import DeliveryError
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
-# appended to the spool path as is, with no '/' and no '..' (reliability L9).
+# appended to the spool path as is, with no '/' and no '..'.
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}\Z")
 
 
