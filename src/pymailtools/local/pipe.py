@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.local import mbox
 from pymailtools.local.targets import Command, DeliveryError, File
 from pymailtools.log import escape
 
@@ -283,8 +284,6 @@ def deliver_file(target: File, message: BinaryIO, *, sender: str, recipient: str
         raise DeliveryError(f"maildir destinations are not supported: {target.path}", "5.3.5")
 
     def append() -> bytes:
-        from pymailtools.local import mbox
-
         _check_writable(target.path)
         message.seek(0)
         mbox.append(target.path, message, sender=sender, recipient=recipient, uid=target.uid,

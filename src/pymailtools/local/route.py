@@ -95,6 +95,8 @@ def _read_as(uid: int, gid: int, func: Callable[[], bytes]) -> bytes:
     ourselves (an unprivileged process has no more rights than the user to begin with)."""
     if os.geteuid() != 0 or uid == 0:
         return func()
+    # Here, not at the top: pipe brings subprocess and json into every process that imports
+    # route only to ask whether an address is local (the SMTP listener).
     from pymailtools.local import pipe
 
     return pipe.call_as(uid, gid, func)
