@@ -25,9 +25,9 @@ from typing import Any, BinaryIO
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxBusy, MailboxLock
-from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root, need_tool, tmpfs
 
 CTX = multiprocessing.get_context("fork")

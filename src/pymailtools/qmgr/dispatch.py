@@ -11,13 +11,13 @@ from collections import deque
 from collections.abc import Callable
 
 from pymailtools.config import Config
-from pymailtools.local.targets import DeliveryError
+from pymailtools.errors import DeliveryError, HopError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
 from pymailtools.smtp import mx
 from pymailtools.smtp import nexthop as relayhost
-from pymailtools.smtp.client import HopError, Outcome, Session
+from pymailtools.smtp.client import Outcome, Session
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 

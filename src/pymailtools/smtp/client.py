@@ -25,6 +25,7 @@ from aiosmtplib.errors import (
 )
 
 from pymailtools.config import Config
+from pymailtools.errors import HopError, Lost, ProtocolError, SMTPError
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
 from pymailtools.smtp.mx import Hop
 
@@ -52,24 +53,6 @@ class Outcome(NamedTuple):
     dsn: str
     reason: str
     detail: str
-
-
-class HopError(Exception):
-    """The session with one address failed before any transaction: try the next address."""
-
-    def __init__(self, reason: str, status: str = "4.4.2", *, tls: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.tls = tls  # a TLS handshake failed (``may`` retries the address in plaintext)
-
-
-class Lost(Exception):
-    """The connection broke or timed out in the middle of a transaction."""
-
-
-class ProtocolError(Exception):
-    """The server sent something that is not an SMTP reply."""
 
 
 class Timeouts(NamedTuple):
@@ -500,7 +483,7 @@ class Session:
             reply = await self.wire.reply(self.policy.timeouts.rset)
             if reply.code >= 400:
                 self.usable = False
-        except (Lost, ProtocolError):
+        except SMTPError:
             self.usable = False
 
     async def quit(self) -> None:
@@ -509,7 +492,7 @@ class Session:
             try:
                 self.wire.write(b"QUIT\r\n")
                 await self.wire.reply(min(self.policy.timeouts.quit, 5.0))
-            except (Lost, ProtocolError):
+            except SMTPError:
                 pass
         self.close()
 

@@ -13,7 +13,7 @@ import dns.rdatatype
 import dns.resolver
 
 from pymailtools.config import Config
-from pymailtools.local.targets import DeliveryError
+from pymailtools.errors import DeliveryError
 from pymailtools.smtp.nexthop import NextHop
 
 # RFC 3463 codes. The issue fixes NXDOMAIN = 5.1.2 and null MX = 5.1.10 (RFC 7505 3.2).
