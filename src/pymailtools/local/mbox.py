@@ -1,17 +1,18 @@
 """The mbox format's one writer: the delivery agent's append (safe open, fcntl+dotlock, mboxrd
-framing, all-or-nothing) and the framing, quoting and locked append that mail's reader uses."""
+framing, all-or-nothing), and the framing, locked append and rewrite that mail's reader uses."""
 
 import errno
 import grp
 import os
 import re
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
-from pymailtools.fileio import write_all
+from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.local.lock import MailboxBusy, MailboxLock
 from pymailtools.local.targets import DeliveryError
 from pymailtools.queue.store import crash_point
@@ -458,3 +459,77 @@ def _copy(message: BinaryIO, out: _Writer) -> None:
             out.write(quote(pending, at_start))
             pending = b""
             at_start = False
+
+
+def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) -> None:
+    """Replace the content ``old`` of the mbox ``path`` (open read-write as ``fd``, ``st`` its
+    fstat) by ``content``; the caller holds the locks.
+
+    Preferably a new file renamed over the old one (atomic; deliverers re-check the inode after
+    locking, so they follow). Where the directory is not ours to write (an ordinary user in
+    /var/mail), in place: a copy of the new content goes to a temporary file first, then the
+    mailbox is overwritten from the first changed byte and truncated only after that.
+    Raises OSError if the mailbox cannot be rewritten; once it may be half rewritten, the
+    error's text names the file holding the intended content.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.pmt")
+    try:
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+    except OSError:
+        tfd = -1
+    if tfd >= 0:
+        try:
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(tfd, st.st_uid, st.st_gid)
+                elif st.st_uid != os.geteuid():
+                    raise PermissionError(errno.EPERM, "not the owner")
+                else:
+                    try:
+                        os.fchown(tfd, -1, st.st_gid)
+                    except OSError:
+                        pass
+                os.fchmod(tfd, stat.S_IMODE(st.st_mode))
+                write_all(tfd, content, 0)
+                os.fsync(tfd)
+            finally:
+                os.close(tfd)
+            os.rename(tmp, path)
+            try:
+                fsync_dir(directory)
+            except OSError:
+                pass  # renamed already: the new content is in place either way
+            return
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    _rewrite_in_place(fd, old, content)
+
+
+def _rewrite_in_place(fd: int, old: bytes, content: bytes) -> None:
+    same = 0
+    limit = min(len(old), len(content))
+    # First differing byte, found in blocks (a bytes comparison per block is C speed).
+    block = 1 << 16
+    while same < limit and old[same : same + block] == content[same : same + block]:
+        same += block
+    while same < limit and old[same] == content[same]:
+        same += 1
+    bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
+    try:
+        write_all(bfd, content, 0)
+        os.fsync(bfd)
+    finally:
+        os.close(bfd)
+    try:
+        write_all(fd, content[same:], same)
+        os.ftruncate(fd, len(content))
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"rewriting failed ({e.strerror}); the intended content is "
+                      f"in {backup}") from None
+    os.unlink(backup)

@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -15,7 +14,6 @@ from email.policy import compat32
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
-from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
 
@@ -192,7 +190,10 @@ class MboxFolder(Folder):
                     arrived = data[len(old) :]
                     content = _join(new, arrived)
                     self.before_write()
-                    _rewrite(self.path, fd, st, content)
+                    try:
+                        mbox.rewrite(self.path, fd, st, data, content)
+                    except OSError as e:
+                        raise FolderError(f"{self.path}: {e.strerror}") from None
                     return len(_FROM_LINE.findall(arrived))
             finally:
                 os.close(fd)
@@ -253,78 +254,6 @@ def _read_all(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
-
-
-def _rewrite(path: str, fd: int, st: os.stat_result, content: bytes) -> None:
-    """Replace the mailbox content, locks held by the caller.
-
-    Preferably a new file renamed over the old one (atomic; deliverers re-check the inode after
-    locking, so they follow). Where the directory is not ours to write (an ordinary user in
-    /var/mail), in place: a copy of the new content goes to a temporary file first, then the
-    mailbox is overwritten from the first changed byte and truncated only after that.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.pmt")
-    try:
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600)
-    except OSError:
-        tfd = -1
-    if tfd >= 0:
-        try:
-            try:
-                if os.geteuid() == 0:
-                    os.fchown(tfd, st.st_uid, st.st_gid)
-                elif st.st_uid != os.geteuid():
-                    raise PermissionError(errno.EPERM, "not the owner")
-                else:
-                    try:
-                        os.fchown(tfd, -1, st.st_gid)
-                    except OSError:
-                        pass
-                os.fchmod(tfd, stat.S_IMODE(st.st_mode))
-                write_all(tfd, content, 0)
-                os.fsync(tfd)
-            finally:
-                os.close(tfd)
-            os.rename(tmp, path)
-            try:
-                fsync_dir(directory)
-            except OSError:
-                pass  # renamed already: the new content is in place either way
-            return
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    _rewrite_in_place(path, fd, content)
-
-
-def _rewrite_in_place(path: str, fd: int, content: bytes) -> None:
-    old = _read_all(fd)
-    same = 0
-    limit = min(len(old), len(content))
-    # First differing byte, found in blocks (a bytes comparison per block is C speed).
-    block = 1 << 16
-    while same < limit and old[same : same + block] == content[same : same + block]:
-        same += block
-    while same < limit and old[same] == content[same]:
-        same += 1
-    bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
-    try:
-        write_all(bfd, content, 0)
-        os.fsync(bfd)
-    finally:
-        os.close(bfd)
-    try:
-        write_all(fd, content[same:], same)
-        os.ftruncate(fd, len(content))
-        os.fsync(fd)
-    except OSError as e:
-        raise FolderError(f"{path}: rewriting failed ({e.strerror}); the intended content is "
-                          f"in {backup}") from None
-    os.unlink(backup)
 
 
 class MaildirFolder(Folder):
