@@ -30,7 +30,7 @@ class Command(NamedTuple):
 
 
 class Remote(NamedTuple):
-    """Hand the address to the SMTP transport (remote-delivery issue)."""
+    """A remote address an alias or .forward expands to; it becomes a recipient of its own."""
 
     address: str
 

@@ -8,8 +8,8 @@ from typing import BinaryIO
 
 from pymailtools import log
 from pymailtools.config import Config
-from pymailtools.local import route
-from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote
+from pymailtools.local import agent, route
+from pymailtools.local.targets import DeliveryError, Remote
 from pymailtools.log import Logger, make_line
 from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.queue import index as qindex
@@ -492,30 +492,15 @@ class Runner:
         targets = route.resolve(self.cfg, r.address)
         done: list[str] = []
         for t in targets:
-            msg.seek(0)
-            if isinstance(t, Mailbox):
-                from pymailtools.local import spool as local
-
-                done.append(local.deliver_to_user(self.cfg, t.user, msg, sender=env.sender,
-                                                  recipient=r.address, busy=self._busy))
-            elif isinstance(t, File):
-                from pymailtools.local import pipe
-
-                pipe.deliver_file(t, msg, sender=env.sender, recipient=r.address,
-                                  config=self.cfg)
-                done.append(f"delivered to file: {t.path}")
-            elif isinstance(t, Command):
-                from pymailtools.local import pipe
-
-                pipe.run_command(t, msg, sender=env.sender, recipient=r.address,
-                                 config=self.cfg)
-                done.append(f"delivered to command: {' '.join(t.argv)}")
-            elif isinstance(t, Remote):
+            if isinstance(t, Remote):
                 # An alias that expands to a remote address becomes a recipient of its own.
                 if not any(x.address == t.address for x in env.recipients):
                     env.recipients.append(Recipient(t.address, orcpt=r.orcpt or r.address,
                                                     notify=r.notify))
                 done.append(f"forwarded to {t.address}")
+            else:
+                done.append(agent.deliver(self.cfg, t, msg, sender=env.sender,
+                                          recipient=r.address, busy=self._busy))
         return "; ".join(done) or "discarded (empty alias)", "local"
 
     def backoff(self, age: float) -> float:
