@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterable
 
+from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.queue.active import active_ids, is_active
 from pymailtools.queue.store import (
     DEFERRED,
@@ -36,7 +37,6 @@ from pymailtools.queue.store import (
     EntryNotFound,
     Queue,
     crash_point,
-    fsync_dir,
     remove_file,
 )
 
@@ -145,10 +145,7 @@ def _commit(t: str, skipped: list[str]) -> None:
     tmp = f"{t}/{COMMIT}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        data = "".join(f"{q}\n" for q in skipped).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, "".join(f"{q}\n" for q in skipped).encode())
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from pymailtools import address
+from pymailtools.fileio import fsync_dir
 from pymailtools.queue import ids as queueid
 from pymailtools.queue.envelope import CorruptEnvelope, Envelope, trailer
 from pymailtools.queue.store import (
@@ -23,7 +24,6 @@ from pymailtools.queue.store import (
     MAILDROP,
     MAILDROP_TRAILER,
     Queue,
-    fsync_dir,
     remove_file,
 )
 
