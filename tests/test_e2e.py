@@ -222,7 +222,7 @@ def test_delay_warning_is_sent_once(sendmail: Sendmail, spool: Path,
 
 def test_queue_run_on_a_terminal_shows_progress(sendmail: Sendmail, spool: Path,
                                                 system_user: pwd.struct_passwd) -> None:
-    from .mail_support import Pty
+    from tests.support.mail import Pty
 
     for i in range(3):
         assert sendmail(system_user.pw_name, input=b"Subject: p%d\n\nb\n" % i).returncode == 0

@@ -11,8 +11,7 @@ from pymailtools.errors import ConfigError
 from pymailtools.local.targets import DeliveryError
 from pymailtools.smtp import mx
 from pymailtools.smtp.nexthop import parse
-
-from .dns_support import TestDNS, start_dns
+from tests.support.dns import TestDNS, start_dns
 
 
 @pytest.fixture(scope="module")

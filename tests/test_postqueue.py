@@ -60,7 +60,7 @@ def test_usage_errors_are_64_with_postfix_text(queue: Queue) -> None:
 ])
 def test_hostile_arguments_exit_64_and_run_nothing(queue: Queue, tmp_path: Path,
                                                    argv: list[str], text: str) -> None:
-    """Q5: nothing is executed, nothing delivered."""
+    """Hostile arguments exit 64: nothing is executed, nothing delivered."""
     put(queue, "Keep1", "s@x.test", [Recipient("nobody@host.example.test")], state="incoming")
     p = run("postqueue", *argv)
     assert (p.returncode, p.stderr) == (64, f"postqueue: fatal: {text}\n")

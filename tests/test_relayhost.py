@@ -10,9 +10,10 @@ import trustme
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError
 from pymailtools.smtp.nexthop import NextHop, parse
+from tests.support.dns import TestDNS, start_dns
+from tests.support.net import free_port
+from tests.support.smtp import Server
 
-from .dns_support import TestDNS, start_dns
-from .smtp_support import Server, free_port
 from .test_remote import entries, queue, run, states
 
 

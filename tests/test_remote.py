@@ -15,18 +15,18 @@ from pymailtools.qmgr.runner import Runner, Stats
 from pymailtools.queue.envelope import Envelope
 from pymailtools.queue.store import STATES, Queue
 from pymailtools.submit.submission import Options, submit
-
-from .conftest import Sendmail, write_toml
-from .dns_support import TestDNS, start_dns
-from .smtp_support import (
+from tests.support.dns import TestDNS, start_dns
+from tests.support.net import free_port
+from tests.support.smtp import (
     GREETING,
     FaultServer,
     Received,
     Server,
     accept_until_data,
     delivered,
-    free_port,
 )
+
+from .conftest import Sendmail, write_toml
 from .test_e2e import mbox_messages
 
 SENDER = "alice@sender.test"
@@ -124,7 +124,7 @@ def sink(servers: list, host: str, port: int, **kw: object) -> Server:
 
 
 def fault(servers: list, host: str, port: int, *scripts: list) -> FaultServer:
-    f = FaultServer(host, port, list(scripts))
+    f = FaultServer(*scripts, host=host, port=port)
     servers.append(f)
     return f
 
@@ -466,7 +466,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
     mx1 = sink(servers, "127.0.0.2", port)
     conf = _config_file({**config_values, "dns_nameservers": cfg.dns_nameservers,
                          "smtp_port": port, "delivery_mode": "queue",
-                         # issue 7: -bD also listens; keep it off port 25
+                         # -bD also runs the SMTP listener: keep it off port 25
                          "smtpd_listen": [f"127.0.0.1:{free_port()}"]}, tmp_path / "d.toml")
     daemon = subprocess.Popen([script("sendmail"), "-C", str(conf), "-bD", "-q1s"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -491,7 +491,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
 
 
 def test_bd_with_a_bad_interval_is_a_usage_error(sendmail) -> None:  # type: ignore
-    # -bd without an interval runs the SMTP listener now (issue 7, tests/test_smtpd.py)
+    # -bd without an interval runs the SMTP listener (tests/test_smtpd.py); a bad one is refused
     assert sendmail("-bd", "-qsoon").returncode == 64
 
 

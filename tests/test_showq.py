@@ -59,7 +59,7 @@ def deferred(addr: str, reason: str = REFUSED) -> Recipient:
     return Recipient(addr, state=DEFERRED, reason=reason)
 
 
-# Verbatim from cli-compat.md 3.3 (Postfix 3.7.11, long ids, the `!` marker for hold).
+# Verbatim from Postfix 3.7.11's mailq (long ids, the `!` marker for hold): scripts parse it.
 SAMPLE_LONG = """\
 ----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------
 4jXmGN2qFnzJF4M        262 Sun Nov 22 23:57:32 alice@example.org
@@ -149,7 +149,7 @@ def test_active_marker_without_proc_locks(queue: Queue,
 
 
 def test_hostile_sender_and_reason_are_escaped(queue: Queue) -> None:
-    """Q6: a terminal escape in a reason and CR LF in a sender stay on their line."""
+    """A terminal escape in a reason and CR LF in a sender stay on their line."""
     put(queue, "Evil1", '"\r\n"@x.test', [deferred("r@y.test", "x\x1b]0;x\x07 \u009b2J")])
     text = "".join(listing(queue, 10**7))
     assert "\x1b" not in text and "\x07" not in text and "\r" not in text
@@ -169,7 +169,7 @@ def test_json_quote_matches_postfix() -> None:
     assert json_quote("caf\u00e9 \udcff") == "caf\u00e9 ?"  # UTF-8 kept, stray bytes '?'
 
 
-# Verbatim from cli-compat.md 3.4 (the lines whose entries we can express: deferred, hold).
+# Verbatim from Postfix 3.7.11's postqueue -j (the entries we can express: deferred, hold).
 SAMPLE_JSON = [
     '{"queue_name": "deferred", "queue_id": "6FB4620E81B", "arrival_time": 1795391343, '
     '"message_size": 275, "forced_expire": false, "sender": "alice@example.org", "recipients": '

@@ -115,7 +115,7 @@ def expand_tokens(data: bytes, sender: str, recipients: list[str], hostname: str
 
 def lines_of(data: bytes) -> list[bytes]:
     """Message lines without endings; CRLF, bare LF and bare CR all end a line (normalising first,
-    so dot-stuffing later sees every line start: reliability.md rule 3)."""
+    so dot-stuffing later sees every line start and no bare CR or LF can end the data early)."""
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if text.endswith(b"\n"):
         text = text[:-1]

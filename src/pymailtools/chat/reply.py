@@ -2,7 +2,8 @@
 
 from typing import NamedTuple
 
-# Size limits for what a server may send us (reliability.md R4), as aiosmtplib has them.
+# Size limits for what a server may send us, as aiosmtplib has them: a broken or hostile server
+# must not make us buffer without end.
 MAX_LINE = 8192
 MAX_REPLY = 65536
 MAX_LINES = 1000

@@ -334,7 +334,7 @@ class Session:
 
     def _end_pipelined_data(self, commands: list[str], replies: list[Reply]) -> None:
         # A pipelined DATA may get 354 although nothing was accepted: end it with an empty
-        # message so the server is ready for QUIT (peer-design.md lesson 16).
+        # message so the server is ready for QUIT instead of reading QUIT as message text.
         if commands[-1] == "DATA" and len(replies) == len(commands) and replies[-1].code == 354:
             assert self.wire is not None
             self._cmd(".")

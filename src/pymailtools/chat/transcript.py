@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from pymailtools.chat.reply import Reply
 
-# swaks' hints (cli-compat.md 6.2): 3 characters, then a space, then the text.
+# swaks' hints, so a swaks user reads our transcript at once: 3 characters, a space, the text.
 INFO, ERROR = "===", "***"
 SEND, SEND_TLS, SEND_ODD, SEND_ODD_TLS = " ->", " ~>", "**>", "*~>"
 RECV, RECV_TLS, RECV_BAD, RECV_BAD_TLS = "<- ", "<~ ", "<**", "<~*"

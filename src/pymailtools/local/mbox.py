@@ -23,7 +23,7 @@ REFRESH_INTERVAL = 60.0
 REOPEN_ATTEMPTS = 10
 
 # Dovecot/UW-IMAP metadata a sender must not be able to forge, and Content-Length, which some
-# readers trust for message boundaries (reliability L13).
+# readers trust for message boundaries (a forged one would split or swallow messages).
 DROP_HEADERS = frozenset(
     {
         b"status",

@@ -10,7 +10,7 @@ from pymailtools.local import maildir, mbox
 from pymailtools.local.targets import DeliveryError
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
-# appended to the spool path as is, with no '/' and no '..' (reliability L9).
+# appended to the spool path as is: with no '/' and no '..' it cannot leave the spool.
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}\Z")
 
 

@@ -40,7 +40,7 @@ class Command(NamedTuple):
 
 
 class Remote(NamedTuple):
-    """Hand the address to the SMTP transport (remote-delivery issue)."""
+    """Hand the address to the SMTP transport: its domain is not delivered here."""
 
     address: str
 

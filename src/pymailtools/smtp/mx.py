@@ -16,7 +16,8 @@ from pymailtools.config import Config
 from pymailtools.local.targets import DeliveryError
 from pymailtools.smtp.nexthop import NextHop
 
-# RFC 3463 codes. The issue fixes NXDOMAIN = 5.1.2 and null MX = 5.1.10 (RFC 7505 3.2).
+# RFC 3463 codes: a domain that does not exist is 5.1.2 (bad destination system), one that
+# says it takes no mail, a null MX, is 5.1.10 (RFC 7505 3.2).
 NXDOMAIN_STATUS = "5.1.2"
 NULL_MX_STATUS = "5.1.10"
 NO_ADDRESS_STATUS = "5.4.4"
@@ -211,7 +212,7 @@ async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int
 async def next_hops(resolver: dns.asyncresolver.Resolver, hop: NextHop, *,
                     limit: int) -> list[Hop]:
     """Addresses of a relayhost. Every DNS failure is temporary here: a relayhost that does not
-    resolve is a configuration or network problem, never the recipient's fault (dma #30)."""
+    resolve is a configuration or network problem, never the recipient's fault: mail waits."""
     try:
         if hop.mx:
             return await lookup(resolver, hop.host, port=hop.port, limit=limit)

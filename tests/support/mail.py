@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import script
+from tests.support.net import TIMEOUT
 
-TIMEOUT = 60.0
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
