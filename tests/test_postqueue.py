@@ -3,7 +3,6 @@
 import json
 import os
 import pwd
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import pytest
 from pymailtools.queue.envelope import Attempt, Recipient
 from pymailtools.queue.store import Queue
 from tests.conftest import Sendmail, run_as, script
-
-from .test_showq import deferred, put
+from tests.support.cli import run
+from tests.support.queue import deferred, put
 
 USAGE = ("postqueue: fatal: usage: postqueue -f | postqueue -i queueid | postqueue -j | "
          "postqueue -p | postqueue -s site\n")
-
-
-def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([script(tool), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ import pytest
 from pymailtools.queue.envelope import Envelope, Recipient
 from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import Sendmail, run_as, script
-
-from .test_showq import deferred, put
+from tests.support.queue import deferred, put
 
 
 def postsuper(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[str]:

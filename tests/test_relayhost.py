@@ -12,9 +12,8 @@ from pymailtools.errors import ConfigError
 from pymailtools.smtp.nexthop import NextHop, parse
 from tests.support.dns import TestDNS, start_dns
 from tests.support.net import free_port
+from tests.support.queue import entries, queue, run, states
 from tests.support.smtp import Server
-
-from .test_remote import entries, queue, run, states
 
 
 @pytest.mark.parametrize("text, hop", [

@@ -2,7 +2,6 @@
 (aiosmtpd, a byte-exact fault server) on 127.0.0.x. Every recipient's final state is asserted,
 and whether the sender got a bounce."""
 
-import io
 import pwd
 import time
 from collections.abc import Iterator
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.qmgr.runner import Runner, Stats
-from pymailtools.queue.envelope import Envelope
-from pymailtools.queue.store import STATES, Queue
-from pymailtools.submit.submission import Options, submit
+from pymailtools.qmgr.runner import Runner
+from pymailtools.queue.store import Queue
 from tests.support.dns import TestDNS, start_dns
+from tests.support.mail import mbox_messages
 from tests.support.net import free_port
+from tests.support.queue import MSG, SENDER, entries, queue, run, states
 from tests.support.smtp import (
     GREETING,
     FaultServer,
@@ -27,10 +26,7 @@ from tests.support.smtp import (
 )
 
 from .conftest import Sendmail, write_toml
-from .test_e2e import mbox_messages
 
-SENDER = "alice@sender.test"
-MSG = b"Subject: remote\nMessage-ID: <remote-1@sender.test>\n\nHello\n.\nbye\n"
 ALL_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7",
              "127.0.0.8", "127.0.0.10", "::1")
 
@@ -84,23 +80,6 @@ def _bounce_box(inbox: Server) -> Iterator[None]:
     BOUNCES.remove(inbox)
 
 
-def queue(cfg: Config, *rcpts: str, sender: str = SENDER, msg: bytes = MSG) -> str:
-    return submit(cfg, io.BytesIO(msg), Options(list(rcpts), sender=sender, ignore_dots=True))
-
-
-def entries(cfg: Config) -> list[tuple[str, Envelope]]:
-    q = Queue(cfg.queue_directory)
-    return [(s, q.load(i, s)[1]) for s in STATES for i in q.ids(s)]
-
-
-def states(cfg: Config, qid: str) -> dict[str, str]:
-    """Recipient -> state of entry ``qid``; {} when the entry is gone (all done)."""
-    for _, env in entries(cfg):
-        if env.id == qid:
-            return {r.address: r.state for r in env.recipients}
-    return {}
-
-
 def bounces(cfg: Config) -> list[Received]:
     """DSNs delivered to the sender's MX, and any still queued (there should be none)."""
     assert [env for _, env in entries(cfg) if env.sender == ""] == []
@@ -111,10 +90,6 @@ def bounces(cfg: Config) -> list[Received]:
 
 def bounce_text(cfg: Config, m: Received) -> str:
     return m.content.decode("utf-8", "replace")
-
-
-def run(cfg: Config, **kw: object) -> Stats:
-    return Runner(cfg).run(**kw)  # type: ignore[arg-type]
 
 
 def sink(servers: list, host: str, port: int, **kw: object) -> Server:

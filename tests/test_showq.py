@@ -23,8 +23,8 @@ from pymailtools.queue.format import json_quote
 from pymailtools.queue.select import Selector
 from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import need_root, need_tool
+from tests.support.queue import REFUSED, deferred, put
 
-REFUSED = "connect to 127.0.0.1[127.0.0.1]:9: Connection refused"
 GREY = ("host 127.0.0.1[127.0.0.1] said: 450 4.2.0 <{0}>: Recipient address rejected: "
         "Greylisted, see http://postgrey.example/ (in reply to RCPT TO command)")
 
@@ -44,19 +44,6 @@ def queue(tmp_path: Path) -> Queue:
     q = Queue(str(tmp_path / "q"))
     q.ensure()
     return q
-
-
-def put(q: Queue, qid: str, sender: str, rcpts: list[Recipient], *, state: str = "deferred",
-        arrival: float = 1795391852.0, size: int = 262) -> str:
-    """An entry with a chosen id and size (message file of that size, envelope in state)."""
-    with open(q.path("messages", qid), "wb") as f:
-        f.write(b"x" * size)
-    q.write_envelope(Envelope(qid, sender, rcpts, arrival=arrival, size=size), state)
-    return qid
-
-
-def deferred(addr: str, reason: str = REFUSED) -> Recipient:
-    return Recipient(addr, state=DEFERRED, reason=reason)
 
 
 # Verbatim from Postfix 3.7.11's mailq (long ids, the `!` marker for hold): scripts parse it.

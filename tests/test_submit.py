@@ -218,9 +218,9 @@ def test_unprivileged_user_cannot_run_but_can_list_root_queue(
     import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.mailq  # noqa: F401  (the child cannot read /root's interpreter)
     import pymailtools.qmgr.runner  # noqa: F401
+    from tests.support.cli import submit_as
 
     from .conftest import script
-    from .test_pickup import submit_as
 
     cfg = world_dir / "config.toml"
     cfg.write_text(f'queue_directory = "{world_dir}/q"\nsyslog = false\n'
