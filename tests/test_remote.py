@@ -12,7 +12,7 @@ import pytest
 from pymailtools.config import Config
 from pymailtools.qmgr.runner import Runner
 from pymailtools.queue.store import Queue
-from tests.support.dns import TestDNS, start_dns
+from tests.support.dns import TestDNS
 from tests.support.mail import mbox_messages
 from tests.support.net import free_port
 from tests.support.queue import MSG, SENDER, entries, queue, run, states
@@ -29,11 +29,6 @@ from .conftest import Sendmail, write_toml
 
 ALL_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7",
              "127.0.0.8", "127.0.0.10", "::1")
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
 
 
 @pytest.fixture

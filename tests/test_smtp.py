@@ -12,7 +12,7 @@ import trustme
 
 from pymailtools.config import Config
 from pymailtools.smtp.client import check_address, encode_data
-from tests.support.dns import TestDNS, start_dns
+from tests.support.dns import TestDNS
 from tests.support.net import free_port
 from tests.support.queue import entries, queue, run, states
 from tests.support.smtp import GREETING, Authenticator, FaultServer, Server, delivered
@@ -53,11 +53,6 @@ def test_quoted_local_part_with_space_is_kept() -> None:
 
 
 # -- TLS ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
-
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:

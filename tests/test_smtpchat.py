@@ -16,14 +16,7 @@ from pymailtools.chat.transcript import Transcript, escape
 from tests.support.chat import smtpchat
 from tests.support.dns import DNSServer
 from tests.support.net import free_port
-from tests.support.smtp import Certs, FaultServer, Sink, aiosmtpd_server
-
-PASSWORD = "Zp1-secret!"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
+from tests.support.smtp import PASSWORD, Certs, FaultServer, Sink, aiosmtpd_server
 
 
 def hints(out: str) -> list[str]:

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from pymailtools.chat import status
 from tests.conftest import script
 from tests.support.chat import Terminal, smtpchat
-from tests.support.smtp import Certs, FaultServer, Sink, aiosmtpd_server
+from tests.support.smtp import PASSWORD, Certs, FaultServer, Sink, aiosmtpd_server
 
 PROMPT = r"(->|~>) $"
-PASSWORD = "Zp1-secret!"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
 
 
 def say(t: Terminal, line: str, then: str) -> None:

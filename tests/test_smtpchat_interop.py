@@ -18,11 +18,6 @@ pytestmark = pytest.mark.interop
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
 def postfix(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[int]:
     need_tool("postfix", "postfix")
     need_root()
