@@ -31,7 +31,7 @@ _pymailtools_mail()
                 return
                 ;;
             -S)
-                COMPREPLY=($(compgen -W "smtp= mta=smtp:// from= hold keepsave escape= skipemptybody" -- "$cur"))
+                COMPREPLY=($(compgen -W "smtp= mta=smtp:// from= hold keepsave escape= skipemptybody smtp-use-starttls tls-verify= tls-ca-file= smtp-auth-user= smtp-auth-password=" -- "$cur"))
                 [[ ${COMPREPLY[0]} == *= || ${COMPREPLY[0]} == *// ]] && compopt -o nospace 2>/dev/null
                 return
                 ;;

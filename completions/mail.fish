@@ -5,7 +5,7 @@ for cmd in mail mailx
     complete -c $cmd -s b -x -a '(__fish_complete_users)' -d 'Bcc recipients (comma list)'
     complete -c $cmd -s a -r -F -d 'Attach a file, or add a "Name: value" header'
     complete -c $cmd -s r -x -d 'Sender address'
-    complete -c $cmd -s S -x -a 'smtp= mta=smtp:// from= hold keepsave escape= skipemptybody' -d 'Set a variable'
+    complete -c $cmd -s S -x -a 'smtp= mta=smtp:// from= hold keepsave escape= skipemptybody smtp-use-starttls tls-verify= tls-ca-file= smtp-auth-user= smtp-auth-password=' -d 'Set a variable'
     complete -c $cmd -s t -x -a '(__fish_print_hostnames)' -d 'SMTP server host[:port]; alone: recipients from headers'
     complete -c $cmd -l read-recipients -d 'Recipients and headers from the message header'
     complete -c $cmd -s E -d 'Do not send an empty message'

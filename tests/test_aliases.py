@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pymailtools.errors import DeliveryError
 from pymailtools.local import aliases, pipe
-from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local.spool import deliver_to_user, valid_user_name
-from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root
 
 CTX = multiprocessing.get_context("fork")

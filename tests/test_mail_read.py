@@ -307,6 +307,35 @@ def test_maildir_listing_and_quit(env: dict[str, str], tmp_path: Path) -> None:
     assert os.listdir(md / "new") == []
 
 
+def test_save_from_maildir_frames_as_our_deliverer_does(env: dict[str, str], tmp_path: Path,
+                                                        config: Config) -> None:
+    """`s` out of a Maildir writes the MDA's framing (separator after a torn last message, From_
+    line, mboxrd quoting), and reading the saved file gives the message back."""
+    md = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    raw = (b"Return-Path: <bea@example.org>\nFrom: bea@example.org\nSubject: quoting\n\n"
+           b"From here on\n>From there\nend\n")
+    (md / "new" / "1.a.host").write_bytes(raw)
+    target = tmp_path / "saved.mbox"
+    target.write_bytes(b"From x Thu Jan  1 00:00:00 1970\nSubject: torn\n\nno newline")
+    r = run_mail(dict(env, MAIL=str(md)), "-f", str(md), input=f"s 1 {target}\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    saved = target.read_bytes()
+    first, second = saved.split(b"\n\nFrom ", 1)
+    assert first.endswith(b"no newline")
+    assert second.startswith(b"bea@example.org ")
+    assert second.endswith(b"\n>From here on\n>>From there\nend\n\n")
+    # The same bytes our deliverer writes for that message.
+    ours = tmp_path / "ours.mbox"
+    deliver(config, ours, raw.split(b"\n", 1)[1], sender="bea@example.org")
+    assert ours.read_bytes().endswith(b"\n>From here on\n>>From there\nend\n\n")
+    r = run_mail(env, "-f", str(target), input=b"p 2\nx\n")
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout.decode("utf-8", "replace")
+    assert "\nFrom here on\n>From there\nend" in shown
+
+
 # --- interop with s-nail ------------------------------------------------------------------------
 
 @pytest.mark.interop

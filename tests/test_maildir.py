@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import maildir
-from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root, need_tool, tmpfs
 
 SENDER = "sender@example.test"

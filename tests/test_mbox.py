@@ -25,9 +25,9 @@ from typing import Any, BinaryIO
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxBusy, MailboxLock
-from pymailtools.local.targets import DeliveryError
 from tests.conftest import need_root, need_tool, tmpfs
 
 CTX = multiprocessing.get_context("fork")
@@ -857,3 +857,72 @@ def test_mailbox_being_created_by_another_delivery_is_waited_for(tmp_path: Path)
         os.close(fd)
     with pytest.raises(DeliveryError, match="not owned by recipient"):  # and if it stays so
         mbox._open(str(path), 4343, 4343, None, check_owner=True, create=True)
+
+
+# --- the framing mail's reader shares -------------------------------------------------------
+
+
+def test_frame_quote_unquote_and_separator() -> None:
+    """The pieces mail's `s` and quit use are the deliverer's: same From_ line and quoting."""
+    msg = b"Subject: q\n\nFrom a\n>From b\n>>From c\nFromage\n From d\n"
+    framed = mbox.frame(msg, "")
+    line, body = framed.split(b"\n", 1)
+    assert line.startswith(b"From MAILER-DAEMON ") and len(line) == 19 + len(time.asctime())
+    assert body == b"Subject: q\n\n>From a\n>>From b\n>>>From c\nFromage\n From d\n\n"
+    assert mbox.unquote(body) == msg + b"\n"
+    assert mbox.frame(b"Subject: x\n\nno newline", "a@b").endswith(b"no newline\n\n")
+    assert [mbox.separator(t) for t in (b"", b"x", b"x\n", b"\n\n")] == [b"", b"\n\n", b"\n", b""]
+
+
+# --- the reader's rewrite -------------------------------------------------------------------
+
+
+def rewrite(path: Path, content: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mbox.rewrite(str(path), fd, os.fstat(fd), path.read_bytes(), content)
+    finally:
+        os.close(fd)
+
+
+def test_rewrite_renames_a_new_file_over_keeping_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "box"
+    path.write_bytes(b"From a Thu Jan  1 00:00:00 1970\n\nold\n\n")
+    os.chmod(path, 0o640)
+    before = path.stat()
+    rewrite(path, b"From b Thu Jan  1 00:00:00 1970\n\nnew\n\n")
+    after = path.stat()
+    assert path.read_bytes() == b"From b Thu Jan  1 00:00:00 1970\n\nnew\n\n"
+    assert after.st_ino != before.st_ino and stat.S_IMODE(after.st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box"]
+
+
+@pytest.mark.parametrize("content", [b"From a x\n\nkept\n\n", b"From a x\n\nkept\n\nand more\n"],
+                         ids=["shorter", "longer"])
+def test_rewrite_in_place_when_no_new_file_can_be_made(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "box"
+    path.write_bytes(b"From a x\n\nkept\n\nFrom b x\n\ndropped\n\n")
+    blocker = tmp_path / f".box.{os.getpid()}.pmt"
+    blocker.write_bytes(b"")
+    ino = path.stat().st_ino
+    rewrite(path, content)
+    assert path.read_bytes() == content and path.stat().st_ino == ino
+    assert blocker.read_bytes() == b""
+
+
+def test_rewrite_in_place_failing_midway_names_the_backup(tmp_path: Path) -> None:
+    with tmpfs(tmp_path, "1m") as mnt:
+        path = mnt / "box"
+        path.write_bytes(b"From a x\n\nsmall\n\n")
+        (mnt / f".box.{os.getpid()}.pmt").write_bytes(b"")  # no room for a new file's name
+        content = b"From a x\n\n" + b"y" * (2 << 20) + b"\n\n"
+        with pytest.raises(OSError) as e:
+            rewrite(path, content)
+        assert e.value.errno == errno.ENOSPC
+        reason = str(e.value.strerror)
+        assert reason.startswith("rewriting failed (No space left on device); the intended")
+        backup = Path(reason.rsplit(" ", 1)[1])
+        try:
+            assert backup.read_bytes() == content
+        finally:
+            backup.unlink()

@@ -92,6 +92,14 @@ def test_alias_to_a_path_like_name_is_refused(config: Config) -> None:
     assert failure(config, "alice").status == "5.1.3"
 
 
+
+def test_refused_name_is_quoted_safely(config: Config) -> None:
+    """The reason goes into the log and the bounce: a quote in the name cannot end it early."""
+    write_aliases(config, 'alice: "bad\\"name"\n')
+    e = failure(config, "alice")
+    assert (e.status, e.reason) == ("5.1.3", 'invalid user name: "bad?name"')
+
+
 # -- aliases -----------------------------------------------------------------------------------
 
 def test_alias_expansion(config: Config, system_user: User, other_user: User) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pymailtools.chat import certinfo, compose, status
-from pymailtools.chat.reply import Reply, extensions, line_code
 from pymailtools.chat.transcript import Transcript, escape
+from pymailtools.smtp.reply import Reply, extensions, line_code
 from tests.support.chat import smtpchat
 from tests.support.dns import DNSServer
 from tests.support.net import free_port

@@ -19,7 +19,8 @@ from aiosmtpd.smtp import SMTP
 from pymailtools.config import Config
 from pymailtools.log import Logger
 from pymailtools.smtpd import data as smtpd_data
-from pymailtools.smtpd.listener import Handler, Server, Settings, _Commands, _Counted
+from pymailtools.smtpd.policy import Settings
+from pymailtools.smtpd.protocol import Handler, Server, _Commands, _Counted
 
 SAMPLES = [
     "", " ", "<>", "<> SIZE=10", "<a@b>", "<root@localhost>", "  <a@b>", "\t<a@b>\t",
@@ -268,7 +269,7 @@ def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
     import time
 
     from pymailtools.queue.store import Queue
-    from pymailtools.smtpd.listener import QueueWriter
+    from pymailtools.smtpd.protocol import QueueWriter
     from pymailtools.submit import submission as submit
 
     cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
@@ -311,14 +312,14 @@ def test_local_recipient_verdicts_are_reused_briefly(tmp_path: Path,
     (SIGHUP) starts afresh."""
     import time
 
-    from pymailtools.local.targets import DeliveryError
-    from pymailtools.smtpd import listener as smtpd
+    from pymailtools.errors import DeliveryError
+    from pymailtools.smtpd import policy
 
     aliases = tmp_path / "aliases"
     aliases.write_text("postmaster: root\n")
     cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False,
                   "alias_maps": [str(aliases)], "mydestination": ["localhost"]})
-    monkeypatch.setattr(smtpd, "VERDICT_SECONDS", 0.5)
+    monkeypatch.setattr(policy, "VERDICT_SECONDS", 0.5)
     settings = Settings(cfg)
     assert settings.local_verdict("postmaster@localhost") is None
     unknown = settings.local_verdict("sales@localhost")

@@ -1,4 +1,30 @@
-"""Exception types, each carrying the sysexits.h code a command exits with."""
+"""The package's exception tree: every error a command reports derives from MailError.
+
+Each class says when it is raised and carries what its callers need: the sysexits.h code a
+command exits with (``exit_code``), and for delivery and SMTP failures the RFC 3463 status
+(``status``; 4.x.x means the message stays queued). Classes that stand for a broken connection
+or a timeout also derive from the built-in ConnectionError / TimeoutError, as aiosmtplib's do,
+so generic OS-level handlers recognise them.
+
+    MailError
+     +-- UsageError                    64
+     |    +-- AddressError, InvalidQueueId
+     +-- DataError                     65
+     +-- TooBigError                   69
+     +-- QueueWriteError               73/74
+     +-- ConfigError                   78  (smtpd.passwd.PasswordFileError)
+     +-- PermissionDenied              77
+     +-- DeliveryError                 69/75 by ``status``
+     +-- SMTPError                     75  the SMTP client's session failures
+     |    +-- HopError                 before any transaction: try the next address
+     |    +-- Lost (ConnectionError)   mid-transaction
+     |    +-- ProtocolError            the server's bytes are not SMTP
+     +-- chat.errors.ChatError         smtpchat: swaks' exit codes
+     +-- errors of one package: queue.store (QueueNotSetUp, EntryBusy, EntryNotFound),
+         local.lock.MailboxBusy, mua.compose.AttachmentError, mua.folder.FolderError
+
+No imports here: sendmail's submission path loads this module.
+"""
 
 EX_OK = 0
 EX_USAGE = 64
@@ -69,3 +95,47 @@ class PermissionDenied(MailError):
 
 class InvalidQueueId(UsageError):
     """A queue id is not 1-32 ASCII letters and digits (64)."""
+
+
+class DeliveryError(MailError):
+    """Routing or local delivery of one recipient failed; ``status`` is the RFC 3463 code
+    (4.x.x: the message stays queued and is retried; 5.x.x: it bounces)."""
+
+    def __init__(self, reason: str, status: str = "4.3.0") -> None:
+        super().__init__(reason, EX_UNAVAILABLE if status.startswith("5") else EX_TEMPFAIL)
+        self.reason = reason
+        self.status = status
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+
+class SMTPError(MailError):
+    """The SMTP client's session with a next hop failed; its recipients are deferred with
+    ``status``."""
+
+    exit_code = EX_TEMPFAIL
+    status = "4.4.2"
+
+
+class HopError(SMTPError):
+    """Connecting, the greeting, EHLO, STARTTLS or AUTH failed at one address, before any
+    transaction: the caller tries the next address. ``tls``: a TLS handshake failed (level
+    ``may`` retries the address in plaintext)."""
+
+    def __init__(self, reason: str, status: str = "4.4.2", *, tls: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.tls = tls
+
+
+class Lost(SMTPError, ConnectionError):
+    """The connection closed or timed out in the middle of a transaction."""
+
+
+class ProtocolError(SMTPError):
+    """The server sent something that is not an SMTP reply, or a reply over the size limits."""
+
+    status = "4.5.0"

@@ -6,6 +6,7 @@ import datetime
 import email.policy
 import mimetypes
 import os
+from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import format_datetime, localtime, make_msgid
 
@@ -47,9 +48,9 @@ def _split_header(spec: str) -> tuple[str, str]:
 
 
 def compose(sender: str, recipients: list[str], *, subject: str | None = None,
-            body: bytes | None = None, headers: list[str] = (), add_headers: list[str] = (),
-            attachments: list[str] = (), hostname: str = "localhost", utf8: bool = False,
-            now: float | None = None) -> bytes:
+            body: bytes | None = None, headers: Sequence[str] = (),
+            add_headers: Sequence[str] = (), attachments: Sequence[str] = (),
+            hostname: str = "localhost", utf8: bool = False, now: float | None = None) -> bytes:
     """The message as bytes with CRLF line ends, ready for dot-stuffing.
 
     ``headers`` replace a header of the same name (or add it), ``add_headers`` always add, as
@@ -115,7 +116,7 @@ def expand_tokens(data: bytes, sender: str, recipients: list[str], hostname: str
 
 def lines_of(data: bytes) -> list[bytes]:
     """Message lines without endings; CRLF, bare LF and bare CR all end a line (normalising first,
-    so dot-stuffing later sees every line start and no bare CR or LF can end the data early)."""
+    so dot-stuffing later sees every line start, a bare CR's too)."""
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if text.endswith(b"\n"):
         text = text[:-1]

@@ -8,9 +8,9 @@ from typing import BinaryIO
 
 from pymailtools.chat import status
 from pymailtools.chat.errors import ChatError, ConnectionLost
-from pymailtools.chat.reply import Reply
 from pymailtools.chat.session import Options, Session, Stop, authenticate
 from pymailtools.chat.transcript import MASK, Transcript
+from pymailtools.smtp.reply import Reply
 
 HELP = """\
 Lines you type are sent to the server with CRLF; each reply is shown in full.
@@ -260,12 +260,14 @@ def stdin_reader(stream: BinaryIO | None = None) -> Callable[[str], bytes | None
 
 def terminal_reader() -> Callable[[str], bytes | None]:
     """Lines typed at a terminal with readline editing and history (AUTH lines kept out of it)."""
+    history: Callable[[str], None] | None = None
     try:
         import readline
     except ImportError:  # Python built without readline: plain input() still works
-        readline = None  # type: ignore[assignment]
+        pass
     else:
         readline.set_auto_history(False)
+        history = readline.add_history
 
     def read(prompt: str) -> bytes | None:
         try:
@@ -273,8 +275,8 @@ def terminal_reader() -> Callable[[str], bytes | None]:
         except EOFError:
             sys.stdout.write("\n")
             return None
-        if readline is not None and text.strip() and not text.upper().startswith("AUTH"):
-            readline.add_history(text)
+        if history is not None and text.strip() and not text.upper().startswith("AUTH"):
+            history(text)
         return text.encode("utf-8", "surrogateescape")
 
     return read

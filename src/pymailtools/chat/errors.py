@@ -1,30 +1,27 @@
-"""smtpchat's exception types; each carries the swaks exit code the session ends with."""
+"""smtpchat's branch of the exception tree; each carries the swaks exit code the session ends
+with (chat.status), not a sysexits.h code."""
 
 from pymailtools.chat import status
+from pymailtools.errors import MailError
 
 
-class ChatError(Exception):
+class ChatError(MailError):
     """Base class: ends the session with a one-line ``***`` message and ``exit_code``."""
 
     exit_code = status.CONNECTION_LOST
 
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
 
-
-class ConnectFailed(ChatError):
+class ConnectFailed(ChatError, ConnectionError):
     """No address of the target accepted a TCP connection (or TLS on connect failed)."""
 
     exit_code = status.CONNECT
 
 
-class ConnectionLost(ChatError):
+class ConnectionLost(ChatError, ConnectionError):
     """The server closed the connection while a reply was expected."""
 
 
-class ReplyTimeout(ChatError):
+class ReplyTimeout(ChatError, TimeoutError):
     """No complete reply within the per-step timeout."""
 
 

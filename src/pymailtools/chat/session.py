@@ -11,9 +11,9 @@ from typing import Any
 
 from pymailtools.chat import status, target
 from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
-from pymailtools.chat.reply import Reply, extensions
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
+from pymailtools.smtp.reply import Reply, extensions
 
 # --quit-after names (swaks' and ours) -> the point after which the session stops.
 QUIT_POINTS = {
@@ -334,7 +334,7 @@ class Session:
 
     def _end_pipelined_data(self, commands: list[str], replies: list[Reply]) -> None:
         # A pipelined DATA may get 354 although nothing was accepted: end it with an empty
-        # message so the server is ready for QUIT instead of reading QUIT as message text.
+        # message so the server is ready for QUIT.
         if commands[-1] == "DATA" and len(replies) == len(commands) and replies[-1].code == 354:
             assert self.wire is not None
             self._cmd(".")

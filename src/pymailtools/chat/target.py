@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import random
 import socket
 from typing import TYPE_CHECKING, NamedTuple
 
 from pymailtools.chat import status
 from pymailtools.chat.errors import ChatError, ResolveError
+from pymailtools.smtp import nexthop
 
 if TYPE_CHECKING:
     import dns.resolver
@@ -24,57 +23,24 @@ class Address(NamedTuple):
 
 
 def parse_server(spec: str, default_port: int) -> tuple[str, int]:
-    """swaks' forms: ``host``, ``host:port``, ``host/port``, ``[v6]``, ``[v6]:port``, bare v6."""
-    spec = spec.strip()
-    port: str | None = None
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        if rest[:1] in (":", "/"):
-            port = rest[1:]
-        elif rest:
-            raise ValueError(f"bad server {spec!r}")
-    elif "/" in spec:
-        host, _, port = spec.partition("/")
-    elif spec.count(":") == 1:
-        host, _, port = spec.partition(":")
-    else:
-        host = spec
-    if not host:
-        raise ValueError(f"bad server {spec!r}")
-    return host, parse_port(port) if port else default_port
+    """swaks' forms: ``host``, ``host:port``, ``host/port``, ``[v6]``, ``[v6]:port``, bare v6;
+    the port may be a service name. Raises ValueError."""
+    hp = nexthop.split(spec, default_port, slash=True, services=True)
+    return hp.host, hp.port
 
 
 def parse_port(text: str) -> int:
     """A port number or a service name (``smtp``, ``submission``)."""
-    if text.isdigit():
-        port = int(text)
-        if not 0 < port < 65536:
-            raise ValueError(f"bad port {text!r}")
-        return port
-    try:
-        return socket.getservbyname(text, "tcp")
-    except OSError:
-        raise ValueError(f"unknown port or service {text!r}") from None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return nexthop.parse_port(text, services=True)
 
 
 def system_addresses(host: str, port: int, family: int) -> list[Address]:
     """Addresses from the system resolver (getaddrinfo), in its order, without duplicates."""
     try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        found = nexthop.system_addresses(host, port, family)
     except socket.gaierror as e:
         raise ResolveError(f"Error resolving {host}: {e.strerror}") from None
-    seen: dict[tuple[str, int], Address] = {}
-    for fam, _, _, _, sockaddr in infos:
-        seen.setdefault((sockaddr[0], fam), Address(host, str(sockaddr[0]), port, fam))
-    return list(seen.values())
+    return [Address(host, ip, port, fam) for fam, ip in found]
 
 
 def make_resolver(server: str | None, timeout: float | None) -> dns.resolver.Resolver:
@@ -101,6 +67,8 @@ def mx_hosts(domain: str, resolver: dns.resolver.Resolver) -> list[str]:
     import dns.exception
     import dns.resolver
 
+    from pymailtools.smtp import mx
+
     try:
         answer = resolver.resolve(domain, "MX")
     except dns.resolver.NoAnswer:
@@ -109,12 +77,10 @@ def mx_hosts(domain: str, resolver: dns.resolver.Resolver) -> list[str]:
         raise ResolveError(f"Error resolving MX of {domain}: no such domain") from None
     except dns.exception.DNSException as e:
         raise ResolveError(f"Error resolving MX of {domain}: {e}") from None
-    records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
-    if any(name in ("", ".") for _, name in records) and len(records) == 1:
+    ordered = mx.order([(r.preference, r.exchange.to_text()) for r in answer])
+    if ordered is None:
         raise ResolveError(f"{domain} accepts no mail (null MX, RFC 7505)")
-    random.shuffle(records)
-    records.sort(key=lambda r: r[0])
-    return [name for _, name in records if name not in ("", ".")]
+    return [name for _, name in ordered]
 
 
 def dns_addresses(host: str, port: int, family: int,
@@ -122,7 +88,7 @@ def dns_addresses(host: str, port: int, family: int,
     """A and AAAA records of an MX host (through the same resolver as the MX lookup)."""
     import dns.exception
 
-    if _is_ip(host):
+    if nexthop.is_ip(host):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         return [Address(host, host, port, fam)] if family in (0, fam) else []
     out: list[Address] = []

@@ -7,9 +7,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from pymailtools.chat.reply import Reply
+from pymailtools.smtp.reply import Reply
 
-# swaks' hints, so a swaks user reads our transcript at once: 3 characters, a space, the text.
+# swaks' hints: 3 characters, then a space, then the text.
 INFO, ERROR = "===", "***"
 SEND, SEND_TLS, SEND_ODD, SEND_ODD_TLS = " ->", " ~>", "**>", "*~>"
 RECV, RECV_TLS, RECV_BAD, RECV_BAD_TLS = "<- ", "<~ ", "<**", "<~*"

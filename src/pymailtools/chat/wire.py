@@ -19,7 +19,7 @@ from pymailtools.chat.errors import (
     ReplyTimeout,
     TLSFailed,
 )
-from pymailtools.chat.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code
+from pymailtools.smtp.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code
 
 
 class TLSInfo(NamedTuple):

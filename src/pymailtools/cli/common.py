@@ -1,15 +1,18 @@
-"""The edge every front end shares: sane fds 0-2, and errors as one line plus an exit code."""
+"""The edge every front end shares: sane fds 0-2, errors as one line plus an exit code, and
+who may view or flush the queue."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from pymailtools.errors import EX_IOERR, EX_NOPERM, EX_OK, EX_SOFTWARE, MailError
+from pymailtools.errors import EX_IOERR, EX_NOPERM, EX_OK, EX_SOFTWARE, MailError, PermissionDenied
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from pymailtools.config import Config
 
 
 def reopen_std_fds() -> None:
@@ -51,3 +54,45 @@ def run_main(prog: str, body: Callable[[], int], *,
         head = "" if callable(prefix) else prefix
         print(f"{prog}: {head}internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return EX_SOFTWARE
+
+
+def user_label() -> str:
+    """``name(uid)`` as Postfix prints the caller in its permission errors."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}({uid})"
+    except KeyError:
+        return f"unknown({uid})"
+
+
+def authorize(cfg: Config, action: str) -> None:
+    """May the caller ``view`` (mailq, sendmail -bp, postqueue -p/-j) or ``flush`` (sendmail
+    -q, postqueue -f/-i/-s) the queue? Postfix's rule: root and the queue's owner always;
+    others when authorized_mailq_users / authorized_flush_users holds static:anyone or
+    their name. PermissionDenied (77) in Postfix's words otherwise.
+
+    The caller's own configuration can widen these lists: what keeps an ordinary user from
+    a root queue's contents is the file modes (Queue.ensure), not this check."""
+    from pymailtools.config import ANYONE
+
+    uid = os.getuid()
+    if uid == 0:
+        return
+    try:
+        if os.stat(cfg.queue_directory).st_uid == uid:
+            return
+    except OSError:
+        pass
+    users = cfg.authorized_mailq_users if action == "view" else cfg.authorized_flush_users
+    if ANYONE in users:
+        return
+    import pwd
+
+    try:
+        if pwd.getpwuid(uid).pw_name in users:
+            return
+    except KeyError:
+        pass
+    raise PermissionDenied(f"User {user_label()} is not allowed to {action} the mail queue")

@@ -243,7 +243,7 @@ def server_of(req: Request) -> str | None:
     if req.variables.get("smtp"):
         return req.variables["smtp"]
     mta = req.variables.get("mta", "")
-    if mta.startswith("smtp://") or mta.startswith("smtps://") or mta.startswith("submission"):
+    if mta.startswith(("smtp://", "smtps://", "submission://", "submissions://")):
         return mta
     if mta and not mta.startswith("/"):
         raise _Quiet(f"unsupported mta: {mta}")
@@ -272,9 +272,7 @@ def send(cfg: Config, req: Request) -> int:
         sender = draft.sender
     server = server_of(req)
     if server is not None:
-        from pymailtools.smtp import submit as smtp_submit
-
-        smtp_submit.parse_server(server)  # a bad server is a usage error before any input
+        outbox.smtp_server(cfg, server, req.variables)  # bad settings fail before any input
     login, gecos = submit.login_name(os.getuid())
     # Bad -r or recipient arguments fail before any input is read.
     compose.identity(sender, login, gecos, cfg.myorigin)
@@ -303,8 +301,8 @@ def send(cfg: Config, req: Request) -> int:
             return EX_OK
         print("Null message body; hope that's ok", file=sys.stderr)
     try:
-        return outbox.send_draft(cfg, draft, sender, server=server, verbose=req.verbose,
-                                 prog=PROG)
+        return outbox.send_draft(cfg, draft, sender, server=server, variables=req.variables,
+                                 verbose=req.verbose, prog=PROG)
     except MailError:
         if interactive:
             from pymailtools.mua import tilde

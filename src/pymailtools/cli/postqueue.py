@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pymailtools.cli.common import run_main
+from pymailtools.cli.common import authorize, run_main
 from pymailtools.errors import (
     EX_OK,
     PermissionDenied,
@@ -15,7 +15,7 @@ from pymailtools.queue.select import Options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymailtools.config import Config
+    pass
 
 PROG = "postqueue"
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
@@ -29,48 +29,6 @@ def config_path(arg: str) -> str:
     if os.path.isdir(arg):
         return os.path.join(arg, "config.toml")
     return arg
-
-
-def user_label() -> str:
-    """``name(uid)`` as Postfix prints the caller in its permission errors."""
-    import pwd
-
-    uid = os.getuid()
-    try:
-        return f"{pwd.getpwuid(uid).pw_name}({uid})"
-    except KeyError:
-        return f"unknown({uid})"
-
-
-def authorize(cfg: Config, action: str) -> None:
-    """May the caller ``view`` (mailq, sendmail -bp, postqueue -p/-j) or ``flush`` (sendmail
-    -q, postqueue -f/-i/-s) the queue? Postfix's rule: root and the queue's owner always;
-    others when authorized_mailq_users / authorized_flush_users holds static:anyone or
-    their name. PermissionDenied (77) in Postfix's words otherwise.
-
-    The caller's own configuration can widen these lists: what keeps an ordinary user from
-    a root queue's contents is the file modes (Queue.ensure), not this check."""
-    from pymailtools.config import ANYONE
-
-    uid = os.getuid()
-    if uid == 0:
-        return
-    try:
-        if os.stat(cfg.queue_directory).st_uid == uid:
-            return
-    except OSError:
-        pass
-    users = cfg.authorized_mailq_users if action == "view" else cfg.authorized_flush_users
-    if ANYONE in users:
-        return
-    import pwd
-
-    try:
-        if pwd.getpwuid(uid).pw_name in users:
-            return
-    except KeyError:
-        pass
-    raise PermissionDenied(f"User {user_label()} is not allowed to {action} the mail queue")
 
 
 class Request:
@@ -151,7 +109,7 @@ def run(req: Request) -> int:
     cfg = configmod.load(req.config)
     configmod.warn(cfg, PROG)
     if req.mode in "pj":
-        from pymailtools.cli.mailq import show
+        from pymailtools.cli.show import show
 
         return show(cfg, PROG, selector=req.selectors.selector(),
                     fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))

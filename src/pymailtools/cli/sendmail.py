@@ -198,7 +198,7 @@ def run(req: Request) -> int:
     if mode == "queue":
         return _queue_run(cfg, req)
     if mode == "list":
-        from pymailtools.cli.mailq import show
+        from pymailtools.cli.show import show
 
         return show(cfg, req.prog)
     if mode == "verify":
@@ -212,7 +212,7 @@ def run(req: Request) -> int:
     if mode == "daemon":
         return _daemon(cfg, req)
     if mode == "smtp":
-        from pymailtools.smtpd.listener import serve_stdio
+        from pymailtools.smtpd.stdio import serve_stdio
 
         return serve_stdio(cfg, verbose=req.verbose > 1)
     raise MailError(f"unsupported mode: {mode}", EX_UNAVAILABLE)
@@ -264,12 +264,14 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
-    from pymailtools.smtpd import listener as smtpd
+    from pymailtools.smtpd.daemon import serve
+    from pymailtools.smtpd.listener import bind
+    from pymailtools.smtpd.policy import Settings
 
-    smtpd.Settings(cfg)  # certificate, password file, mynetworks: refuse to start if broken
-    socks = smtpd.bind(cfg, warn)
+    Settings(cfg)  # certificate, password file, mynetworks: refuse to start if broken
+    socks = bind(cfg, warn)
     if req.daemon_flag == "D":
-        return smtpd.serve(cfg, socks, interval=interval, config_path=req.config_path,
+        return serve(cfg, socks, interval=interval, config_path=req.config_path,
                            verbose=bool(req.verbose))
     # -bd: detach like sendmail does, so an init script's call returns.
     from pymailtools.qmgr.trigger import detach
@@ -285,7 +287,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
         keep = sorted(s.fileno() for s in socks)
         for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
             os.closerange(low + 1, high)
-        code = smtpd.serve(cfg, socks, interval=interval, config_path=config_path)
+        code = serve(cfg, socks, interval=interval, config_path=config_path)
     finally:
         os._exit(code)
 
@@ -312,7 +314,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         except MailError:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
-    from pymailtools.cli.postqueue import authorize
+    from pymailtools.cli.common import authorize
     from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")

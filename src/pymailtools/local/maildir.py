@@ -8,6 +8,7 @@ import time
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.fileio import write_all
 from pymailtools.local.mbox import BLOCK, check_envelope, os_error
 from pymailtools.local.targets import DeliveryError
 
@@ -125,10 +126,10 @@ def _deliver(
                 os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
             head = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
-            _write_all(fd, head.encode("utf-8", "surrogateescape"))
+            write_all(fd, head.encode("utf-8", "surrogateescape"))
             _rewind(message)
             while block := _read(message):
-                _write_all(fd, block)
+                write_all(fd, block)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -168,10 +169,3 @@ def _read(message: BinaryIO) -> bytes:
         return message.read(BLOCK)
     except Exception as e:
         raise DeliveryError(f"cannot read queued message: {e}", "4.3.0") from e
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])

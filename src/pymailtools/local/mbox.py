@@ -1,14 +1,18 @@
-"""Append a message to an mbox file: safe open, fcntl+dotlock, mboxrd framing, all-or-nothing."""
+"""The mbox format's one writer: the delivery agent's append (safe open, fcntl+dotlock, mboxrd
+framing, all-or-nothing), and the framing, locked append and rewrite that mail's reader uses."""
 
 import errno
 import grp
 import os
 import re
 import stat
+import tempfile
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.local.lock import MailboxBusy, MailboxLock
 from pymailtools.local.targets import DeliveryError
 from pymailtools.queue.store import crash_point
@@ -23,7 +27,7 @@ REFRESH_INTERVAL = 60.0
 REOPEN_ATTEMPTS = 10
 
 # Dovecot/UW-IMAP metadata a sender must not be able to forge, and Content-Length, which some
-# readers trust for message boundaries (a forged one would split or swallow messages).
+# readers trust for message boundaries.
 DROP_HEADERS = frozenset(
     {
         b"status",
@@ -37,6 +41,7 @@ DROP_HEADERS = frozenset(
 )
 
 _FROM = re.compile(rb"^(?=>*From )", re.MULTILINE)
+_QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
 _OPEN = os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
@@ -258,13 +263,7 @@ class _Writer:
                 self.flush()
 
     def flush(self) -> None:
-        with memoryview(self.buf) as view:
-            done = 0
-            while done < len(view):
-                n = os.write(self.fd, view[done:])
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += n
+        write_all(self.fd, self.buf)
         self.buf.clear()
         # Test hook (PYMAILTOOLS_TEST_CRASH_AT): die with part of the message in the mailbox.
         crash_point("mbox_mid_append")
@@ -273,21 +272,42 @@ class _Writer:
             self.refreshed = time.monotonic()
 
 
+def _append_at(fd: int, size: int, lock: MailboxLock, body: Callable[[_Writer], None]) -> None:
+    """With the locks held, add the separator the file needs and what ``body`` writes, then
+    fsync. The caller truncates back to ``size`` if this raises."""
+    out = _Writer(fd, lock)
+    out.write(_separator(fd, size))
+    body(out)
+    out.flush()
+    os.fsync(fd)
+
+
+def append_framed(fd: int, lock: MailboxLock, data: bytes) -> None:
+    """Append already framed messages (``frame``) to the locked mbox open as ``fd``: the whole
+    of ``data`` lands and is fsynced, or the file is truncated back and the error re-raised."""
+    size = os.fstat(fd).st_size
+    try:
+        _append_at(fd, size, lock, lambda out: out.write(data))
+    except BaseException:
+        _truncate(fd, size)
+        raise
+
+
 def _write(
     fd: int, lock: MailboxLock, message: BinaryIO, sender: str, recipient: str, path: str
 ) -> None:
     size = os.fstat(fd).st_size
-    out = _Writer(fd, lock)
-    try:
-        out.write(_separator(fd, size))
+
+    def body(out: _Writer) -> None:
         out.write(_envelope(sender, recipient))
         out.last = b""
         _copy(message, out)
         if out.last != b"\n":
             out.write(b"\n")
         out.write(b"\n")
-        out.flush()
-        os.fsync(fd)
+
+    try:
+        _append_at(fd, size, lock, body)
     except BaseException as e:
         truncated = _truncate(fd, size)
         if not isinstance(e, Exception):
@@ -314,28 +334,53 @@ def _truncate(fd: int, size: int) -> bool:
     return True
 
 
+def separator(content: bytes) -> bytes:
+    """Newlines to add after mbox text ending in ``content`` (its last two bytes are enough)
+    so that it ends in a blank line: a torn last message can't swallow the next From_ line."""
+    if not content or content.endswith(b"\n\n"):
+        return b""
+    return b"\n" if content.endswith(b"\n") else b"\n\n"
+
+
 def _separator(fd: int, size: int) -> bytes:
-    """Newlines that make the file end in a blank line, so a torn last message can't swallow
-    ours (our From_ line would otherwise continue its last line)."""
     if size == 0:
         return b""
     try:
         tail = os.pread(fd, 2, max(0, size - 2))
     except OSError:
         return b""  # write-only descriptor: cannot look, leave the file as it is
-    if tail.endswith(b"\n\n"):
-        return b""
-    return b"\n" if tail.endswith(b"\n") else b"\n\n"
+    return separator(tail)
+
+
+def from_line(sender: str) -> bytes:
+    """The From_ line that starts a message; asctime in local time, as Postfix, mail.local and
+    mail readers write and expect it."""
+    line = f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n"
+    return line.encode("utf-8", "surrogateescape")
 
 
 def _envelope(sender: str, recipient: str) -> bytes:
-    # asctime in local time, as Postfix, mail.local and mail readers write and expect it.
-    line = (
-        f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n"
-        f"Return-Path: <{sender}>\n"
-        f"Delivered-To: {recipient}\n"
-    )
-    return line.encode("utf-8", "surrogateescape")
+    head = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
+    return from_line(sender) + head.encode("utf-8", "surrogateescape")
+
+
+def frame(message: bytes, sender: str) -> bytes:
+    """An RFC 5322 ``message`` as one mbox entry: From_ line, mboxrd quoting, blank line."""
+    return end_entry(from_line(sender) + quote(message))
+
+
+def end_entry(entry: bytes) -> bytes:
+    """``entry`` (From_ line included) ending in the blank line that closes an mbox entry."""
+    if not entry.endswith(b"\n"):
+        entry += b"\n"
+    if not entry.endswith(b"\n\n"):
+        entry += b"\n"
+    return entry
+
+
+def unquote(body: bytes) -> bytes:
+    """Undo ``quote``: one '>' less on every line matching ^>+From."""
+    return _QUOTED_FROM.sub(rb"\1", body)
 
 
 def _read(message: BinaryIO, size: int) -> bytes:
@@ -345,7 +390,7 @@ def _read(message: BinaryIO, size: int) -> bytes:
         raise _MessageReadError() from e
 
 
-def _quote(chunk: bytes, at_line_start: bool) -> bytes:
+def quote(chunk: bytes, at_line_start: bool = True) -> bytes:
     """mboxrd: one more '>' on every line matching ^>*From, counting only real line starts."""
     if b"From " not in chunk:
         return chunk
@@ -394,7 +439,7 @@ def _copy(message: BinaryIO, out: _Writer) -> None:
                 name, colon, _ = piece.partition(b":")
                 dropping = bool(colon) and name.strip().lower() in DROP_HEADERS
         if not dropping:
-            out.write(_quote(piece, at_start))
+            out.write(quote(piece, at_start))
         at_start = piece.endswith(b"\n")
     # Body, in blocks that end at a line end so quoting sees every line start.
     pending = buf[pos:]
@@ -402,15 +447,89 @@ def _copy(message: BinaryIO, out: _Writer) -> None:
     while True:
         data = b"" if eof else _read(message, BLOCK)
         if not data:
-            out.write(_quote(pending, at_start))
+            out.write(quote(pending, at_start))
             return
         pending += data
         cut = pending.rfind(b"\n") + 1
         if cut:
-            out.write(_quote(pending[:cut], at_start))
+            out.write(quote(pending[:cut], at_start))
             pending = pending[cut:]
             at_start = True
         elif len(pending) >= LINE_LIMIT:
-            out.write(_quote(pending, at_start))
+            out.write(quote(pending, at_start))
             pending = b""
             at_start = False
+
+
+def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) -> None:
+    """Replace the content ``old`` of the mbox ``path`` (open read-write as ``fd``, ``st`` its
+    fstat) by ``content``; the caller holds the locks.
+
+    Preferably a new file renamed over the old one (atomic; deliverers re-check the inode after
+    locking, so they follow). Where the directory is not ours to write (an ordinary user in
+    /var/mail), in place: a copy of the new content goes to a temporary file first, then the
+    mailbox is overwritten from the first changed byte and truncated only after that.
+    Raises OSError if the mailbox cannot be rewritten; once it may be half rewritten, the
+    error's text names the file holding the intended content.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.pmt")
+    try:
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+    except OSError:
+        tfd = -1
+    if tfd >= 0:
+        try:
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(tfd, st.st_uid, st.st_gid)
+                elif st.st_uid != os.geteuid():
+                    raise PermissionError(errno.EPERM, "not the owner")
+                else:
+                    try:
+                        os.fchown(tfd, -1, st.st_gid)
+                    except OSError:
+                        pass
+                os.fchmod(tfd, stat.S_IMODE(st.st_mode))
+                write_all(tfd, content, 0)
+                os.fsync(tfd)
+            finally:
+                os.close(tfd)
+            os.rename(tmp, path)
+            try:
+                fsync_dir(directory)
+            except OSError:
+                pass  # renamed already: the new content is in place either way
+            return
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    _rewrite_in_place(fd, old, content)
+
+
+def _rewrite_in_place(fd: int, old: bytes, content: bytes) -> None:
+    same = 0
+    limit = min(len(old), len(content))
+    # First differing byte, found in blocks (a bytes comparison per block is C speed).
+    block = 1 << 16
+    while same < limit and old[same : same + block] == content[same : same + block]:
+        same += block
+    while same < limit and old[same] == content[same]:
+        same += 1
+    bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
+    try:
+        write_all(bfd, content, 0)
+        os.fsync(bfd)
+    finally:
+        os.close(bfd)
+    try:
+        write_all(fd, content[same:], same)
+        os.ftruncate(fd, len(content))
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"rewriting failed ({e.strerror}); the intended content is "
+                      f"in {backup}") from None
+    os.unlink(backup)

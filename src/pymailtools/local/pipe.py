@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.local import mbox
 from pymailtools.local.targets import Command, DeliveryError, File
 from pymailtools.log import escape
 
@@ -101,10 +102,9 @@ def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: s
     prog = target.argv[0] if target.argv else ""
     if not prog.startswith("/"):
         raise DeliveryError(f"command must be an absolute path: {prog!r}", "5.3.5")
-    drop: dict[str, object] = {}
-    if os.geteuid() == 0:
-        # Only the target's primary group, as Postfix's set_ugid() does: no inherited groups.
-        drop = {"user": target.uid, "group": target.gid, "extra_groups": []}
+    # As root: only the target's primary group, as Postfix's set_ugid() does, no inherited
+    # groups. Otherwise we run as we are (None leaves each id alone).
+    root = os.geteuid() == 0
     message.seek(0)
     try:
         proc = subprocess.Popen(
@@ -116,7 +116,9 @@ def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: s
             env=environment(target.uid, target.home, sender, recipient),
             close_fds=True,
             start_new_session=True,  # its own process group, so a timeout kills all of it
-            **drop,  # type: ignore[arg-type]
+            user=target.uid if root else None,
+            group=target.gid if root else None,
+            extra_groups=[] if root else None,
         )
     except OSError as e:
         if e.filename == target.home:
@@ -249,11 +251,11 @@ def call_as(uid: int, gid: int, func: Callable[[], bytes]) -> bytes:
     if tag == b"D":
         return body
     if tag == b"E":
-        e = json.loads(body)
-        raise DeliveryError(str(e["reason"]), str(e["status"]))
+        failure = json.loads(body)
+        raise DeliveryError(str(failure["reason"]), str(failure["status"]))
     if tag == b"O":
-        e = json.loads(body)
-        raise OSError(e["errno"], e["strerror"], e["filename"])
+        failure = json.loads(body)
+        raise OSError(failure["errno"], failure["strerror"], failure["filename"])
     raise DeliveryError(f"internal error as uid {uid}: {body.decode('utf-8', 'replace')}",
                         "4.3.0")
 
@@ -282,8 +284,6 @@ def deliver_file(target: File, message: BinaryIO, *, sender: str, recipient: str
         raise DeliveryError(f"maildir destinations are not supported: {target.path}", "5.3.5")
 
     def append() -> bytes:
-        from pymailtools.local import mbox
-
         _check_writable(target.path)
         message.seek(0)
         mbox.append(target.path, message, sender=sender, recipient=recipient, uid=target.uid,

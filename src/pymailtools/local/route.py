@@ -14,7 +14,7 @@ from pymailtools.config import Config
 from pymailtools.errors import AddressError
 from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
-from pymailtools.local.spool import mailbox_path, valid_user_name
+from pymailtools.local.spool import mailbox_path, passwd_entry
 from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote, Target
 
 log = logging.getLogger("pymailtools.local.route")
@@ -95,6 +95,8 @@ def _read_as(uid: int, gid: int, func: Callable[[], bytes]) -> bytes:
     ourselves (an unprivileged process has no more rights than the user to begin with)."""
     if os.geteuid() != 0 or uid == 0:
         return func()
+    # Here, not at the top: pipe brings subprocess and json into every process that imports
+    # route only to ask whether an address is local (the SMTP listener).
     from pymailtools.local import pipe
 
     return pipe.call_as(uid, gid, func)
@@ -143,13 +145,8 @@ class _Expander:
 
     def user(self, name: str, chain: tuple[tuple[str, str], ...], *, forward: bool) -> None:
         """A passwd user: their .forward if they have one (and ``forward``), else the mailbox."""
-        if not valid_user_name(name):
-            # Never a path: the mailbox is spool + "/" + a validated passwd name.
-            raise DeliveryError(f'invalid user name: "{name}"', "5.1.3")
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            raise DeliveryError(f'unknown user: "{name}"', "5.1.1") from None
+        # Never a path: the mailbox is spool + "/" + a validated passwd name.
+        pw = passwd_entry(name)
         if forward:
             values = self.forward(pw)
             if values:

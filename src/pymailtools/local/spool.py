@@ -1,4 +1,4 @@
-"""Local delivery to a user's spool mailbox (mbox or Maildir): what the queue runner calls."""
+"""The mail spool: safe user names, mailbox paths, and delivery to a user's mbox or Maildir."""
 
 import os
 import pwd
@@ -10,7 +10,7 @@ from pymailtools.local import maildir, mbox
 from pymailtools.local.targets import DeliveryError
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
-# appended to the spool path as is: with no '/' and no '..' it cannot leave the spool.
+# appended to the spool path as is, with no '/' and no '..'.
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}\Z")
 
 
@@ -25,15 +25,11 @@ def mailbox_path(config: Config, name: str) -> tuple[str, bool]:
     return spool.rstrip("/") + "/" + name, spool.endswith("/")
 
 
-def deliver_to_user(
-    config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str,
-    busy: dict[str, str] | None = None,
-) -> str:
-    """Deliver ``message`` to local ``user``'s mailbox; return a short note for the log.
+def passwd_entry(user: str) -> pwd.struct_passwd:
+    """The passwd entry of local ``user``, whose own name is safe in the spool.
 
-    Raises DeliveryError: 5.1.1 unknown user, 5.1.3 unusable name, 4.x.x for everything that
-    may work later (locks, refusals of unsafe mailboxes, no permission when not root).
-    ``busy`` is the run's memory of mailboxes found locked (see mbox.append).
+    Raises DeliveryError 5.1.3 for a name unusable as a spool file name, 5.1.1 for an
+    unknown user.
     """
     if not valid_user_name(user):
         raise DeliveryError(f"invalid user name: {_quoted(user)}", "5.1.3")
@@ -44,6 +40,20 @@ def deliver_to_user(
     # The passwd entry's own name builds the path, never anything taken from the address.
     if not valid_user_name(pw.pw_name):
         raise DeliveryError(f"invalid user name: {_quoted(pw.pw_name)}", "5.1.3")
+    return pw
+
+
+def deliver_to_user(
+    config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str,
+    busy: dict[str, str] | None = None,
+) -> str:
+    """Deliver ``message`` to local ``user``'s mailbox; return a short note for the log.
+
+    Raises DeliveryError: 5.1.1 unknown user, 5.1.3 unusable name, 4.x.x for everything that
+    may work later (locks, refusals of unsafe mailboxes, no permission when not root).
+    ``busy`` is the run's memory of mailboxes found locked (see mbox.append).
+    """
+    pw = passwd_entry(user)
     path, is_maildir = mailbox_path(config, pw.pw_name)
     if os.geteuid() != 0:
         _check_unprivileged(path, is_maildir, pw)

@@ -2,18 +2,8 @@
 
 from typing import NamedTuple
 
-
-class DeliveryError(Exception):
-    """A recipient could not be delivered; ``status`` is the RFC 3463 code (4.x.x = retry)."""
-
-    def __init__(self, reason: str, status: str = "4.3.0") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-    @property
-    def permanent(self) -> bool:
-        return self.status.startswith("5")
+# Defined with the rest of the exception tree; importable from here for local delivery code.
+from pymailtools.errors import DeliveryError as DeliveryError
 
 
 class Mailbox(NamedTuple):
@@ -40,7 +30,7 @@ class Command(NamedTuple):
 
 
 class Remote(NamedTuple):
-    """Hand the address to the SMTP transport: its domain is not delivered here."""
+    """A remote address an alias or .forward expands to; it becomes a recipient of its own."""
 
     address: str
 

@@ -7,8 +7,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
-import time
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -16,10 +14,10 @@ from email.policy import compat32
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
+from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
 
 _FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
-_QUOTE = re.compile(rb"^(?=>*From )", re.MULTILINE)
 _STATUS = re.compile(rb"^Status:[^\n]*\n", re.MULTILINE | re.IGNORECASE)
 
 
@@ -61,8 +59,7 @@ class Entry:
         """The RFC 5322 message: without the From_ line, mboxrd quoting undone."""
         if not self.raw.startswith(b"From "):
             return self.raw
-        body = self.raw[self.raw.find(b"\n") + 1 :]
-        return re.sub(rb"(?m)^>(>*From )", rb"\1", body)
+        return mbox.unquote(self.raw[self.raw.find(b"\n") + 1 :])
 
     @property
     def headers(self) -> Message:
@@ -137,24 +134,19 @@ class MboxFolder(Folder):
 
     @classmethod
     def load(cls, path: str, config: Config) -> MboxFolder:
+        fd, st = _open_file(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise open_error(path, e) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
             # Shared fcntl lock while reading, so we never index half an appended message.
             lock = MailboxLock(path, fd, config)
+            locked = True
             try:
                 lock.acquire()
             except OSError:
-                lock = None  # read-only media, NFS without locks: read anyway
+                locked = False  # read-only media, NFS without locks: read anyway
             try:
                 data = _read_all(fd)
             finally:
-                if lock is not None:
+                if locked:
                     lock.release()
         finally:
             os.close(fd)
@@ -198,7 +190,10 @@ class MboxFolder(Folder):
                     arrived = data[len(old) :]
                     content = _join(new, arrived)
                     self.before_write()
-                    _rewrite(self.path, fd, st, content)
+                    try:
+                        mbox.rewrite(self.path, fd, st, data, content)
+                    except OSError as e:
+                        raise FolderError(f"{self.path}: {e.strerror}") from None
                     return len(_FROM_LINE.findall(arrived))
             finally:
                 os.close(fd)
@@ -208,10 +203,24 @@ class MboxFolder(Folder):
         """Hook run with the mailbox locked and verified, before it is rewritten (mbox copies)."""
 
 
+def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
+    """Open an mbox folder file (a new one mode 0600): FolderError when that fails or it is
+    not a regular file."""
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise open_error(path, e) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
+    return fd, st
+
+
 def _join(new: bytes, arrived: bytes) -> bytes:
-    if arrived and new and not new.endswith(b"\n\n"):
-        new += b"\n" if new.endswith(b"\n") else b"\n\n"
-    return new + arrived
+    if not arrived:
+        return new
+    return new + mbox.separator(new[-2:]) + arrived
 
 
 def _with_status(e: Entry) -> bytes:
@@ -237,7 +246,7 @@ def _current_inode(path: str) -> tuple[int, int] | None:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     offset = 0
     while True:
         chunk = os.pread(fd, 1 << 20, offset)
@@ -245,96 +254,6 @@ def _read_all(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
-
-
-def _rewrite(path: str, fd: int, st: os.stat_result, content: bytes) -> None:
-    """Replace the mailbox content, locks held by the caller.
-
-    Preferably a new file renamed over the old one (atomic; deliverers re-check the inode after
-    locking, so they follow). Where the directory is not ours to write (an ordinary user in
-    /var/mail), in place: a copy of the new content goes to a temporary file first, then the
-    mailbox is overwritten from the first changed byte and truncated only after that.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.pmt")
-    try:
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600)
-    except OSError:
-        tfd = -1
-    if tfd >= 0:
-        try:
-            try:
-                if os.geteuid() == 0:
-                    os.fchown(tfd, st.st_uid, st.st_gid)
-                elif st.st_uid != os.geteuid():
-                    raise PermissionError(errno.EPERM, "not the owner")
-                else:
-                    try:
-                        os.fchown(tfd, -1, st.st_gid)
-                    except OSError:
-                        pass
-                os.fchmod(tfd, stat.S_IMODE(st.st_mode))
-                _write_all(tfd, content, 0)
-                os.fsync(tfd)
-            finally:
-                os.close(tfd)
-            os.rename(tmp, path)
-            _fsync_dir(directory)
-            return
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    _rewrite_in_place(path, fd, content)
-
-
-def _rewrite_in_place(path: str, fd: int, content: bytes) -> None:
-    old = _read_all(fd)
-    same = 0
-    limit = min(len(old), len(content))
-    # First differing byte, found in blocks (a bytes comparison per block is C speed).
-    block = 1 << 16
-    while same < limit and old[same : same + block] == content[same : same + block]:
-        same += block
-    while same < limit and old[same] == content[same]:
-        same += 1
-    bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
-    try:
-        _write_all(bfd, content, 0)
-        os.fsync(bfd)
-    finally:
-        os.close(bfd)
-    try:
-        _write_all(fd, content[same:], same)
-        os.ftruncate(fd, len(content))
-        os.fsync(fd)
-    except OSError as e:
-        raise FolderError(f"{path}: rewriting failed ({e.strerror}); the intended content is "
-                          f"in {backup}") from None
-    os.unlink(backup)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[: 1 << 20], offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 class MaildirFolder(Folder):
@@ -411,47 +330,22 @@ def load(path: str, config: Config) -> Folder:
 def mbox_bytes(e: Entry, status: bool = True) -> bytes:
     """The message framed for appending to an mbox file (From_ line, quoting, blank line)."""
     if e.raw.startswith(b"From "):
-        data = _with_status(e) if status else e.raw
-    else:
-        sender = "MAILER-DAEMON"
-        rp = e.headers.get("Return-Path", "")
-        if rp:
-            sender = str(rp).strip().strip("<>") or sender
-        data = f"From {sender} {time.asctime()}\n".encode() + _QUOTE.sub(b">", e.raw)
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    if not data.endswith(b"\n\n"):
-        data += b"\n"
-    return data
+        return mbox.end_entry(_with_status(e) if status else e.raw)
+    sender = "MAILER-DAEMON"
+    rp = e.headers.get("Return-Path", "")
+    if rp:
+        sender = str(rp).strip().strip("<>") or sender
+    return mbox.frame(e.raw, sender)
 
 
 def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
     """Append framed messages to the mbox ``path`` under the delivery locks; True if created."""
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     created = not os.path.lexists(path)
+    fd, _ = _open_file(path, flags)
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise open_error(path, e) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FolderError(f"{path}: not a regular file", EX_NOINPUT)
-        with MailboxLock(path, fd, config):
-            size = os.fstat(fd).st_size
-            sep = b""
-            if size:
-                tail = os.pread(fd, 2, max(0, size - 2))
-                sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n")
-                                                          else b"\n\n")
-            try:
-                data = memoryview(sep + b"".join(messages))
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, size)
-                raise
+        with MailboxLock(path, fd, config) as lock:
+            mbox.append_framed(fd, lock, b"".join(messages))
     finally:
         os.close(fd)
     return created

@@ -716,7 +716,8 @@ class Session:
         sender = self.vars.get("from", "")
         server = self.vars.get("smtp") or (self.vars.get("mta") if "://" in
                                            self.vars.get("mta", "") else None)
-        outbox.send_draft(self.cfg, draft, sender, server=server, verbose=False, prog=self.prog)
+        outbox.send_draft(self.cfg, draft, sender, server=server, variables=self.vars,
+                          verbose=False, prog=self.prog)
 
     def c_folder(self, args: str) -> None:
         if args:

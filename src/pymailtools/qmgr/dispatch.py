@@ -11,13 +11,14 @@ from collections import deque
 from collections.abc import Callable
 
 from pymailtools.config import Config
-from pymailtools.local.targets import DeliveryError
+from pymailtools.errors import DeliveryError, HopError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
 from pymailtools.smtp import mx
 from pymailtools.smtp import nexthop as relayhost
-from pymailtools.smtp.client import HopError, Outcome, Session
+from pymailtools.smtp.client import Outcome, Session
+from pymailtools.smtp.policy import Policy
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 
@@ -64,8 +65,8 @@ class Dispatcher:
         self.log = log
         self.relayhost = relayhost.parse(cfg.relayhost, cfg.smtp_port) if cfg.relayhost \
             else None
-        self.policy = smtp.Policy(cfg, implicit_tls=bool(
-            self.relayhost and self.relayhost.implicit_tls))
+        self.policy = Policy.from_config(cfg).clone(
+            implicit_tls=bool(self.relayhost and self.relayhost.implicit_tls))
         self.resolver = mx.make_resolver(cfg)
         self.dests: dict[str, _Destination] = {}
         self.slots = asyncio.Semaphore(max(cfg.default_process_limit, 1))
@@ -164,17 +165,8 @@ class Dispatcher:
         last: HopError | None = None
         for hop in order:
             try:
-                s = await smtp.open_session(hop, self.policy)
+                s = await smtp.connect(hop, self.policy, note=self.log.info)
             except HopError as e:
-                if e.tls and self.policy.level == "may" and not self.policy.implicit_tls:
-                    # Postfix's retry_plain: opportunistic TLS must not stop the mail.
-                    self.log.info(f"{e.reason}; trying {hop.relay} again without TLS")
-                    try:
-                        s = await smtp.open_session(hop, self.policy, plaintext=True)
-                    except HopError as e2:
-                        e = e2
-                    else:
-                        return self._opened(s)
                 self.log.info(e.reason)
                 dest.bad.add(hop)
                 last = e

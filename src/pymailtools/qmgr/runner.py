@@ -8,10 +8,10 @@ from typing import BinaryIO
 
 from pymailtools import log
 from pymailtools.config import Config
-from pymailtools.errors import MailError
-from pymailtools.local import route
-from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote
+from pymailtools.local import agent, route
+from pymailtools.local.targets import DeliveryError, Remote
 from pymailtools.log import Logger, make_line
+from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.queue import index as qindex
 from pymailtools.queue.envelope import (
     BOUNCED,
@@ -193,9 +193,7 @@ class Runner:
         return [(s, q) for s in (INCOMING, Q_DEFERRED) for q in self.queue.ids(s)]
 
     def background(self, lock_fd: int) -> None:
-        """Run until nothing new is due; then release the lock and look once more (see wake)."""
-        from pymailtools.qmgr.trigger import try_lock
-
+        """Run until nothing new is due; then release the lock and look once more (see trigger)."""
         while True:
             self.run()
             os.close(lock_fd)
@@ -204,8 +202,6 @@ class Runner:
             fresh = [q for q in self.queue.ids(INCOMING) if q not in self.seen]
             if not fresh:
                 return
-            from pymailtools.qmgr.trigger import open_run_lock
-
             lock_fd = open_run_lock(self.cfg)
             if not try_lock(lock_fd):
                 os.close(lock_fd)
@@ -496,30 +492,15 @@ class Runner:
         targets = route.resolve(self.cfg, r.address)
         done: list[str] = []
         for t in targets:
-            msg.seek(0)
-            if isinstance(t, Mailbox):
-                from pymailtools.local import spool as local
-
-                done.append(local.deliver_to_user(self.cfg, t.user, msg, sender=env.sender,
-                                                  recipient=r.address, busy=self._busy))
-            elif isinstance(t, File):
-                from pymailtools.local import pipe
-
-                pipe.deliver_file(t, msg, sender=env.sender, recipient=r.address,
-                                  config=self.cfg)
-                done.append(f"delivered to file: {t.path}")
-            elif isinstance(t, Command):
-                from pymailtools.local import pipe
-
-                pipe.run_command(t, msg, sender=env.sender, recipient=r.address,
-                                 config=self.cfg)
-                done.append(f"delivered to command: {' '.join(t.argv)}")
-            elif isinstance(t, Remote):
+            if isinstance(t, Remote):
                 # An alias that expands to a remote address becomes a recipient of its own.
                 if not any(x.address == t.address for x in env.recipients):
                     env.recipients.append(Recipient(t.address, orcpt=r.orcpt or r.address,
                                                     notify=r.notify))
                 done.append(f"forwarded to {t.address}")
+            else:
+                done.append(agent.deliver(self.cfg, t, msg, sender=env.sender,
+                                          recipient=r.address, busy=self._busy))
         return "; ".join(done) or "discarded (empty alias)", "local"
 
     def backoff(self, age: float) -> float:
@@ -572,52 +553,6 @@ class Runner:
             return
         self.log.info(log.bounce_notice(env.id, bid, delayed=action == "delayed"))
         self._notices.append(bid)
-
-
-def serve(cfg: Config, interval: int, *, prog: str = "sendmail", verbose: bool = False) -> int:
-    """Run the queue every ``interval`` seconds until SIGTERM or SIGINT (sendmail -bD -q15m).
-
-    A signal lets the current batch finish and be recorded, then exits 0; a second one exits
-    at once (entries are locked and their envelopes replaced atomically, so that is safe too).
-    Each run takes the runner lock, so a runner started after a submission and this loop never
-    work at the same time."""
-    import signal
-
-    from pymailtools.qmgr.trigger import open_run_lock, try_lock
-
-    current: list[Runner] = []
-    stop = [False]
-
-    def on_signal(signum: int, frame: object) -> None:
-        if stop[0]:
-            raise SystemExit(128 + signum)
-        stop[0] = True
-        for r in current:
-            r.stopping = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    logger = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
-    logger.info(f"queue runner started; queue run every {interval}s")
-    while not stop[0]:
-        try:
-            fd = open_run_lock(cfg)
-            if try_lock(fd):
-                runner = Runner(cfg, prog=prog, verbose=verbose)
-                current.append(runner)
-                try:
-                    runner.background(fd)
-                finally:
-                    current.clear()
-            else:
-                os.close(fd)  # a runner started by a submission is at work
-        except (OSError, MailError) as e:
-            logger.error(f"queue run failed: {e}")
-        deadline = time.monotonic() + max(interval, 1)
-        while not stop[0] and deadline - time.monotonic() > 0:
-            time.sleep(min(deadline - time.monotonic(), 0.5))
-    logger.info("queue runner stopped")
-    return 0
 
 
 def _outcome(state: str, dsn: str, why: str) -> "Outcome":

@@ -5,26 +5,11 @@ inherited by the detached runner, so between a submitter's check and the runner'
 there is no window in which a second submitter would start another one.
 """
 
-import fcntl
 import os
 
 from pymailtools.config import Config
+from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.queue.store import Queue
-
-RUN_LOCK = "run.lock"
-
-
-def open_run_lock(cfg: Config) -> int:
-    return os.open(os.path.join(cfg.queue_directory, RUN_LOCK),
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-
-
-def try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def kick(cfg: Config) -> None:

@@ -4,9 +4,8 @@ from typing import TextIO
 
 from pymailtools import address
 from pymailtools.config import Config
-from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL
+from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL, DeliveryError
 from pymailtools.local import route
-from pymailtools.local.targets import DeliveryError
 
 
 def _library_warnings_to_stderr(prog: str) -> None:

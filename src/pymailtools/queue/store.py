@@ -35,6 +35,7 @@ import stat
 import time
 
 from pymailtools.errors import EX_CANTCREAT, EX_CONFIG, MailError, QueueWriteError
+from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.queue import ids as queueid
 from pymailtools.queue import index as qindex
 from pymailtools.queue.envelope import (
@@ -91,20 +92,6 @@ class EntryNotFound(MailError):
     """No entry with that id exists in the queue."""
 
 
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
-    except PermissionError:
-        # An ordinary user cannot open the maildrop (mode 1733) to fsync it; sync(2) is the
-        # only way left to make the rename durable before we report success.
-        os.sync()
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _set_dir_mode(path: str, mode: int) -> None:
     """chmod a directory (never through a symlink) when its mode differs."""
     try:
@@ -113,13 +100,6 @@ def _set_dir_mode(path: str, mode: int) -> None:
             os.chmod(path, mode)
     except OSError:
         pass
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class Submission:
@@ -161,7 +141,7 @@ class Submission:
 
     def write(self, data: bytes) -> None:
         try:
-            _write_all(self.fd, data)
+            write_all(self.fd, data)
         except OSError as e:
             self.abort()
             raise QueueWriteError(f"cannot write queue file: {e.strerror}") from None
@@ -188,7 +168,7 @@ class Submission:
         try:
             body = env.to_bytes()
             mark = MAILDROP_TRAILER if self.maildrop else ENTRY_TRAILER
-            _write_all(self.fd, body + mark + f"{self.size} {len(body)}\n".encode())
+            write_all(self.fd, body + mark + f"{self.size} {len(body)}\n".encode())
             crash_point("before_fsync")
             os.fsync(self.fd)
             crash_point("before_rename")
@@ -388,7 +368,7 @@ class Queue:
                      0o600)
         try:
             os.fchmod(fd, 0o600)
-            _write_all(fd, env.to_bytes())
+            write_all(fd, env.to_bytes())
             os.fsync(fd)
             # the index line goes first: once the envelope is published, it must describe it
             qindex.append(self.root, env, os.fstat(fd).st_ino)
@@ -532,7 +512,7 @@ class Queue:
         fd = os.open(self.path(HISTORY, qid),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, attempt.to_line())
+            write_all(fd, attempt.to_line())
         finally:
             os.close(fd)
 

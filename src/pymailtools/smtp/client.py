@@ -1,4 +1,4 @@
-"""The SMTP client: session set-up on aiosmtplib, pipelined transactions, replies to outcomes.
+"""One SMTP client for the queue and mail: session set-up on aiosmtplib, pipelining, outcomes.
 
 aiosmtplib does what it is good at: greeting, EHLO/HELO, STARTTLS (with its defence against
 injected plaintext) and AUTH, over a socket we connected ourselves (per-address connect timeout,
@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 import ssl
-import stat
+from collections.abc import Callable
 from typing import NamedTuple
 
 import aiosmtplib
@@ -24,24 +24,14 @@ from aiosmtplib.errors import (
     SMTPTimeoutError,
 )
 
-from pymailtools.config import Config
+from pymailtools.errors import ConfigError, HopError, Lost, ProtocolError, SMTPError
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
 from pymailtools.smtp.mx import Hop
+from pymailtools.smtp.policy import Policy
+from pymailtools.smtp.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code
 
-MAX_LINE = 8192  # one reply line (aiosmtplib's limit too)
-MAX_REPLY = 32768  # one whole, possibly multi-line, reply
 LINE_LIMIT = 998  # RFC 5321 4.5.3.1.6, without CRLF
 MAX_BUFFER = 1 << 20  # unread reply bytes we hold before calling it a protocol error
-
-
-class Reply(NamedTuple):
-    """One server reply: the code of its last line and the text of all lines, joined."""
-
-    code: int
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}".rstrip()
 
 
 class Outcome(NamedTuple):
@@ -54,83 +44,6 @@ class Outcome(NamedTuple):
     detail: str
 
 
-class HopError(Exception):
-    """The session with one address failed before any transaction: try the next address."""
-
-    def __init__(self, reason: str, status: str = "4.4.2", *, tls: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.tls = tls  # a TLS handshake failed (``may`` retries the address in plaintext)
-
-
-class Lost(Exception):
-    """The connection broke or timed out in the middle of a transaction."""
-
-
-class ProtocolError(Exception):
-    """The server sent something that is not an SMTP reply."""
-
-
-class Timeouts(NamedTuple):
-    connect: float
-    helo: float
-    starttls: float
-    mail: float
-    rcpt: float
-    data_init: float
-    data_xfer: float
-    data_done: float
-    rset: float
-    quit: float
-
-
-class Policy:
-    """How to talk to one kind of next hop: TLS level, credentials, timeouts, our name."""
-
-    def __init__(self, cfg: Config, *, implicit_tls: bool = False) -> None:
-        self.helo_name = cfg.myhostname
-        self.level = cfg.smtp_tls_security_level
-        self.ca_file = cfg.smtp_tls_CAfile or None
-        self.implicit_tls = implicit_tls
-        self.username = cfg.smtp_sasl_username
-        self._password = cfg.smtp_sasl_password
-        self._password_file = cfg.smtp_sasl_password_file
-        self.allow_plaintext = cfg.smtp_sasl_allow_plaintext
-        self.timeouts = Timeouts(*(float(max(getattr(cfg, f"smtp_{k}_timeout"), 1))
-                                   for k in Timeouts._fields))
-
-    def password(self) -> str:
-        """The AUTH password; from the file only if nobody else can read or replace it."""
-        if self._password or not self._password_file:
-            return self._password
-        path = self._password_file
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise HopError(f"cannot open smtp_sasl_password_file {path}: {e.strerror}",
-                           "4.7.0") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or \
-                    st.st_uid not in (0, os.geteuid()):
-                raise HopError(f"smtp_sasl_password_file {path} must be a regular file owned "
-                               "by root (or the runner's user) with mode 0600 or stricter",
-                               "4.7.0")
-            text = f.read(4096).decode("utf-8", "replace")
-        return text.splitlines()[0] if text else ""
-
-    def tls_context(self) -> ssl.SSLContext:
-        if self.level == "verify":
-            ctx = ssl.create_default_context(cafile=self.ca_file)
-        else:
-            # Opportunistic/mandatory encryption without authentication (Postfix may/encrypt):
-            # self-signed certificates are the norm on MX hosts.
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
 
 
 def check_address(addr: str, what: str) -> bytes:
@@ -260,7 +173,7 @@ class _Wire(asyncio.Protocol):
                 raise Lost("timeout") from None
 
     def _parse(self) -> Reply | None:
-        pos, texts, code = 0, [], 0
+        pos, lines = 0, list[bytes]()
         while True:
             end = self.buf.find(b"\n", pos)
             if end < 0:
@@ -269,18 +182,17 @@ class _Wire(asyncio.Protocol):
                 return None
             line = bytes(self.buf[pos:end]).rstrip(b"\r")
             pos = end + 1
-            if len(line) > MAX_LINE or pos > MAX_REPLY:
+            if len(line) > MAX_LINE or pos > MAX_REPLY or len(lines) >= MAX_LINES:
                 raise ProtocolError("response too long")
-            head, sep = line[:3], line[3:4]
-            if not (len(head) == 3 and head.isdigit() and head[:1] in b"2345"
-                    and sep in (b"", b" ", b"-")):
+            parsed = line_code(line)
+            if parsed is None:
                 raise ProtocolError("malformed reply: "
                                     + line[:80].decode("utf-8", "backslashreplace"))
-            code = int(head)
-            texts.append(line[4:].decode("utf-8", "replace").strip())
-            if sep != b"-":
+            lines.append(line)
+            code, last = parsed
+            if last:
                 del self.buf[:pos]
-                return Reply(code, " ".join(t for t in texts if t))
+                return Reply(code, lines)
 
 
 class Session:
@@ -500,7 +412,7 @@ class Session:
             reply = await self.wire.reply(self.policy.timeouts.rset)
             if reply.code >= 400:
                 self.usable = False
-        except (Lost, ProtocolError):
+        except SMTPError:
             self.usable = False
 
     async def quit(self) -> None:
@@ -509,7 +421,7 @@ class Session:
             try:
                 self.wire.write(b"QUIT\r\n")
                 await self.wire.reply(min(self.policy.timeouts.quit, 5.0))
-            except (Lost, ProtocolError):
+            except SMTPError:
                 pass
         self.close()
 
@@ -577,7 +489,7 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
         raise HopError(f"lost connection with {relay} while receiving the initial server "
                        f"greeting: {e}") from None
     if policy.implicit_tls:
-        tls = "Verified" if policy.level == "verify" else "Anonymous"
+        tls = "Verified" if policy.verify else "Anonymous"
     await _hello(smtp, relay, t.helo)
     want_tls = policy.level != "none" and not policy.implicit_tls and not plaintext
     if want_tls and smtp.supports_extension("starttls"):
@@ -592,7 +504,7 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
                 e, ssl.SSLCertVerificationError) else "TLS handshake failed"
             raise HopError(f"{what} with {relay}: {getattr(e, 'reason', None) or e}",
                            "4.7.5", tls=True) from None
-        tls = "Verified" if policy.level == "verify" else "Anonymous"
+        tls = "Verified" if policy.verify else "Anonymous"
         await _hello(smtp, relay, t.helo)
     elif policy.level in ("encrypt", "verify") and not policy.implicit_tls:
         raise HopError(f"TLS is required, but was not offered by host {relay}", "4.7.4")
@@ -627,7 +539,10 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, *, encrypted:
     if not encrypted and not policy.allow_plaintext:
         raise HopError(f"not sending credentials to {relay} over an unencrypted connection "
                        "(smtp_sasl_allow_plaintext = false)", "4.7.0")
-    password = policy.password()
+    try:
+        password = policy.read_password()
+    except ConfigError as e:
+        raise HopError(str(e), "4.7.0") from None
     try:
         if "plain" in methods:
             await smtp.auth_plain(policy.username, password, timeout=policy.timeouts.helo)
@@ -644,3 +559,55 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, *, encrypted:
         raise HopError(f"conversation with {relay} timed out during AUTH") from None
     except (SMTPException, OSError) as e:
         raise HopError(f"lost connection with {relay} during AUTH: {e}") from None
+
+
+async def connect(hop: Hop, policy: Policy,
+                  note: Callable[[str], None] | None = None) -> Session:
+    """open_session, and at level ``may`` once more in plaintext after a failed TLS
+    handshake (Postfix's retry_plain: opportunistic TLS must not stop the mail).
+
+    ``note`` hears why the plaintext retry happens. Raises HopError."""
+    try:
+        return await open_session(hop, policy)
+    except HopError as e:
+        if not (e.tls and policy.level == "may" and not policy.implicit_tls):
+            raise
+        if note is not None:
+            note(f"{e.reason}; trying {hop.relay} again without TLS")
+    return await open_session(hop, policy, plaintext=True)
+
+
+async def send_message(hops: list[Hop], policy: Policy, sender: str, rcpts: list[str],
+                       message: bytes) -> tuple[str, dict[str, Outcome]]:
+    """One message over one session with the first address that works: the relay used
+    (``host[ip]:port``) and an outcome per recipient. Raises the last HopError when no
+    address gave a session."""
+    if not hops:
+        raise HopError("no address to connect to", "4.4.1")
+    session: Session | None = None
+    last: HopError | None = None
+    for hop in hops:
+        try:
+            session = await connect(hop, policy)
+            break
+        except HopError as e:
+            last = e
+    if session is None:
+        assert last is not None
+        raise last
+    data = encode_data(message)
+    outcomes: dict[str, Outcome] = {}
+    pending = list(rcpts)
+    try:
+        while pending:
+            results, retry = await session.send(sender, pending, data, len(data))
+            outcomes.update(results)
+            if retry and not session.usable:
+                why = f"host {session.relay} took none of the remaining recipients"
+                for r in retry:
+                    outcomes[r] = Outcome(DEFERRED, "4.5.3", why, why)
+                break
+            pending = retry
+    finally:
+        await session.quit()
+    return session.relay, outcomes

@@ -13,11 +13,10 @@ import dns.rdatatype
 import dns.resolver
 
 from pymailtools.config import Config
-from pymailtools.local.targets import DeliveryError
-from pymailtools.smtp.nexthop import NextHop
+from pymailtools.errors import ConfigError, DeliveryError
+from pymailtools.smtp.nexthop import NextHop, is_ip, split
 
-# RFC 3463 codes: a domain that does not exist is 5.1.2 (bad destination system), one that
-# says it takes no mail, a null MX, is 5.1.10 (RFC 7505 3.2).
+# RFC 3463 codes: NXDOMAIN is 5.1.2, a null MX 5.1.10 (RFC 7505 3.2).
 NXDOMAIN_STATUS = "5.1.2"
 NULL_MX_STATUS = "5.1.10"
 NO_ADDRESS_STATUS = "5.4.4"
@@ -45,7 +44,7 @@ def make_resolver(cfg: Config) -> dns.asyncresolver.Resolver:
         r = dns.asyncresolver.Resolver(configure=False)
         servers: list[str | dns.nameserver.Nameserver] = []
         for item in cfg.dns_nameservers:
-            host, port = _split_server(item)
+            host, port = _nameserver(item)
             servers.append(dns.nameserver.Do53Nameserver(host, port))
         r.nameservers = servers
     else:
@@ -57,18 +56,12 @@ def make_resolver(cfg: Config) -> dns.asyncresolver.Resolver:
     return r
 
 
-def _split_server(item: str) -> tuple[str, int]:
+def _nameserver(item: str) -> tuple[str, int]:
+    """A ``dns_nameservers`` entry: ``ip``, ``ip:port`` or ``[v6]:port``."""
     try:
-        if item.startswith("["):
-            host, _, port = item[1:].partition("]:")
-            return str(ipaddress.ip_address(host.rstrip("]"))), int(port or 53)
-        if item.count(":") == 1:
-            host, port = item.split(":")
-            return str(ipaddress.ip_address(host)), int(port)
-        return str(ipaddress.ip_address(item)), 53
+        hp = split(item, 53)
+        return str(ipaddress.ip_address(hp.host)), hp.port
     except ValueError:
-        from pymailtools.errors import ConfigError
-
         raise ConfigError(f"dns_nameservers: expected ip or ip:port, got {item!r}") from None
 
 
@@ -128,12 +121,16 @@ def _literal(domain: str) -> str | None:
         raise DeliveryError(f"bad address literal: {domain}", NXDOMAIN_STATUS) from None
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def order(records: list[tuple[int, str]]) -> list[tuple[int, str]] | None:
+    """MX records as (preference, host), best first, equal preferences in random order;
+    host names lower case without the final dot. None for a null MX (RFC 7505): the domain
+    accepts no mail."""
+    hosts = [(p, h.rstrip(".").lower()) for p, h in records]
+    if len(hosts) == 1 and not hosts[0][1]:
+        return None
+    random.shuffle(hosts)  # equal preferences stay in random order after the sort
+    hosts.sort(key=lambda r: r[0])
+    return [(p, h) for p, h in hosts if h]
 
 
 async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int, limit: int,
@@ -148,7 +145,7 @@ async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int
     literal = _literal(domain)
     if literal is not None:
         return [Hop(literal, literal, port, 0)]
-    if _is_ip(domain):
+    if is_ip(domain):
         return [Hop(domain, domain, port, 0)]
     name = _to_name(domain)
     shown = name.to_text(omit_final_dot=True)
@@ -168,12 +165,10 @@ async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int
         # RFC 5321 5.1: no MX records, so the domain itself is the implicit MX.
         hosts = [(0, shown)]
     else:
-        if len(records) == 1 and records[0].exchange == dns.name.root:
+        ordered = order([(r.preference, r.exchange.to_text()) for r in records])
+        if ordered is None:
             raise DeliveryError(f"Domain {shown} does not accept mail (nullMX)", NULL_MX_STATUS)
-        random.shuffle(records)  # equal preferences stay in random order after the sort
-        records.sort(key=lambda r: r.preference)
-        hosts = [(r.preference, r.exchange.to_text(omit_final_dot=True).lower())
-                 for r in records if r.exchange != dns.name.root]
+        hosts = ordered
         me = myhostname.lower().rstrip(".")
         mine = [p for p, h in hosts if me and h == me]
         if mine:
@@ -187,7 +182,7 @@ async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int
     for pref, host in hosts:
         if len(hops) >= limit:
             break
-        if _is_ip(host):
+        if is_ip(host):
             # An MX naming an IP address is a misconfiguration (RFC 5321 5.1); skip it.
             soft = soft or f"MX host {host} is an IP address"
             all_nx = False
@@ -212,11 +207,11 @@ async def lookup(resolver: dns.asyncresolver.Resolver, domain: str, *, port: int
 async def next_hops(resolver: dns.asyncresolver.Resolver, hop: NextHop, *,
                     limit: int) -> list[Hop]:
     """Addresses of a relayhost. Every DNS failure is temporary here: a relayhost that does not
-    resolve is a configuration or network problem, never the recipient's fault: mail waits."""
+    resolve is a configuration or network problem, never the recipient's fault."""
     try:
         if hop.mx:
             return await lookup(resolver, hop.host, port=hop.port, limit=limit)
-        if _is_ip(hop.host):
+        if is_ip(hop.host):
             return [Hop(hop.host, hop.host, hop.port, 0)]
         got = await _addresses(resolver, hop.host)
         if got.addresses:

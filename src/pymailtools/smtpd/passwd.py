@@ -15,14 +15,16 @@ import hmac
 import os
 import sys
 
+from pymailtools.errors import ConfigError
+
 SCHEME = "scrypt"
 N, R, P = 1 << 14, 8, 1  # ~16 MiB and tens of ms per check: costly to brute-force offline
 KEY_LENGTH = 32
 MAX_FILE = 1 << 20
 
 
-class PasswordFileError(Exception):
-    """The password file cannot be read or has a malformed line."""
+class PasswordFileError(ConfigError):
+    """smtpd_sasl_password_file cannot be read or has a malformed line (78)."""
 
 
 def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:

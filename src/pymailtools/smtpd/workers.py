@@ -14,7 +14,8 @@ from pymailtools.config import Config
 from pymailtools.errors import MailError
 from pymailtools.log import Logger
 from pymailtools.smtpd.clients import SharedClients
-from pymailtools.smtpd.listener import KICK_CODE, SHUTDOWN_GRACE, Settings, listen, run_loop
+from pymailtools.smtpd.listener import KICK_CODE, SHUTDOWN_GRACE, listen, run_loop
+from pymailtools.smtpd.policy import Settings
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 

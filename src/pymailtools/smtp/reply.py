@@ -1,16 +1,21 @@
-"""SMTP replies: a code and its lines, parsed strictly from the bytes the server sent."""
+"""SMTP replies: a code and the lines the server sent, with the size limits we accept.
+
+One type for every SMTP client in the package: the queue's client (smtp/client.py) and
+smtpchat's session (chat/) both parse replies into it, line by line, with ``line_code``.
+"""
 
 from typing import NamedTuple
 
-# Size limits for what a server may send us, as aiosmtplib has them: a broken or hostile server
-# must not make us buffer without end.
+# What a server may send us: one line, one whole (multi-line) reply, and its number of lines.
 MAX_LINE = 8192
 MAX_REPLY = 65536
 MAX_LINES = 1000
 
 
 class Reply(NamedTuple):
-    """One complete (possibly multi-line) reply; code 0 means the server's bytes were malformed."""
+    """One complete (possibly multi-line) reply; code 0 means the server's bytes were malformed.
+
+    ``lines`` are the lines as received, codes included, without their line ends."""
 
     code: int
     lines: list[bytes]
@@ -25,11 +30,12 @@ class Reply(NamedTuple):
 
     @property
     def text(self) -> str:
-        """The text after the codes, lines joined by newlines (for JSON and error messages)."""
-        return "\n".join(line[4:].decode("utf-8", "replace") for line in self.lines)
+        """The text after the codes, lines joined by a space (for logs and bounce reasons)."""
+        texts = (line[4:].decode("utf-8", "replace").strip() for line in self.lines)
+        return " ".join(t for t in texts if t)
 
     def __str__(self) -> str:
-        return "\n".join(line.decode("utf-8", "replace") for line in self.lines)
+        return f"{self.code} {self.text}".rstrip()
 
 
 def line_code(line: bytes) -> tuple[int, bool] | None:

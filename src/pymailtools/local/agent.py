@@ -1,0 +1,28 @@
+"""The local delivery agent: one message to one local target (mailbox, file or command)."""
+
+from typing import BinaryIO
+
+from pymailtools.config import Config
+from pymailtools.local import pipe, spool
+from pymailtools.local.targets import Command, File, Mailbox
+
+
+def deliver(
+    config: Config, target: Mailbox | File | Command, message: BinaryIO, *, sender: str,
+    recipient: str, busy: dict[str, str] | None = None,
+) -> str:
+    """Deliver ``message`` to ``target``; return a short note for the log.
+
+    Raises DeliveryError (4.x.x to retry, 5.x.x to bounce), or OSError naming the file a file
+    delivery could not use. ``busy`` is the queue run's memory of locked mailboxes (see
+    mbox.append).
+    """
+    message.seek(0)
+    if isinstance(target, Mailbox):
+        return spool.deliver_to_user(config, target.user, message, sender=sender,
+                                     recipient=recipient, busy=busy)
+    if isinstance(target, File):
+        pipe.deliver_file(target, message, sender=sender, recipient=recipient, config=config)
+        return f"delivered to file: {target.path}"
+    pipe.run_command(target, message, sender=sender, recipient=recipient, config=config)
+    return f"delivered to command: {' '.join(target.argv)}"
