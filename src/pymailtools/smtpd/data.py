@@ -12,7 +12,7 @@ applies the same rules to all of it at once, with bytes methods:
 * a leading dot is removed from every line (RFC 5321 section 4.5.2).
 
 Bytes after the end (pipelined commands) go back to the reader. Checked against a copy of
-aiosmtpd's loop on random streams in tests/test_smtpd_fastpath.py.
+aiosmtpd's loop on random streams in tests/smtpd/test_smtpd_fastpath.py.
 """
 
 from __future__ import annotations

@@ -467,7 +467,7 @@ class Server(SMTP):
         """The protocol for a new connection: a copy of one built the usual way (once per
         configuration) with its per-connection parts made anew. aiosmtpd's __init__ looks up
         its hooks, mechanisms and commands by introspection each time, ~60 us per connection;
-        tests/test_smtpd_fastpath.py checks the copy against a built one, attribute by
+        tests/smtpd/test_smtpd_fastpath.py checks the copy against a built one, attribute by
         attribute."""
         t = handler.template
         if t is None or t.settings is not handler.settings or t.loop is not loop:

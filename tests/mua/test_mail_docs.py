@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import need_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man" / "man1" / "mail.1"
 COMPLETIONS = ROOT / "completions"
 # Every option pymailtools.cli.mail accepts.

@@ -14,8 +14,7 @@ import pytest
 
 from pymailtools.config import Config
 from pymailtools.local.lock import MailboxBusy, MailboxLock
-
-from .conftest import Sendmail, need_tool, script
+from tests.conftest import Sendmail, need_tool, script
 
 BIG_BODY = b"".join(b"line %07d of a three megabyte message, every byte counts\n" % i
                     for i in range(54000))

@@ -4,8 +4,7 @@ import pytest
 
 from pymailtools.cli.sendmail import getopt, parse
 from pymailtools.errors import UsageError
-
-from .conftest import Sendmail
+from tests.conftest import Sendmail
 
 CRON_MSG = (b"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> ls\n"
             b"MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n"

@@ -12,6 +12,7 @@ import pytest
 from pymailtools.config import Config
 from pymailtools.qmgr.runner import Runner
 from pymailtools.queue.store import Queue
+from tests.conftest import Sendmail, write_toml
 from tests.support.dns import TestDNS
 from tests.support.mail import mbox_messages
 from tests.support.net import free_port
@@ -24,8 +25,6 @@ from tests.support.smtp import (
     accept_until_data,
     delivered,
 )
-
-from .conftest import Sendmail, write_toml
 
 ALL_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7",
              "127.0.0.8", "127.0.0.10", "::1")
@@ -431,7 +430,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
     import signal
     import subprocess
 
-    from .conftest import script
+    from tests.conftest import script
 
     mx1 = sink(servers, "127.0.0.2", port)
     conf = _config_file({**config_values, "dns_nameservers": cfg.dns_nameservers,
@@ -461,7 +460,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
 
 
 def test_bd_with_a_bad_interval_is_a_usage_error(sendmail) -> None:  # type: ignore
-    # -bd without an interval runs the SMTP listener (tests/test_smtpd.py); a bad one is refused
+    # -bd without an interval runs the SMTP listener (tests/smtpd/test_smtpd.py); a bad one is refused
     assert sendmail("-bd", "-qsoon").returncode == 64
 
 
@@ -527,7 +526,7 @@ def test_delivery_into_a_real_postfix_mailbox(config_values: dict, world_dir: Pa
     import shutil
     import subprocess
 
-    from .conftest import need_root, need_tool
+    from tests.conftest import need_root, need_tool
 
     postfix = need_tool("postfix", "postfix")
     need_root()

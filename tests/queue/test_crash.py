@@ -12,8 +12,7 @@ import pytest
 
 from pymailtools.queue.envelope import Envelope, Recipient
 from pymailtools.queue.store import STATES, Queue
-
-from .conftest import Sendmail, script
+from tests.conftest import Sendmail, script
 
 BODY = b"".join(b"line %07d of a large message, all of it must arrive\n" % i for i in range(60000))
 MESSAGE = b"Subject: big\n\n" + BODY

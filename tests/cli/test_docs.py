@@ -13,7 +13,7 @@ from pymailtools import config
 from pymailtools.errors import ConfigError
 from tests.conftest import need_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAN1 = ROOT / "man" / "man1" / "sendmail.1"
 MAN5 = ROOT / "man" / "man5" / "pymailtools.toml.5"
 COMPLETIONS = ROOT / "completions"

@@ -13,7 +13,7 @@ from pymailtools.chat import status
 from pymailtools.cli.smtpchat import command
 from tests.conftest import need_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man" / "man1" / "smtpchat.1"
 BASH = ROOT / "completions" / "smtpchat.bash"
 ZSH = ROOT / "completions" / "_smtpchat"

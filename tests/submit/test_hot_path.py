@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import script
+from tests.conftest import script
 
 FORBIDDEN = {"asyncio", "aiosmtplib", "dns", "rich", "click", "email", "json", "re", "typing",
              "dataclasses", "subprocess", "socket", "logging", "tomllib"}

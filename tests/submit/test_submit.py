@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Sendmail, tmpfs
+from tests.conftest import Sendmail, tmpfs
 
 
 def only_entry(sendmail: Sendmail):
@@ -164,7 +164,7 @@ def test_queue_files_are_private_under_umask_000(sendmail: Sendmail) -> None:
 def test_closed_stdio_puts_no_text_in_queue(sendmail: Sendmail, tmp_path: Path) -> None:
     import subprocess
 
-    from .conftest import script
+    from tests.conftest import script
 
     def close_stdout_stderr() -> None:
         os.close(1)
@@ -189,7 +189,7 @@ def test_full_disk_fails_cleanly_and_keeps_older_entries(tmp_path: Path) -> None
     """ENOSPC while writing: exit 74 with one line, no partial entry, temp file gone."""
     import subprocess
 
-    from .conftest import script
+    from tests.conftest import script
 
     with tmpfs(tmp_path, "256k") as mnt:
         env = dict(os.environ, PYMAILTOOLS_QUEUE_DIRECTORY=str(mnt / "q"),
@@ -218,9 +218,8 @@ def test_unprivileged_user_cannot_run_but_can_list_root_queue(
     import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.mailq  # noqa: F401  (the child cannot read /root's interpreter)
     import pymailtools.qmgr.runner  # noqa: F401
+    from tests.conftest import script
     from tests.support.cli import submit_as
-
-    from .conftest import script
 
     cfg = world_dir / "config.toml"
     cfg.write_text(f'queue_directory = "{world_dir}/q"\nsyslog = false\n'
@@ -240,7 +239,7 @@ def test_symlinked_queue_directory_refused(tmp_path: Path) -> None:
     """A queue directory that is a symlink (to /etc, say) is refused, nothing written."""
     import subprocess
 
-    from .conftest import script
+    from tests.conftest import script
 
     target = tmp_path / "elsewhere"
     target.mkdir()

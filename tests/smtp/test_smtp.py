@@ -12,12 +12,11 @@ import trustme
 
 from pymailtools.config import Config
 from pymailtools.smtp.client import check_address, encode_data
+from tests.conftest import script, write_toml
 from tests.support.dns import TestDNS
 from tests.support.net import free_port
 from tests.support.queue import entries, queue, run, states
 from tests.support.smtp import GREETING, Authenticator, FaultServer, Server, delivered
-
-from .conftest import script, write_toml
 
 PASSWORD = "s3cr3t-Pa55-4711"
 HOSTS = ("127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.10")

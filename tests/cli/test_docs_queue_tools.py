@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import need_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAN1 = ROOT / "man" / "man1"
 COMPLETIONS = ROOT / "completions"
 TOOLS = ("mailq", "postqueue", "postsuper")

@@ -1,0 +1,1 @@
+"""Tests of the queue tools (src/pymailtools/admin/)."""

@@ -1,0 +1,1 @@
+"""Tests of smtpchat (src/pymailtools/chat/)."""

@@ -1,0 +1,1 @@
+"""Tests of mail(1) (src/pymailtools/mua/)."""

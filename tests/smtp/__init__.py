@@ -1,0 +1,1 @@
+"""Tests of the SMTP client (src/pymailtools/smtp/)."""

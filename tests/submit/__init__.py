@@ -1,0 +1,1 @@
+"""Tests of submission and pickup (src/pymailtools/submit/)."""
