@@ -17,6 +17,8 @@ from typing import NoReturn
 import pytest
 
 from pymailtools.config import Config
+from tests.support.dns import TestDNS, start_dns
+from tests.support.smtp import Certs
 
 REQUIRE_INTEROP = os.environ.get("PYMAILTOOLS_REQUIRE_INTEROP") == "1"
 BIN = Path(sys.executable).parent
@@ -240,6 +242,18 @@ class Sendmail:
 @pytest.fixture
 def sendmail(config_file: Path, config_values: dict[str, object]) -> Sendmail:
     return Sendmail(config_file, Path(str(config_values["queue_directory"])))
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[TestDNS]:
+    """dnsmasq serving the *.test zone (tests/support/dns.py); one per test module."""
+    yield from start_dns()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A trustme CA and a certificate for 127.0.0.1 and localhost; one per test module."""
+    return Certs(tmp_path_factory.mktemp("certs"))
 
 
 from pymailtools.queue.envelope import Envelope  # noqa: E402  (for the annotation above)

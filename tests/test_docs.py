@@ -22,19 +22,20 @@ ZSH_COMPLETION = COMPLETIONS / "_sendmail"
 FISH_COMPLETION = COMPLETIONS / "sendmail.fish"
 SENDMAIL_SOURCE = ROOT / "src" / "pymailtools" / "cli" / "sendmail.py"
 
-# Postfix's getopt string, which pymailtools' sendmail parses exactly (issue 2).
+# Postfix's getopt string, which pymailtools' sendmail parses exactly (callers written for
+# Postfix's sendmail must work unchanged).
 GETOPT = "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
 # Options whose argument selects a form of its own, documented one by one (-bm, -odi, -qI...).
 SUB_FORM_LETTERS = {"b", "o", "q", "A"}
 
-# Every option and option form sendmail accepts (issue 2): the man page lists exactly these.
+# Every option and option form sendmail accepts: the man page lists exactly these.
 SENDMAIL_OPTIONS = frozenset({
     "-Am", "-Ac", "-B", "-bd", "-bD", "-bl", "-bh", "-bH", "-bi", "-bm", "-bp", "-bs", "-bv",
     "-C", "-c", "-e", "-F", "-f", "-G", "-h", "-I", "-i", "-L", "-m", "-N", "-n", "-O",
     "-o", "-odb", "-odi", "-odq", "-oem", "-oi", "-p", "-q", "-qI", "-qR", "-qS", "-R", "-r",
     "-t", "-U", "-V", "-v", "-X", "-x",
 })
-# Sub-values the completions must offer (issue 2's modes and the -o forms cron, mutt, PHP use).
+# Sub-values the completions must offer (sendmail's -b modes and the -o forms cron, mutt, PHP use).
 B_MODES = {"-bm", "-bp", "-bv", "-bs", "-bd", "-bi"}
 O_FORMS = {"-odb", "-odi", "-odq", "-oi", "-oem"}
 DSN_NOTIFY = {"never", "success", "failure", "delay"}

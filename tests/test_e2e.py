@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run as tool
+from tests.support.mail import mbox_messages
+
 from .conftest import Sendmail, need_tool, script
-from .test_postqueue import run as tool
 
 BODY = b"First line\nFrom the start of a line\n>From quoted already\n\ttabbed \xc3\xa9\nlast\n"
 
@@ -20,14 +22,6 @@ def run_queue(sendmail: Sendmail) -> subprocess.CompletedProcess[bytes]:
     p = sendmail("-q")
     assert p.returncode == 0, p.stderr
     return p
-
-
-def mbox_messages(path: Path) -> list[mailbox.mboxMessage]:
-    box = mailbox.mbox(str(path), create=False)
-    try:
-        return list(box)
-    finally:
-        box.close()
 
 
 def test_message_arrives_intact(sendmail: Sendmail, spool: Path,
@@ -222,7 +216,7 @@ def test_delay_warning_is_sent_once(sendmail: Sendmail, spool: Path,
 
 def test_queue_run_on_a_terminal_shows_progress(sendmail: Sendmail, spool: Path,
                                                 system_user: pwd.struct_passwd) -> None:
-    from .mail_support import Pty
+    from tests.support.mail import Pty
 
     for i in range(3):
         assert sendmail(system_user.pw_name, input=b"Subject: p%d\n\nb\n" % i).returncode == 0

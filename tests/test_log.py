@@ -9,7 +9,7 @@ import pytest
 
 from pymailtools import log
 
-# Shapes of the Postfix lines in cli-compat.md 3.5 (after "<date> <host> postfix/x[pid]: ").
+# Shapes of Postfix 3.7's log lines (after "<date> <host> postfix/x[pid]: "): log tools parse them.
 QID = r"[0-9A-Za-z]+"
 DELIVERY = re.compile(
     rf"^(?P<qid>{QID}): to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig>[^>]*)>, )?"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need_tool
-from tests.mail_support import mail_env, run_mail
+from tests.support.mail import mail_env, run_mail
 
 LOCALE = {"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "COLUMNS": "80", "MAILRC": "/dev/null"}
 

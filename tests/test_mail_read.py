@@ -12,7 +12,7 @@ import pytest
 from pymailtools.config import Config
 from pymailtools.local import mbox
 from tests.conftest import need_tool, script
-from tests.mail_support import Pty, mail_env, run_mail
+from tests.support.mail import Pty, mail_env, run_mail
 
 
 def message(n: int, sender: str = "alice@example.org", subject: str = "") -> bytes:
@@ -126,7 +126,7 @@ def test_dash_u_reads_that_users_spool(config_file: Path, home: Path, spool: Pat
 
 def test_hostile_headers_are_shown_safely(env: dict[str, str], tmp_path: Path,
                                           config: Config) -> None:
-    """B4: escape sequences, bogus charsets, invalid UTF-8 never reach the terminal raw."""
+    """Escape sequences, bogus charsets, invalid UTF-8 never reach the terminal raw."""
     path = tmp_path / "hostile"
     deliver(config, path, b"From: \x1b]0;x\x07evil@x.test\nSubject: =?x-unknown?B?!!!?= \xff\x1b[2J"
             b"\n\nbody \x1b[31mred\n")
@@ -244,7 +244,7 @@ def test_mime_message_shows_text_and_lists_attachments(env: dict[str, str], tmp_
 
 def test_mail_arriving_during_session_survives_quit(env: dict[str, str], box: Path,
                                                     config: Config) -> None:
-    """B6/F22: a delivery while mail is open is still in the mailbox after q."""
+    """A delivery while mail is open is still in the mailbox after q."""
     proc = subprocess.Popen([script("mail")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Sendmail, need_tool, script
-from tests.mail_support import mail_env, run_mail
+from tests.support.mail import mail_env, run_mail
+from tests.support.net import free_port
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def only(sendmail: Sendmail) -> tuple[list[str], email.message.EmailMessage, byt
     return entries[0]
 
 
-# --- header injection and bad arguments (reliability 3a, issue 3) ------------------------------
+# --- header injection and bad arguments: refused with exit 64, nothing queued -----------------
 
 @pytest.mark.parametrize("subject", ["hi\nBcc: victim@example.com",
                                      "Hi\r\nBcc: victim@example.test"])
@@ -51,14 +52,14 @@ def test_subject_with_line_break_is_refused_and_nothing_queued(
 
 
 @pytest.mark.parametrize("args", [
-    ["-s", "x", "user@example.test\r\nRCPT TO:<victim@example.test>"],          # A2
-    ["-s", "x", "-c", "a@x.test\nBcc: y@y.test", "u@x.test"],                    # A3
-    ["-s", "x", "-b", "b@x.test\r", "u@x.test"],                                 # A3
-    ["-r", "me@x.test\r\nX-Evil: 1", "-s", "x", "u@x.test"],                     # A4
-    ["-s", "x", "--", "-X/var/www/x.php"],                                       # A5
-    ["-s", "x", "|/bin/sh -c 'touch pwned'"],                                    # A6
-    ["-s", "x", "/etc/cron.d/evil"],                                             # A7
-    ["-s", "x", "./mbox"],                                                       # A7
+    ["-s", "x", "user@example.test\r\nRCPT TO:<victim@example.test>"],          # SMTP injection
+    ["-s", "x", "-c", "a@x.test\nBcc: y@y.test", "u@x.test"],                    # header injection
+    ["-s", "x", "-b", "b@x.test\r", "u@x.test"],                                 # header injection
+    ["-r", "me@x.test\r\nX-Evil: 1", "-s", "x", "u@x.test"],                     # forged sender
+    ["-s", "x", "--", "-X/var/www/x.php"],                                       # sendmail flag
+    ["-s", "x", "|/bin/sh -c 'touch pwned'"],                                    # command
+    ["-s", "x", "/etc/cron.d/evil"],                                             # file
+    ["-s", "x", "./mbox"],                                                       # file
     ["-a", "X-Evil: 1\nBcc: v@x.test", "u@x.test"],
 ])
 def test_unsafe_arguments_exit_64_nothing_queued(env: dict[str, str], sendmail: Sendmail,
@@ -73,7 +74,7 @@ def test_unsafe_arguments_exit_64_nothing_queued(env: dict[str, str], sendmail: 
 
 def test_tilde_lines_from_a_pipe_are_body_text(env: dict[str, str], sendmail: Sendmail,
                                                tmp_path: Path) -> None:
-    """A10: no escapes without a terminal; a lone "." does not end the body either."""
+    """No tilde escapes without a terminal; a lone "." does not end the body either."""
     body = f"hello\n~! touch {tmp_path}/pwned\n~r /etc/shadow\n~| cat\n.\nafter dot\n"
     r = run_mail(env, "-s", "x", "u@x.test", input=body.encode())
     assert r.returncode == 0, r.stderr
@@ -163,7 +164,7 @@ def test_internationalised_address_is_sent_as_utf8(env: dict[str, str],
 
 def test_invalid_utf8_subject_is_encoded_not_crashed(env: dict[str, str],
                                                      sendmail: Sendmail) -> None:
-    """A14: argv bytes that are not UTF-8 become an unknown-8bit encoded word."""
+    """Argv bytes that are not UTF-8 become an unknown-8bit encoded word."""
     r = subprocess.run([os.fsencode(script("mail")), b"-s", b"\xff\xfe caf\xe9", b"u@x.test"],
                        input=b"", capture_output=True, env=dict(env, LANG="C.UTF-8"), timeout=60)
     assert r.returncode == 0, r.stderr
@@ -257,7 +258,7 @@ def test_dash_E_with_body_sends(env: dict[str, str], sendmail: Sendmail) -> None
     assert len(sendmail.entries()) == 1
 
 
-# --- real callers (cli-compat 1.4) ---------------------------------------------------------------
+# --- real callers: the command lines fail2ban, cron and scripts use -----------------------------
 
 def test_fail2ban_mail_action(env: dict[str, str], sendmail: Sendmail) -> None:
     """action.d/mail.conf: mail -E 'set escape' -s ... dest — 'set escape' is no recipient."""
@@ -342,14 +343,6 @@ class Recorder:
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 2.0.0 queued"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -457,6 +450,6 @@ def test_snail_reads_delivered_message(config_file: Path, sendmail: Sendmail, sp
     p = subprocess.run([snail, "-n", "-Sheadline-plain", "-f", str(box)], input=b"p 1\nx\n",
                        capture_output=True, env=dict(env, LC_ALL="C.UTF-8"), timeout=60)
     out = p.stdout.decode()
-    # s-nail shows mboxrd quoting as stored (cli-compat 5.6), so ">From" here.
+    # s-nail shows mboxrd quoting as stored, so ">From" here.
     assert "first line\n>From the start" in out
     assert "a.bin" in out

@@ -11,8 +11,9 @@ import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import write_toml
-from tests.mail_support import mail_env, run_mail
-from tests.smtp_support import Authenticator, Handler, Server, free_port
+from tests.support.mail import mail_env, run_mail
+from tests.support.net import free_port
+from tests.support.smtp import Authenticator, Handler, Server
 
 PASSWORD = "Pw-4e5!x y"  # noqa: S105 - a test credential; a space and a bang on purpose
 

@@ -113,7 +113,7 @@ def test_host_name_slash_and_colon_are_escaped() -> None:
 def test_symlinked_maildir_parts_are_refused(
     tmp_path: Path, box: Path, config: Config, system_user: pwd.struct_passwd, which: str
 ) -> None:
-    """L14: new/ (or any part) pointing elsewhere, even to a directory the user owns."""
+    """new/ (or any part) pointing elsewhere, even to a directory the user owns."""
     elsewhere = tmp_path / "elsewhere"
     make_maildir(elsewhere, system_user)
     if which:

@@ -241,7 +241,7 @@ def test_existing_mailbox_mode_is_never_changed(
     assert st.st_gid == system_user.pw_gid
 
 
-# --- refusals (reliability L1-L4, L8) ---------------------------------------------------------
+# --- refusals: links, other owners, odd files, hostile names ----------------------------------
 
 
 def assert_deferred(excinfo: pytest.ExceptionInfo[DeliveryError], words: str) -> None:
@@ -347,7 +347,7 @@ def test_control_characters_in_envelope_are_refused(
     assert not mailbox_path.exists()
 
 
-# --- locks (reliability L7, L8, F24) ----------------------------------------------------------
+# --- locks: fcntl and dotlock, interoperating with liblockfile and mail readers ---------------
 
 
 def test_symlinked_dotlock_is_never_followed(
@@ -460,7 +460,7 @@ def test_busy_dotlock_releases_the_fcntl_lock(
 def test_dotlockfile_interop(
     mailbox_path: Path, config_values: dict[str, object], system_user: pwd.struct_passwd
 ) -> None:
-    """F24: liblockfile's lock is respected (we wait it out), and ours is respected by it."""
+    """liblockfile's lock is respected (we wait it out), and ours is respected by it."""
     tool = need_tool("dotlockfile", "liblockfile-bin")
     lock = str(mailbox_path) + ".lock"
     config = small_config(config_values, deliver_lock_attempts=2000)
@@ -480,7 +480,7 @@ def test_dotlockfile_interop(
         os.close(fd)
 
 
-# --- all or nothing (X3, F19) -----------------------------------------------------------------
+# --- all or nothing: a failed append leaves the mailbox as it was -----------------------------
 
 
 class FailingMessage(io.RawIOBase):
@@ -550,7 +550,7 @@ def test_file_size_limit_midway_truncates_back(
 def test_full_disk_truncates_back_with_4_2_2(
     tmp_path: Path, config: Config, system_user: pwd.struct_passwd
 ) -> None:
-    """X3 on a real full file system: a 1 MB tmpfs."""
+    """All or nothing on a real full file system: a 1 MB tmpfs."""
     with tmpfs(tmp_path, "1m") as mnt:
         path = mnt / system_user.pw_name
         deliver(path, b"Subject: 0\n\nbody\n", config, system_user)
@@ -567,7 +567,7 @@ def test_full_disk_truncates_back_with_4_2_2(
 def test_torn_last_message_gets_its_separator_back(
     mailbox_path: Path, config: Config, system_user: pwd.struct_passwd, tail: bytes
 ) -> None:
-    """F19: after a crash mid-append the next delivery still starts a new message."""
+    """After a crash mid-append the next delivery still starts a new message."""
     deliver(mailbox_path, b"Subject: 0\n\nintact\n", config, system_user)
     prefix = mailbox_path.read_bytes()
     with open(mailbox_path, "ab") as f:
@@ -581,7 +581,7 @@ def test_torn_last_message_gets_its_separator_back(
     assert unquote(got[2]) == stored(b"Subject: 2\n\nFrom here\nnew\n", rcpt)
 
 
-# --- concurrency (F22, F23) -------------------------------------------------------------------
+# --- concurrency: readers and other deliveries at the same time -------------------------------
 
 
 def body_of(proc: int, i: int) -> bytes:
@@ -654,7 +654,7 @@ def test_ten_processes_and_a_locking_reader(
 def test_python_mailbox_rewriting_concurrently_loses_nothing(
     open_spool: Path, config_values: dict[str, object], system_user: pwd.struct_passwd
 ) -> None:
-    """F22: a reader running as the user (setgid-mail MUA style) repeatedly locks, removes the
+    """A reader running as the user (setgid-mail MUA style) repeatedly locks, removes the
     first message and flushes (rename: new inode) while 2 processes deliver 200 messages."""
     config = small_config(
         config_values, deliver_lock_attempts=1_000_000, mail_spool_directory=str(open_spool)
@@ -728,7 +728,7 @@ def test_symlink_swapped_in_during_deliveries_never_writes_outside(
     config_values: dict[str, object],
     system_user: pwd.struct_passwd,
 ) -> None:
-    """L6: another process keeps replacing the mailbox by a symlink (and back) while we
+    """Another process keeps replacing the mailbox by a symlink (and back) while we
     deliver; every delivery lands in a real mailbox or defers, never in the link's target."""
     config = small_config(config_values, deliver_lock_attempts=1_000)
     before = sha(outside)

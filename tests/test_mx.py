@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,13 +10,7 @@ from pymailtools.errors import ConfigError
 from pymailtools.local.targets import DeliveryError
 from pymailtools.smtp import mx
 from pymailtools.smtp.nexthop import parse
-
-from .dns_support import TestDNS, start_dns
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
+from tests.support.dns import TestDNS
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from pymailtools.log import Logger
 from pymailtools.queue.envelope import Envelope, Recipient
 from pymailtools.queue.store import CORRUPT, INCOMING, MAILDROP, MAILDROP_TRAILER, Queue
 from pymailtools.submit.pickup import pickup
-
-from .conftest import run_as
+from tests.support.cli import submit_as
 
 MESSAGE = b"Subject: from a user\n\nhello\n"
 
@@ -30,17 +29,6 @@ def queue(world_dir: Path) -> Queue:
 def cfg(world_dir: Path, queue: Queue) -> Config:
     return Config({"queue_directory": queue.root, "myhostname": "host.example.test",
                    "mail_spool_directory": str(world_dir / "spool"), "syslog": False})
-
-
-def submit_as(user: pwd.struct_passwd, cfg_path: Path, argv: list[str], stdin: Path) -> int:
-    """Run sendmail's main() as ``user`` in a forked child (the venv's interpreter lives under
-    /root, which other users cannot execute, so the child keeps the already loaded one)."""
-    import pymailtools.address  # noqa: F401  (import before dropping privileges)
-    import pymailtools.cli.sendmail as cli
-    import pymailtools.qmgr.trigger  # noqa: F401
-    import pymailtools.submit.submission  # noqa: F401
-
-    return run_as(user, lambda: cli.main(["sendmail", *argv]), config=cfg_path, stdin=stdin)
 
 
 def write_config(world_dir: Path, cfg: Config) -> Path:

@@ -72,7 +72,7 @@ def run_error(cmd: Command, config: Config, message: bytes = MESSAGE) -> Deliver
     return e.value
 
 
-# -- L11 / P6: a .forward program --------------------------------------------------------------
+# -- a .forward program: run as its user, clean environment and descriptors ------------------
 
 def test_forward_command_runs_as_user_with_clean_env_and_fds(
         config: Config, system_user: User, spool: Path) -> None:
@@ -259,7 +259,7 @@ def test_unprivileged_cannot_run_as_someone_else(config: Config, system_user: Us
 
 def test_file_delivery_to_root_only_file_fails_and_leaves_it_alone(
         config: Config, system_user: User, shared_dir: Path) -> None:
-    """L10 with a stand-in for /etc/shadow: root-owned 0600 in a directory users can enter."""
+    """Refused, with a stand-in for /etc/shadow: root-owned 0600 in a directory users can enter."""
     os.chmod(shared_dir, 0o755)
     shadow = shared_dir / "shadow"
     shadow.write_text("root:$6$hash:19000:0:99999:7:::\n")

@@ -3,7 +3,6 @@
 import json
 import os
 import pwd
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import pytest
 from pymailtools.queue.envelope import Attempt, Recipient
 from pymailtools.queue.store import Queue
 from tests.conftest import Sendmail, run_as, script
-
-from .test_showq import deferred, put
+from tests.support.cli import run
+from tests.support.queue import deferred, put
 
 USAGE = ("postqueue: fatal: usage: postqueue -f | postqueue -i queueid | postqueue -j | "
          "postqueue -p | postqueue -s site\n")
-
-
-def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([script(tool), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def test_usage_errors_are_64_with_postfix_text(queue: Queue) -> None:
 ])
 def test_hostile_arguments_exit_64_and_run_nothing(queue: Queue, tmp_path: Path,
                                                    argv: list[str], text: str) -> None:
-    """Q5: nothing is executed, nothing delivered."""
+    """Hostile arguments exit 64: nothing is executed, nothing delivered."""
     put(queue, "Keep1", "s@x.test", [Recipient("nobody@host.example.test")], state="incoming")
     p = run("postqueue", *argv)
     assert (p.returncode, p.stderr) == (64, f"postqueue: fatal: {text}\n")

@@ -11,8 +11,7 @@ import pytest
 from pymailtools.queue.envelope import Envelope, Recipient
 from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import Sendmail, run_as, script
-
-from .test_showq import deferred, put
+from tests.support.queue import deferred, put
 
 
 def postsuper(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[str]:
@@ -99,7 +98,8 @@ def test_selectors_choose_what_an_operation_touches(queue: Queue) -> None:
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "../../canary", "", ".", "..", "ABC/DEF",
                                  "ABC\n", "A" * 10000, "١٢٣", "ＡＢＣ", "ID;rm -rf /"])
 def test_invalid_ids_exit_64_before_any_action(queue: Queue, bad: str) -> None:
-    """Q1, Q2: nothing is touched (the good id given first survives too)."""
+    """A bad id (path syntax, control or non-ASCII characters, oversized) exits 64 before any
+    action: nothing is touched (the good id given first survives too)."""
     (a, *_) = three(queue)
     canary = Path(queue.root).parent / "canary"  # what "../../canary" would reach
     canary.write_bytes(b"keep")
@@ -114,7 +114,7 @@ def test_invalid_ids_exit_64_before_any_action(queue: Queue, bad: str) -> None:
 
 
 def test_stdin_bad_lines_warned_good_ones_processed(queue: Queue) -> None:
-    """Q3."""
+    """Ids read from stdin: bad lines are warned about (exit 65), good ones still processed."""
     a, b, c = three(queue)
     p = postsuper("-d", "-", input=f"{a}\n../x\n{b}*\n{c}\r\n\n".encode() + b"\xff\n")
     assert p.returncode == 65
@@ -217,7 +217,7 @@ def test_ordinary_user_gets_77(world_dir: Path, system_user: pwd.struct_passwd) 
 def test_delete_all_while_a_runner_delivers(sendmail: Sendmail, queue: Queue,
                                             system_user: pwd.struct_passwd,
                                             spool: Path) -> None:
-    """F21/Q4: 1,000 local messages; `postsuper -d ALL` during `sendmail -q`. Every message is
+    """1,000 local messages; `postsuper -d ALL` during `sendmail -q`. Every message is
     delivered once or deleted, never both, and the mailbox holds only whole messages."""
     n = 1000
     body = "Subject: m{0}\nMessage-Id: <m{0}@x.test>\n\nbody {0}\n"

@@ -18,9 +18,9 @@ from pymailtools.cli.common import run_main
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError
 from pymailtools.queue.store import DEFERRED, INCOMING, Queue
+from tests.support.queue import deferred, put
 
 from .conftest import Sendmail, need_root, run_as, script, write_toml
-from .test_showq import deferred, put
 
 
 def user_run(user: pwd.struct_passwd, fn: Callable[[], int], config: Path | None = None,

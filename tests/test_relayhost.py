@@ -10,10 +10,10 @@ import trustme
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError
 from pymailtools.smtp.nexthop import NextHop, parse
-
-from .dns_support import TestDNS, start_dns
-from .smtp_support import Server, free_port
-from .test_remote import entries, queue, run, states
+from tests.support.dns import TestDNS
+from tests.support.net import free_port
+from tests.support.queue import entries, queue, run, states
+from tests.support.smtp import Server
 
 
 @pytest.mark.parametrize("text, hop", [
@@ -41,11 +41,6 @@ def test_bad_syntax_is_a_config_error(text: str) -> None:
 def test_str_round_trips() -> None:
     assert str(parse("[a.test]:587")) == "[a.test]:587"
     assert str(parse("a.test")) == "a.test:25"
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 (aiosmtpd, a byte-exact fault server) on 127.0.0.x. Every recipient's final state is asserted,
 and whether the sender got a bounce."""
 
-import io
 import pwd
 import time
 from collections.abc import Iterator
@@ -11,33 +10,25 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.qmgr.runner import Runner, Stats
-from pymailtools.queue.envelope import Envelope
-from pymailtools.queue.store import STATES, Queue
-from pymailtools.submit.submission import Options, submit
-
-from .conftest import Sendmail, write_toml
-from .dns_support import TestDNS, start_dns
-from .smtp_support import (
+from pymailtools.qmgr.runner import Runner
+from pymailtools.queue.store import Queue
+from tests.support.dns import TestDNS
+from tests.support.mail import mbox_messages
+from tests.support.net import free_port
+from tests.support.queue import MSG, SENDER, entries, queue, run, states
+from tests.support.smtp import (
     GREETING,
     FaultServer,
     Received,
     Server,
     accept_until_data,
     delivered,
-    free_port,
 )
-from .test_e2e import mbox_messages
 
-SENDER = "alice@sender.test"
-MSG = b"Subject: remote\nMessage-ID: <remote-1@sender.test>\n\nHello\n.\nbye\n"
+from .conftest import Sendmail, write_toml
+
 ALL_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7",
              "127.0.0.8", "127.0.0.10", "::1")
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
 
 
 @pytest.fixture
@@ -84,23 +75,6 @@ def _bounce_box(inbox: Server) -> Iterator[None]:
     BOUNCES.remove(inbox)
 
 
-def queue(cfg: Config, *rcpts: str, sender: str = SENDER, msg: bytes = MSG) -> str:
-    return submit(cfg, io.BytesIO(msg), Options(list(rcpts), sender=sender, ignore_dots=True))
-
-
-def entries(cfg: Config) -> list[tuple[str, Envelope]]:
-    q = Queue(cfg.queue_directory)
-    return [(s, q.load(i, s)[1]) for s in STATES for i in q.ids(s)]
-
-
-def states(cfg: Config, qid: str) -> dict[str, str]:
-    """Recipient -> state of entry ``qid``; {} when the entry is gone (all done)."""
-    for _, env in entries(cfg):
-        if env.id == qid:
-            return {r.address: r.state for r in env.recipients}
-    return {}
-
-
 def bounces(cfg: Config) -> list[Received]:
     """DSNs delivered to the sender's MX, and any still queued (there should be none)."""
     assert [env for _, env in entries(cfg) if env.sender == ""] == []
@@ -113,10 +87,6 @@ def bounce_text(cfg: Config, m: Received) -> str:
     return m.content.decode("utf-8", "replace")
 
 
-def run(cfg: Config, **kw: object) -> Stats:
-    return Runner(cfg).run(**kw)  # type: ignore[arg-type]
-
-
 def sink(servers: list, host: str, port: int, **kw: object) -> Server:
     s = Server(host, port, **kw)
     servers.append(s)
@@ -124,7 +94,7 @@ def sink(servers: list, host: str, port: int, **kw: object) -> Server:
 
 
 def fault(servers: list, host: str, port: int, *scripts: list) -> FaultServer:
-    f = FaultServer(host, port, list(scripts))
+    f = FaultServer(*scripts, host=host, port=port)
     servers.append(f)
     return f
 
@@ -466,7 +436,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
     mx1 = sink(servers, "127.0.0.2", port)
     conf = _config_file({**config_values, "dns_nameservers": cfg.dns_nameservers,
                          "smtp_port": port, "delivery_mode": "queue",
-                         # issue 7: -bD also listens; keep it off port 25
+                         # -bD also runs the SMTP listener: keep it off port 25
                          "smtpd_listen": [f"127.0.0.1:{free_port()}"]}, tmp_path / "d.toml")
     daemon = subprocess.Popen([script("sendmail"), "-C", str(conf), "-bD", "-q1s"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -491,7 +461,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
 
 
 def test_bd_with_a_bad_interval_is_a_usage_error(sendmail) -> None:  # type: ignore
-    # -bd without an interval runs the SMTP listener now (issue 7, tests/test_smtpd.py)
+    # -bd without an interval runs the SMTP listener (tests/test_smtpd.py); a bad one is refused
     assert sendmail("-bd", "-qsoon").returncode == 64
 
 

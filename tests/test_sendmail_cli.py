@@ -12,7 +12,7 @@ CRON_MSG = (b"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> ls\n
             b"Content-Transfer-Encoding: 8bit\nX-Cron-Env: <SHELL=/bin/sh>\n\nfile1\nfile2\n")
 FULL_MSG = b"From: a@x.test\nTo: to@example.com\nSubject: s\n\nbody\n.\nafter dot\n"
 
-# (caller, argv, stdin, envelope recipients expected); argv as cli-compat.md section 1.4 lists.
+# (caller, argv, stdin, envelope recipients expected); argv exactly as each caller runs sendmail.
 CALLERS = [
     ("debian cron", ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"], CRON_MSG,
      ["root@host.example.test"]),

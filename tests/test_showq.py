@@ -23,8 +23,8 @@ from pymailtools.queue.format import json_quote
 from pymailtools.queue.select import Selector
 from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import need_root, need_tool
+from tests.support.queue import REFUSED, deferred, put
 
-REFUSED = "connect to 127.0.0.1[127.0.0.1]:9: Connection refused"
 GREY = ("host 127.0.0.1[127.0.0.1] said: 450 4.2.0 <{0}>: Recipient address rejected: "
         "Greylisted, see http://postgrey.example/ (in reply to RCPT TO command)")
 
@@ -46,20 +46,7 @@ def queue(tmp_path: Path) -> Queue:
     return q
 
 
-def put(q: Queue, qid: str, sender: str, rcpts: list[Recipient], *, state: str = "deferred",
-        arrival: float = 1795391852.0, size: int = 262) -> str:
-    """An entry with a chosen id and size (message file of that size, envelope in state)."""
-    with open(q.path("messages", qid), "wb") as f:
-        f.write(b"x" * size)
-    q.write_envelope(Envelope(qid, sender, rcpts, arrival=arrival, size=size), state)
-    return qid
-
-
-def deferred(addr: str, reason: str = REFUSED) -> Recipient:
-    return Recipient(addr, state=DEFERRED, reason=reason)
-
-
-# Verbatim from cli-compat.md 3.3 (Postfix 3.7.11, long ids, the `!` marker for hold).
+# Verbatim from Postfix 3.7.11's mailq (long ids, the `!` marker for hold): scripts parse it.
 SAMPLE_LONG = """\
 ----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------
 4jXmGN2qFnzJF4M        262 Sun Nov 22 23:57:32 alice@example.org
@@ -149,7 +136,7 @@ def test_active_marker_without_proc_locks(queue: Queue,
 
 
 def test_hostile_sender_and_reason_are_escaped(queue: Queue) -> None:
-    """Q6: a terminal escape in a reason and CR LF in a sender stay on their line."""
+    """A terminal escape in a reason and CR LF in a sender stay on their line."""
     put(queue, "Evil1", '"\r\n"@x.test', [deferred("r@y.test", "x\x1b]0;x\x07 \u009b2J")])
     text = "".join(listing(queue, 10**7))
     assert "\x1b" not in text and "\x07" not in text and "\r" not in text
@@ -169,7 +156,7 @@ def test_json_quote_matches_postfix() -> None:
     assert json_quote("caf\u00e9 \udcff") == "caf\u00e9 ?"  # UTF-8 kept, stray bytes '?'
 
 
-# Verbatim from cli-compat.md 3.4 (the lines whose entries we can express: deferred, hold).
+# Verbatim from Postfix 3.7.11's postqueue -j (the entries we can express: deferred, hold).
 SAMPLE_JSON = [
     '{"queue_name": "deferred", "queue_id": "6FB4620E81B", "arrival_time": 1795391343, '
     '"message_size": 275, "forced_expire": false, "sender": "alice@example.org", "recipients": '

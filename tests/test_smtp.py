@@ -12,11 +12,12 @@ import trustme
 
 from pymailtools.config import Config
 from pymailtools.smtp.client import check_address, encode_data
+from tests.support.dns import TestDNS
+from tests.support.net import free_port
+from tests.support.queue import entries, queue, run, states
+from tests.support.smtp import GREETING, Authenticator, FaultServer, Server, delivered
 
 from .conftest import script, write_toml
-from .dns_support import TestDNS, start_dns
-from .smtp_support import GREETING, Authenticator, FaultServer, Server, delivered, free_port
-from .test_remote import entries, queue, run, states
 
 PASSWORD = "s3cr3t-Pa55-4711"
 HOSTS = ("127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.10")
@@ -52,11 +53,6 @@ def test_quoted_local_part_with_space_is_kept() -> None:
 
 
 # -- TLS ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[TestDNS]:
-    yield from start_dns()
-
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
@@ -165,7 +161,7 @@ STARTTLS_BROKEN = [("send", b"220 fault.test ESMTP\r\n"), ("expect", b"EHLO"),
 
 def test_starttls_failure_with_may_retries_in_plaintext(base: dict, port: int,
                                                         servers: list) -> None:
-    f = FaultServer("127.0.0.6", port, [STARTTLS_BROKEN, delivered()])
+    f = FaultServer(STARTTLS_BROKEN, delivered(), host="127.0.0.6", port=port)
     servers.append(f)
     cfg = Config(base)
     qid = queue(cfg, "bob@fault.test")
@@ -174,7 +170,7 @@ def test_starttls_failure_with_may_retries_in_plaintext(base: dict, port: int,
 
 
 def test_starttls_failure_with_encrypt_defers(base: dict, port: int, servers: list) -> None:
-    f = FaultServer("127.0.0.6", port, [STARTTLS_BROKEN, delivered()])
+    f = FaultServer(STARTTLS_BROKEN, delivered(), host="127.0.0.6", port=port)
     servers.append(f)
     cfg = Config({**base, "smtp_tls_security_level": "encrypt"})
     qid = queue(cfg, "bob@fault.test")
@@ -186,7 +182,7 @@ def test_starttls_failure_with_encrypt_defers(base: dict, port: int, servers: li
 
 def test_injected_reply_after_starttls_220_is_discarded(base: dict, port: int, servers: list,
                                                         server_tls: ssl.SSLContext) -> None:
-    """R9: a plaintext '250' riding with the 220 must not be read as the TLS EHLO reply."""
+    """A plaintext '250' riding with the 220 must not be read as the TLS EHLO reply."""
     script_ = [("send", b"220 fault.test ESMTP\r\n"), ("expect", b"EHLO"),
                ("send", b"250-fault.test\r\n250 STARTTLS\r\n"), ("expect", b"STARTTLS"),
                ("send", b"220 go ahead\r\n250 injected\r\n"), ("tls", server_tls),
@@ -194,7 +190,7 @@ def test_injected_reply_after_starttls_220_is_discarded(base: dict, port: int, s
                ("send", b"250 ok\r\n"), ("expect", b"RCPT"), ("send", b"250 ok\r\n"),
                ("expect", b"DATA"), ("send", b"354 go\r\n"), ("read_until", b"\r\n.\r\n"),
                ("send", b"250 ok\r\n")]
-    f = FaultServer("127.0.0.6", port, [script_])
+    f = FaultServer(script_, host="127.0.0.6", port=port)
     servers.append(f)
     cfg = Config(base)
     queue(cfg, "bob@fault.test")
@@ -299,7 +295,7 @@ def test_password_file_readable_by_others_is_refused(base: dict, port: int, tmp_
 
 
 def test_greeting_and_ehlo_use_myhostname(base: dict, port: int, servers: list) -> None:
-    f = FaultServer("127.0.0.6", port, [GREETING + [("close", None)]])
+    f = FaultServer(GREETING + [("close", None)], host="127.0.0.6", port=port)
     servers.append(f)
     cfg = Config(base)
     queue(cfg, "bob@fault.test")

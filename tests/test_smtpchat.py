@@ -13,22 +13,10 @@ import pytest
 from pymailtools.chat import certinfo, compose, status
 from pymailtools.chat.transcript import Transcript, escape
 from pymailtools.smtp.reply import Reply, extensions, line_code
-from tests.smtpchat_support import (
-    Certs,
-    DNSServer,
-    FaultServer,
-    Sink,
-    aiosmtpd_server,
-    free_port,
-    smtpchat,
-)
-
-PASSWORD = "Zp1-secret!"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
+from tests.support.chat import smtpchat
+from tests.support.dns import DNSServer
+from tests.support.net import free_port
+from tests.support.smtp import PASSWORD, Certs, FaultServer, Sink, aiosmtpd_server
 
 
 def hints(out: str) -> list[str]:
@@ -55,7 +43,7 @@ def test_plain_transaction_transcript_and_message() -> None:
     assert lines[-3:] == [" -> QUIT", "<-  221 Bye", "=== Connection closed with remote host."]
     assert r.stderr == ""
     [msg] = sink.messages
-    assert msg.mail_from == "alice@example.org" and msg.rcpt_tos == ["bob@example.test"]
+    assert msg.sender == "alice@example.org" and msg.rcpts == ["bob@example.test"]
     parsed = message_from_bytes(msg.content.replace(b"\r\n", b"\n"), policy=policy.default)
     assert parsed["To"] == "bob@example.test" and parsed["From"] == "alice@example.org"
     assert parsed["X-Test"] == "yes" and parsed["Subject"].startswith("test ")
@@ -105,7 +93,7 @@ def test_several_recipients_one_refused() -> None:
         r = smtpchat("-s", f"127.0.0.1:{port}", "-t", "nobody@example.test,bob@example.test")
     assert r.returncode == 0, r.stdout
     assert "<** 550 5.1.1 no such user" in r.stdout.splitlines()
-    assert sink.messages[0].rcpt_tos == ["bob@example.test"]
+    assert sink.messages[0].rcpts == ["bob@example.test"]
 
 
 @pytest.mark.parametrize(("sink", "code", "marker"), [
@@ -186,7 +174,7 @@ def test_usage_errors_exit_1() -> None:
 
 
 def test_never_prompts_without_a_terminal() -> None:
-    # swaks #110: a missing password must fail at once, not wait on a pipe.
+    # A missing password must fail at once, not wait on a pipe.
     r = smtpchat("-s", "127.0.0.1:9", "-t", "bob@example.test", "-a", "-au", "alice",
                  input=None, timeout=30)
     assert r.returncode == status.USAGE
@@ -216,7 +204,7 @@ def test_starttls_then_auth_masks_password(certs: Certs) -> None:
 
 
 def _assert_no_secret(text: str) -> None:
-    # reliability.md P9: neither the password nor its base64 forms appear anywhere.
+    # Neither the password nor its base64 forms appear anywhere: transcripts get pasted.
     for secret in (PASSWORD, base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode(),
                    base64.b64encode(PASSWORD.encode()).decode()):
         assert secret not in text
@@ -296,7 +284,7 @@ def test_smtputf8_automatic_for_non_ascii_address() -> None:
         r = smtpchat("-s", f"127.0.0.1:{port}", "-t", "jörg@exämple.test", "-f", "a@example.org")
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^ -> MAIL FROM:<a@example.org> .*SMTPUTF8$", r.stdout, re.M)
-    assert sink.messages[0].rcpt_tos == ["jörg@exämple.test"]
+    assert sink.messages[0].rcpts == ["jörg@exämple.test"]
     assert "SMTPUTF8" in sink.messages[0].mail_options
     assert "To: jörg@exämple.test".encode() in sink.messages[0].content
 
@@ -323,7 +311,7 @@ def test_chunking_sends_bdat() -> None:
                      "-d", "Subject: c\n\n.body line\n")
     assert r.returncode == 0, r.stdout + r.stderr + str(srv.errors)
     # BDAT carries the message as it is: CRLF lines, no dot-stuffing, no end marker.
-    assert srv.received.split(b"\r\n", 3)[3].startswith(
+    assert srv.received[0].split(b"\r\n", 3)[3].startswith(
         b"BDAT 26 LAST\r\nSubject: c\r\n\r\n.body line\r\nQUIT")
     lines = r.stdout.splitlines()
     assert " -> BDAT 26 LAST" in lines and " -> .body line" in lines
@@ -357,7 +345,7 @@ def test_raw_line_and_bare_lf_for_smuggling_tests() -> None:
         r = smtpchat("-s", f"127.0.0.1:{srv.port}", "-t", "bob@example.test", "--bare-lf",
                      "-d", "Subject: s\n\nbody\n", "--raw-line", smuggle)
     assert r.returncode == 0, r.stdout + r.stderr + str(srv.errors)
-    data = srv.received.split(b"DATA\r\n", 1)[1].removesuffix(b"QUIT\r\n")
+    data = srv.received[0].split(b"DATA\r\n", 1)[1].removesuffix(b"QUIT\r\n")
     assert data == (b"Subject: s\n\nbody\n\n.\r\nMAIL FROM:<evil@example.test>\r\n.\r\n")
     # Rule-breaking bytes are marked with swaks' "unexpected send" hint and shown escaped.
     assert "**> body\\n" in r.stdout.splitlines()
@@ -479,7 +467,7 @@ def test_certinfo_reads_trustme_certificate(certs: Certs) -> None:
 
 
 def test_starttls_discards_injected_plaintext(certs: Certs) -> None:
-    # reliability.md R9/P11: bytes after the 220 to STARTTLS must not count as TLS replies.
+    # Bytes after the 220 to STARTTLS must not count as TLS replies (STARTTLS command injection).
     import socket
     import threading
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from pymailtools.chat import status
 from tests.conftest import script
-from tests.smtpchat_support import Certs, FaultServer, Sink, Terminal, aiosmtpd_server, smtpchat
+from tests.support.chat import Terminal, smtpchat
+from tests.support.smtp import PASSWORD, Certs, FaultServer, Sink, aiosmtpd_server
 
 PROMPT = r"(->|~>) $"
-PASSWORD = "Zp1-secret!"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
 
 
 def say(t: Terminal, line: str, then: str) -> None:
@@ -141,7 +134,7 @@ def test_piped_server_closing_is_exit_6() -> None:
                                      "421 4.3.2 shutting down"]
     # After a 421 nothing more is sent: the second NOOP never leaves.
     assert r.stderr == "*** Remote host is closing the connection (421)\n"
-    assert srv.received == b"EHLO x\r\nNOOP\r\n"
+    assert srv.received == [b"EHLO x\r\nNOOP\r\n"]
     assert r.returncode == status.CONNECTION_LOST
 
 
@@ -169,4 +162,4 @@ def test_interactive_shows_an_unsolicited_close() -> None:
         code = t.wait()
     assert code == status.CONNECTION_LOST
     assert "*** Remote host is closing the connection (421)" in t.text
-    assert srv.received == b"EHLO me\r\n"  # the NOOP typed after the 421 was not sent
+    assert srv.received == [b"EHLO me\r\n"]  # the NOOP typed after the 421 was not sent

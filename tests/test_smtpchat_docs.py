@@ -96,7 +96,7 @@ def test_bash_completion_offers_quit_after_steps() -> None:
 
 
 def test_help_lists_the_options() -> None:
-    from tests.smtpchat_support import smtpchat
+    from tests.support.chat import smtpchat
 
     r = smtpchat("--help")
     assert r.returncode == 0

@@ -10,14 +10,11 @@ import pytest
 
 from pymailtools.chat import status
 from tests.conftest import need_root, need_tool
-from tests.smtpchat_support import Certs, postfix_instance, smtp_sink, smtpchat
+from tests.support.chat import smtpchat
+from tests.support.postfix import postfix_instance, smtp_sink
+from tests.support.smtp import Certs
 
 pytestmark = pytest.mark.interop
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +122,7 @@ def test_exit_codes_match_swaks_on_refusals(tmp_path: Path) -> None:
 
     # smtp-sink -r RCPT soft-rejects every recipient; -f DATA hard-rejects DATA.
     for flag, stage in (("-r", "RCPT"), ("-f", "DATA"), ("-r", "MAIL")):
-        from tests.smtpchat_support import free_port, wait_for_port
+        from tests.support.net import free_port, wait_for_port
 
         port = free_port()
         import os
@@ -134,7 +131,7 @@ def test_exit_codes_match_swaks_on_refusals(tmp_path: Path) -> None:
         proc = subprocess.Popen([sink, *user, flag, stage, f"127.0.0.1:{port}", "10"],
                                 stderr=subprocess.DEVNULL)
         try:
-            wait_for_port(port)
+            wait_for_port("127.0.0.1", port)
             args = ["--server", f"127.0.0.1:{port}", "--to", "bob@example.test",
                     "--from", "a@example.org"]
             ours = smtpchat(*args)

@@ -19,7 +19,8 @@ import pytest
 
 from pymailtools.smtpd import passwd as smtpd_passwd
 from tests.conftest import Sendmail, need_root, need_tool, script
-from tests.smtpd_support import TIMEOUT, Client, listener, server_lines, swaks, wait_for
+from tests.support.net import TIMEOUT, wait_for
+from tests.support.smtpd import Client, listener, server_lines, swaks
 
 PASSWORD = "Zp1-secret!"
 
@@ -78,7 +79,7 @@ def test_unknown_local_user_is_refused_at_rcpt(tmp_path: Path, values: dict[str,
         c.cmd("MAIL FROM:<a@x.test>")
         reply = c.cmd("RCPT TO:<nosuchuser-pmt@localhost>")
         assert reply.startswith("550 5.1.1 <nosuchuser-pmt@localhost>"), reply
-        # N2-N4: shell and path syntax in local parts is just an unknown user, never run
+        # Shell and path syntax in local parts is just an unknown user, never run
         for bad in ('"|touch /tmp/pwned"@localhost', "../../etc/passwd@localhost",
                     "${run{/bin/touch /tmp/pwned}}@localhost"):
             reply = c.cmd(f"RCPT TO:<{bad}>")
@@ -99,7 +100,7 @@ def test_unknown_local_user_is_refused_at_rcpt(tmp_path: Path, values: dict[str,
     assert not os.path.exists("/tmp/pwned")
 
 
-# --- no open relay (reliability.md P7) -----------------------------------------------------------
+# --- no open relay: clients outside mynetworks reach only our own domains ------------------------
 
 RELAY_PROBES = [
     ("attacker@external.test", "victim@other.test"),
@@ -299,7 +300,7 @@ def test_improper_pipelining_is_refused(tmp_path: Path, values: dict[str, object
     assert lst.log().count("improper command pipelining after ") == 4
 
 
-# --- SMTP smuggling (reliability.md 1.3, N8/N9, P12) --------------------------------------------
+# --- SMTP smuggling: only <CRLF>.<CRLF> ends DATA, bare LF or CR never does ---------------------
 
 SMUGGLING = {
     "LF.LF": b"\n.\n",
@@ -416,7 +417,7 @@ def test_bs_rejects_recipients_on_the_command_line(sendmail: Sendmail) -> None:
     assert b"stand-alone mode requires no recipient" in r.stderr
 
 
-# --- limits (P15) --------------------------------------------------------------------------------
+# --- limits: size, recipients, errors, connections, timeouts ------------------------------------
 
 def test_size_limit(tmp_path: Path, values: dict[str, object]) -> None:
     values["message_size_limit"] = 2000
@@ -530,7 +531,8 @@ def test_recipient_overshoot_then_counts_toward_the_error_limit(
 def test_recipient_overshoot_like_postfix(tmp_path: Path, values: dict[str, object]) -> None:
     need_tool("postfix", "postfix")
     need_root()
-    from tests.smtpchat_support import Certs, postfix_instance
+    from tests.support.postfix import postfix_instance
+    from tests.support.smtp import Certs
 
     extra = ("smtpd_recipient_limit = 3\nsmtpd_recipient_overshoot_limit = 5\n"
              "smtpd_hard_error_limit = 4\nsmtpd_soft_error_limit = 100\n")
@@ -691,7 +693,7 @@ def test_sigterm_finishes_transactions_in_flight(tmp_path: Path,
 
 def test_bd_detaches_and_bad_listen_address_is_reported(tmp_path: Path,
                                                         values: dict[str, object]) -> None:
-    from tests.smtpd_support import write_config
+    from tests.support.smtpd import write_config
 
     values["smtpd_listen"] = ["127.0.0.1:not-a-port"]
     write_config(tmp_path / "bad.toml", values)
@@ -729,8 +731,8 @@ def test_bd_daemon_keeps_no_inherited_descriptor_or_directory(tmp_path: Path,
                                                               values: dict[str, object]) -> None:
     """`sendmail -bd 9>&1 | cat` returns: the daemon keeps none of its starter's descriptors
     but its sockets, and works in /, not in the directory it was started from."""
-    from tests.smtp_support import free_port
-    from tests.smtpd_support import wait_for_port, write_config
+    from tests.support.net import free_port, wait_for_port
+    from tests.support.smtpd import write_config
 
     port = free_port()
     values.update(smtpd_listen=[f"127.0.0.1:{port}"], smtpd_workers=1)
@@ -756,7 +758,7 @@ def test_default_listen_skips_an_address_the_host_lacks(tmp_path: Path,
     """With the default smtpd_listen (127.0.0.1:25 and [::1]:25) on a host without IPv6,
     -bd warns and listens on 127.0.0.1:25; a named address that is missing stays an error."""
     need_root()
-    from tests.smtpd_support import write_config
+    from tests.support.smtpd import write_config
 
     values.pop("smtpd_listen", None)
     values["smtpd_workers"] = 1
@@ -782,7 +784,7 @@ def test_a_port_we_may_not_bind_is_exit_77(tmp_path: Path, values: dict[str, obj
     """Port 25 without the capability to bind below 1024: no permission (77), not a
     configuration error."""
     need_root()
-    from tests.smtpd_support import write_config
+    from tests.support.smtpd import write_config
 
     values["smtpd_listen"] = ["127.0.0.1:25"]
     write_config(tmp_path / "low.toml", values)
@@ -801,7 +803,8 @@ def test_postfix_relays_into_our_listener(tmp_path: Path, values: dict[str, obje
                                           sendmail: Sendmail) -> None:
     need_tool("postfix", "postfix")
     need_root()
-    from tests.smtpchat_support import Certs, postfix_instance
+    from tests.support.postfix import postfix_instance
+    from tests.support.smtp import Certs
 
     name = system_user.pw_name
     with listener(tmp_path, values) as lst:

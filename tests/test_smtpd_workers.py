@@ -17,16 +17,8 @@ import pytest
 
 from pymailtools.smtpd.clients import SharedClients
 from tests.conftest import Sendmail, write_toml
-from tests.smtpd_support import (
-    TIMEOUT,
-    Client,
-    alive,
-    listener,
-    only,
-    owner,
-    swaks,
-    wait_for,
-)
+from tests.support.net import TIMEOUT, wait_for
+from tests.support.smtpd import Client, alive, listener, only, owner, swaks
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def test_closed_stdio_puts_no_text_in_queue(sendmail: Sendmail, tmp_path: Path) 
 
 
 def test_full_disk_fails_cleanly_and_keeps_older_entries(tmp_path: Path) -> None:
-    """X1: ENOSPC while writing: exit 74 with one line, no partial entry, temp file gone."""
+    """ENOSPC while writing: exit 74 with one line, no partial entry, temp file gone."""
     import subprocess
 
     from .conftest import script
@@ -218,9 +218,9 @@ def test_unprivileged_user_cannot_run_but_can_list_root_queue(
     import pymailtools.admin.listing  # noqa: F401
     import pymailtools.cli.mailq  # noqa: F401  (the child cannot read /root's interpreter)
     import pymailtools.qmgr.runner  # noqa: F401
+    from tests.support.cli import submit_as
 
     from .conftest import script
-    from .test_pickup import submit_as
 
     cfg = world_dir / "config.toml"
     cfg.write_text(f'queue_directory = "{world_dir}/q"\nsyslog = false\n'
@@ -237,7 +237,7 @@ def test_unprivileged_user_cannot_run_but_can_list_root_queue(
 
 
 def test_symlinked_queue_directory_refused(tmp_path: Path) -> None:
-    """X6: a queue directory that is a symlink (to /etc, say) is refused, nothing written."""
+    """A queue directory that is a symlink (to /etc, say) is refused, nothing written."""
     import subprocess
 
     from .conftest import script

@@ -1,4 +1,4 @@
-"""smtpchat: talk SMTP by hand like nc, or run one swaks-like test transaction (issue 6)."""
+"""smtpchat: talk SMTP by hand like nc, or run one swaks-like test transaction."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _tty() -> bool:
 
 
 def _ask(prompt: str, secret: bool, allowed: bool) -> str:
-    """Ask on the terminal, or fail: smtpchat never prompts without one (swaks #110)."""
+    """Ask on the terminal, or fail: smtpchat never prompts without one, so a script
+    missing a password fails at once instead of hanging on its pipe."""
     if not allowed:
         raise UsageProblem(f"{prompt.rstrip(': ')} needed and there is no terminal to ask on "
                            f"(give it as an option{' or in ' + PASSWORD_ENV if secret else ''})")

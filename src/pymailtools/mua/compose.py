@@ -38,7 +38,7 @@ def check_header_text(value: str, what: str) -> str:
 
 def strip_controls(value: str) -> str:
     """Other C0 controls and DEL (ESC sequences) never reach a header: a terminal showing the
-    header later would obey them (reliability A21)."""
+    header later would obey them."""
     return "".join(c for c in value if c == "\t" or not (ord(c) < 0x20 or c == "\x7f"))
 
 

@@ -369,7 +369,7 @@ class Handler:
             user = auth_data.login.decode("utf-8", "replace")
             ok = smtpd_passwd.check(self.settings.users.get(user), auth_data.password)
         if not ok:
-            # The password is never logged, only that it failed (P9).
+            # The password is never logged, only that it failed: a mistyped one is often a real one.
             self.log.warning(f"{_state(session).client}: SASL {escape(mechanism)} "
                              "authentication failed: authentication failure")
             return AuthResult(success=False, handled=False)

@@ -7,41 +7,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tests.conftest import missing, need_tool, script, write_toml
-from tests.smtp_support import free_port
-
-TIMEOUT = 60  # generous: two shared cores, other suites running
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.support.net import TIMEOUT, free_port, wait_for_port
 
 
 def write_config(path: Path, values: dict[str, object]) -> None:
     write_toml(path, values)
-
-
-def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"listener exited {proc.returncode}: "
-                                 + (log.read_text() if log else ""))
-        try:
-            with socket.create_connection((host, port), timeout=5) as s:
-                s.recv(1024)  # the greeting; then close (a clean 'lost connection')
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {host}:{port}")
 
 
 class Listener:

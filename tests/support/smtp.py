@@ -1,50 +1,37 @@
-"""SMTP servers for tests: aiosmtpd sinks with per-recipient behaviour, and a byte-exact fault
-server that replays a script, for what aiosmtpd cannot do (drop after ".", stall, bad bytes)."""
+"""SMTP peers for tests: aiosmtpd sinks with per-recipient behaviour, TLS (trustme) and AUTH,
+and a byte-exact fault server that replays a script, for what aiosmtpd cannot do (drop after
+".", stall, bad bytes)."""
+
+from __future__ import annotations
 
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
+from tests.support.net import TIMEOUT, free_port
 
-def free_port(hosts: tuple[str, ...] = ("127.0.0.1",)) -> int:
-    """A TCP port free on every one of ``hosts`` (all MX hosts of a test share smtp_port)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        ok = True
-        for h in hosts:
-            family = socket.AF_INET6 if ":" in h else socket.AF_INET
-            with socket.socket(family) as t:
-                try:
-                    t.bind((h, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return port
-    raise RuntimeError("no free port")
+USER, PASSWORD = "alice", "Zp1-secret!"
+"""The account ``aiosmtpd_server(auth=True)`` accepts."""
 
 
+@dataclass
 class Received:
-    """One message as the server got it."""
+    """One message as the server got it: envelope, the bytes after DATA, where from, over TLS?"""
 
-    def __init__(self, sender: str, rcpts: list[str], content: bytes, mail_options: list[str],
-                 peer: str) -> None:
-        self.sender = sender
-        self.rcpts = rcpts
-        self.content = content
-        self.mail_options = mail_options
-        self.peer = peer
-
-    def __repr__(self) -> str:
-        return f"Received({self.sender!r}, {self.rcpts!r})"
+    sender: str
+    rcpts: list[str]
+    content: bytes
+    mail_options: list[str]
+    peer: str = ""
+    tls: bool = False
 
 
 class Handler:
@@ -94,7 +81,8 @@ class Handler:
         with self.lock:
             self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),
                                           bytes(envelope.content or b""),
-                                          list(envelope.mail_options), peer))
+                                          list(envelope.mail_options), peer,
+                                          session.ssl is not None))
         return "250 2.0.0 Ok: queued"
 
     def by_rcpt(self) -> dict[str, int]:
@@ -141,6 +129,82 @@ class Authenticator:
         return AuthResult(success=ok, handled=False)
 
 
+# -- aiosmtpd with TLS and AUTH, per-address replies ---------------------------------------------
+
+@dataclass
+class Sink:
+    """aiosmtpd's handler: records messages; per-address replies for MAIL/RCPT/DATA."""
+
+    messages: list[Received] = field(default_factory=list)
+    reject_rcpt: dict[str, str] = field(default_factory=dict)
+    reject_mail: str | None = None
+    data_reply: str = "250 2.0.0 Ok: queued"
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if self.reject_mail:
+            return self.reject_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address in self.reject_rcpt:
+            return self.reject_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      envelope.original_content or envelope.content,
+                                      list(envelope.mail_options), tls=session.ssl is not None))
+        return self.data_reply
+
+
+class Certs:
+    """A trustme CA and a certificate for 127.0.0.1/localhost, as files and contexts."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        self.ca = trustme.CA(organization_name="smtpchat test CA")
+        self.cert = self.ca.issue_cert("localhost", "127.0.0.1", common_name="mx.example.test")
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.cert.configure_cert(ctx)
+        return ctx
+
+
+@contextmanager
+def aiosmtpd_server(sink: Sink | None = None, certs: Certs | None = None, *,
+                    implicit_tls: bool = False, auth: bool = False,
+                    smtputf8: bool = True, **kw: Any) -> Iterator[tuple[int, Sink]]:
+    """aiosmtpd on 127.0.0.1: STARTTLS with ``certs``, TLS on connect with ``implicit_tls``,
+    AUTH for ``USER``/``PASSWORD`` with ``auth``."""
+    sink = sink or Sink()
+    port = free_port()
+    args: dict[str, Any] = {"hostname": "127.0.0.1", "port": port, "enable_SMTPUTF8": smtputf8,
+                            "server_hostname": "mx.example.test", "ready_timeout": TIMEOUT}
+    if certs and implicit_tls:
+        args["ssl_context"] = certs.server_context()
+    elif certs:
+        args["tls_context"] = certs.server_context()
+    if auth:
+        args["authenticator"] = Authenticator(USER, PASSWORD)
+        args["auth_require_tls"] = certs is not None
+    args.update(kw)
+    controller = Controller(sink, **args)
+    controller.start()
+    try:
+        yield port, sink
+    finally:
+        controller.stop()
+
+
 # -- the fault server ----------------------------------------------------------------------------
 
 Step = tuple[str, Any]
@@ -153,15 +217,17 @@ class FaultServer:
     (case-insensitive) or the connection is dropped; ("read_until", b"\\r\\n.\\r\\n");
     ("read_bytes", n); ("sleep", seconds); ("close", None); ("tls", SSLContext) wraps the
     socket (server side); ("garbage", bytes) sends and closes. Connection i uses
-    ``scripts[min(i, len(scripts) - 1)]``."""
+    ``scripts[min(i, len(scripts) - 1)]``. ``port`` 0 picks a free one (see ``port``); ``stop``
+    (or leaving a ``with`` block) also ends connections still sleeping in their script."""
 
-    def __init__(self, host: str, port: int, scripts: list[list[Step]]) -> None:
+    def __init__(self, *scripts: list[Step], host: str = "127.0.0.1", port: int = 0) -> None:
         self.scripts = scripts
         self.received: list[bytes] = []
         self.errors: list[str] = []
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
+        self.port = int(self.sock.getsockname()[1])
         self.sock.listen(16)
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
@@ -202,9 +268,9 @@ class FaultServer:
                 if op == "send":
                     conn.sendall(arg)
                 elif op == "expect":
-                    while b"\r\n" not in buf:
+                    while b"\n" not in buf:
                         buf += more()
-                    line, buf = buf.split(b"\r\n", 1)
+                    line, buf = buf.split(b"\n", 1)
                     if not line.upper().startswith(arg.upper()):
                         self.errors.append(f"expected {arg!r}, got {line!r}")
                         return
@@ -217,7 +283,8 @@ class FaultServer:
                         buf += more()
                     buf = buf[arg:]
                 elif op == "sleep":
-                    time.sleep(arg)
+                    if self._stop.wait(arg):
+                        return
                 elif op == "close":
                     return
                 elif op == "garbage":
@@ -249,6 +316,12 @@ class FaultServer:
         self._stop.set()
         self.thread.join(5)
         self.sock.close()
+
+    def __enter__(self) -> FaultServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 GREETING: list[Step] = [("send", b"220 fault.test ESMTP\r\n"), ("expect", b"EHLO"),

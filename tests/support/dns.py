@@ -1,9 +1,14 @@
-"""A real DNS server for tests: dnsmasq on a free loopback port, serving the *.test zone."""
+"""DNS servers for tests: dnsmasq on a free loopback port serving the *.test zone, and a tiny
+one answering from a dict (for smtpchat's --mx)."""
 
+from __future__ import annotations
+
+import select
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +17,10 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+from tests.support.net import TIMEOUT, free_port
 
 # The zone the remote-delivery tests use. MX hosts live on 127.0.0.2-9; tests bind their SMTP
 # servers there on one free port and point smtp_port at it.
@@ -82,29 +91,11 @@ user=root
 """
 
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _free_udp_tcp() -> int:
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
-
-
 class Dnsmasq:
     """One dnsmasq process; ``port`` answers on 127.0.0.1."""
 
     def __init__(self, binary: str, conf: str, workdir: Path, name: str) -> None:
-        self.port = _free_udp_tcp()
+        self.port = free_port(udp=True)
         path = workdir / f"{name}.conf"
         path.write_text(_BASE.format(port=self.port) + conf)
         self.log = open(workdir / f"{name}.log", "wb")
@@ -136,9 +127,9 @@ class Dnsmasq:
 
 
 class TestDNS:
-    __test__ = False  # not a test class, whatever pytest thinks of the name
-
     """The main server (``port``) plus the validating pair that makes servfail.test SERVFAIL."""
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
 
     def __init__(self, binary: str, extra: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pmt-dns-"))
@@ -177,7 +168,7 @@ class TestDNS:
 
 def start_dns(extra: str = "") -> Iterator[TestDNS]:
     """Generator for a fixture: skips (or fails in CI) without dnsmasq."""
-    from .conftest import need_tool
+    from tests.conftest import need_tool
 
     binary = need_tool("dnsmasq", "dnsmasq-base")
     server = TestDNS(binary, extra)
@@ -187,13 +178,44 @@ def start_dns(extra: str = "") -> Iterator[TestDNS]:
         server.stop()
 
 
-def loopback_ok(address: str) -> bool:
-    """Can we bind this loopback address (127.0.0.2-9 need Linux's whole 127/8 on lo)?"""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((address, 0))
-    except OSError:
-        return False
-    return True
+# --- a tiny DNS server answering from a dict (smtpchat --mx) -----------------------------------
 
+class DNSServer:
+    """Answers MX and A queries from a dict over UDP on 127.0.0.1 (dnspython does the wire)."""
+
+    def __init__(self, mx: dict[str, list[tuple[int, str]]], a: dict[str, list[str]]) -> None:
+        self.mx, self.a = mx, a
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.running = True
+
+    def _serve(self) -> None:
+        while self.running:
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if not ready:
+                continue
+            data, peer = self.sock.recvfrom(4096)
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            q = query.question[0]
+            name = q.name.to_text(omit_final_dot=True).lower()
+            if q.rdtype == dns.rdatatype.MX and name in self.mx:
+                response.answer.append(dns.rrset.from_text_list(
+                    q.name, 60, "IN", "MX", [f"{p} {h}." for p, h in self.mx[name]]))
+            elif q.rdtype == dns.rdatatype.A and name in self.a:
+                response.answer.append(dns.rrset.from_text_list(q.name, 60, "IN", "A",
+                                                                self.a[name]))
+            elif name not in self.mx and name not in self.a:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(response.to_wire(), peer)
+
+    def __enter__(self) -> DNSServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join(TIMEOUT)
+        self.sock.close()

@@ -1,5 +1,7 @@
-"""Helpers for the mail(1) tests: run the installed script, drive it through a pseudo-terminal."""
+"""Helpers for the mail(1) tests: run the installed script, drive it through a pseudo-terminal,
+read an mbox back."""
 
+import mailbox
 import os
 import re
 import select
@@ -8,8 +10,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import script
+from tests.support.net import TIMEOUT
 
-TIMEOUT = 60.0
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -95,3 +97,12 @@ class Pty:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def mbox_messages(path: Path) -> list[mailbox.mboxMessage]:
+    """The messages of the mbox at ``path``, as Python's mailbox module reads them."""
+    box = mailbox.mbox(str(path), create=False)
+    try:
+        return list(box)
+    finally:
+        box.close()
