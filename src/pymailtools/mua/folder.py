@@ -205,6 +205,7 @@ class MboxFolder(Folder):
                 os.close(fd)
         raise FolderError(f"{self.path}: kept being replaced; not rewritten")
 
+
 def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
     """Open an mbox folder file (a new one mode 0600): FolderError when that fails or it is
     not a regular file."""

@@ -242,7 +242,7 @@ class _Part(io.RawIOBase):
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
-        b = memoryview(buffer).cast("B")  # (io.BufferedReader passes one already)
+        b = memoryview(buffer).cast("B")  # its bytes (io.BufferedReader passes a memoryview)
         data = os.pread(self.fd, min(len(b), max(self.size - self.pos, 0)), self.pos)
         b[: len(data)] = data
         self.pos += len(data)

@@ -472,8 +472,7 @@ class Server(SMTP):
         self._held: list[str] = []  # the first lines of a multi-line reply
         self._deadline = self._armed_for = 0.0  # see _reset_timeout
         self._tls_up = False  # STARTTLS handshake done
-        # aiosmtpd declares the table a dict; it only reads it (get, items, iteration)
-        self._smtp_methods = _Commands(self, tuple(self._smtp_methods))  # type: ignore[assignment]
+        self._smtp_methods = _Commands(self, tuple(self._smtp_methods))  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
 
     @classmethod
     def fresh(cls, handler: Handler, loop: asyncio.AbstractEventLoop) -> Server:
@@ -491,7 +490,7 @@ class Server(SMTP):
             self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self._held = []
-        self._smtp_methods = _Commands(self, t.commands)  # type: ignore[assignment]  # as in __init__
+        self._smtp_methods = _Commands(self, t.commands)  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
         self._auth_methods = {name: _AuthMechAttr(getattr(self, how.method.__name__), True)
                               if how.is_builtin else how for name, how in t.mechanisms.items()}
         return self
@@ -537,8 +536,7 @@ class Server(SMTP):
         st.counts[key] = st.counts.get(key, 0) + 1
         st.pending = key
         st.last = name
-        # (asyncio's StreamReader keeps what is buffered in a private attribute, untyped)
-        if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore[attr-defined]
+        if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore[attr-defined]  # private in asyncio
                 name in _LAST_IN_GROUP or not session.extended_smtp):
             await self._improper_pipelining(name, st)
             return
@@ -557,7 +555,7 @@ class Server(SMTP):
         DATA, STARTTLS, AUTH, ...), or pipelined at all after HELO, which does not offer it:
         as Postfix's smtpd_forbid_unauth_pipelining, which stops injection through a
         client's unchecked pipelining (and plaintext sent along with STARTTLS)."""
-        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]  # private, untyped
+        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]  # private in asyncio
         self.pmt.log.warning(f"improper command pipelining after {name} from {st.client}: "
                              f"{escape(pending.decode('utf-8', 'replace'))}")
         await self.push("554 5.5.0 Error: SMTP protocol synchronization")
@@ -596,7 +594,7 @@ class Server(SMTP):
             if self.transport is not None:
                 self.connection_lost(None)
         else:
-            self._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it unannotated
+            self._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -633,11 +631,11 @@ class Server(SMTP):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
                             if problem == smtpd_data.TOO_LONG
                             else "552 Error: Too much mail data")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, unannotated
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, unannotated
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         await self.push("250 OK" if status is MISSING else status)
 
     def in_transaction(self) -> bool:
@@ -705,7 +703,7 @@ class Server(SMTP):
         h = self.pmt
         if self in h.sessions:
             h.sessions.discard(self)
-            assert self.session is not None  # (a counted session got past connection_made)
+            assert self.session is not None  # (in sessions: connection_made went on to make it)
             st = _state(self.session)
             if st.ip is not None and self.counted:
                 h.clients.release(st.ip)
@@ -749,6 +747,5 @@ class Server(SMTP):
 
 # aiosmtpd reads handle_EHLO's signature (its old 4- or new 5-argument form) for every
 # connection; computed once, that is cheap.
-# (typeshed does not declare __signature__, which inspect reads, on functions)
-Handler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+Handler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # not in typeshed
     Handler.handle_EHLO)
