@@ -489,7 +489,9 @@ class Session:
 def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
                  password: str) -> bool:
     """One AUTH exchange through ``cmd(line, shown)``; the password (or its digest) never shown."""
-    b64 = lambda raw: base64.b64encode(raw).decode("ascii")  # noqa: E731
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
     u, p = user.encode("utf-8"), password.encode("utf-8")
     if mech == "PLAIN":
         initial = b64(b"\0" + u + b"\0" + p)

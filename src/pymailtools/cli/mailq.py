@@ -16,6 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
 
     from pymailtools.admin.listing import Item
+    from pymailtools.queue.envelope import Attempt
 
 PROG = "mailq"
 def explain(cfg: Config, qid: str, as_json: bool = False) -> int:
@@ -49,7 +50,7 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _explain_text(item: Item, history: list) -> str:
+def _explain_text(item: Item, history: list[Attempt]) -> str:
     from pymailtools.queue.format import printable
 
     env = item.envelope
@@ -72,7 +73,7 @@ def _explain_text(item: Item, history: list) -> str:
     return "".join(out)
 
 
-def _explain_json(item: Item, history: list) -> str:
+def _explain_json(item: Item, history: list[Attempt]) -> str:
     import json
 
     env = item.envelope

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pymailtools.cli.common import run_main
 from pymailtools.errors import (
@@ -217,7 +217,7 @@ def run(req: Request) -> int:
     return EX_TEMPFAIL if busy else EX_OK
 
 
-def _reporter(each: bool):  # type: ignore[no-untyped-def]
+def _reporter(each: bool) -> Callable[[str, str], None] | None:
     if not each:
         return None
 

@@ -325,8 +325,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
     # -q runs what is due; -qI and -qR force their entries, as postqueue -i / -s do.
-    kwargs = {"ids": ids, "site": site, "force": ids is not None or bool(site),
-              "housekeeping": True}
+    force = ids is not None or bool(site)
     if sys.stderr.isatty() and not req.verbose:
         # A long flush on a terminal gets a progress bar; piped, -q stays silent (or prints
         # log lines with -v), as scripts expect.
@@ -334,7 +333,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
 
         with Bar("sendmail -q") as bar:
             runner.progress = bar
-            runner.run(**kwargs)  # type: ignore[arg-type]
+            runner.run(ids=ids, site=site, force=force, housekeeping=True)
     else:
-        runner.run(**kwargs)  # type: ignore[arg-type]
+        runner.run(ids=ids, site=site, force=force, housekeeping=True)
     return EX_OK

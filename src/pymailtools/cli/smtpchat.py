@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import sys
+from typing import Any
 
 import click
 
@@ -148,10 +149,10 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the transcript and outcome as JSON.")
 @click.option("--no-prompt", is_flag=True, help="Never ask for anything, even on a terminal.")
 @click.version_option(__version__, "--version", prog_name="smtpchat")
-def command(**kw: object) -> int:
+def command(**kw: Any) -> int:
     """Talk SMTP to a server by hand (interactive, or like nc when input is piped), or run one
     test transaction and show its transcript (with --to or --quit-after), like swaks."""
-    return run(**kw)  # type: ignore[arg-type]
+    return run(**kw)
 
 
 def run(host: str | None, port: str | None, server: str | None, port_opt: str | None, mx: bool,
@@ -201,7 +202,8 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         raw_lines=[compose.unescape(r) for r in raw_lines], no_fixup=no_data_fixup,
     )
     try:
-        opts.port = target.parse_port(port_opt or port) if (port_opt or port) else None
+        given_port = port_opt or port
+        opts.port = target.parse_port(given_port) if given_port else None
         if server:
             opts.server = server
         elif host and not mx:

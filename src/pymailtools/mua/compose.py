@@ -144,8 +144,10 @@ def envelope_recipients(draft: Draft, origin: str) -> list[str]:
         for _, addr in address.parse_list(value):
             refuse_pipe_or_file(addr)
         out.extend(address.parse_recipients(value, origin))
-    seen: set[str] = set()
-    return [r for r in out if not (r.lower() in seen or seen.add(r.lower()))]
+    first: dict[str, str] = {}  # lowercased -> the first spelling
+    for r in out:
+        first.setdefault(r.lower(), r)
+    return list(first.values())
 
 
 def refuse_pipe_or_file(addr: str) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -113,8 +114,11 @@ class Folder:
         """Whether quitting would change anything stored."""
         raise NotImplementedError
 
-    def save(self, config: Config, keep: list[Entry]) -> int:
-        """Store the session's changes: only ``keep`` stays. Returns messages that arrived."""
+    def save(self, config: Config, keep: list[Entry],
+             before_write: Callable[[], None] | None = None) -> int:
+        """Store the session's changes: only ``keep`` stays. Returns messages that arrived.
+        ``before_write`` runs before anything stored changes (an mbox file's with it locked
+        and verified): read mode copies messages to ~/mbox there."""
         raise NotImplementedError
 
 
@@ -163,7 +167,8 @@ class MboxFolder(Folder):
     def changed(self) -> bool:
         return any(e.deleted or e.to_mbox or _with_status(e) is not e.raw for e in self.entries)
 
-    def save(self, config: Config, keep: list[Entry]) -> int:
+    def save(self, config: Config, keep: list[Entry],
+             before_write: Callable[[], None] | None = None) -> int:
         new = self._new_content(keep)
         for _ in range(10):
             try:
@@ -189,7 +194,8 @@ class MboxFolder(Folder):
                                           " your changes were not saved")
                     arrived = data[len(old) :]
                     content = _join(new, arrived)
-                    self.before_write()
+                    if before_write is not None:
+                        before_write()
                     try:
                         mbox.rewrite(self.path, fd, st, data, content)
                     except OSError as e:
@@ -198,9 +204,6 @@ class MboxFolder(Folder):
             finally:
                 os.close(fd)
         raise FolderError(f"{self.path}: kept being replaced; not rewritten")
-
-    def before_write(self) -> None:
-        """Hook run with the mailbox locked and verified, before it is rewritten (mbox copies)."""
 
 
 def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
@@ -289,11 +292,10 @@ class MaildirFolder(Folder):
         return any(e.deleted or e.to_mbox or e.subdir == "new" or (e.read and not e.seen)
                    for e in self.entries)
 
-    def before_write(self) -> None:
-        """Hook for mbox copies, run before messages are removed."""
-
-    def save(self, config: Config, keep: list[Entry]) -> int:
-        self.before_write()
+    def save(self, config: Config, keep: list[Entry],
+             before_write: Callable[[], None] | None = None) -> int:
+        if before_write is not None:
+            before_write()
         kept = {id(e) for e in keep}
         for e in self.entries:
             src = os.path.join(self.path, e.subdir, e.key)

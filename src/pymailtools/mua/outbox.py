@@ -8,7 +8,14 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import EX_NOHOST, EX_OK, EX_UNAVAILABLE, MailError, UsageError
+from pymailtools.errors import (
+    EX_NOHOST,
+    EX_OK,
+    EX_UNAVAILABLE,
+    HopError,
+    MailError,
+    UsageError,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -128,7 +135,7 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
     try:
         relay, outcomes = asyncio.run(client.send_message(hops, server.policy, sender,
                                                           recipients, message))
-    except client.HopError as e:
+    except HopError as e:
         why = f"cannot {e.reason}" if e.reason.startswith("connect to ") else e.reason
         raise MailError(why, EX_UNAVAILABLE) from None
     failed = {r: o for r, o in outcomes.items() if o.state != SENT}

@@ -25,6 +25,8 @@ from pymailtools.mua.folder import Entry, Folder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pymailtools.mua.compose import Draft
 
 EX_NOMAIL = 1
@@ -400,9 +402,11 @@ class Session:
             elif tok == ".":
                 out.append(self.dot)
             elif tok.startswith(":") and len(tok) == 2:
-                test = {"n": lambda e: e.is_new, "o": lambda e: e.old or e.seen,
-                        "r": lambda e: e.seen or e.read, "u": lambda e: not (e.seen or e.read),
-                        "d": lambda e: e.deleted}.get(tok[1])
+                tests: dict[str, Callable[[Entry], bool]] = {
+                    "n": lambda e: e.is_new, "o": lambda e: e.old or e.seen,
+                    "r": lambda e: e.seen or e.read, "u": lambda e: not (e.seen or e.read),
+                    "d": lambda e: e.deleted}
+                test = tests.get(tok[1])
                 if test is None:
                     raise UsageError(f"Unknown colon modifier: {tok}")
                 pool = range(len(entries)) if tok == ":d" else usable
@@ -428,8 +432,7 @@ class Session:
             else:
                 needle = tok.lower()
                 out.extend(i for i in usable if needle in sender_of(entries[i]).lower())
-        seen: set[int] = set()
-        result = [i for i in out if not (i in seen or seen.add(i))]
+        result = list(dict.fromkeys(out))  # each once, in order
         if not result:
             raise UsageError("No applicable messages")
         return result
@@ -499,12 +502,12 @@ class Session:
             return None
         if line.startswith("#"):
             return None
-        if line == "":
-            return self.next()
+        if line == "" or line == "+":
+            self.next()
+            return None
         if line[0] == "-" and (len(line) == 1 or line[1:].isdigit()):
-            return self.previous()
-        if line[0] == "+" and len(line) == 1:
-            return self.next()
+            self.previous()
+            return None
         if line[0].isdigit() or line[0] in "$^.":
             idx = self.select(line)
             self.show(idx[0])
@@ -514,7 +517,8 @@ class Session:
         handler = self.COMMANDS.get(cmd)
         if handler is None:
             raise UsageError(f'Unknown command: "{clean(cmd)}"')
-        return getattr(self, handler)(args)
+        result: int | None = getattr(self, handler)(args)
+        return result
 
     COMMANDS = {
         "h": "c_headers", "headers": "c_headers", "z": "c_scroll", "z-": "c_scroll_back",
@@ -775,8 +779,7 @@ class Session:
                 mailfolder.append_mbox(mbox, [mailfolder.mbox_bytes(e) for e in moved],
                                        self.cfg)
 
-        self.box.before_write = copy_to_mbox  # type: ignore[method-assign]
-        arrived = self.box.save(self.cfg, keep)
+        arrived = self.box.save(self.cfg, keep, copy_to_mbox)
         if moved:
             n = len(moved)
             self.say(f"Saved {n} message{'' if n == 1 else 's'} in {clean(mbox)}")

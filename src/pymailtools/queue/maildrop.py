@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from pymailtools import address
+from pymailtools.errors import AddressError
 from pymailtools.fileio import fsync_dir
 from pymailtools.queue import ids as queueid
 from pymailtools.queue.envelope import CorruptEnvelope, Envelope, trailer
@@ -65,7 +66,7 @@ def read(fd: int, max_message: int) -> Dropped:
         env.sender = address.check_envelope(env.sender, "sender") if env.sender else ""
         for r in env.recipients:
             address.check_envelope(r.address, "recipient")
-    except address.AddressError as e:
+    except AddressError as e:
         raise CorruptEnvelope(str(e)) from None
     return Dropped(env, msg_len, st.st_uid)
 

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from typing import BinaryIO
 
+    from _typeshed import WriteableBuffer
+
 INCOMING = "incoming"
 DEFERRED = "deferred"
 HOLD = "hold"
@@ -239,7 +241,8 @@ class _Part(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        b = memoryview(buffer).cast("B")  # its bytes (io.BufferedReader passes a memoryview)
         data = os.pread(self.fd, min(len(b), max(self.size - self.pos, 0)), self.pos)
         b[: len(data)] = data
         self.pos += len(data)

@@ -96,4 +96,4 @@ def _give_back(reader: asyncio.StreamReader, rest: bytes | bytearray) -> None:
     commands it has not read by then."""
     if rest and not reader.at_eof():
         # asyncio's StreamReader has no public "unread"; its unread bytes are this bytearray
-        reader._buffer[:0] = rest  # type: ignore[attr-defined]
+        reader._buffer[:0] = rest  # type: ignore[attr-defined]  # private in asyncio

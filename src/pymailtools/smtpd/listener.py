@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from pymailtools.config import SCHEMA, Config
 from pymailtools.errors import ConfigError, MailError, PermissionDenied
@@ -193,8 +193,9 @@ async def listen(settings: Settings, logger: Logger, socks: list[socket.socket],
         srv.close()  # stop accepting; this process's copy of the socket is closed
     for session in list(handler.sessions):
         if not session.in_transaction() and session.transport is not None:
-            session.transport.write(b"421 4.3.2 Service shutting down, closing "
-                                    b"transmission channel\r\n")
+            # (aiosmtpd declares a BaseTransport; a stream server's is a full Transport)
+            cast(asyncio.Transport, session.transport).write(
+                b"421 4.3.2 Service shutting down, closing transmission channel\r\n")
             session.close_transport()
     deadline = loop.time() + SHUTDOWN_GRACE
     while handler.sessions and loop.time() < deadline:

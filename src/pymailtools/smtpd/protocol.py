@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import (
@@ -144,8 +144,16 @@ def _tally(st: State) -> str:
     return " ".join(parts)
 
 
-def _state(session: Session) -> State:
-    return session.pmt_state  # type: ignore[attr-defined,no-any-return]
+class PmtSession(Session):
+    """aiosmtpd's Session (Server._create_session makes these) with our State, set at
+    connect, and the SASL mechanism of a successful AUTH."""
+
+    pmt_state: State
+    pmt_mechanism: str
+
+
+def _state(session: PmtSession) -> State:
+    return session.pmt_state
 
 
 def _names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
@@ -187,10 +195,10 @@ class Handler:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def trusted(self, session: Session) -> bool:
+    def trusted(self, session: PmtSession) -> bool:
         return bool(session.authenticated) or self.settings.trusted_ip(_state(session).ip)
 
-    def reject(self, session: Session, envelope: Envelope, stage: str, reply: str,
+    def reject(self, session: PmtSession, envelope: Envelope, stage: str, reply: str,
                rcpt: str | None = None) -> str:
         st = _state(session)
         to = f" to=<{escape(rcpt)}>" if rcpt is not None else ""
@@ -204,7 +212,7 @@ class Handler:
 
     # --- hooks --------------------------------------------------------------------------------
 
-    async def handle_HELO(self, server: Server, session: Session, envelope: Envelope,
+    async def handle_HELO(self, server: Server, session: PmtSession, envelope: Envelope,
                           hostname: str) -> str:
         if not self._helo_name(hostname):
             return "501 5.5.2 Error: invalid HELO name"
@@ -212,7 +220,7 @@ class Handler:
         _state(session).proto = "SMTP"
         return f"250 {server.hostname}"
 
-    async def handle_EHLO(self, server: Server, session: Session, envelope: Envelope,
+    async def handle_EHLO(self, server: Server, session: PmtSession, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         if not self._helo_name(hostname):
             return ["501 5.5.2 Error: invalid EHLO name"]
@@ -227,7 +235,7 @@ class Handler:
                  *[o for o in offered if o in ("8BITMIME", "SMTPUTF8")]]
         return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
 
-    async def handle_MAIL(self, server: Server, session: Session, envelope: Envelope,
+    async def handle_MAIL(self, server: Server, session: PmtSession, envelope: Envelope,
                           addr: str, mail_options: list[str]) -> str:
         sender = "" if addr == "<>" else addr
         if sender:
@@ -242,7 +250,7 @@ class Handler:
         _state(session).overshoot = 0
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server: Server, session: Session, envelope: Envelope,
+    async def handle_RCPT(self, server: Server, session: PmtSession, envelope: Envelope,
                           addr: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.cfg.smtpd_recipient_limit:
             # A client that sends its whole list one RCPT at a time takes these 452s as "the
@@ -287,11 +295,11 @@ class Handler:
         envelope.rcpt_tos.append(rcpt)
         return "250 2.1.5 Ok"
 
-    async def handle_VRFY(self, server: Server, session: Session, envelope: Envelope,
+    async def handle_VRFY(self, server: Server, session: PmtSession, envelope: Envelope,
                           addr: str) -> str:
         return "252 2.0.0 Cannot VRFY user; try RCPT to attempt delivery"  # no enumeration
 
-    async def handle_DATA(self, server: Server, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: Server, session: PmtSession, envelope: Envelope) -> str:
         st = _state(session)
         content: bytes = envelope.original_content or b""
         crlf = content.count(b"\r\n")
@@ -320,7 +328,7 @@ class Handler:
             return "451 4.3.0 Error: queue file write error"
         sasl = ""
         if session.authenticated:
-            sasl = (f", sasl_method={escape(session.pmt_mechanism)}, "  # type: ignore
+            sasl = (f", sasl_method={escape(session.pmt_mechanism)}, "
                     f"sasl_username={escape(session.auth_data)}")
         self.log.info(f"{qid}: client={st.client}{sasl}")
         self.log.info(f"{qid}: from=<{escape(envelope.mail_from or '')}>, "
@@ -329,7 +337,7 @@ class Handler:
             self.queued(qid)
         return f"250 2.0.0 Ok: queued as {qid}"
 
-    def received_header(self, server: Server, session: Session, rcpts: list[str],
+    def received_header(self, server: Server, session: PmtSession, rcpts: list[str],
                         qid: str) -> str:
         """``Received: from HELO (name [ip]) by us (pymailtools) with ESMTPSA id QID for <r>``."""
         st = _state(session)
@@ -351,8 +359,10 @@ class Handler:
         return f"Received: {origin} with {proto} id {qid}{for_};\n" \
                f"\t{submit.rfc5322_date(time.time())}\n"
 
-    def authenticate(self, server: Server, session: Session, envelope: Envelope,
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data: Any) -> AuthResult:
+        # (aiosmtpd's authenticator type: any SMTP and Session; ours are Server's own)
+        assert isinstance(session, PmtSession)
         ok = False
         user = ""
         if isinstance(auth_data, LoginPassword):
@@ -363,7 +373,7 @@ class Handler:
             self.log.warning(f"{_state(session).client}: SASL {escape(mechanism)} "
                              "authentication failed: authentication failure")
             return AuthResult(success=False, handled=False)
-        session.pmt_mechanism = mechanism  # type: ignore[attr-defined]
+        session.pmt_mechanism = mechanism
         return AuthResult(success=True, handled=False, auth_data=user)
 
 
@@ -446,6 +456,8 @@ def _dot_atom(text: str) -> bool:
 class Server(SMTP):
     """aiosmtpd's SMTP with our limits: connections per client, errors per session, shutdown."""
 
+    session: PmtSession | None  # see _create_session
+
     def __init__(self, handler: Handler, **kw: Any) -> None:
         s = handler.settings
         cfg = s.cfg
@@ -460,7 +472,7 @@ class Server(SMTP):
         self._held: list[str] = []  # the first lines of a multi-line reply
         self._deadline = self._armed_for = 0.0  # see _reset_timeout
         self._tls_up = False  # STARTTLS handshake done
-        self._smtp_methods = _Commands(self, tuple(self._smtp_methods))
+        self._smtp_methods = _Commands(self, tuple(self._smtp_methods))  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
 
     @classmethod
     def fresh(cls, handler: Handler, loop: asyncio.AbstractEventLoop) -> Server:
@@ -478,10 +490,13 @@ class Server(SMTP):
             self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self._held = []
-        self._smtp_methods = _Commands(self, t.commands)
+        self._smtp_methods = _Commands(self, t.commands)  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
         self._auth_methods = {name: _AuthMechAttr(getattr(self, how.method.__name__), True)
                               if how.is_builtin else how for name, how in t.mechanisms.items()}
         return self
+
+    def _create_session(self) -> PmtSession:
+        return PmtSession(self.loop)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ runs dir() and inspect.getmembers() over the protocol and the
@@ -504,7 +519,7 @@ class Server(SMTP):
                 if self.local_part_limit and len(local) > self.local_part_limit:
                     return None, None
                 return text[1:end], rest
-        return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return super()._getaddr(arg)
 
     async def command(self, name: str, method: Callable[[str | None], Awaitable[None]],
                       arg: str | None) -> None:
@@ -514,13 +529,15 @@ class Server(SMTP):
             # closed by an earlier reply (421, 521, 554): aiosmtpd would still run the
             # commands it has buffered until asyncio reports the connection lost
             return
-        st = _state(self.session)
+        session = self.session
+        assert session is not None  # set at connect, before any command
+        st = _state(session)
         key = name.lower()
         st.counts[key] = st.counts.get(key, 0) + 1
         st.pending = key
         st.last = name
-        if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore
-                name in _LAST_IN_GROUP or not self.session.extended_smtp):  # type: ignore
+        if self._reader._buffer and st.ip is not None and name != "QUIT" and (  # type: ignore[attr-defined]  # private in asyncio
+                name in _LAST_IN_GROUP or not session.extended_smtp):
             await self._improper_pipelining(name, st)
             return
         if self.pmt.draining and name != "QUIT" and not self.in_transaction():
@@ -538,7 +555,7 @@ class Server(SMTP):
         DATA, STARTTLS, AUTH, ...), or pipelined at all after HELO, which does not offer it:
         as Postfix's smtpd_forbid_unauth_pipelining, which stops injection through a
         client's unchecked pipelining (and plaintext sent along with STARTTLS)."""
-        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]
+        pending = bytes(self._reader._buffer[:100])  # type: ignore[attr-defined]  # private in asyncio
         self.pmt.log.warning(f"improper command pipelining after {name} from {st.client}: "
                              f"{escape(pending.decode('utf-8', 'replace'))}")
         await self.push("554 5.5.0 Error: SMTP protocol synchronization")
@@ -572,11 +589,12 @@ class Server(SMTP):
             # TLS layer tells the session nothing then, and closing it would not end the
             # connection. Drop the TCP connection and end the session as aiosmtpd does when
             # a handshake fails.
-            self._original_transport.abort()
+            # (aiosmtpd declares a BaseTransport; a stream server's is a full Transport)
+            cast(asyncio.Transport, self._original_transport).abort()
             if self.transport is not None:
                 self.connection_lost(None)
         else:
-            self._timeout_cb()
+            self._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -607,16 +625,17 @@ class Server(SMTP):
                 self._reset_timeout)  # smtpd_timeout per read, as Postfix, not for all of DATA
         except asyncio.IncompleteReadError:  # the client went away in the middle of it
             raise ConnectionResetError("end of file during DATA") from None
+        assert self.session is not None  # (as the envelope: set at connect)
         _state(self.session).last = "END-OF-MESSAGE"
         if problem:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
                             if problem == smtpd_data.TOO_LONG
                             else "552 Error: Too much mail data")
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         await self.push("250 OK" if status is MISSING else status)
 
     def in_transaction(self) -> bool:
@@ -635,10 +654,11 @@ class Server(SMTP):
         if self._original_transport is not None and self.session is not None:
             # The TLS layer after STARTTLS: aiosmtpd starts a fresh Session (the client must
             # EHLO again), but the connection's facts and counters carry over.
-            state = self.session.pmt_state  # type: ignore[attr-defined]
+            state = self.session.pmt_state
             self._tls_up = True
             super().connection_made(transport)
-            self.session.pmt_state = state  # type: ignore[attr-defined]
+            assert self.session is not None  # (aiosmtpd's connection_made made a new one)
+            self.session.pmt_state = state
             return
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) and peer else None
@@ -652,7 +672,9 @@ class Server(SMTP):
                 self.refused = True
                 why = "Service shutting down" if h.draining else "too many connections"
                 h.log.warning(f"{why} from {client}")
-                transport.write(f"421 4.7.0 {h.cfg.myhostname} Error: {why}\r\n".encode())
+                # (asyncio declares a BaseTransport; a stream server's is a full Transport)
+                cast(asyncio.Transport, transport).write(
+                    f"421 4.7.0 {h.cfg.myhostname} Error: {why}\r\n".encode())
                 transport.close()
                 return
             self.counted = counted is True
@@ -663,7 +685,8 @@ class Server(SMTP):
         h.sessions.add(self)
         h.log.info(f"connect from {client}")
         super().connection_made(transport)
-        self.session.pmt_state = State(ip, client)  # type: ignore[union-attr]
+        assert self.session is not None  # (aiosmtpd's connection_made made it)
+        self.session.pmt_state = State(ip, client)
 
     def eof_received(self) -> bool:
         # aiosmtpd cancels the session's task at end of file but keeps the transport open; a
@@ -680,6 +703,7 @@ class Server(SMTP):
         h = self.pmt
         if self in h.sessions:
             h.sessions.discard(self)
+            assert self.session is not None  # (in sessions: connection_made went on to make it)
             st = _state(self.session)
             if st.ip is not None and self.counted:
                 h.clients.release(st.ip)
@@ -723,5 +747,5 @@ class Server(SMTP):
 
 # aiosmtpd reads handle_EHLO's signature (its old 4- or new 5-argument form) for every
 # connection; computed once, that is cheap.
-Handler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+Handler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # not in typeshed
     Handler.handle_EHLO)

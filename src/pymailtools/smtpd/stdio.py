@@ -79,7 +79,7 @@ class _StdioTransport(asyncio.Transport):
         while not self.closing:
             # Waiting for more input: what is left (nothing, or a last line without its
             # CRLF) can never be a whole command.
-            if reader._waiter is not None:  # type: ignore[attr-defined]
+            if reader._waiter is not None:  # type: ignore[attr-defined]  # private in asyncio
                 self.close()
                 break
             await asyncio.sleep(0.01)
