@@ -431,6 +431,7 @@ def _read_toml(path: str, check_owner: bool) -> dict[str, Any]:
     fast = fast_toml(text)
     if fast is not None:
         return fast
+    # off the hot path: only a file the fast parser declines needs tomllib
     import tomllib
 
     try:

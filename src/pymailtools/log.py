@@ -155,6 +155,7 @@ class Logger:
 
     def _open(self) -> "ModuleType":
         if self._syslog is None:
+            # syslog only once a line goes there (syslog = no never opens it)
             import syslog
 
             # Postfix's shape: "postfix/smtp[PID]: ..." -> "pymailtools/runner[PID]: ...".

@@ -460,7 +460,7 @@ def test_bD_runs_the_queue_periodically_and_stops_on_sigterm(
 
 
 def test_bd_with_a_bad_interval_is_a_usage_error(sendmail) -> None:  # type: ignore
-    # -bd without an interval runs the SMTP listener (tests/smtpd/test_smtpd.py); a bad one is refused
+    # -bd without an interval runs the SMTP listener (tests/smtpd/); a bad one is refused
     assert sendmail("-bd", "-qsoon").returncode == 64
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from pymailtools.admin.postsuper import DELETE, HOLD_OP
+from pymailtools.qmgr.trigger import detach
 from pymailtools.queue import bulk
 from pymailtools.queue.bulk import Outcome
 from pymailtools.queue.store import DEFERRED, HOLD, INCOMING, Queue
@@ -33,8 +34,6 @@ def whole(op: str, queue: Queue, queues: list[str]) -> tuple[Outcome | None, lis
 
 def settle_in_background(queue: Queue, held_skipped: list[str]) -> None:
     """Run settle() in a detached process (reclaiming 100,000 entries' space takes a while)."""
-    from pymailtools.qmgr.trigger import detach
-
     if detach():
         try:
             os.nice(10)

@@ -6,6 +6,7 @@ import datetime
 import email.policy
 import mimetypes
 import os
+import sys
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import format_datetime, localtime, make_msgid
@@ -24,8 +25,6 @@ def read_source(spec: str, stdin: bytes | None = None) -> bytes:
     """swaks' argument forms: ``@file``, ``-`` (standard input) or the literal text."""
     if spec == "-":
         if stdin is None:
-            import sys
-
             return sys.stdin.buffer.read()
         return stdin
     if spec.startswith("@"):

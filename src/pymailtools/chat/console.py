@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.chat import status
+from pymailtools.chat.compose import lines_of
 from pymailtools.chat.errors import ChatError, ConnectionLost
 from pymailtools.chat.session import Options, Session, Stop, authenticate
 from pymailtools.chat.transcript import MASK, Transcript
@@ -210,8 +211,6 @@ class Console:
             self.t.info(f"Authenticated as {user} with {mech}")
 
     def _data_file(self, args: list[str]) -> None:
-        from pymailtools.chat.compose import lines_of
-
         if len(args) != 1:
             self.t.error("Usage: /data FILE")
             return
@@ -262,6 +261,7 @@ def terminal_reader() -> Callable[[str], bytes | None]:
     """Lines typed at a terminal with readline editing and history (AUTH lines kept out of it)."""
     history: Callable[[str], None] | None = None
     try:
+        # line editing only for a person at a terminal
         import readline
     except ImportError:  # Python built without readline: plain input() still works
         pass

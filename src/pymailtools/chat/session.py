@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymailtools.chat import status, target
+from pymailtools.chat.compose import lines_of
 from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
@@ -72,8 +73,6 @@ class Stop(Exception):
 
 def wire_lines(opts: Options) -> list[bytes]:
     """The message as sent inside DATA: line ends per --bare-lf/--bare-cr, dots stuffed last."""
-    from pymailtools.chat.compose import lines_of
-
     if opts.no_fixup:
         return [opts.message] if opts.message else []
     return [(b"." + ln if ln.startswith(b".") else ln) + opts.line_ending
@@ -379,8 +378,6 @@ class Session:
         if o.no_fixup:
             message = o.message
         else:
-            from pymailtools.chat.compose import lines_of
-
             message = b"".join(ln + o.line_ending for ln in lines_of(o.message))
         message += b"".join(o.raw_lines)
         if self.quit_point == "data":

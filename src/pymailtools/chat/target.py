@@ -46,6 +46,7 @@ def system_addresses(host: str, port: int, family: int) -> list[Address]:
 def make_resolver(server: str | None, timeout: float | None) -> dns.resolver.Resolver:
     """dnspython's resolver, optionally asking only ``server`` (HOST[:PORT], e.g. a test DNS)."""
     try:
+        # dnspython is optional: only --mx needs it
         import dns.resolver
     except ImportError:
         raise ChatError("--mx needs dnspython (apt-get install python3-dnspython)",
@@ -64,6 +65,7 @@ def make_resolver(server: str | None, timeout: float | None) -> dns.resolver.Res
 
 def mx_hosts(domain: str, resolver: dns.resolver.Resolver) -> list[str]:
     """MX hosts by preference, equal preferences shuffled; the domain itself when it has no MX."""
+    # only --mx walks MX records: dnspython, and smtp.mx with asyncio behind it
     import dns.exception
     import dns.resolver
 
@@ -86,6 +88,7 @@ def mx_hosts(domain: str, resolver: dns.resolver.Resolver) -> list[str]:
 def dns_addresses(host: str, port: int, family: int,
                   resolver: dns.resolver.Resolver) -> list[Address]:
     """A and AAAA records of an MX host (through the same resolver as the MX lookup)."""
+    # dnspython: only --mx resolves through it
     import dns.exception
 
     if nexthop.is_ip(host):

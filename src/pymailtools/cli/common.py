@@ -4,8 +4,10 @@ who may view or flush the queue."""
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 
+from pymailtools.config import ANYONE
 from pymailtools.errors import EX_IOERR, EX_NOPERM, EX_OK, EX_SOFTWARE, MailError, PermissionDenied
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
@@ -58,8 +60,6 @@ def run_main(prog: str, body: Callable[[], int], *,
 
 def user_label() -> str:
     """``name(uid)`` as Postfix prints the caller in its permission errors."""
-    import pwd
-
     uid = os.getuid()
     try:
         return f"{pwd.getpwuid(uid).pw_name}({uid})"
@@ -75,8 +75,6 @@ def authorize(cfg: Config, action: str) -> None:
 
     The caller's own configuration can widen these lists: what keeps an ordinary user from
     a root queue's contents is the file modes (Queue.ensure), not this check."""
-    from pymailtools.config import ANYONE
-
     uid = os.getuid()
     if uid == 0:
         return
@@ -88,7 +86,6 @@ def authorize(cfg: Config, action: str) -> None:
     users = cfg.authorized_mailq_users if action == "view" else cfg.authorized_flush_users
     if ANYONE in users:
         return
-    import pwd
 
     try:
         if pwd.getpwuid(uid).pw_name in users:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+from pymailtools import config as configmod
 from pymailtools.cli.common import run_main
 from pymailtools.config import Config
 from pymailtools.errors import EX_OK, EX_USAGE, MailError, UsageError
+from pymailtools.mua import compose, outbox
+from pymailtools.submit import submission as submit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -211,8 +214,6 @@ class _Quiet(UsageError):
 
 
 def run(req: Request) -> int:
-    from pymailtools import config as configmod
-
     sending = bool(req.operands) and req.folder is None and req.user is None
     if req.read_recipients or sending:
         if req.headers_only or req.check_only or req.folder is not None or req.user:
@@ -226,6 +227,7 @@ def run(req: Request) -> int:
         raise _Quiet("too many arguments for read mode")
     cfg = configmod.load()
     configmod.warn(cfg, PROG)
+    # read mode only: sending pays for neither the reader nor its folder code
     from pymailtools.mua import reader as mailread
 
     folder = req.folder
@@ -251,9 +253,6 @@ def server_of(req: Request) -> str | None:
 
 
 def send(cfg: Config, req: Request) -> int:
-    from pymailtools.mua import compose, outbox
-    from pymailtools.submit import submission as submit
-
     draft = compose.Draft(to=list(req.operands), cc=list(req.cc), bcc=list(req.bcc),
                           subject=req.subject or "")
     if req.subject is not None:
@@ -281,6 +280,7 @@ def send(cfg: Config, req: Request) -> int:
     skip_empty = req.skip_empty or "skipemptybody" in req.variables
     interactive = sys.stdin.isatty() and not req.read_recipients
     if interactive:
+        # tilde escapes (editor, pager: subprocess) only for a terminal; cron's mail skips them
         from pymailtools.mua import tilde
 
         escape = req.variables.get("escape", "~")
@@ -305,6 +305,7 @@ def send(cfg: Config, req: Request) -> int:
                                  verbose=req.verbose, prog=PROG)
     except MailError:
         if interactive:
+            # only an interactive session saves dead.letter (tilde: editor, subprocess)
             from pymailtools.mua import tilde
 
             path = dead_letter()

@@ -5,12 +5,17 @@ from __future__ import annotations
 import sys
 import time
 
+from pymailtools import config as configmod
+from pymailtools.admin.listing import find_item
 from pymailtools.cli import sendmail
 from pymailtools.cli.common import authorize, run_main
 from pymailtools.cli.show import quiet_broken_pipe, show
 from pymailtools.config import Config
-from pymailtools.errors import EX_NOINPUT, MailError, UsageError
+from pymailtools.errors import EX_NOINPUT, MailError, PermissionDenied, UsageError
+from pymailtools.queue import ids as queueid
+from pymailtools.queue.format import printable
 from pymailtools.queue.select import Options
+from pymailtools.queue.store import Queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,11 +26,6 @@ if TYPE_CHECKING:
 PROG = "mailq"
 def explain(cfg: Config, qid: str, as_json: bool = False) -> int:
     """mailq --explain ID: the entry and its attempt history, per recipient."""
-    from pymailtools.admin.listing import find_item
-    from pymailtools.errors import PermissionDenied
-    from pymailtools.queue import ids as queueid
-    from pymailtools.queue.store import Queue
-
     queueid.check(qid)
     authorize(cfg, "view")
     queue = Queue(cfg.queue_directory)
@@ -51,8 +51,6 @@ def _when(t: float) -> str:
 
 
 def _explain_text(item: Item, history: list[Attempt]) -> str:
-    from pymailtools.queue.format import printable
-
     env = item.envelope
     out = [f"{env.id}: {item.queue_name}, {env.size} bytes, arrived {_when(env.arrival)}, "
            f"from {printable(env.sender) or 'MAILER-DAEMON'}\n"]
@@ -74,6 +72,7 @@ def _explain_text(item: Item, history: list[Attempt]) -> str:
 
 
 def _explain_json(item: Item, history: list[Attempt]) -> str:
+    # only --explain --json writes JSON
     import json
 
     env = item.envelope
@@ -136,7 +135,6 @@ def _run(argv: list[str]) -> int:
     if own["explain"] is None and not own["json"] and not own["plain"] and not any(
             sel.values.values()):
         return sendmail.run(sendmail.parse(["mailq", *rest]))  # exactly `sendmail -bp`
-    from pymailtools import config as configmod
 
     req = sendmail.parse(["mailq", *rest])
     if req.recipients:

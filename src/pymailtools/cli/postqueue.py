@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
+from pymailtools import config as configmod
 from pymailtools.cli.common import authorize, run_main
+from pymailtools.cli.show import show
 from pymailtools.errors import (
     EX_OK,
     PermissionDenied,
     UsageError,
 )
+from pymailtools.queue import ids as queueid
+from pymailtools.queue.format import printable
 from pymailtools.queue.select import Options
+from pymailtools.queue.store import Queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(req: Request) -> int:
-    from pymailtools import config as configmod
-
     if req.mode == "i":
         _check_id(req.arg)
     elif req.mode == "s":
@@ -109,17 +112,15 @@ def run(req: Request) -> int:
     cfg = configmod.load(req.config)
     configmod.warn(cfg, PROG)
     if req.mode in "pj":
-        from pymailtools.cli.show import show
-
         return show(cfg, PROG, selector=req.selectors.selector(),
                     fmt="json" if req.mode == "j" else ("plain" if req.plain else "auto"))
-    from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         # Postfix flushes for anyone through its privileged service; pymailtools has none.
         raise PermissionDenied(f"cannot flush the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
+    # only a flush runs the queue: -p and -j do not load the runner (logging, subprocess)
     from pymailtools.qmgr.runner import Runner
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
@@ -133,16 +134,11 @@ def run(req: Request) -> int:
 
 
 def _check_id(qid: str) -> None:
-    from pymailtools.queue import ids as queueid
-    from pymailtools.queue.format import printable
-
     if not queueid.is_valid(qid):
         raise UsageError(f'Cannot flush queue ID - invalid name: "{printable(qid)}"')
 
 
 def _check_site(site: str) -> None:
-    from pymailtools.queue.format import printable
-
     ok = bool(site) and len(site) <= 255 and all(
         c.isascii() and (c.isalnum() or c in ".-[]:") for c in site)
     if ok and site.startswith("["):

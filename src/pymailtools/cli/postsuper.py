@@ -6,7 +6,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
+from pymailtools import config as configmod
+from pymailtools.admin.bulk import settle_in_background, whole
+from pymailtools.admin.postsuper import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
 from pymailtools.cli.common import run_main
+from pymailtools.cli.postqueue import config_path
 from pymailtools.errors import (
     EX_DATAERR,
     EX_OK,
@@ -15,7 +19,11 @@ from pymailtools.errors import (
     PermissionDenied,
     UsageError,
 )
+from pymailtools.queue import bulk
+from pymailtools.queue import ids as queueid
+from pymailtools.queue.format import printable
 from pymailtools.queue.select import QUEUE_NAMES, Options
+from pymailtools.queue.store import Queue
 
 PROG = "postsuper"
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
@@ -51,8 +59,6 @@ def info(msg: str) -> None:
 def parse(argv: list[str]) -> Request:
     """Postfix's getopt (-d ID may repeat; ALL and - are special), plus long selectors.
     Every id is validated here, before anything is touched."""
-    from pymailtools.queue import ids as queueid
-
     req = Request()
     i = 0
     while i < len(argv):
@@ -90,8 +96,6 @@ def parse(argv: list[str]) -> Request:
             else:
                 raise UsageError(f"option requires an argument -- '{c}'\n{PROG}: fatal: {USAGE}")
             if c == "c":
-                from pymailtools.cli.postqueue import config_path
-
                 req.config = config_path(str(value))
             elif value is None:
                 req.ops.setdefault(_OPS[c], []).append(SELECTED)
@@ -119,8 +123,6 @@ def parse(argv: list[str]) -> Request:
 
 
 def _safe(s: str) -> str:
-    from pymailtools.queue.format import printable
-
     return printable(s)
 
 
@@ -145,12 +147,6 @@ def check_permission(root: str) -> None:
 
 
 def run(req: Request) -> int:
-    from pymailtools import config as configmod
-    from pymailtools.admin.bulk import settle_in_background, whole
-    from pymailtools.admin.postsuper import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
-    from pymailtools.queue import bulk
-    from pymailtools.queue.store import Queue
-
     cfg = configmod.load(req.config)
     configmod.warn(cfg, PROG)
     check_permission(cfg.queue_directory)
@@ -229,8 +225,6 @@ def _reporter(each: bool) -> Callable[[str, str], None] | None:
 
 def _stdin_ids(errors: list[str]) -> Iterator[str]:
     """Ids from standard input, one per line; a bad line is warned about and skipped."""
-    from pymailtools.queue import ids as queueid
-
     for raw in sys.stdin.buffer:
         line = raw.rstrip(b"\n").removesuffix(b"\r")
         if not line.strip():

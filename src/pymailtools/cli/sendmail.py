@@ -7,8 +7,9 @@ imported inside the modes that need them.
 import os
 import sys
 
+from pymailtools import address
 from pymailtools import config as configmod
-from pymailtools.cli.common import run_main
+from pymailtools.cli.common import authorize, run_main
 from pymailtools.errors import (
     EX_IOERR,
     EX_OK,
@@ -17,6 +18,9 @@ from pymailtools.errors import (
     PermissionDenied,
     UsageError,
 )
+from pymailtools.queue import ids as queueid
+from pymailtools.queue.store import Queue
+from pymailtools.submit import submission as submit
 
 PROG = "sendmail"
 # Postfix's getopt string; -q is handled apart because a bare -q has no argument.
@@ -198,20 +202,24 @@ def run(req: Request) -> int:
     if mode == "queue":
         return _queue_run(cfg, req)
     if mode == "list":
+        # not on the submission path: only -bp lists the queue
         from pymailtools.cli.show import show
 
         return show(cfg, req.prog)
     if mode == "verify":
+        # not on the submission path: only -bv routes without delivering
         from pymailtools.qmgr.verify import verify
 
         return verify(cfg, req.recipients, sys.stdout)
     if mode == "aliases":
+        # not on the submission path: only -bi reads the alias files
         from pymailtools.qmgr.verify import check_aliases
 
         return check_aliases(cfg, req.prog)
     if mode == "daemon":
         return _daemon(cfg, req)
     if mode == "smtp":
+        # not on the submission path: only -bs loads the SMTP server (asyncio, aiosmtpd)
         from pymailtools.smtpd.stdio import serve_stdio
 
         return serve_stdio(cfg, verbose=req.verbose > 1)
@@ -219,9 +227,6 @@ def run(req: Request) -> int:
 
 
 def _deliver(cfg: configmod.Config, req: Request) -> int:
-    from pymailtools import address
-    from pymailtools.submit import submission as submit
-
     recipients: list[str] = []
     for arg in req.recipients:
         recipients.extend(address.parse_recipients(arg, cfg.myorigin))
@@ -236,6 +241,7 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
         mode = "foreground"
     if mode == "queue":
         return EX_OK
+    # queue mode (the hot path) returned above: only the other modes wake a runner
     from pymailtools.qmgr import trigger as wake
 
     if mode == "foreground":
@@ -259,11 +265,11 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     -qINTERVAL. -bd detaches (after the sockets are bound, so a busy port is reported here);
     -bD stays in the foreground for systemd."""
     interval = _interval(req.queue_run)
-    from pymailtools.queue.store import Queue
 
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
+    # not on the submission path: only -bd/-bD load the listener (asyncio, aiosmtpd)
     from pymailtools.smtpd.daemon import serve
     from pymailtools.smtpd.listener import bind
     from pymailtools.smtpd.policy import Settings
@@ -273,7 +279,8 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     if req.daemon_flag == "D":
         return serve(cfg, socks, interval=interval, config_path=req.config_path,
                            verbose=bool(req.verbose))
-    # -bd: detach like sendmail does, so an init script's call returns.
+    # -bd: detach like sendmail does, so an init script's call returns (imported here:
+    # qmgr.trigger stays off the queue-mode submission path).
     from pymailtools.qmgr.trigger import detach
 
     config_path = os.path.abspath(req.config_path) if req.config_path else None
@@ -293,8 +300,6 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
 
 
 def _queue_run(cfg: configmod.Config, req: Request) -> int:
-    from pymailtools.queue import ids as queueid
-
     arg = req.queue_run or ""
     ids: list[str] | None = None
     site: str | None = None
@@ -314,13 +319,12 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         except MailError:
             raise UsageError(f"bad -q interval: {arg}") from None
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
-    from pymailtools.cli.common import authorize
-    from pymailtools.queue.store import Queue
 
     authorize(cfg, "flush")
     if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
+    # not on the submission path (cron): only -q needs the runner
     from pymailtools.qmgr.runner import Runner
 
     runner = Runner(cfg, prog=PROG, verbose=bool(req.verbose))
@@ -329,6 +333,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
     if sys.stderr.isatty() and not req.verbose:
         # A long flush on a terminal gets a progress bar; piped, -q stays silent (or prints
         # log lines with -v), as scripts expect.
+        # rich, only for a flush on a terminal
         from pymailtools.cli.progress import Bar
 
         with Bar("sendmail -q") as bar:

@@ -3,13 +3,17 @@ JSON lines, or a rich table on a terminal."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
+from pymailtools.admin.listing import items, json_lines, listing
 from pymailtools.cli.common import authorize
 from pymailtools.config import Config
-from pymailtools.errors import MailError
+from pymailtools.errors import MailError, PermissionDenied
+from pymailtools.queue.format import printable
 from pymailtools.queue.select import Selector
+from pymailtools.queue.store import Queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,9 +30,6 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
     or ``auto``: the table on a terminal, Postfix's text otherwise. Every user may, unless
     authorized_mailq_users says otherwise; an ordinary user sees what the listing index and
     the state directories show (never a message or an envelope)."""
-    from pymailtools.admin.listing import items, json_lines, listing
-    from pymailtools.queue.store import Queue
-
     authorize(cfg, "view")
     queue = Queue(cfg.queue_directory)
     if fmt == "auto":
@@ -63,8 +64,6 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
 def _unreadable(cfg: Config) -> MailError:
     """Why this user could not list the queue: modes not yet opened by a root queue run, or
     a restricted authorized_mailq_users (then only root can read it)."""
-    from pymailtools.errors import PermissionDenied
-
     if cfg.public_listing:
         why = 'not listable by ordinary users yet: run "sendmail -q" once as root'
     else:
@@ -75,8 +74,6 @@ def _unreadable(cfg: Config) -> MailError:
 
 def quiet_broken_pipe() -> None:
     """`mailq | head`: stop quietly, and keep Python from complaining at exit."""
-    import os
-
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stdout.fileno())
@@ -96,11 +93,10 @@ def age(seconds: float) -> str:
 
 def _table(entries: Iterable[Item]) -> None:
     """A rich table (id, state, age, size, sender, recipients, last reason), in slices."""
+    # rich (~40 ms) only for the table on a terminal
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
-
-    from pymailtools.queue.format import printable
 
     console = Console(highlight=False)
     now = time.time()

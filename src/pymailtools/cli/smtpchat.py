@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import socket
@@ -11,7 +12,11 @@ from typing import Any
 import click
 
 from pymailtools import __version__
-from pymailtools.chat import status
+from pymailtools.address import check_envelope
+from pymailtools.chat import compose, console, status, target
+from pymailtools.chat.session import Options, Session, needs_utf8
+from pymailtools.chat.transcript import Transcript
+from pymailtools.errors import AddressError
 
 QUIT_AFTER = ["connect", "banner", "first-ehlo", "first-helo", "ehlo", "helo", "lhlo", "tls",
               "starttls", "auth", "mail", "from", "rcpt", "to", "data"]
@@ -33,9 +38,6 @@ def parse_timeout(text: str) -> float | None:
 
 
 def _addresses(values: tuple[str, ...]) -> list[str]:
-    from pymailtools.address import check_envelope
-    from pymailtools.errors import AddressError
-
     out = []
     for value in values:
         for part in value.split(","):
@@ -50,9 +52,6 @@ def _addresses(values: tuple[str, ...]) -> list[str]:
 
 
 def _sender(value: str | None, hostname: str) -> str:
-    from pymailtools.address import check_envelope
-    from pymailtools.errors import AddressError
-
     if value is None:
         user = os.environ.get("LOGNAME") or os.environ.get("USER") or "root"
         return f"{user}@{hostname}"
@@ -79,8 +78,6 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
         raise UsageProblem(f"{prompt.rstrip(': ')} needed and there is no terminal to ask on "
                            f"(give it as an option{' or in ' + PASSWORD_ENV if secret else ''})")
     if secret:
-        import getpass
-
         return getpass.getpass(prompt)
     return input(prompt)
 
@@ -167,10 +164,6 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         quit_after: str | None, pipeline: bool, chunking: bool, chunk_size: int,
         smtputf8: bool, timeout: str, suppress_data: bool, as_json: bool,
         no_prompt: bool) -> int:
-    from pymailtools.chat import compose, target
-    from pymailtools.chat.session import Options, Session, needs_utf8
-    from pymailtools.chat.transcript import Transcript
-
     interactive_input = _tty()
     may_ask = interactive_input and not no_prompt
     if sum([tls_required, tls_optional, tls_on_connect]) > 1:
@@ -233,16 +226,12 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
 
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and not as_json
     if not scripted:
-        from pymailtools.chat import console
-
         if not host and not server:
             raise UsageProblem("interactive mode needs HOST [PORT] or --server")
         t = Transcript(colour=colour, hints=interactive_input)
         reader = console.terminal_reader() if interactive_input else console.stdin_reader()
         ask = None
         if may_ask:
-            import getpass
-
             ask = getpass.getpass
         return console.Console(opts, t, interactive_input, reader, ask,
                                echo_sent=interactive_input and not sys.stdout.isatty()).run()

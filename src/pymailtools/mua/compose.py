@@ -11,7 +11,7 @@ from email.policy import SMTP
 from email.utils import formataddr, formatdate, make_msgid, quote
 
 from pymailtools import address
-from pymailtools.errors import EX_NOINPUT, MailError, UsageError
+from pymailtools.errors import EX_NOINPUT, AddressError, MailError, UsageError
 
 # LF line ends: the queue stores LF (submit normalises anyway) and the SMTP client adds CRs.
 POLICY = SMTP.clone(linesep="\n")
@@ -152,8 +152,6 @@ def envelope_recipients(draft: Draft, origin: str) -> list[str]:
 
 def refuse_pipe_or_file(addr: str) -> None:
     """mailx delivers to "|cmd" and "/path" names; a script's argument must never do that."""
-    from pymailtools.errors import AddressError
-
     if addr.startswith(("|", "/", "./", "../", "~/", "+")) or ("/" in addr and "@" not in addr):
         raise AddressError(f"pipe and file recipients are not allowed: {addr}")
 

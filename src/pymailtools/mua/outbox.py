@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -16,6 +17,10 @@ from pymailtools.errors import (
     MailError,
     UsageError,
 )
+from pymailtools.mua import compose
+from pymailtools.qmgr import trigger as wake
+from pymailtools.queue.envelope import SENT
+from pymailtools.submit import submission as submit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,6 +51,7 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
     ``strict`` or ``ask`` makes a verified certificate mandatory, ``warn`` or ``ignore``
     turns verification off; ``tls-ca-file`` (``ssl-ca-file``) names the CAs;
     ``smtp-auth-user`` and ``smtp-auth-password`` are the AUTH credentials."""
+    # only with an SMTP server: the policy brings ssl; the queue path does without
     from urllib.parse import unquote
 
     from pymailtools.smtp import nexthop
@@ -103,6 +109,7 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
 
 def _is_relayhost(cfg: Config, host: str, port: int) -> bool:
     """Is ``host``:``port`` the configured relayhost?"""
+    # only with an SMTP server (nexthop brings socket)
     from pymailtools.smtp import nexthop
 
     if not cfg.relayhost:
@@ -119,10 +126,10 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
 
     Raises MailError: 68 when the host name does not resolve, 69 when no address gave a
     session (connection, TLS, certificate or AUTH failure) or a recipient was not accepted."""
+    # only with an SMTP server: asyncio, aiosmtplib and dnspython stay off the queue path
     import asyncio
     import socket
 
-    from pymailtools.queue.envelope import SENT
     from pymailtools.smtp import client, nexthop
     from pymailtools.smtp.mx import Hop
 
@@ -162,8 +169,6 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
         return EX_OK
-    from pymailtools.qmgr import trigger as wake
-    from pymailtools.submit import submission as submit
 
     # ignore_dots: a "." line is part of a mail(1) body, never the end of it.
     opts = submit.Options(recipients, sender, None, False, True)
@@ -182,11 +187,6 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
 def send_draft(cfg: Config, draft: Draft, sender: str, *, server: str | None,
                variables: Mapping[str, str], verbose: bool, prog: str) -> int:
     """Build ``draft`` (From from ``sender`` or the user) and hand it over; exit status."""
-    import os
-
-    from pymailtools.mua import compose
-    from pymailtools.submit import submission as submit
-
     login, gecos = submit.login_name(os.getuid())
     ident = compose.identity(draft.sender or sender, login, gecos, cfg.myorigin)
     recipients = compose.envelope_recipients(draft, cfg.myorigin)

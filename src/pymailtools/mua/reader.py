@@ -20,7 +20,10 @@ from typing import TextIO
 from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
+from pymailtools.local.spool import mailbox_path, valid_user_name
 from pymailtools.mua import folder as mailfolder
+from pymailtools.mua import outbox, tilde
+from pymailtools.mua.compose import Draft, reply_subject
 from pymailtools.mua.folder import Entry, Folder
 
 TYPE_CHECKING = False
@@ -245,8 +248,6 @@ def summary(e: Entry, num: int, current: bool, width: int) -> str:
 
 def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
     """(path, user name, whether it is the system mailbox) for -f / -u / the default."""
-    from pymailtools.local.spool import mailbox_path, valid_user_name
-
     me = pwd.getpwuid(os.getuid()).pw_name if _has_passwd() else str(os.getuid())
     if folder is not None:
         path = folder or os.environ.get("MBOX") or os.path.expanduser("~/mbox")
@@ -319,6 +320,7 @@ class Session:
         self.window = 0
         self._console = None
         if self.out.isatty() and not os.environ.get("NO_COLOR"):
+            # rich only for a colour terminal
             from rich.console import Console
 
             self._console = Console(file=self.out, highlight=False, soft_wrap=True)
@@ -343,6 +345,7 @@ class Session:
         if self._console is None:
             self.say(line)
             return
+        # rich only for a colour terminal (a console exists)
         from rich.text import Text
 
         style = "bold" if e.is_new else "dim" if e.deleted else ""
@@ -671,8 +674,6 @@ class Session:
             self.box.entries[i].saved = True
 
     def c_reply(self, args: str, everyone: bool = False) -> None:
-        from pymailtools.mua.compose import Draft, reply_subject
-
         e = self.box.entries[self.select(args)[0]]
         h = e.headers
         found = header_addresses(h, "Reply-To") or header_addresses(h, "From")
@@ -698,15 +699,11 @@ class Session:
         self.c_reply(args, everyone=True)
 
     def c_mail(self, args: str) -> None:
-        from pymailtools.mua.compose import Draft
-
         if not args.strip():
             raise UsageError("No recipients specified")
         self._compose(Draft(to=[args]))
 
     def _compose(self, draft: Draft) -> None:
-        from pymailtools.mua import outbox, tilde
-
         self.say(f"To: {clean(', '.join(draft.to))}")
         if draft.cc:
             self.say(f"Cc: {clean(', '.join(draft.cc))}")

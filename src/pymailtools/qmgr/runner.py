@@ -1,5 +1,6 @@
 """The queue runner: takes due entries under lock, routes and delivers, defers, bounces."""
 
+import io
 import logging
 import os
 import random
@@ -8,6 +9,7 @@ from typing import BinaryIO
 
 from pymailtools import log
 from pymailtools.config import Config
+from pymailtools.errors import ConfigError
 from pymailtools.local import agent, route
 from pymailtools.local.targets import DeliveryError, Remote
 from pymailtools.log import Logger, make_line
@@ -31,6 +33,8 @@ from pymailtools.queue.store import (
     EntryNotFound,
     Queue,
 )
+from pymailtools.submit.pickup import pickup
+from pymailtools.submit.submission import Options, submit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote recipient is due
@@ -77,6 +81,7 @@ class _Entry:
     def data(self) -> bytes:
         """The message as SMTP DATA, made once however many destinations it goes to."""
         if self._data is None:
+            # smtp.client (asyncio, aiosmtplib, dnspython) only when a remote recipient is due
             from pymailtools.smtp.client import encode_data
 
             self.msg.seek(0)
@@ -156,8 +161,6 @@ class Runner:
         if housekeeping and self.queue.direct_access():
             self.queue.purge(grace=86400)
         if ids is None and self.queue.direct_access():
-            from pymailtools.submit.pickup import pickup
-
             pickup(self.queue, self.cfg, self.log)
         try:
             while not self.stopping:
@@ -343,6 +346,7 @@ class Runner:
                 entry.close()
 
     def _remote_jobs(self, batch: "list[_Entry]") -> "list[tuple[str, Job]]":
+        # dispatch (asyncio, aiosmtplib, dnspython) only when a remote recipient is due
         from pymailtools.qmgr.dispatch import Job
 
         disp = self._dispatcher()
@@ -360,9 +364,9 @@ class Runner:
 
     def _dispatcher(self) -> "Dispatcher | None":
         if self._remote is None and self._remote_error is None:
+            # asyncio, aiosmtplib and dnspython only when a remote recipient is due
             import asyncio
 
-            from pymailtools.errors import ConfigError
             from pymailtools.qmgr.dispatch import Dispatcher
 
             try:
@@ -535,13 +539,11 @@ class Runner:
 
     def _notify(self, env: Envelope, msg: BinaryIO, rcpts: list[Recipient], action: str) -> None:
         """Queue a DSN to the sender; never for a bounce (null sender)."""
+        # bounce builds the notice with the email package: only when one is due
         from pymailtools.qmgr import bounce
 
         if not bounce.should_bounce(env):
             return  # a bounce is never bounced (Postfix drops the double bounce too)
-        import io
-
-        from pymailtools.submit.submission import Options, submit
 
         msg.seek(0)
         data = bounce.make_dsn(self.cfg, env, msg, rcpts, action=action)
@@ -556,12 +558,14 @@ class Runner:
 
 
 def _outcome(state: str, dsn: str, why: str) -> "Outcome":
+    # only for remote jobs: smtp.client brings asyncio, aiosmtplib and dnspython
     from pymailtools.smtp.client import Outcome
 
     return Outcome(state, dsn, why, why)
 
 
 def _lost() -> "tuple[Outcome, str]":
+    # only for remote jobs: smtp.client brings asyncio, aiosmtplib and dnspython
     from pymailtools.smtp.client import Outcome
 
     why = "internal error: no delivery result"

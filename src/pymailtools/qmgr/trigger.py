@@ -33,6 +33,7 @@ def kick(cfg: Config) -> None:
         return
     code = 1
     try:
+        # not on the submission path: only the detached child loads the runner
         from pymailtools.qmgr.runner import Runner
 
         Runner(cfg, prog="sendmail").background(fd)
@@ -67,6 +68,7 @@ def deliver_now(cfg: Config, qid: str, *, verbose: bool, prog: str) -> int:
     queue = Queue(cfg.queue_directory)
     if not queue.direct_access():
         return 0
+    # only foreground delivery (-odi, -v) runs the runner in this process
     from pymailtools.qmgr.runner import Runner
 
     Runner(cfg, prog=prog, verbose=verbose).run(ids=[qid], force=True)

@@ -1,17 +1,17 @@
 """sendmail -bv and -bi: where each recipient would go; alias file checks. Delivers nothing."""
 
+import logging
+import sys
 from typing import TextIO
 
 from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL, DeliveryError
-from pymailtools.local import route
+from pymailtools.local import aliases, route
 
 
 def _library_warnings_to_stderr(prog: str) -> None:
     """Routing modules warn through Python logging; show those as `prog: warning: ...`."""
-    import logging
-
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
     lib = logging.getLogger("pymailtools")
@@ -46,10 +46,6 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
 
 def check_aliases(cfg: Config, prog: str) -> int:
     """newaliases / -bi: parse every alias file and report problems (no database to build)."""
-    import sys
-
-    from pymailtools.local import aliases
-
     _library_warnings_to_stderr(prog)
     status = EX_OK
     for path in cfg.alias_maps:

@@ -52,6 +52,7 @@ class Unsupported(OSError):
 
 def exchange(a: str, b: str) -> None:
     """Atomically swap two paths (Linux renameat2, glibc 2.28+)."""
+    # ctypes only for a whole-queue swap (renameat2)
     import ctypes
 
     try:

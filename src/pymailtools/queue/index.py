@@ -27,7 +27,7 @@ import errno
 import fcntl
 import os
 
-from pymailtools.queue.envelope import Envelope, quote, read_envelope, unquote
+from pymailtools.queue.envelope import CorruptEnvelope, Envelope, quote, read_envelope, unquote
 from pymailtools.queue.format import json_tail, mailq_tail
 
 TYPE_CHECKING = False
@@ -154,6 +154,7 @@ class Live:
     entry, so memory stays nearly flat however long the queue is."""
 
     def __init__(self, root: str, states: tuple[str, ...] = STATES) -> None:
+        # off the submission path: only listings and rebuilds build a Live set
         from bisect import bisect_left
 
         keys: list[int] = []
@@ -293,8 +294,6 @@ def rows(root: str, live: Live, state: str) -> Iterator[tuple[str, int, float, s
     """(id, size, arrival, sender, [(address, reason) of each recipient not done]) of each
     live entry in ``state`` the index describes, newest line first; each is claimed in
     ``live``. Yields nothing when there is no trusted index."""
-    from pymailtools.queue.envelope import CorruptEnvelope
-
     code = STATES.index(state)
     for line in _index_lines(root):
         p = parse(line)
@@ -371,8 +370,6 @@ def rebuild(root: str) -> int:
     their envelopes) and swap it in. Appenders wait only for the swap: the lines they add
     while the new index is being built are copied over under the exclusive lock.
     Returns the number of lines written before that tail."""
-    from pymailtools.queue.envelope import CorruptEnvelope
-
     p = path(root)
     try:
         old = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)

@@ -57,6 +57,7 @@ class SharedClients:
         if hasattr(os, "memfd_create"):
             self.fd = os.memfd_create("pymailtools-smtpd-clients")
         else:
+            # only where memfd_create is missing (not Linux)
             import tempfile
 
             self.fd, name = tempfile.mkstemp(prefix="pymailtools-smtpd-")

@@ -10,8 +10,10 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
+from pymailtools import config as configmod
 from pymailtools.config import SCHEMA, Config
 from pymailtools.errors import ConfigError, MailError, PermissionDenied
 from pymailtools.log import Logger
@@ -102,6 +104,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """asyncio.run, on uvloop's event loop where it is installed (its transports and timers are
     C: less CPU per connection); the standard loop otherwise."""
     try:
+        # optional: the standard loop when uvloop is not installed
         import uvloop
     except ImportError:
         asyncio.run(main)
@@ -149,10 +152,6 @@ async def listen(settings: Settings, logger: Logger, socks: list[socket.socket],
     """Serve SMTP on ``socks`` until SIGTERM/SIGINT (or, in a worker, until the parent is
     gone: ``parent_fd`` reads end of file), then drain: transactions in flight finish, other
     sessions get 421. SIGHUP re-reads the configuration for new connections."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pymailtools import config as configmod
-
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="queue"))
     handler = Handler(settings, logger, queued, clients)

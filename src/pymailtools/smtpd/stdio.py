@@ -9,6 +9,7 @@ from typing import Any
 
 from pymailtools.config import Config
 from pymailtools.log import Logger
+from pymailtools.qmgr import trigger as wake
 from pymailtools.smtpd.policy import Settings
 from pymailtools.smtpd.protocol import Handler, Server
 
@@ -119,7 +120,5 @@ def serve_stdio(cfg: Config, *, verbose: bool = False) -> int:
 
     asyncio.run(session())
     if queued and cfg.delivery_mode != "queue":
-        from pymailtools.qmgr import trigger as wake
-
         wake.kick(cfg)
     return 0

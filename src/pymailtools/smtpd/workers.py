@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 
+from pymailtools import config as configmod
 from pymailtools.config import Config
 from pymailtools.errors import MailError
 from pymailtools.log import Logger
@@ -212,8 +213,6 @@ class Supervisor:
         """SIGHUP: every worker re-reads the configuration itself; this process re-reads it
         for the workers it will start and for queue runs. smtpd_listen and smtpd_workers
         take effect at the next start."""
-        from pymailtools import config as configmod
-
         try:
             new = configmod.load(self.config_path)
             Settings(new)

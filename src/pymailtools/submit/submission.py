@@ -85,6 +85,7 @@ def _clean_phrase(name: str) -> str:
     if not name:
         return ""
     if not name.isascii():
+        # binascii stays off the submission path unless a name is not ASCII
         import binascii
 
         b64 = binascii.b2a_base64(name.encode("utf-8"), newline=False).decode("ascii")
