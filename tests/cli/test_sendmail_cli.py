@@ -2,7 +2,8 @@
 
 import pytest
 
-from pymailtools.cli.sendmail import getopt, parse
+from pymailtools.cli.common import getopt
+from pymailtools.cli.sendmail import OPTSTRING, parse
 from pymailtools.errors import UsageError
 from tests.conftest import Sendmail
 
@@ -72,10 +73,13 @@ def test_no_permutation_option_after_recipient_is_a_recipient() -> None:
 
 
 def test_getopt_bundles_and_attached_arguments() -> None:
-    opts, rest = getopt(["-it", "-fuser@host", "-FCron Daemon", "-odi", "-B8BITMIME", "r"])
+    args = ["-it", "-fuser@host", "-FCron Daemon", "-odi", "-B8BITMIME", "-q1h", "r"]
+    opts, first = getopt(args, OPTSTRING)
     assert opts == [("i", ""), ("t", ""), ("f", "user@host"), ("F", "Cron Daemon"),
-                    ("o", "di"), ("B", "8BITMIME")]
-    assert rest == ["r"]
+                    ("o", "di"), ("B", "8BITMIME"), ("q", "1h")]
+    assert args[first:] == ["r"]
+    assert getopt(["-q", "-v"], OPTSTRING) == ([("q", ""), ("v", "")], 2)
+    assert getopt(["-f", "a@b", "-", "x"], OPTSTRING) == ([("f", "a@b")], 2)
 
 
 def test_o_x_value_consumes_only_x_like_postfix() -> None:

@@ -8,11 +8,22 @@ import pwd
 import sys
 
 from pymailtools.config import ANYONE
-from pymailtools.errors import EX_IOERR, EX_NOPERM, EX_OK, EX_SOFTWARE, MailError, PermissionDenied
+from pymailtools.errors import (
+    EX_IOERR,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    MailError,
+    PermissionDenied,
+    UsageError,
+)
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    # Takes the long option at args[i] and returns the index after it (its value included).
+    LongOption = Callable[[list[str], int], int]
 
     from pymailtools.config import Config
 
@@ -93,3 +104,60 @@ def authorize(cfg: Config, action: str) -> None:
     except KeyError:
         pass
     raise PermissionDenied(f"User {user_label()} is not allowed to {action} the mail queue")
+
+
+def getopt(args: list[str], optstring: str, *, long: LongOption | None = None,
+           takes: Callable[[str, str], bool] | None = None, usage: str = "",
+           ) -> tuple[list[tuple[str, str | None]], int]:
+    """POSIX getopt as Postfix's commands parse: bundled flags, an option's argument attached
+    (``-dID``) or next (``-d ID``), no permutation: ``--``, ``-`` or the first operand ends the
+    options. Returns the options in order and the index of the first operand.
+
+    ``optstring`` is getopt(3)'s; ``x::`` marks an option whose argument is only ever attached
+    (sendmail's ``-q``, ``-q1h``). ``long`` takes ``--name ...`` options where they stand (the
+    queue selectors) and refuses unknown ones; without it ``--x`` is the bundle ``-``, ``x``.
+    ``takes(c, next)`` says whether option ``c`` takes the next word as its argument; when it
+    declines, the value is None (postsuper's ``-d --from X``: the selectors choose the ids).
+    ``usage`` follows the message of a bad option, as Postfix's postsuper prints its usage."""
+    optional = {optstring[k - 1] for k in range(1, len(optstring) - 1)
+                if optstring[k:k + 2] == "::"}
+    with_arg = {optstring[k - 1] for k in range(1, len(optstring))
+                if optstring[k] == ":" and optstring[k - 1] != ":"} - optional
+    known = {c for c in optstring if c != ":"}
+    opts: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return opts, i + 1
+        if long is not None and arg.startswith("--"):
+            i = long(args, i)
+            continue
+        if not arg.startswith("-") or arg == "-":
+            break
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c not in known:
+                raise UsageError(f"invalid option -- '{c}'{usage}")
+            if c in optional:
+                opts.append((c, arg[j + 1:]))
+                break
+            if c not in with_arg:
+                opts.append((c, ""))
+                j += 1
+                continue
+            value: str | None
+            if j + 1 < len(arg):
+                value = arg[j + 1:]
+            elif i + 1 < len(args) and (takes is None or takes(c, args[i + 1])):
+                i += 1
+                value = args[i]
+            elif takes is not None and i + 1 < len(args):
+                value = None
+            else:
+                raise UsageError(f"option requires an argument -- '{c}'{usage}")
+            opts.append((c, value))
+            break
+        i += 1
+    return opts, i

@@ -6,7 +6,7 @@ import os
 import sys
 
 from pymailtools import config as configmod
-from pymailtools.cli.common import authorize, run_main
+from pymailtools.cli.common import authorize, getopt, run_main
 from pymailtools.cli.show import show
 from pymailtools.errors import (
     EX_OK,
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 PROG = "postqueue"
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | "
          "postqueue -s site")
-_MODES = "fijps"
-_WITH_ARG = "cis"
 
 
 def config_path(arg: str) -> str:
@@ -50,49 +48,26 @@ class Request:
 
 def parse(argv: list[str]) -> Request:
     req = Request()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if arg == "--plain":
-            req.plain, i = True, i + 1
-            continue
-        if Options.is_option(arg):
-            i = req.selectors.take(argv, i)
-            continue
-        if arg.startswith("--") or not arg.startswith("-") or arg == "-":
-            if arg.startswith("--"):
-                raise UsageError(f"unrecognized option '{arg}'")
-            break
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            if c not in _MODES + "cv":
-                raise UsageError(f"invalid option -- '{c}'")
-            value = ""
-            if c in _WITH_ARG:
-                if j + 1 < len(arg):
-                    value = arg[j + 1:]
-                else:
-                    i += 1
-                    if i >= len(argv):
-                        raise UsageError(f"option requires an argument -- '{c}'")
-                    value = argv[i]
-                j = len(arg)
-            else:
-                j += 1
-            if c == "c":
-                req.config = config_path(value)
-            elif c == "v":
-                req.verbose += 1
-            else:
-                if req.mode:
-                    raise UsageError(USAGE)
-                req.mode, req.arg = c, value
-        i += 1
-    if argv[i:] or not req.mode:
+
+    def long(args: list[str], i: int) -> int:
+        if args[i] == "--plain":
+            req.plain = True
+            return i + 1
+        if Options.is_option(args[i]):
+            return req.selectors.take(args, i)
+        raise UsageError(f"unrecognized option '{args[i]}'")
+
+    opts, first = getopt(argv, "c:fi:jps:v", long=long)
+    for c, value in opts:
+        if c == "c":
+            req.config = config_path(value or "")
+        elif c == "v":
+            req.verbose += 1
+        else:
+            if req.mode:
+                raise UsageError(USAGE)
+            req.mode, req.arg = c, value or ""
+    if argv[first:] or not req.mode:
         raise UsageError(USAGE)
     if req.mode not in "pj" and (req.plain or any(req.selectors.values.values())):
         raise UsageError("selectors and --plain go with -p and -j only")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pymailtools import config as configmod
 from pymailtools.admin.bulk import settle_in_background, whole
 from pymailtools.admin.postsuper import DEFAULT_QUEUES, HOLD_OP, OPERATIONS, Admin, summary
-from pymailtools.cli.common import run_main
+from pymailtools.cli.common import getopt, run_main
 from pymailtools.cli.postqueue import config_path
 from pymailtools.errors import (
     EX_DATAERR,
@@ -60,51 +60,33 @@ def parse(argv: list[str]) -> Request:
     """Postfix's getopt (-d ID may repeat; ALL and - are special), plus long selectors.
     Every id is validated here, before anything is touched."""
     req = Request()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if Options.is_option(arg):
-            i = req.selectors.take(argv, i)
-            continue
-        if arg.startswith("--"):
-            raise UsageError(f"unrecognized option '{arg}'\n{PROG}: fatal: {USAGE}")
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            if c in "psSv":
-                req.purge |= c == "p"
-                req.check |= c in "sS"
-                req.verbose += c == "v"
-                j += 1
-                continue
-            if c in "ef":
-                raise UsageError(f"-{c} (force expiry) is not supported by pymailtools")
-            if c not in "cdhHr":
-                raise UsageError(f"invalid option -- '{c}'\n{PROG}: fatal: {USAGE}")
-            if j + 1 < len(arg):
-                value = arg[j + 1:]
-            elif i + 1 < len(argv) and not (c in _OPS and Options.is_option(argv[i + 1])):
-                i += 1
-                value = argv[i]
-            elif c in _OPS and i + 1 < len(argv):
-                value = None  # "-d --from X": selectors choose; the option is read next
-            else:
-                raise UsageError(f"option requires an argument -- '{c}'\n{PROG}: fatal: {USAGE}")
-            if c == "c":
-                req.config = config_path(str(value))
-            elif value is None:
-                req.ops.setdefault(_OPS[c], []).append(SELECTED)
-            else:
-                if value not in ("ALL", "-"):
-                    queueid.check(value)
-                req.ops.setdefault(_OPS[c], []).append(value)
-            break
-        i += 1
+    usage = f"\n{PROG}: fatal: {USAGE}"
+
+    def long(args: list[str], i: int) -> int:
+        if Options.is_option(args[i]):
+            return req.selectors.take(args, i)
+        raise UsageError(f"unrecognized option '{args[i]}'{usage}")
+
+    def takes(c: str, following: str) -> bool:
+        # "-d --from X": the selectors choose the ids; the option is read next
+        return not (c in _OPS and Options.is_option(following))
+
+    opts, i = getopt(argv, "c:d:efh:H:pr:sSv", long=long, takes=takes, usage=usage)
+    for c, value in opts:
+        if c in "ef":
+            raise UsageError(f"-{c} (force expiry) is not supported by pymailtools")
+        if c in "psSv":
+            req.purge |= c == "p"
+            req.check |= c in "sS"
+            req.verbose += c == "v"
+        elif c == "c":
+            req.config = config_path(str(value))
+        elif value is None:
+            req.ops.setdefault(_OPS[c], []).append(SELECTED)
+        else:
+            if value not in ("ALL", "-"):
+                queueid.check(value)
+            req.ops.setdefault(_OPS[c], []).append(value)
     while i < len(argv):  # queue names; selectors may still follow them
         name = argv[i]
         if Options.is_option(name):

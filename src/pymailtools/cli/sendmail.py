@@ -9,7 +9,7 @@ import sys
 
 from pymailtools import address
 from pymailtools import config as configmod
-from pymailtools.cli.common import authorize, run_main
+from pymailtools.cli.common import authorize, getopt, run_main
 from pymailtools.errors import (
     EX_IOERR,
     EX_OK,
@@ -23,48 +23,11 @@ from pymailtools.queue.store import Queue
 from pymailtools.submit import submission as submit
 
 PROG = "sendmail"
-# Postfix's getopt string; -q is handled apart because a bare -q has no argument.
-OPTSTRING = "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
-_WITH_ARG = frozenset(c for i, c in enumerate(OPTSTRING) if OPTSTRING[i + 1 : i + 2] == ":")
-_ALL = frozenset(c for c in OPTSTRING if c != ":")
+# Postfix's getopt string; -q's argument is only ever attached (a bare -q has none).
+OPTSTRING = "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q::tvx"
 _MODES = {"m": "deliver", "p": "list", "v": "verify", "s": "smtp", "d": "daemon", "l": "daemon",
           "D": "daemon", "i": "aliases", "h": "hoststatus", "H": "hoststatus"}
 _DSN_NOTIFY = ("success", "failure", "delay")
-
-
-def getopt(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """POSIX getopt as Postfix uses it: bundling, attached arguments, no permutation."""
-    opts: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            if c == "q":
-                opts.append(("q", arg[j + 1 :]))
-                break
-            if c not in _ALL:
-                raise UsageError(f"invalid option -- '{c}'")
-            if c in _WITH_ARG:
-                if j + 1 < len(arg):
-                    value = arg[j + 1 :]
-                else:
-                    i += 1
-                    if i >= len(args):
-                        raise UsageError(f"option requires an argument -- '{c}'")
-                    value = args[i]
-                opts.append((c, value))
-                break
-            opts.append((c, ""))
-            j += 1
-        i += 1
-    return opts, args[i:]
 
 
 def warn(msg: str) -> None:
@@ -101,8 +64,10 @@ def parse(argv: list[str]) -> Request:
     elif name == "newaliases":
         req.mode = "aliases"
         req.prog = name
-    opts, rest = getopt(argv[1:])
-    for opt, val in opts:
+    opts, first = getopt(argv[1:], OPTSTRING)
+    rest = argv[1 + first:]
+    for opt, value in opts:
+        val = value or ""
         if opt == "b":
             if val not in _MODES:
                 raise UsageError(f"unsupported: -b{val}")

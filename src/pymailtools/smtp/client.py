@@ -295,10 +295,8 @@ class Session:
             rcpt_replies = [await wire.reply(t.rcpt) for _ in rcpts]
             stage = "receiving the DATA reply"
             data_reply = await wire.reply(t.data_init)
-        except Lost as e:
-            return self._all(out, rcpts, self._broken(str(e), stage)), []
-        except ProtocolError as e:
-            return self._all(out, rcpts, self._protocol(e)), []
+        except (Lost, ProtocolError) as e:
+            return self._all(out, rcpts, self._failed(e, stage)), []
         return await self._finish(mail_reply, rcpt_replies, data_reply, rcpts, data, out)
 
     async def _lockstep(self, mail: bytes, rcpts: list[tuple[str, bytes]], data: bytes,
@@ -322,11 +320,13 @@ class Session:
                     stage = "receiving the DATA reply"
                     wire.write(b"DATA\r\n")
                     data_reply = await wire.reply(t.data_init)
-        except Lost as e:
-            return self._all(out, rcpts, self._broken(str(e), stage)), []
-        except ProtocolError as e:
-            return self._all(out, rcpts, self._protocol(e)), []
+        except (Lost, ProtocolError) as e:
+            return self._all(out, rcpts, self._failed(e, stage)), []
         return await self._finish(mail_reply, rcpt_replies, data_reply, rcpts, data, out)
+
+    def _failed(self, e: Lost | ProtocolError, during: str) -> Outcome:
+        """The outcome of a transaction the connection broke in (``during`` a stage)."""
+        return self._broken(str(e), during) if isinstance(e, Lost) else self._protocol(e)
 
     def _protocol(self, e: ProtocolError) -> Outcome:
         self.usable = False
