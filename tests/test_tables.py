@@ -68,3 +68,99 @@ def test_hash_needs_a_fresh_index(tmp_path: Path) -> None:
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(ConfigError, match="older than source"):
         open_table(f"hash:{src}")
+
+
+def test_address_order_follows_canonical5(tmp_path: Path) -> None:
+    """canonical(5), ADDRESS EXTENSION: "the lookup order becomes: user+foo@domain,
+    user@domain, user+foo, user, and @domain"; the user forms only for our own domains, and
+    each query pattern goes to every table before the next pattern is tried."""
+    order = ["user+foo@domain", "user@domain", "user+foo", "user", "@domain"]
+    for i, winner in enumerate(order):
+        # the winner in the second table, every later form in the first: the form wins
+        first = ", ".join(f"{k}=first-{k}" for k in order[i + 1 :]) or "unrelated=x"
+        maps = open_tables([f"inline:{{ {first} }}", f"inline:{{ {winner}=second }}"])
+        assert find_address(maps, "user+foo@domain", delimiter="+", local=True) == "second"
+    remote = open_tables("inline:{ user+foo=a, user=b }")
+    assert find_address(remote, "user+foo@domain", delimiter="+") is None
+    # no delimiter configured: no extension forms
+    maps = open_tables("inline:{ user@domain=a }")
+    assert find_address(maps, "user+foo@domain") is None
+    assert find_address(maps, "USER@Domain") == "a"
+
+
+def test_extension_split_as_postfix() -> None:
+    from pymailtools.tables import split_extension
+
+    assert split_extension("user+foo+bar", "+") == ("user", "foo+bar")
+    assert split_extension("user-foo", "+-") == ("user", "foo")
+    assert split_extension("+foo", "+") == ("+foo", None)
+    assert split_extension("postmaster", "+") == ("postmaster", None)
+    assert split_extension("owner-list", "-") == ("owner-list", None)
+    assert split_extension("list-request", "-") == ("list-request", None)
+    assert split_extension("owner-list", "+") == ("owner-list", None)
+    assert split_extension("MAILER-DAEMON", "-") == ("MAILER-DAEMON", None)
+
+
+def test_pattern_tables_see_only_the_full_address(tmp_path: Path) -> None:
+    src = tmp_path / "re"
+    src.write_text("/^user$/ partial\n/^@domain$/ partial\n/^(.*)@other$/ full-$1\n")
+    maps = open_tables(f"regexp:{src}")
+    assert find_address(maps, "user+x@domain", delimiter="+", local=True) is None
+    assert find_address(maps, "User+x@other", delimiter="+") == "full-User+x"
+    assert find_domain(open_tables(f"regexp:{src}"), "domain") is None
+
+
+def test_long_keys_are_not_matched_against_patterns(tmp_path: Path) -> None:
+    import time
+
+    from pymailtools.tables import MAX_PATTERN_KEY, TableError
+
+    src = tmp_path / "re"
+    src.write_text("/(.*)\\.(.*)\\.(.*)@x$/ slow\n")
+    t = open_table(f"regexp:{src}")
+    start = time.monotonic()
+    assert t.get(("a." * MAX_PATTERN_KEY)[:MAX_PATTERN_KEY]) is None
+    with pytest.raises(TableError, match="longer than"):
+        t.get("a." * 5000)
+    assert time.monotonic() - start < 3
+
+
+def test_posix_syntax_and_flags(tmp_path: Path) -> None:
+    src = tmp_path / "re"
+    src.write_text("/^[[:digit:]]+[]x]$/ bracket\n/^bre\\(a*\\)+$/x bre-$1\n"
+                   "/^Exact$/i exact\n/\\<word\\>/ word\n")
+    t = open_table(f"regexp:{src}")
+    assert t.get("123]") == "bracket"
+    assert t.get("breaa+") == "bre-aa"
+    assert t.get("Exact") == "exact" and t.get("exact") is None
+    assert t.get("a word here") == "word" and t.get("swords") is None
+    pcre = tmp_path / "pcre"
+    pcre.write_text("/^a.b$/ dotall\n/^(\\d+)[[:alpha:]]$/ d$1\n/^x/U lazy\n")
+    with pytest.raises(ConfigError, match=":3: .*ungreedy"):
+        open_table(f"pcre:{pcre}")
+    pcre.write_text("/^a.b$/ dotall\n/^(\\d+)[[:alpha:]]$/ d$1\n")
+    t = open_table(f"pcre:{pcre}")
+    assert t.get("a\nb") == "dotall" and t.get("12z") == "d12"
+
+
+def test_bad_results_are_config_errors(tmp_path: Path) -> None:
+    src = tmp_path / "re"
+    for text, msg in [("/(a)/ $2\n", "out-of-range"), ("/a/ $name\n", "non-numeric"),
+                      ("!/(a)/ $1\n", "negated"), ("endif\n", "endif without if"),
+                      ("/a/q x\n", "unknown regexp option"), ("/a x\n", "no closing")]:
+        src.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            open_table(f"regexp:{src}")
+
+
+def test_tables_are_cached_until_the_file_changes(tmp_path: Path) -> None:
+    import os
+
+    src = tmp_path / "t"
+    src.write_text("k one\n")
+    t = open_table(f"texthash:{src}")
+    assert open_table(f"texthash:{src}") is t
+    src.write_text("k two\n")
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert open_table(f"texthash:{src}").get("k") == "two"
