@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("sendmail", "mail", "mailx", "mailq", "postqueue", "postsuper", "smtpchat")
+COMMANDS = ("sendmail", "mail", "mailx", "mailq", "postqueue", "postsuper", "smtpchat",
+            "postmap", "postalias")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def test_wheel_carries_every_page_and_completion(wheel: Path) -> None:
 
 
 @pytest.mark.parametrize(("page", "section"), [("sendmail", "1"), ("mail", "1"), ("mailq", "1"),
-                                               ("postsuper", "1"), ("pymailtools.toml", "5")])
+                                               ("postsuper", "1"), ("postmap", "1"),
+                                               ("pymailtools.toml", "5")])
 def test_man_finds_our_page_next_to_bin(venv: Path, page: str, section: str) -> None:
     man = need_tool("man", "man-db")
     found = subprocess.run([man, "-w", section, page], env=_env(venv), capture_output=True,

@@ -286,3 +286,73 @@ def test_build_refuses_pattern_tables_and_usage(tmp_path: Path) -> None:
     assert r.returncode == 64 and r.stderr.startswith("postmap: usage: postmap")
     r = our_postmap("-Z", "x")
     assert r.returncode == 64 and "invalid option" in r.stderr
+
+
+# --- the man page and the completions
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIONS = {"-c", "-f", "-N", "-n", "-o", "-p", "-q", "-r", "-s", "-v", "-w"}
+
+
+def test_man_page_renders_and_documents_every_option() -> None:
+    import re
+
+    groff = need_tool("groff", "groff-base")
+    page = ROOT / "man" / "man1" / "postmap.1"
+    p = subprocess.run([groff, "-t", "-man", "-Tutf8", "-ww", "-z", str(page)],
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stderr) == (0, "")
+    text = page.read_text().replace("\\-", "-")
+    for opt in OPTIONS:
+        assert re.search(rf"^\.(?:B|BI|BR|RB|IB|TP)\b[^\n]*(?<![\w-]){opt}(?![\w-])", text,
+                         re.M), opt
+    from pymailtools.cli.postmap import POSTALIAS_OPTS, POSTMAP_OPTS
+
+    assert {f"-{c}" for c in POSTMAP_OPTS if c != ":"} == OPTIONS
+    assert POSTALIAS_OPTS == POSTMAP_OPTS
+
+
+@pytest.mark.parametrize("name", ["postmap.bash", "_postmap", "postmap.fish"])
+def test_completions_offer_exactly_the_options(name: str) -> None:
+    import re
+
+    text = (ROOT / "completions" / name).read_text()
+    if name.endswith(".fish"):
+        offered = {f"-{s}" for s in re.findall(r"complete -c \$cmd .*?-s (\w)\b", text)}
+    elif name.startswith("_"):
+        offered = set(re.findall(r"'(?:\([^)]*\))?(-\w)[+]?\[", text))
+    else:
+        offered = set(re.findall(r'compgen -W "(-c [^"]*)"', text)[0].split())
+    assert offered == OPTIONS
+
+
+# --- postalias and newaliases: the alias parser local delivery uses
+
+
+def test_postalias_checks_queries_and_dumps(tmp_path: Path) -> None:
+    aliases = tmp_path / "aliases"
+    aliases.write_text("Root: admin, \"|/bin/cat x\"\npostmaster: root\nbad line\n")
+    run = [script("postalias")]
+    p = subprocess.run([*run, str(aliases)], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (0, "")
+    assert p.stderr == f"postalias: warning: {aliases}:3: missing colon after the name: " \
+                       "'bad line'\n"
+    p = subprocess.run([*run, "-q", "ROOT", f"hash:{aliases}"], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (0, 'admin, "|/bin/cat x"\n')
+    p = subprocess.run([*run, "-q", "nobody", str(aliases)], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (1, "")
+    p = subprocess.run([*run, "-s", str(aliases)], capture_output=True, text=True)
+    assert p.stdout.splitlines() == ['root: admin, "|/bin/cat x"', "postmaster: root"]
+    p = subprocess.run([*run, str(tmp_path / "missing")], capture_output=True, text=True)
+    assert p.returncode == 78
+    assert p.stderr == f"postalias: cannot open {tmp_path}/missing: No such file or directory\n"
+
+
+def test_newaliases_is_sendmail_bi(tmp_path: Path, config_file: Path,
+                                   config_values: dict[str, object]) -> None:
+    aliases = Path(str(config_values["alias_maps"][0]))  # type: ignore[index]
+    aliases.write_text("postmaster: root\nbroken line\n")
+    p = subprocess.run([script("newaliases")], capture_output=True, text=True)
+    assert p.returncode == 0
+    assert p.stderr.splitlines() == [
+        f"newaliases: warning: {aliases}:2: missing colon after the name: 'broken line'"]

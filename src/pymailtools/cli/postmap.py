@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pymailtools import tables
@@ -113,9 +114,16 @@ def _query(key: str, lookup: Callable[[str], str | None]) -> int:
 
 def postalias(o: Options) -> int:
     from pymailtools.local import aliases
-    from pymailtools.qmgr.verify import check_aliases
+    from pymailtools.qmgr.verify import check_aliases, library_warnings_to_stderr
 
+    library_warnings_to_stderr("postalias")  # a bad line is named whatever the mode
     paths = [aliases.strip_type(t) for t in o.tables]
+    for path in paths:
+        # delivery treats a missing alias file as empty; a file named here must exist
+        try:
+            os.stat(path)
+        except OSError as e:
+            raise ConfigError(f"cannot open {path}: {e.strerror}") from None
     if o.query is not None:
         maps = [aliases.load(p) for p in paths]
 

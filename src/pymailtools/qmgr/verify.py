@@ -10,7 +10,7 @@ from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFA
 from pymailtools.local import aliases, route
 
 
-def _library_warnings_to_stderr(prog: str) -> None:
+def library_warnings_to_stderr(prog: str) -> None:
     """Routing modules warn through Python logging; show those as `prog: warning: ...`."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
@@ -23,7 +23,7 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
     """Print one line per recipient; exit 67 if a local user is unknown, 68 for a bad host,
     75 when an answer could not be had for now (a temporary error: not undeliverable).
     What an ordinary user cannot check (another user's .forward) is said, not failed."""
-    _library_warnings_to_stderr(prog)
+    library_warnings_to_stderr(prog)
     code = EX_OK
     for arg in args:
         for rcpt in address.parse_recipients(arg, cfg.myorigin):
@@ -47,7 +47,7 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
 def check_aliases(paths: list[str], prog: str) -> int:
     """newaliases / -bi / postalias: parse each alias file and report problems (no database to
     build: local delivery reads the files themselves)."""
-    _library_warnings_to_stderr(prog)
+    library_warnings_to_stderr(prog)
     status = EX_OK
     for path in paths:
         try:
