@@ -147,7 +147,9 @@ def test_bad_results_are_config_errors(tmp_path: Path) -> None:
     src = tmp_path / "re"
     for text, msg in [("/(a)/ $2\n", "out-of-range"), ("/a/ $name\n", "non-numeric"),
                       ("!/(a)/ $1\n", "negated"), ("endif\n", "endif without if"),
-                      ("/a/q x\n", "unknown regexp option"), ("/a x\n", "no closing")]:
+                      ("/a/q x\n", "unknown regexp option"), ("/a x\n", "no closing"),
+                      ("/a/ x$\n", "empty macro name"), ("/a/ x$-y\n", "empty macro name"),
+                      ("/(a)/ ${1\n", "missing '}'")]:
         src.write_text(text)
         with pytest.raises(ConfigError, match=msg):
             open_table(f"regexp:{src}")
@@ -164,3 +166,15 @@ def test_tables_are_cached_until_the_file_changes(tmp_path: Path) -> None:
     st = os.stat(src)
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert open_table(f"texthash:{src}").get("k") == "two"
+
+
+def test_map_lists_from_the_configuration() -> None:
+    from pymailtools.config import _maps
+
+    value = _maps("inline:{ a=b, {c=d e} }, static:x", "canonical_maps")
+    maps = open_tables(value)
+    assert [t.spec for t in maps.tables] == ["inline:{ a=b, {c=d e} }", "static:x"]
+    assert maps.get("c") == "d e" and maps.get("zz") == "x"
+    assert not open_tables(_maps("", "canonical_maps"))
+    assert [t.spec for t in open_tables(_maps(["static:1", "static:2"], "k")).tables] == [
+        "static:1", "static:2"]

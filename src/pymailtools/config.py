@@ -94,6 +94,14 @@ def _list(value: object, key: str) -> list[str]:
     raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
 
 
+def _maps(value: object, key: str) -> list[str]:
+    """Lookup tables (``canonical_maps = "hash:/a, regexp:/b"`` or a TOML list of specs), kept
+    whole: ``inline:{ a=b, c=d }`` holds commas and spaces, so tables.open_tables splits them."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return _list(value, key)
+
+
 def _choice(*choices: str) -> Callable[[object, str], str]:
     def check(value: object, key: str) -> str:
         if value not in choices:

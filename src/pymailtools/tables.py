@@ -478,23 +478,25 @@ def expand(result: str, m: re.Match[str]) -> str:
 
 
 def parse_result(result: str, where: str, ngroups: int) -> list[tuple[str, str]]:
-    """Split a result into ("text", s) and ("group", digits) pieces; ConfigError (naming
-    ``where``) for a non-numeric or out-of-range ``$name`` when ``where`` is given."""
+    """Split a result into ("text", s) and ("group", digits) pieces. When ``where`` is given
+    (loading a table), what Postfix rejects as bad replacement syntax is a ConfigError naming
+    it: a ``$`` with no name after it, an unclosed ``${``, a non-numeric or out-of-range
+    ``$name``."""
     pieces: list[tuple[str, str]] = []
     i, n = 0, len(result)
     buf: list[str] = []
     while i < n:
         ch = result[i]
-        if ch != "$" or i + 1 >= n:
+        if ch != "$":
             buf.append(ch)
             i += 1
             continue
-        nxt = result[i + 1]
+        nxt = result[i + 1] if i + 1 < n else ""
         if nxt == "$":
             buf.append("$")
             i += 2
             continue
-        if nxt in "{(":
+        if nxt and nxt in "{(":
             close = "}" if nxt == "{" else ")"
             end = result.find(close, i + 2)
             if end < 0:
@@ -504,12 +506,15 @@ def parse_result(result: str, where: str, ngroups: int) -> list[tuple[str, str]]
                 i += 1
                 continue
             name, i = result[i + 2 : end], end + 1
-        elif nxt.isalnum() or nxt == "_":
+        elif nxt and (nxt.isalnum() or nxt == "_"):
             j = i + 1
             while j < n and (result[j].isalnum() or result[j] == "_"):
                 j += 1
             name, i = result[i + 1 : j], j
         else:
+            if where:
+                raise ConfigError(f"{where}: empty macro name after $ in result {result!r} "
+                                  "(write $$ for a dollar sign)")
             buf.append(ch)
             i += 1
             continue
