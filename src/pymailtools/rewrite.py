@@ -249,10 +249,17 @@ class Rewriter:
         return name + b":" + rewrite_value(value, func)
 
     def _header_sender(self, addr: str) -> str:
-        return self.sender(addr, "header")
+        return self._qualified(addr, lambda a: self.sender(a, "header"))
 
     def _header_recipient(self, addr: str) -> str:
-        return self.recipient(addr, "header")
+        return self._qualified(addr, lambda a: self.recipient(a, "header"))
+
+    def _qualified(self, addr: str, func: Callable[[str], str]) -> str:
+        """A header address is looked up as ``user@$myorigin`` when it has no domain (as
+        cleanup qualifies it first); left as written when no table changes it."""
+        full = address.qualify(addr, self.cfg.myorigin)
+        new = func(full)
+        return addr if new == full else new
 
     def smtp_generic(self, addr: str) -> str:
         """smtp_generic_maps: the address as it should leave over SMTP."""
@@ -264,7 +271,10 @@ class Rewriter:
         key = name.strip().lower().decode("ascii", "replace")
         if not colon or (key not in SENDER_HEADERS and key not in RECIPIENT_HEADERS):
             return line
-        return name + b":" + rewrite_value(value, self.smtp_generic)
+        return name + b":" + rewrite_value(value, self._generic_header_address)
+
+    def _generic_header_address(self, addr: str) -> str:
+        return self._qualified(addr, self.smtp_generic)
 
 
 def rewrite_value(value: bytes, func: Callable[[str], str]) -> bytes:
