@@ -154,18 +154,8 @@ def _maps(value: object, key: str) -> str | list[str]:
     raise ConfigError(f"{key}: expected lookup tables (a string or a list), got {value!r}")
 
 
-def _classes(*choices: str) -> Callable[[object, str], list[str]]:
-    def check(value: object, key: str) -> list[str]:
-        items = _list(value, key)
-        for item in items:
-            if item not in choices:
-                raise ConfigError(f"{key}: expected some of {', '.join(choices)}, got {item!r}")
-        return items
-
-    return check
-
-
-_ADDRESS_CLASSES = ("envelope_sender", "envelope_recipient", "header_sender", "header_recipient")
+ADDRESS_CLASSES = ("envelope_sender", "envelope_recipient", "header_sender",
+                   "header_recipient")
 
 
 # key -> (parser, default). A default of None is computed in Config.__init__.
@@ -200,11 +190,10 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "canonical_maps": (_maps, ""),
     "sender_canonical_maps": (_maps, ""),
     "recipient_canonical_maps": (_maps, ""),
-    "canonical_classes": (_classes(*_ADDRESS_CLASSES), list(_ADDRESS_CLASSES)),
+    "canonical_classes": (_list, list(ADDRESS_CLASSES)),
     "masquerade_domains": (_list, []),
     "masquerade_exceptions": (_list, []),
-    "masquerade_classes": (_classes(*_ADDRESS_CLASSES),
-                           ["envelope_sender", "header_sender", "header_recipient"]),
+    "masquerade_classes": (_list, ["envelope_sender", "header_sender", "header_recipient"]),
     "virtual_alias_maps": (_maps, ""),
     "virtual_alias_domains": (_list, ["$virtual_alias_maps"]),
     "virtual_alias_recursion_limit": (_size, 1000),

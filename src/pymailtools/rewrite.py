@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pymailtools import address, tables
-from pymailtools.config import Config
+from pymailtools.config import ADDRESS_CLASSES, Config
 from pymailtools.errors import AddressError, ConfigError, DeliveryError
 
 # Postfix's header_opts: the headers whose addresses are senders, and recipients.
@@ -28,6 +28,11 @@ class Rewriter:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        for key in ("canonical_classes", "masquerade_classes"):
+            for item in getattr(cfg, key):
+                if item not in ADDRESS_CLASSES:
+                    raise ConfigError(f"{key}: expected some of {', '.join(ADDRESS_CLASSES)}, "
+                                      f"got {item!r}")
         self.delimiter = cfg.recipient_delimiter
         self.canonical = tables.open_tables(cfg.canonical_maps)
         self.sender_canonical = tables.open_tables(cfg.sender_canonical_maps)
