@@ -67,11 +67,12 @@ def _report(rcpt: str, e: DeliveryError, out: TextIO) -> int:
     return EX_NOUSER
 
 
-def check_aliases(cfg: Config, prog: str) -> int:
-    """newaliases / -bi: parse every alias file and report problems (no database to build)."""
+def check_aliases(paths: list[str], prog: str) -> int:
+    """newaliases / -bi / postalias: parse each alias file and report problems (no database to
+    build: local delivery reads the files themselves)."""
     _library_warnings_to_stderr(prog)
     status = EX_OK
-    for path in cfg.alias_maps:
+    for path in paths:
         try:
             aliases.load(path)  # it logs each bad line as a warning
         except DeliveryError as e:
