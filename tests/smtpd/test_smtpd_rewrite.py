@@ -3,11 +3,13 @@ queue-entry rewriting (canonical maps, virtual aliases) applied to what it queue
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Sendmail
+from tests.conftest import Sendmail, script, write_toml
 from tests.support.smtpd import Client, listener
 
 
@@ -47,3 +49,16 @@ def test_unknown_virtual_recipient_refused_at_rcpt(tmp_path: Path,
     assert [(r.address, r.orcpt) for r in env.recipients] == [  # type: ignore[attr-defined]
         ("a@x.test", "team@virt.test"), ("b@y.test", "team@virt.test")]
     assert b"\nFrom: me@example.com\n" in message
+
+
+def test_missing_table_stops_the_listener_at_start_up(tmp_path: Path,
+                                                      values: dict[str, object]) -> None:
+    path = write_toml(tmp_path / "bad.toml",
+                      dict(values, virtual_alias_maps=f"hash:{tmp_path / 'nonexistent'}"))
+    env = dict(os.environ, PYMAILTOOLS_CONFIG=str(path))
+    r = subprocess.run([script("sendmail"), "-bs"], input=b"QUIT\r\n", capture_output=True,
+                       env=env, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 78, err
+    assert len(err.strip().splitlines()) == 1 and "nonexistent" in err, err
+    assert b"220 " not in r.stdout

@@ -303,10 +303,11 @@ class Handler:
                  rcpt: str) -> str | None:
         """The reply for a recipient of ours that virtual_alias_maps maps (taken) or cannot
         map (refused: unknown in a virtual alias domain, a loop); None to go on as usual."""
-        rw = rewrite.for_config(self.cfg)
-        if not (rw.is_virtual_domain(address.domain_of(rcpt)) or route.is_local(self.cfg, rcpt)):
-            return None  # another domain: mapped or not, the relay rules decide
         try:
+            rw = rewrite.for_config(self.cfg)
+            if not (rw.is_virtual_domain(address.domain_of(rcpt))
+                    or route.is_local(self.cfg, rcpt)):
+                return None  # another domain: mapped or not, the relay rules decide
             found = rw.virtual_alias(rw.recipient(rcpt))
         except DeliveryError as e:
             if e.status == "5.1.1":
