@@ -133,6 +133,16 @@ class State:
         self.proto = "SMTP"
 
 
+def _refused(addr: str, e: DeliveryError, table: str, why: str = "") -> str:
+    """The RCPT reply, in Postfix's words, for a recipient a lookup in ``table`` turned down."""
+    if e.status == "5.1.1":
+        return f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown in {table}"
+    if e.permanent:
+        return f"550 {e.status} <{addr}>: Recipient address rejected" + (f": {why}" if why
+                                                                          else "")
+    return f"451 4.3.0 <{addr}>: Temporary lookup failure"
+
+
 def _tally(st: State) -> str:
     """Postfix's command counts: ``ehlo=1 mail=1 rcpt=0/1 data=0/1 commands=2/4``, a count
     written ok/sent where some were refused."""
@@ -282,14 +292,8 @@ class Handler:
                                    f"554 5.7.1 <{addr}>: Relay access denied", addr)
             e = self.settings.local_verdict(rcpt)
             if isinstance(e, DeliveryError):
-                if e.status == "5.1.1":
-                    reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
-                             "User unknown in local recipient table")
-                elif e.permanent:
-                    reply = f"550 {e.status} <{addr}>: Recipient address rejected"
-                else:
-                    reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
-                return self.reject(session, envelope, "RCPT", reply, addr)
+                return self.reject(session, envelope, "RCPT",
+                                   _refused(addr, e, "local recipient table"), addr)
             if e is not None:
                 return self.reject(session, envelope, "RCPT",
                                    "501 5.1.3 Bad recipient address syntax", addr)
@@ -310,14 +314,8 @@ class Handler:
                 return None  # another domain: mapped or not, the relay rules decide
             found = rw.virtual_alias(rw.recipient(rcpt))
         except DeliveryError as e:
-            if e.status == "5.1.1":
-                reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
-                         "User unknown in virtual alias table")
-            elif e.permanent:
-                reply = f"550 {e.status} <{addr}>: Recipient address rejected: {e.reason}"
-            else:
-                reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
-            return self.reject(session, envelope, "RCPT", reply, addr)
+            return self.reject(session, envelope, "RCPT",
+                               _refused(addr, e, "virtual alias table", e.reason), addr)
         except MailError as e:  # a table that cannot be read or answer: try again later
             self.log.error(f"virtual_alias_maps: {escape(e)}")
             return self.reject(session, envelope, "RCPT",
