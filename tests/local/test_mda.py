@@ -372,6 +372,8 @@ def test_maps_win_over_mailbox_command_and_home_mailbox(
     assert local_mailbox.destination(config, pw) == ("command", "/usr/bin/mapped")
     config.mailbox_command_maps = []
     assert local_mailbox.destination(config, pw) == ("command", "/usr/bin/everyone")
+    assert route.explain(config, system_user.pw_name) == (  # sendmail -bv
+        f"{system_user.pw_name}: deliverable: mailbox command /usr/bin/everyone")
     config.mailbox_command = ""
     assert local_mailbox.destination(config, pw) == ("maildir", pw.pw_dir + "/Maildir/")
     assert route.explain(config, system_user.pw_name) == (

@@ -133,14 +133,12 @@ def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: s
     if not prog.startswith("/"):
         raise DeliveryError(f"command must be an absolute path: {prog!r}", "5.3.5")
     # As root: only the target's primary group, as Postfix's set_ugid() does, no inherited
-    # groups. Otherwise we run as we are (None leaves each id alone).
-    root = os.geteuid() == 0
-    run(list(target.argv), message, uid=target.uid, gid=target.gid,
-        groups=[] if root else None, cwd=target.home,
+    # groups. Otherwise we run as we are.
+    run(list(target.argv), message, uid=target.uid, gid=target.gid, groups=[], cwd=target.home,
         env=environment(target.uid, target.home, sender, recipient), config=config)
 
 
-def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[int] | None,
+def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[int],
         cwd: str, env: dict[str, str], config: Config, head: bytes = b"",
         unusable: str = "5.3.0", name: str = "") -> None:
     """Run ``argv`` with ``head`` and then the message on stdin, as ``uid``/``gid`` with the
@@ -166,7 +164,7 @@ def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[
             start_new_session=True,  # its own process group, so a timeout kills all of it
             user=uid if root else None,
             group=gid if root else None,
-            extra_groups=groups if root else None,
+            extra_groups=groups if root else None,  # never root's own groups
         )
     except OSError as e:
         if e.filename == cwd:
