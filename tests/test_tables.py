@@ -17,7 +17,7 @@ def test_inline_static_texthash_hash(tmp_path: Path) -> None:
     src = tmp_path / "virtual"
     src.write_text("# comment\nUser@Example.COM  one,\n  two\n@example.org catch\n")
     t = open_table(f"texthash:{src}")
-    assert t.get("user@example.com") == "one,\n  two"
+    assert t.get("user@example.com") == "one,  two"
     assert open_tables(f"texthash:{src}, inline:{{x=y}}").get("X") == "y"
 
 

@@ -154,6 +154,20 @@ def _nameservers(value: object, key: str) -> list[str]:
     return items
 
 
+def _maps(value: object, key: str) -> str | list[str]:
+    """Lookup tables: one string as Postfix writes it ("hash:/a, regexp:/b"), or a TOML list
+    of table specs; pymailtools.tables opens them when they are used."""
+    if isinstance(value, str):
+        return _string(value, key)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_string(v, key) for v in value]
+    raise ConfigError(f"{key}: expected lookup tables (a string or a list), got {value!r}")
+
+
+ADDRESS_CLASSES = ("envelope_sender", "envelope_recipient", "header_sender",
+                   "header_recipient")
+
+
 # key -> (parser, default). A default of None is computed in Config.__init__.
 SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "queue_directory": (_path, None),
@@ -177,13 +191,29 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "command_time_limit": (_duration, 1000),
     # Mailbox delivery of local users, first match wins: a command per user, a command for
     # all, a mailbox in the home directory, else the spool (Postfix's local(8) precedence).
-    "mailbox_command_maps": (_list, []),
+    "mailbox_command_maps": (_maps, ""),
     "mailbox_command": (_string, ""),
     "home_mailbox": (_home_mailbox, ""),
-    "forward_path": (_list, ["$home/.forward"]),
+    "forward_path": (_list, ["$home/.forward${recipient_delimiter}${extension}",
+                             "$home/.forward"]),
     "allow_mail_to_commands": (_list, ["alias", "forward"]),
     "allow_mail_to_files": (_list, ["alias", "forward"]),
     "syslog": (_boolean, True),
+    # Address rewriting: at queue entry (Postfix's cleanup), and smtp_generic_maps on the way
+    # out over SMTP.
+    "recipient_delimiter": (_string, ""),
+    "canonical_maps": (_maps, ""),
+    "sender_canonical_maps": (_maps, ""),
+    "recipient_canonical_maps": (_maps, ""),
+    "canonical_classes": (_list, list(ADDRESS_CLASSES)),
+    "masquerade_domains": (_list, []),
+    "masquerade_exceptions": (_list, []),
+    "masquerade_classes": (_list, ["envelope_sender", "header_sender", "header_recipient"]),
+    "virtual_alias_maps": (_maps, ""),
+    "virtual_alias_domains": (_list, ["$virtual_alias_maps"]),
+    "virtual_alias_recursion_limit": (_size, 1000),
+    "virtual_alias_expansion_limit": (_size, 1000),
+    "smtp_generic_maps": (_maps, ""),
     # Who may list (mailq) and flush (postqueue -f, sendmail -q) the queue; root always may.
     "authorized_mailq_users": (_users, [ANYONE]),
     "authorized_flush_users": (_users, [ANYONE]),
@@ -251,13 +281,26 @@ class Config:
     deliver_lock_attempts: int
     deliver_lock_delay: int
     command_time_limit: int
-    mailbox_command_maps: list[str]
+    mailbox_command_maps: str | list[str]
     mailbox_command: str
     home_mailbox: str
     forward_path: list[str]
     allow_mail_to_commands: list[str]
     allow_mail_to_files: list[str]
     syslog: bool
+    recipient_delimiter: str
+    canonical_maps: str | list[str]
+    sender_canonical_maps: str | list[str]
+    recipient_canonical_maps: str | list[str]
+    canonical_classes: list[str]
+    masquerade_domains: list[str]
+    masquerade_exceptions: list[str]
+    masquerade_classes: list[str]
+    virtual_alias_maps: str | list[str]
+    virtual_alias_domains: list[str]
+    virtual_alias_recursion_limit: int
+    virtual_alias_expansion_limit: int
+    smtp_generic_maps: str | list[str]
     authorized_mailq_users: list[str]
     authorized_flush_users: list[str]
     relayhost: str
@@ -327,6 +370,13 @@ class Config:
     def public_listing(self) -> bool:
         """May every user list the queue? Then Queue.ensure makes the listing readable."""
         return ANYONE in self.authorized_mailq_users
+
+    @property
+    def rewrites(self) -> bool:
+        """Is any queue-entry rewriting configured? Without it, submission does nothing new."""
+        return bool(self.canonical_maps or self.sender_canonical_maps
+                    or self.recipient_canonical_maps or self.masquerade_domains
+                    or self.virtual_alias_maps)
 
     def is_local_domain(self, domain: str) -> bool:
         d = domain.lower().rstrip(".")

@@ -121,35 +121,34 @@ def logical_lines(text: str) -> Iterator[tuple[int, str]]:
         if not stripped or stripped.startswith("#"):
             continue
         if line[0] in " \t" and buf:
-            buf.append(line)
+            buf.append(line)  # joined as is: only the newline goes, as in Postfix
             continue
         if buf:
-            yield start, "\n".join(buf).strip()
+            yield start, "".join(buf).strip()
         buf, start = [line], lineno
     if buf:
-        yield start, "\n".join(buf).strip()
+        yield start, "".join(buf).strip()
 
 
 def parse_entry(line: str) -> tuple[str, str] | None:
-    """``key whitespace value`` (a key may be "double quoted" to hold whitespace); None when
-    the line has no value."""
-    if line.startswith('"'):
-        out, i = [], 1
-        while i < len(line) and line[i] != '"':
-            if line[i] == "\\" and i + 1 < len(line):
-                i += 1
-            out.append(line[i])
-            i += 1
-        if i >= len(line):
-            return None
-        key, rest = "".join(out), line[i + 1 :]
-        if rest and not rest[0].isspace():
-            return None
-    else:
-        end = 0
-        while end < len(line) and not line[end].isspace():
+    """``key whitespace value``; None when the line has no value or an unbalanced quote.
+
+    Whitespace inside double quotes does not end the key and a backslash protects the next
+    character, but both stay in the key: ``"no reply"@example.com`` is looked up with its
+    quotes, as an RFC 5322 local part is written (postmap(1), Postfix 3.2 and later)."""
+    end, quoted = 0, False
+    while end < len(line):
+        ch = line[end]
+        if ch == "\\":
             end += 1
-        key, rest = line[:end], line[end:]
+        elif ch == '"':
+            quoted = not quoted
+        elif ch.isspace() and not quoted:
+            break
+        end += 1
+    if quoted:
+        return None
+    key, rest = line[:end], line[end:]
     value = rest.strip()
     if not key or not value:
         return None
@@ -165,7 +164,8 @@ def read_source(path: str, spec: str, *, folded: bool = True,
         entry = parse_entry(line)
         if entry is None:
             if warn is not None:
-                warn.append(f"{path}, line {lineno}: expected format: key whitespace value")
+                warn.append(f"{path}, line {lineno}: expected format: key whitespace value"
+                            " -- ignoring this line")
             continue
         key = fold(entry[0]) if folded else entry[0]
         if key in entries:
@@ -229,7 +229,7 @@ def open_inline(spec: str, name: str, folded: bool) -> DictTable:
         key, value = key.strip(), value.strip()
         if not eq or not key:
             raise ConfigError(f"{spec}: expected key=value, got {item!r}")
-        entries.setdefault(fold(key) if folded else key, value)
+        entries[fold(key) if folded else key] = value  # the last of duplicates wins, as Postfix
     return DictTable(spec, entries, folded)
 
 
@@ -265,6 +265,15 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not name:
         raise ConfigError(f"{spec}: missing table name after {kind}:")
     return kind, name
+
+
+def spec_of(name: str, default: str = "hash") -> str:
+    """A command-line table name: ``type:name`` as given, a bare file name as ``hash:file``
+    (Postfix's default_database_type)."""
+    kind, colon, _ = name.partition(":")
+    if colon and kind.isalnum():
+        return name
+    return f"{default}:{name}"
 
 
 def open_table(spec: str, *, folded: bool = True) -> Table:
@@ -355,10 +364,11 @@ def _uri_path(path: str) -> str:
     return quote(os.path.abspath(path))
 
 
-def build_index(source: str, *, folded: bool = True) -> list[str]:
+def build_index(source: str, *, folded: bool = True, keep_mode: bool = True) -> list[str]:
     """``postmap FILE``: compile ``FILE`` into ``FILE.sqlite`` (written aside and renamed into
-    place, so a reader never sees half an index). Returns Postfix-style warnings (malformed
-    lines, duplicate keys). ConfigError when the source cannot be read or the index written."""
+    place, so a reader never sees half an index), with the source's permission bits unless
+    ``keep_mode`` is off (``postmap -p``). Returns Postfix-style warnings (malformed lines,
+    duplicate keys). ConfigError when the source cannot be read or the index written."""
     import sqlite3
 
     warnings: list[str] = []
@@ -378,8 +388,8 @@ def build_index(source: str, *, folded: bool = True) -> list[str]:
             db.commit()
         finally:
             db.close()
-        st = os.stat(source)
-        os.chmod(tmp, st.st_mode & 0o777)
+        if keep_mode:
+            os.chmod(tmp, os.stat(source).st_mode & 0o777)
         os.replace(tmp, index)
     except (OSError, sqlite3.Error) as e:
         try:
@@ -420,6 +430,12 @@ class PatternTable(Table):
 
     @classmethod
     def load(cls, spec: str, path: str, pcre: bool) -> PatternTable:
+        if path.startswith("{"):
+            # regexp:{ {rule}, {rule} }: each braced element is one line of a table
+            if not path.endswith("}"):
+                raise ConfigError(f"{spec}: expected {{ {{rule}}, {{rule}} ... }}")
+            text = "\n".join(split_top(path[1:-1]))
+            return cls(spec, parse_rules(text, spec, pcre))
         return cls(spec, parse_rules(read_text(path, spec), path, pcre))
 
     def get(self, key: str) -> str | None:
@@ -442,7 +458,8 @@ class PatternTable(Table):
                 if m is None:
                     return rule.result
             elif m is not None:
-                return expand(rule.result, m)
+                # an empty result means "not found" (Postfix warns that it is not allowed)
+                return expand(rule.result, m) or None
             i += 1
         return None
 
@@ -578,7 +595,7 @@ def compile_pattern(source: str, flags: str, pcre: bool, where: str) -> re.Patte
     POSIX extended syntax, on by default, for regexp: and verbose, off, for pcre:)."""
     import re as re_mod
 
-    opts = re_mod.IGNORECASE
+    opts = re_mod.IGNORECASE | (re_mod.DOTALL if pcre else 0)
     multiline = False
     extended = True  # regexp: POSIX ERE by default; pcre: verbose off by default
     verbose = False
@@ -595,22 +612,30 @@ def compile_pattern(source: str, flags: str, pcre: bool, where: str) -> re.Patte
             opts ^= re_mod.DOTALL
         elif pcre and f in "AEX":
             # A anchors (done by prefixing \A); E and X change nothing for keys without
-            # newlines, which addresses and domains never contain.
+            # newlines, which addresses and domains never contain. U (ungreedy) has no
+            # counterpart in Python's re and is refused below.
             if f == "A":
                 source = r"\A(?:" + source + ")"
+        elif pcre and f == "U":
+            raise ConfigError(f"{where}: regexp option \"U\" (ungreedy) is not supported: "
+                              "write lazy quantifiers (*?, +?) instead")
         else:
             raise ConfigError(f"{where}: unknown regexp option \"{f}\"")
     if multiline:
         opts |= re_mod.MULTILINE
     if verbose:
         opts |= re_mod.VERBOSE
-    if not pcre:
-        # POSIX: without REG_NEWLINE, '.' and [^...] match a newline too
-        if not multiline:
-            opts |= re_mod.DOTALL
-        source = posix_to_python(source, extended, where)
+    if not pcre and not multiline:
+        opts |= re_mod.DOTALL  # POSIX: without REG_NEWLINE, '.' and [^...] match a newline
+    source = posix_to_python(source, extended, where, pcre)
+    import warnings
+
     try:
-        return re_mod.compile(source, opts)
+        with warnings.catch_warnings():
+            # "possible nested set" and the like: valid POSIX/PCRE, and nothing an admin
+            # reading the mail log could act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return re_mod.compile(source, opts)
     except re_mod.error as e:
         raise ConfigError(f"{where}: bad regular expression /{source}/: {e}") from None
 
@@ -622,11 +647,13 @@ _POSIX_CLASSES = {
 }
 
 
-def posix_to_python(source: str, extended: bool, where: str) -> str:
+def posix_to_python(source: str, extended: bool, where: str, pcre: bool = False) -> str:
     """Rewrite a POSIX regular expression (ERE, or BRE when ``extended`` is off) for Python's
     ``re``: bracket expressions (``[[:alpha:]]``, a literal backslash, ``]`` first), GNU's
     ``\\<``/``\\>`` word edges, and BRE's escaped operators. Python picks the first matching
-    alternative where POSIX picks the longest; the difference shows only in captures."""
+    alternative where POSIX picks the longest; the difference shows only in captures.
+    With ``pcre``, only the ``[:class:]`` names inside brackets are rewritten (PCRE has them,
+    Python's re does not); backslashes keep their PCRE meaning."""
     out: list[str] = []
     i, n = 0, len(source)
     while i < n:
@@ -650,6 +677,10 @@ def posix_to_python(source: str, extended: bool, where: str) -> str:
                     j = end + 2
                     continue
                 c = source[j]
+                if pcre and c == "\\" and j + 1 < n:
+                    parts.append(source[j : j + 2])
+                    j += 2
+                    continue
                 parts.append("\\" + c if c in "\\[" else c)
                 j += 1
             if j >= n:
@@ -657,6 +688,10 @@ def posix_to_python(source: str, extended: bool, where: str) -> str:
             parts.append("]")
             out.append("".join(parts))
             i = j + 1
+            continue
+        if ch == "\\" and i + 1 < n and pcre:
+            out.append(source[i : i + 2])
+            i += 2
             continue
         if ch == "\\" and i + 1 < n:
             nxt = source[i + 1]

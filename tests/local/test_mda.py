@@ -110,6 +110,11 @@ LOGFILE=$HOME/procmail.log
   /dev/null
 }
 
+EXT=$1
+:0:
+* EXT ?? ^^lists^^
+lists
+
 :0:
 * ^Subject:.*invoice
 invoices
@@ -120,14 +125,19 @@ invoices
 """
 
 
+def procmail_mta(tmp_path: Path, config_values: dict[str, object], user: User,
+                 **keys: object) -> Sendmail:
+    path = need_tool("procmail", "procmail")
+    user_file(user, ".procmailrc", PROCMAILRC)
+    (Path(user.pw_dir) / "Mail").mkdir()
+    os.chown(Path(user.pw_dir) / "Mail", user.pw_uid, user.pw_gid)
+    return mta(tmp_path, config_values, mailbox_command=f'{path} -a "$EXTENSION"', **keys)
+
+
 @pytest.fixture
 def procmail(tmp_path: Path, config_values: dict[str, object],
              system_user: User) -> Sendmail:
-    path = need_tool("procmail", "procmail")
-    user_file(system_user, ".procmailrc", PROCMAILRC)
-    (Path(system_user.pw_dir) / "Mail").mkdir()
-    os.chown(Path(system_user.pw_dir) / "Mail", system_user.pw_uid, system_user.pw_gid)
-    return mta(tmp_path, config_values, mailbox_command=f'{path} -a "$EXTENSION"')
+    return procmail_mta(tmp_path, config_values, system_user)
 
 
 def test_procmail_files_by_subject(procmail: Sendmail, system_user: User, spool: Path) -> None:
@@ -147,6 +157,23 @@ def test_procmail_files_by_subject(procmail: Sendmail, system_user: User, spool:
     (other,) = messages(mail / "inbox")
     assert other["Subject"] == "lunch?"
     assert os.listdir(spool) == []  # the command took the place of the spool mailbox
+
+
+def test_procmail_gets_the_address_extension(tmp_path: Path,
+                                             config_values: dict[str, object],
+                                             system_user: User) -> None:
+    sm = procmail_mta(tmp_path, config_values, system_user, recipient_delimiter="+")
+    name = system_user.pw_name
+    submit(sm, f"{name}+Lists@host.example.test", "newsletter")
+    submit(sm, f"{name}+other@host.example.test", "not a list")
+    run_queue(sm)
+    assert queued(sm) == []
+    mail = Path(system_user.pw_dir) / "Mail"
+    (m,) = messages(mail / "lists")  # procmail -a "$EXTENSION" made $1 "lists"
+    assert m["Subject"] == "newsletter"
+    assert m["Delivered-To"] == f"{name}+Lists@host.example.test"
+    (other,) = messages(mail / "inbox")
+    assert other["Subject"] == "not a list"
 
 
 def test_procmail_pipes_to_a_command(procmail: Sendmail, system_user: User) -> None:
@@ -269,8 +296,7 @@ def test_command_environment_identity_and_input(
 def test_extension_and_censored_values(config: Config, system_user: User) -> None:
     need_root()
     user_file(system_user, "bin/report.sh", REPORT, mode=0o755)
-    # recipient_delimiter belongs to address rewriting; the command sees its split.
-    config.recipient_delimiter = "+"  # type: ignore[attr-defined]
+    config.recipient_delimiter = "+"
     config.mailbox_command = f"{system_user.pw_dir}/bin/report.sh \"$EXTENSION\""
     name = system_user.pw_name
     local_mailbox.deliver(config, name, io.BytesIO(b"Subject: x\n\nbody\n"),
@@ -348,7 +374,7 @@ def test_mailbox_command_maps_picks_per_user(
     script = user_file(system_user, "bin/report.sh", REPORT, mode=0o755)
     table = tmp_path / "commands"
     table.write_text(f"# per-user commands\n{system_user.pw_name}  {script} mapped\n")
-    sm = mta(tmp_path, config_values, mailbox_command_maps=[f"texthash:{table}"])
+    sm = mta(tmp_path, config_values, mailbox_command_maps=f"texthash:{table}")
     submit(sm, system_user.pw_name, "to the command")
     submit(sm, other_user.pw_name, "to the spool")
     run_queue(sm)
@@ -370,7 +396,7 @@ def test_maps_win_over_mailbox_command_and_home_mailbox(
     config.home_mailbox = "Maildir/"
     pw = pwd.getpwnam(system_user.pw_name)
     assert local_mailbox.destination(config, pw) == ("command", "/usr/bin/mapped")
-    config.mailbox_command_maps = []
+    config.mailbox_command_maps = ""
     assert local_mailbox.destination(config, pw) == ("command", "/usr/bin/everyone")
     assert route.explain(config, system_user.pw_name) == (  # sendmail -bv
         f"{system_user.pw_name}: deliverable: mailbox command /usr/bin/everyone")

@@ -180,7 +180,7 @@ def run(req: Request) -> int:
         # not on the submission path: only -bi reads the alias files
         from pymailtools.qmgr.verify import check_aliases
 
-        return check_aliases(cfg, req.prog)
+        return check_aliases(cfg.alias_maps, req.prog)
     if mode == "daemon":
         return _daemon(cfg, req)
     if mode == "smtp":

@@ -243,7 +243,7 @@ def _key(st: os.stat_result) -> _Key:
     return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
 
-def _strip_type(path: str) -> str:
+def strip_type(path: str) -> str:
     """Accept Postfix's ``hash:/etc/aliases`` spelling: we always read the text file."""
     kind, colon, rest = path.partition(":")
     if colon and kind in ("hash", "btree", "lmdb", "cdb", "dbm", "texthash") and rest:
@@ -254,7 +254,7 @@ def _strip_type(path: str) -> str:
 def load(path: str) -> AliasMap:
     """Parse an alias file, from the cache when unchanged. A missing file has no aliases; one
     that cannot be read raises DeliveryError 4.3.0 (mail waits instead of being misrouted)."""
-    path = _strip_type(path)
+    path = strip_type(path)
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -283,6 +283,17 @@ def load(path: str) -> AliasMap:
         log.warning(w)
     _cache[path] = (_key(st), amap)
     return amap
+
+
+def format_values(values: tuple[AliasValue, ...]) -> str:
+    """The destinations as an alias file would write them (``postalias -q``, ``-s``)."""
+    prefix = {"address": "", "file": "", "command": "|", "include": ":include:"}
+    out = []
+    for v in values:
+        text = prefix[v.kind] + v.value
+        out.append(f'"{text}"' if v.kind != "address" and ("," in text or " " in text)
+                   else text)
+    return ", ".join(out)
 
 
 def lookup(alias_maps: list[str], name: str) -> tuple[AliasValue, ...] | None:

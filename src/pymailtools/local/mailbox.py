@@ -108,9 +108,8 @@ def command_environment(config: Config, pw: pwd.struct_passwd, *, sender: str, r
     recipient's LOCAL part, DOMAIN and address EXTENSION (the last two only when present)."""
     local = local_name(recipient)
     domain = recipient.rpartition("@")[2].lower() if "@" in recipient else ""
-    # The extension is split here with recipient_delimiter when that key exists; routing that
-    # knows the extension already may hand it down instead.
-    _, extension = split_extension(local, getattr(config, "recipient_delimiter", ""))
+    # Split as local routing splits it, from the address being delivered.
+    _, extension = split_extension(local, config.recipient_delimiter)
     if extension is not None and "/" in extension:
         extension = None  # Postfix ignores such an extension (it could be a path)
     env = {

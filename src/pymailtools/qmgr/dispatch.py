@@ -11,11 +11,11 @@ from collections import deque
 from collections.abc import Callable
 
 from pymailtools.config import Config
-from pymailtools.errors import DeliveryError, HopError
+from pymailtools.errors import DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
-from pymailtools.smtp import mx
+from pymailtools.smtp import generic, mx
 from pymailtools.smtp import nexthop as relayhost
 from pymailtools.smtp.client import Outcome, Session
 from pymailtools.smtp.policy import Policy
@@ -72,6 +72,7 @@ class Dispatcher:
         self.slots = asyncio.Semaphore(max(cfg.default_process_limit, 1))
         self.per_dest = max(cfg.default_destination_concurrency_limit, 1)
         self.rcpt_limit = max(cfg.default_destination_recipient_limit, 1)
+        self.generic = generic.Generic(cfg) if cfg.smtp_generic_maps else None
 
     def destination(self, address: str) -> str:
         if self.relayhost is not None:
@@ -187,12 +188,23 @@ class Dispatcher:
             why = f"cannot read queue file: {e.strerror}"
             job.fail(Outcome(DEFERRED, "4.3.0", why, why))
             return
-        pending = list(job.rcpts)
+        sender, back = job.sender, {r: [r] for r in job.rcpts}  # wire address -> ours
+        if self.generic is not None:  # the addresses as they leave over SMTP
+            try:
+                sender, data = self.generic.address(sender), self.generic.data(data)
+                back = {}
+                for r in job.rcpts:
+                    back.setdefault(self.generic.address(r), []).append(r)
+            except MailError as e:
+                job.fail(Outcome(DEFERRED, "4.3.5", str(e), str(e)))
+                return
+        pending = list(back)
         while pending:
             chunk, pending = pending[: self.rcpt_limit], pending[self.rcpt_limit :]
-            results, retry = await session.send(job.sender, chunk, data, len(data))
+            results, retry = await session.send(sender, chunk, data, len(data))
             for r, o in results.items():
-                job.results[r] = (o, session.relay)
+                for orig in back[r]:
+                    job.results[orig] = (o, session.relay)
             pending = retry + pending
             if pending and not session.usable:
                 why = f"lost connection with {session.relay} before all recipients were sent"

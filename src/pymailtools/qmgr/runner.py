@@ -315,6 +315,14 @@ class Runner:
         while i < len(env.recipients):
             r = env.recipients[i]
             i += 1
+            if r.state == BOUNCED and not r.attempts:
+                # Refused at queue entry (unknown in a virtual alias table, an alias loop):
+                # reported here, once, like any other bounce.
+                r.attempts = 1
+                entry.attempted = True
+                self._record(env, r, BOUNCED, r.status, r.reason, since=now)
+                entry.bounced.append(r)
+                continue
             if r.done:
                 continue
             if site and not _matches_site(r.address, site):

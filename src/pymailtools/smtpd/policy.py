@@ -42,6 +42,12 @@ class Settings:
                 self.users = smtpd_passwd.load(cfg.smtpd_sasl_password_file)
             except smtpd_passwd.PasswordFileError as e:
                 raise ConfigError(f"smtpd_sasl_password_file: {e}") from None
+        if cfg.rewrites:
+            # Opened now: a missing or broken table stops the listener at start-up (exit 78)
+            # instead of turning every message away later.
+            from pymailtools import rewrite
+
+            rewrite.for_config(cfg)
         self.bare_newline = "normalize" if stdio else cfg.smtpd_forbid_bare_newline
         # -bd: the queue its starter set up; -bs: submit() sets it up, as for sendmail -bm
         self.queue: Queue | None = None if stdio else Queue(cfg.queue_directory)

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from pymailtools import address
+from pymailtools import address, rewrite
 from pymailtools.config import Config
 from pymailtools.errors import AddressError, DeliveryError, MailError, TooBigError
 from pymailtools.local import route
@@ -271,6 +271,10 @@ class Handler:
         rcpt = address.qualify(addr, self.cfg.myorigin)
         trusted = self.trusted(session)
         local_part = address.local_part(rcpt)
+        if self.cfg.virtual_alias_maps:
+            verdict = self._virtual(session, envelope, addr, rcpt)
+            if verdict is not None:
+                return verdict
         if route.is_local(self.cfg, rcpt):
             # user%host@us, host!user@us, "user@host"@us: routing through us is relaying.
             if not trusted and any(c in local_part for c in "%!@"):
@@ -292,6 +296,34 @@ class Handler:
         elif not trusted:
             return self.reject(session, envelope, "RCPT",
                                f"554 5.7.1 <{addr}>: Relay access denied", addr)
+        envelope.rcpt_tos.append(rcpt)
+        return "250 2.1.5 Ok"
+
+    def _virtual(self, session: PmtSession, envelope: Envelope, addr: str,
+                 rcpt: str) -> str | None:
+        """The reply for a recipient of ours that virtual_alias_maps maps (taken) or cannot
+        map (refused: unknown in a virtual alias domain, a loop); None to go on as usual."""
+        try:
+            rw = rewrite.for_config(self.cfg)
+            if not (rw.is_virtual_domain(address.domain_of(rcpt))
+                    or route.is_local(self.cfg, rcpt)):
+                return None  # another domain: mapped or not, the relay rules decide
+            found = rw.virtual_alias(rw.recipient(rcpt))
+        except DeliveryError as e:
+            if e.status == "5.1.1":
+                reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
+                         "User unknown in virtual alias table")
+            elif e.permanent:
+                reply = f"550 {e.status} <{addr}>: Recipient address rejected: {e.reason}"
+            else:
+                reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
+            return self.reject(session, envelope, "RCPT", reply, addr)
+        except MailError as e:  # a table that cannot be read or answer: try again later
+            self.log.error(f"virtual_alias_maps: {escape(e)}")
+            return self.reject(session, envelope, "RCPT",
+                               f"451 4.3.0 <{addr}>: Temporary lookup failure", addr)
+        if [a.lower() for a in found] == [rcpt.lower()]:
+            return None
         envelope.rcpt_tos.append(rcpt)
         return "250 2.1.5 Ok"
 
