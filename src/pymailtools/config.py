@@ -122,6 +122,16 @@ def _optional_path(value: object, key: str) -> str:
     return _path(value, key)
 
 
+def _home_mailbox(value: object, key: str) -> str:
+    """A path below the user's home directory ("Mailbox", "Maildir/"), or "" for the spool."""
+    s = _string(value, key)
+    if s.startswith("/") or any(part in ("", ".", "..") for part in s.rstrip("/").split("/")):
+        if s:
+            raise ConfigError(f"{key}: expected a path relative to the home directory such as "
+                              f"Mailbox or Maildir/, got {s!r}")
+    return s
+
+
 ANYONE = "static:anyone"
 
 
@@ -179,6 +189,11 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "deliver_lock_attempts": (_size, 20),
     "deliver_lock_delay": (_duration, 1),
     "command_time_limit": (_duration, 1000),
+    # Mailbox delivery of local users, first match wins: a command per user, a command for
+    # all, a mailbox in the home directory, else the spool (Postfix's local(8) precedence).
+    "mailbox_command_maps": (_maps, ""),
+    "mailbox_command": (_string, ""),
+    "home_mailbox": (_home_mailbox, ""),
     "forward_path": (_list, ["$home/.forward${recipient_delimiter}${extension}",
                              "$home/.forward"]),
     "allow_mail_to_commands": (_list, ["alias", "forward"]),
@@ -266,6 +281,9 @@ class Config:
     deliver_lock_attempts: int
     deliver_lock_delay: int
     command_time_limit: int
+    mailbox_command_maps: str | list[str]
+    mailbox_command: str
+    home_mailbox: str
     forward_path: list[str]
     allow_mail_to_commands: list[str]
     allow_mail_to_files: list[str]

@@ -14,7 +14,7 @@ from pymailtools.config import Config
 from pymailtools.errors import AddressError
 from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
-from pymailtools.local.spool import mailbox_path, passwd_entry
+from pymailtools.local.spool import passwd_entry
 from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote, Target
 from pymailtools.tables import split_extension
 
@@ -364,9 +364,10 @@ def explain(config: Config, address: str) -> str:
     note = f" (not verified: {'; '.join(exp.unverified)})" if exp.unverified else ""
     note += "".join(f" ({step})" for step in exp.steps)
     if exp.how == "mailbox" and len(targets) == 1 and isinstance(targets[0], Mailbox):
-        path, is_maildir = mailbox_path(config, targets[0].user)
-        kind = "maildir" if is_maildir else "mailbox"
-        return f"{address}: deliverable: local {kind} {path}{'/' if is_maildir else ''}{note}"
+        # Here, not at the top: mailbox brings in the delivery agents (see _read_as).
+        from pymailtools.local import mailbox
+
+        return f"{address}: deliverable: {mailbox.describe(config, targets[0].user)}{note}"
     verb = "aliased to" if exp.how == "alias" else "forwarded to"
     return f"{address}: {verb} {', '.join(describe(t) for t in targets) or 'nothing'}{note}"
 

@@ -512,7 +512,8 @@ class Runner:
                 done.append(f"forwarded to {t.address}")
             else:
                 done.append(agent.deliver(self.cfg, t, msg, sender=env.sender,
-                                          recipient=r.address, busy=self._busy))
+                                          recipient=r.address, original_recipient=r.orcpt,
+                                          busy=self._busy))
         return "; ".join(done) or "discarded (empty alias)", "local"
 
     def backoff(self, age: float) -> float:
