@@ -141,4 +141,4 @@ def test_unreadable_table_defers_everything(config_values: dict, tmp_path: Path,
         assert r.state == "deferred" and "configuration error" in r.reason
         assert "missing" in r.reason
     err = capsys.readouterr().err
-    assert "routing:" in err and "missing" in err
+    assert "routing: transport_maps: " in err and "missing" in err

@@ -209,3 +209,15 @@ def _no_secrets(log: str, tmp_path: Path) -> None:
     for pw in [*PASSWORDS.values(), "global-password"]:
         for text in texts:
             assert pw not in text
+
+
+def test_missing_password_table_defers_naming_it(tmp_path: Path, config_values: dict,
+                                                 relays: tuple[Relay, Relay]) -> None:
+    one, _ = relays
+    cfg = Config({**config_values, "relayhost": one.hop,
+                  "smtp_sasl_password_maps": f"hash:{tmp_path / 'nonexistent'}"})
+    queue(cfg, "x@dest.test")
+    assert Runner(cfg).run().deferred == 1 and one.sink.messages == []
+    ((_, env),) = entries(cfg)
+    reason = env.recipients[0].reason
+    assert "smtp_sasl_password_maps" in reason and "nonexistent" in reason

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import DeliveryError, HopError, MailError
+from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
@@ -86,7 +86,10 @@ class Dispatcher:
             # the lookup tables module only when credentials come from a map
             from pymailtools.tables import open_tables
 
-            self.password_maps = open_tables(cfg.smtp_sasl_password_maps)
+            try:
+                self.password_maps = open_tables(cfg.smtp_sasl_password_maps)
+            except ConfigError as e:
+                raise ConfigError(f"smtp_sasl_password_maps: {e}") from None
         self.resolver = mx.make_resolver(cfg)
         self.dests: dict[Destination, _Destination] = {}
         self.slots = asyncio.Semaphore(max(cfg.default_process_limit, 1))

@@ -49,7 +49,10 @@ def _maps(cfg: Config, key: str) -> "Tables | None":
     # the lookup tables module only when a map is configured
     from pymailtools.tables import open_tables
 
-    return open_tables(value)
+    try:
+        return open_tables(value)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class Router:

@@ -130,5 +130,8 @@ def _relay_domains(items: list[str]) -> tuple[frozenset[str], Tables | None]:
         # the lookup tables module only when relay_domains names tables
         from pymailtools.tables import open_tables
 
-        tables = open_tables(specs)
+        try:
+            tables = open_tables(specs)
+        except ConfigError as e:
+            raise ConfigError(f"relay_domains: {e}") from None
     return frozenset(n.lower().rstrip(".") for n in names if n.strip(".")), tables
