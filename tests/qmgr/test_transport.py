@@ -142,3 +142,34 @@ def test_unreadable_table_defers_everything(config_values: dict, tmp_path: Path,
         assert "missing" in r.reason
     err = capsys.readouterr().err
     assert "routing: transport_maps: " in err and "missing" in err
+
+
+def test_sender_dependent_relayhost_order(config_values: dict, tmp_path: Path) -> None:
+    relays = tmp_path / "relays"
+    relays.write_text("alice@one.test [10.0.0.1]:587\n@one.test [10.0.0.2]\n"
+                      "bob@two.test DUNNO\n@two.test [10.0.0.3]\n<> [10.0.0.4]\n"
+                      "eve@bad.test [broken\n")
+    transport = tmp_path / "transport"
+    transport.write_text("direct.test smtp:\nkept.test :\n")
+    cfg = Config({**config_values, "relayhost": "[10.9.9.9]",
+                  "sender_dependent_relayhost_maps": f"texthash:{relays}",
+                  "transport_maps": f"texthash:{transport}"})
+    r = Router(cfg)
+
+    def hop(sender: str, rcpt: str = "x@dest.test") -> NextHop | None:
+        return r.route(rcpt, sender).hop
+
+    assert hop("alice@one.test") == NextHop("10.0.0.1", 587, False, False)
+    assert hop("Alice@One.test") == NextHop("10.0.0.1", 587, False, False)
+    assert hop("carol@one.test") == NextHop("10.0.0.2", 25, False, False)
+    assert hop("bob@two.test") == NextHop("10.9.9.9", 25, False, False)  # DUNNO: relayhost
+    assert hop("dave@two.test") == NextHop("10.0.0.3", 25, False, False)
+    assert hop("") == NextHop("10.0.0.4", 25, False, False)
+    assert hop("zed@three.test") == NextHop("10.9.9.9", 25, False, False)
+    # transport_maps wins: "smtp:" is the recipient domain, ":" keeps the sender's relay
+    assert hop("alice@one.test", "x@direct.test") is None
+    assert hop("alice@one.test", "x@kept.test") == NextHop("10.0.0.1", 587, False, False)
+    # local mail stays local whoever sends it
+    assert r.route("root@localhost", "alice@one.test") == Route(LOCAL)
+    bad = r.route("x@dest.test", "eve@bad.test")
+    assert bad.transport == RETRY and "sender_dependent_relayhost_maps" in bad.text
