@@ -229,6 +229,12 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtp_sasl_password": (_string, ""),
     "smtp_sasl_password_file": (_optional_path, ""),
     "smtp_sasl_allow_plaintext": (_boolean, False),
+    # Routing: lookup tables ("type:name", Postfix's syntax), searched in order.
+    "transport_maps": (_list, []),
+    "relay_domains": (_list, []),
+    "sender_dependent_relayhost_maps": (_list, []),
+    "smtp_sasl_password_maps": (_list, []),
+    "smtp_sender_dependent_authentication": (_boolean, False),
     "smtp_connect_timeout": (_duration, 30),
     "smtp_helo_timeout": (_duration, 300),
     "smtp_starttls_timeout": (_duration, 300),
@@ -314,6 +320,11 @@ class Config:
     smtp_sasl_password: str
     smtp_sasl_password_file: str
     smtp_sasl_allow_plaintext: bool
+    transport_maps: list[str]
+    relay_domains: list[str]
+    sender_dependent_relayhost_maps: list[str]
+    smtp_sasl_password_maps: list[str]
+    smtp_sender_dependent_authentication: bool
     smtp_connect_timeout: int
     smtp_helo_timeout: int
     smtp_starttls_timeout: int

@@ -330,13 +330,14 @@ def _expand(config: Config, address: str) -> _Expander:
     return exp
 
 
-def resolve(config: Config, address: str) -> list[Target]:
+def resolve(config: Config, address: str, *, local: bool = False) -> list[Target]:
     """Where mail for ``address`` goes: [Remote(address)] for other domains; for local ones the
     mailboxes, files, commands and remote addresses its aliases and .forward lead to.
+    ``local``: the local transport was chosen for it (transport_maps), whatever its domain.
 
     Raises DeliveryError: unknown user 5.1.1, bad name 5.1.3, loop or too deep 5.4.6,
     forbidden command/file 5.7.1, unusable value 5.3.5, unreadable alias data 4.x."""
-    if not is_local(config, address):
+    if not local and not is_local(config, address):
         return [Remote(address)]
     return list(dict.fromkeys(_expand(config, address).targets))
 

@@ -298,8 +298,17 @@ class Handler:
                 return self.reject(session, envelope, "RCPT",
                                    "501 5.1.3 Bad recipient address syntax", addr)
         elif not trusted:
-            return self.reject(session, envelope, "RCPT",
-                               f"554 5.7.1 <{addr}>: Relay access denied", addr)
+            # relay_domains: anyone may send here, but not through us to somewhere else
+            try:
+                relay = not any(c in local_part for c in "%!@") and \
+                    self.settings.relay_domain(rcpt.rpartition("@")[2])
+            except (MailError, OSError) as e:
+                self.log.warning(f"relay_domains lookup failed: {escape(e)}")
+                return self.reject(session, envelope, "RCPT",
+                                   f"451 4.3.0 <{addr}>: Temporary lookup failure", addr)
+            if not relay:
+                return self.reject(session, envelope, "RCPT",
+                                   f"554 5.7.1 <{addr}>: Relay access denied", addr)
         envelope.rcpt_tos.append(rcpt)
         return "250 2.1.5 Ok"
 
