@@ -130,6 +130,16 @@ def _optional_path(value: object, key: str) -> str:
     return _path(value, key)
 
 
+def _home_mailbox(value: object, key: str) -> str:
+    """A path below the user's home directory ("Mailbox", "Maildir/"), or "" for the spool."""
+    s = _string(value, key)
+    if s.startswith("/") or any(part in ("", ".", "..") for part in s.rstrip("/").split("/")):
+        if s:
+            raise ConfigError(f"{key}: expected a path relative to the home directory such as "
+                              f"Mailbox or Maildir/, got {s!r}")
+    return s
+
+
 ANYONE = "static:anyone"
 
 
@@ -150,6 +160,20 @@ def _nameservers(value: object, key: str) -> list[str]:
         if not all(c.isalnum() or c in ".:[]%" for c in item):
             raise ConfigError(f"{key}: expected ip or ip:port, got {item!r}")
     return items
+
+
+def _maps(value: object, key: str) -> str | list[str]:
+    """Lookup tables: one string as Postfix writes it ("hash:/a, regexp:/b"), or a TOML list
+    of table specs; pymailtools.tables opens them when they are used."""
+    if isinstance(value, str):
+        return _string(value, key)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_string(v, key) for v in value]
+    raise ConfigError(f"{key}: expected lookup tables (a string or a list), got {value!r}")
+
+
+ADDRESS_CLASSES = ("envelope_sender", "envelope_recipient", "header_sender",
+                   "header_recipient")
 
 
 # key -> (parser, default). A default of None is computed in Config.__init__.
@@ -173,10 +197,31 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "deliver_lock_attempts": (_size, 20),
     "deliver_lock_delay": (_duration, 1),
     "command_time_limit": (_duration, 1000),
-    "forward_path": (_list, ["$home/.forward"]),
+    # Mailbox delivery of local users, first match wins: a command per user, a command for
+    # all, a mailbox in the home directory, else the spool (Postfix's local(8) precedence).
+    "mailbox_command_maps": (_maps, ""),
+    "mailbox_command": (_string, ""),
+    "home_mailbox": (_home_mailbox, ""),
+    "forward_path": (_list, ["$home/.forward${recipient_delimiter}${extension}",
+                             "$home/.forward"]),
     "allow_mail_to_commands": (_list, ["alias", "forward"]),
     "allow_mail_to_files": (_list, ["alias", "forward"]),
     "syslog": (_boolean, True),
+    # Address rewriting: at queue entry (Postfix's cleanup), and smtp_generic_maps on the way
+    # out over SMTP.
+    "recipient_delimiter": (_string, ""),
+    "canonical_maps": (_maps, ""),
+    "sender_canonical_maps": (_maps, ""),
+    "recipient_canonical_maps": (_maps, ""),
+    "canonical_classes": (_list, list(ADDRESS_CLASSES)),
+    "masquerade_domains": (_list, []),
+    "masquerade_exceptions": (_list, []),
+    "masquerade_classes": (_list, ["envelope_sender", "header_sender", "header_recipient"]),
+    "virtual_alias_maps": (_maps, ""),
+    "virtual_alias_domains": (_list, ["$virtual_alias_maps"]),
+    "virtual_alias_recursion_limit": (_size, 1000),
+    "virtual_alias_expansion_limit": (_size, 1000),
+    "smtp_generic_maps": (_maps, ""),
     # Who may list (mailq) and flush (postqueue -f, sendmail -q) the queue; root always may.
     "authorized_mailq_users": (_users, [ANYONE]),
     "authorized_flush_users": (_users, [ANYONE]),
@@ -192,6 +237,12 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtp_sasl_password": (_string, ""),
     "smtp_sasl_password_file": (_optional_path, ""),
     "smtp_sasl_allow_plaintext": (_boolean, False),
+    # Routing: lookup tables ("type:name", Postfix's syntax), searched in order.
+    "transport_maps": (_list, []),
+    "relay_domains": (_list, []),
+    "sender_dependent_relayhost_maps": (_list, []),
+    "smtp_sasl_password_maps": (_list, []),
+    "smtp_sender_dependent_authentication": (_boolean, False),
     "smtp_connect_timeout": (_duration, 30),
     "smtp_helo_timeout": (_duration, 300),
     "smtp_starttls_timeout": (_duration, 300),
@@ -244,10 +295,26 @@ class Config:
     deliver_lock_attempts: int
     deliver_lock_delay: int
     command_time_limit: int
+    mailbox_command_maps: str | list[str]
+    mailbox_command: str
+    home_mailbox: str
     forward_path: list[str]
     allow_mail_to_commands: list[str]
     allow_mail_to_files: list[str]
     syslog: bool
+    recipient_delimiter: str
+    canonical_maps: str | list[str]
+    sender_canonical_maps: str | list[str]
+    recipient_canonical_maps: str | list[str]
+    canonical_classes: list[str]
+    masquerade_domains: list[str]
+    masquerade_exceptions: list[str]
+    masquerade_classes: list[str]
+    virtual_alias_maps: str | list[str]
+    virtual_alias_domains: list[str]
+    virtual_alias_recursion_limit: int
+    virtual_alias_expansion_limit: int
+    smtp_generic_maps: str | list[str]
     authorized_mailq_users: list[str]
     authorized_flush_users: list[str]
     relayhost: str
@@ -261,6 +328,11 @@ class Config:
     smtp_sasl_password: str
     smtp_sasl_password_file: str
     smtp_sasl_allow_plaintext: bool
+    transport_maps: list[str]
+    relay_domains: list[str]
+    sender_dependent_relayhost_maps: list[str]
+    smtp_sasl_password_maps: list[str]
+    smtp_sender_dependent_authentication: bool
     smtp_connect_timeout: int
     smtp_helo_timeout: int
     smtp_starttls_timeout: int
@@ -317,6 +389,13 @@ class Config:
     def public_listing(self) -> bool:
         """May every user list the queue? Then Queue.ensure makes the listing readable."""
         return ANYONE in self.authorized_mailq_users
+
+    @property
+    def rewrites(self) -> bool:
+        """Is any queue-entry rewriting configured? Without it, submission does nothing new."""
+        return bool(self.canonical_maps or self.sender_canonical_maps
+                    or self.recipient_canonical_maps or self.masquerade_domains
+                    or self.virtual_alias_maps)
 
     def is_local_domain(self, domain: str) -> bool:
         d = domain.lower().rstrip(".")

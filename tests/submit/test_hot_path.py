@@ -32,3 +32,7 @@ def test_submission_imports(tmp_path: Path, mode: str) -> None:
               for line in p.stderr.decode().splitlines() if line.startswith("import time:")}
     assert "pymailtools" in loaded
     assert loaded & FORBIDDEN == set()
+    # no rewriting key set: the rewriting module and the lookup tables stay unloaded
+    modules = {line.split("|")[-1].strip()
+               for line in p.stderr.decode().splitlines() if line.startswith("import time:")}
+    assert modules & {"pymailtools.rewrite", "pymailtools.tables"} == set()

@@ -3,24 +3,26 @@
 from typing import BinaryIO
 
 from pymailtools.config import Config
-from pymailtools.local import pipe, spool
+from pymailtools.local import mailbox, pipe
 from pymailtools.local.targets import Command, File, Mailbox
 
 
 def deliver(
     config: Config, target: Mailbox | File | Command, message: BinaryIO, *, sender: str,
-    recipient: str, busy: dict[str, str] | None = None,
+    recipient: str, original_recipient: str = "", busy: dict[str, str] | None = None,
 ) -> str:
     """Deliver ``message`` to ``target``; return a short note for the log.
 
     Raises DeliveryError (4.x.x to retry, 5.x.x to bounce), or OSError naming the file a file
-    delivery could not use. ``busy`` is the queue run's memory of locked mailboxes (see
+    delivery could not use. ``original_recipient`` is the address as submitted (a mailbox
+    command's ORIGINAL_RECIPIENT); ``busy`` is the queue run's memory of locked mailboxes (see
     mbox.append).
     """
     message.seek(0)
     if isinstance(target, Mailbox):
-        return spool.deliver_to_user(config, target.user, message, sender=sender,
-                                     recipient=recipient, busy=busy)
+        return mailbox.deliver(config, target.user, message, sender=sender,
+                               recipient=recipient, original_recipient=original_recipient,
+                               busy=busy)
     if isinstance(target, File):
         pipe.deliver_file(target, message, sender=sender, recipient=recipient, config=config)
         return f"delivered to file: {target.path}"

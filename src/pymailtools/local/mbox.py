@@ -299,7 +299,7 @@ def _write(
     size = os.fstat(fd).st_size
 
     def body(out: _Writer) -> None:
-        out.write(_envelope(sender, recipient))
+        out.write(envelope(sender, recipient))
         out.last = b""
         _copy(message, out)
         if out.last != b"\n":
@@ -359,7 +359,8 @@ def from_line(sender: str) -> bytes:
     return line.encode("utf-8", "surrogateescape")
 
 
-def _envelope(sender: str, recipient: str) -> bytes:
+def envelope(sender: str, recipient: str) -> bytes:
+    """The From_ line, Return-Path: and Delivered-To: that start a delivered message."""
     head = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
     return from_line(sender) + head.encode("utf-8", "surrogateescape")
 

@@ -6,6 +6,7 @@ import os
 import pwd
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pymailtools.local.targets import Command, DeliveryError, File
 from pymailtools.log import escape
 
 PATH = "/usr/bin:/bin"
+SHELL = "/bin/sh"
 OUTPUT_LIMIT = 1024  # bytes of command output kept for the bounce reason
 CHUNK = 65536
 CHILD_REPLY_LIMIT = 16 << 20  # what call_as accepts back from its child
@@ -85,6 +87,34 @@ def environment(uid: int, home: str, sender: str, recipient: str) -> dict[str, s
     }
 
 
+# What Postfix lets through to a command untouched (its command_expansion_filter default):
+# everything else in an environment value becomes "_", and a command line made only of these
+# (and blanks) needs no shell.
+SAFE_CHARS = frozenset("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def censor(value: str) -> str:
+    """``value`` with every character outside SAFE_CHARS replaced by "_", as Postfix exports
+    message context to a command."""
+    return "".join(c if c in SAFE_CHARS else "_" for c in value)
+
+
+def command_argv(command: str) -> list[str]:
+    """The argv for a command line, as Postfix's local(8) runs one: split on blanks and executed
+    directly when it holds nothing but SAFE_CHARS (a bare name is looked up in PATH), else
+    ``/bin/sh -c command`` (quotes, ``$VARIABLE``, redirections, pipes...). A bare name not in
+    PATH goes to the shell too: it may be a built-in."""
+    words = command.split()
+    if words and all(c in SAFE_CHARS or c in " \t" for c in command):
+        if "/" not in words[0]:
+            found = shutil.which(words[0], path=PATH)
+            if found is None:
+                return [SHELL, "-c", command]
+            words[0] = found
+        return words
+    return [SHELL, "-c", command]
+
+
 def _require_identity(uid: int, what: str) -> None:
     """Without root we can only act as ourselves; a root-run queue runner will do the rest."""
     euid = os.geteuid()
@@ -103,33 +133,50 @@ def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: s
     if not prog.startswith("/"):
         raise DeliveryError(f"command must be an absolute path: {prog!r}", "5.3.5")
     # As root: only the target's primary group, as Postfix's set_ugid() does, no inherited
-    # groups. Otherwise we run as we are (None leaves each id alone).
+    # groups. Otherwise we run as we are.
+    run(list(target.argv), message, uid=target.uid, gid=target.gid, groups=[], cwd=target.home,
+        env=environment(target.uid, target.home, sender, recipient), config=config)
+
+
+def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[int],
+        cwd: str, env: dict[str, str], config: Config, head: bytes = b"",
+        unusable: str = "5.3.0", name: str = "") -> None:
+    """Run ``argv`` with ``head`` and then the message on stdin, as ``uid``/``gid`` with the
+    supplementary ``groups`` when we are root (as we are otherwise), in ``cwd``.
+
+    Raises DeliveryError mapped from the exit status (sysexits), 4.3.0 on a signal or when
+    ``command_time_limit`` expires (the whole process group is killed); a program that cannot
+    be executed at all gets the status ``unusable``. Messages call the command ``name``
+    (default: the program run)."""
+    _require_identity(uid, "run a command")
+    prog = name or argv[0]
     root = os.geteuid() == 0
     message.seek(0)
     try:
         proc = subprocess.Popen(
-            list(target.argv),
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            cwd=target.home,
-            env=environment(target.uid, target.home, sender, recipient),
+            cwd=cwd,
+            env=env,
             close_fds=True,
             start_new_session=True,  # its own process group, so a timeout kills all of it
-            user=target.uid if root else None,
-            group=target.gid if root else None,
-            extra_groups=[] if root else None,
+            user=uid if root else None,
+            group=gid if root else None,
+            extra_groups=groups if root else None,  # never root's own groups
         )
     except OSError as e:
-        if e.filename == target.home:
-            raise DeliveryError(f"cannot change to directory {target.home}: {e.strerror}",
+        if e.filename == cwd:
+            raise DeliveryError(f"cannot change to directory {cwd}: {e.strerror}",
                                 "4.3.0") from None
         if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
-            raise DeliveryError(f"cannot execute {prog}: {e.strerror}", "5.3.0") from None
-        raise DeliveryError(f"cannot run {prog}: {e.strerror}", "4.3.0") from None
+            raise DeliveryError(f"cannot execute {argv[0]}: {e.strerror}", unusable) from None
+        raise DeliveryError(f"cannot run {argv[0]}: {e.strerror}", "4.3.0") from None
     timed_out = True
     try:
-        output, timed_out = _pump(proc, message, time.monotonic() + config.command_time_limit)
+        output, timed_out = _pump(proc, message, time.monotonic() + config.command_time_limit,
+                                  head)
     finally:
         if timed_out:
             try:
@@ -147,20 +194,26 @@ def run_command(target: Command, message: BinaryIO, *, sender: str, recipient: s
     if proc.returncode < 0:
         raise DeliveryError(f"{prog} died with signal {-proc.returncode}"
                             + (f": {text}" if text else ""), "4.3.0")
+    if argv[:2] == [SHELL, "-c"] and proc.returncode in (126, 127):
+        # The shell's own "cannot execute" and "not found": a mistake of the configuration
+        # or a program not installed yet, not a verdict on the message.
+        what = "not found" if proc.returncode == 127 else "not executable"
+        raise DeliveryError(f"command {what}: {prog} ({SHELL} exited with status "
+                            f"{proc.returncode})" + (f": {text}" if text else ""), unusable)
     err = exit_error(proc.returncode, text, prog)
     if err is not None:
         raise err
 
 
-def _pump(proc: subprocess.Popen[bytes], message: BinaryIO,
-          deadline: float) -> tuple[bytes, bool]:
-    """Stream the message in and keep the first OUTPUT_LIMIT bytes of output, both at once so
-    that neither side blocks the other. Returns (output, timed out)."""
+def _pump(proc: subprocess.Popen[bytes], message: BinaryIO, deadline: float,
+          head: bytes = b"") -> tuple[bytes, bool]:
+    """Stream ``head`` and the message in and keep the first OUTPUT_LIMIT bytes of output, both
+    at once so that neither side blocks the other. Returns (output, timed out)."""
     assert proc.stdin is not None and proc.stdout is not None
     out = bytearray()
     stdin_fd, stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
     os.set_blocking(stdin_fd, False)
-    pending = b""
+    pending = head
     with selectors.DefaultSelector() as sel:
         sel.register(stdin_fd, selectors.EVENT_WRITE)
         sel.register(stdout_fd, selectors.EVENT_READ)

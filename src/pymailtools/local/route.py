@@ -14,8 +14,9 @@ from pymailtools.config import Config
 from pymailtools.errors import AddressError
 from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
-from pymailtools.local.spool import mailbox_path, passwd_entry
+from pymailtools.local.spool import passwd_entry
 from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote, Target
+from pymailtools.tables import split_extension
 
 log = logging.getLogger("pymailtools.local.route")
 
@@ -113,6 +114,8 @@ class _Expander:
         # sendmail -bv as an ordinary user: what could not be checked (another user's
         # .forward) is noted here and passed by; None (delivery) makes it an error.
         self.unverified: list[str] | None = None
+        self.extension: tuple[str, str] | None = None  # (delimiter, text) of the recipient
+        self.steps: list[str] = []  # for sendmail -bv: the recipient_delimiter split
 
     # -- names ------------------------------------------------------------------------------
 
@@ -143,12 +146,29 @@ class _Expander:
             self.user(name, chain, forward=True)
         self.done.add(("name", name))
 
-    def user(self, name: str, chain: tuple[tuple[str, str], ...], *, forward: bool) -> None:
-        """A passwd user: their .forward if they have one (and ``forward``), else the mailbox."""
+    def top(self, name: str) -> None:
+        """The recipient's own local part: with recipient_delimiter, ``user+tag`` is looked up
+        as an alias whole, then as ``user`` (alias, ~/.forward+tag, ~/.forward, mailbox)."""
+        base, ext = split_extension(name, self.config.recipient_delimiter)
+        if ext is None or aliases.lookup(self.config.alias_maps, name) is not None:
+            self.name(name, ())
+            return
+        self.extension = (name[len(base)], ext)
+        self.steps.append(f"recipient_delimiter: {name} -> {base} (extension {ext})")
+        if aliases.lookup(self.config.alias_maps, base) is not None:
+            self.name(base, ())
+        else:
+            self._depth((), base)
+            self.user(base, (), forward=True, extension=self.extension)
+
+    def user(self, name: str, chain: tuple[tuple[str, str], ...], *, forward: bool,
+             extension: tuple[str, str] | None = None) -> None:
+        """A passwd user: their .forward if they have one (and ``forward``), else the mailbox.
+        ``extension`` (delimiter, text) selects ~/.forward+text first."""
         # Never a path: the mailbox is spool + "/" + a validated passwd name.
         pw = passwd_entry(name)
         if forward:
-            values = self.forward(pw)
+            values = self.forward(pw, extension)
             if values:
                 if not chain:
                     self.how = "forward"
@@ -165,18 +185,25 @@ class _Expander:
 
     # -- .forward ---------------------------------------------------------------------------
 
-    def forward(self, pw: pwd.struct_passwd) -> list[AliasValue] | None:
+    def forward(self, pw: pwd.struct_passwd,
+                extension: tuple[str, str] | None = None) -> list[AliasValue] | None:
         """The first .forward on forward_path that exists and is safe, read as the user.
 
         Safe = a regular file owned by the user or root, not group/world-writable; anything
-        else is ignored with a warning, as sendmail and Postfix do."""
+        else is ignored with a warning, as sendmail and Postfix do. An entry naming
+        $extension or $recipient_delimiter is skipped when the address has no extension."""
+        delim, ext = extension if extension is not None else ("", "")
         for template in self.config.forward_path:
             path = template
-            for var, value in (("home", pw.pw_dir), ("user", pw.pw_name)):
+            if ext == "" and ("$extension" in path or "${extension}" in path
+                              or "recipient_delimiter" in path):
+                continue
+            for var, value in (("home", pw.pw_dir), ("user", pw.pw_name),
+                               ("recipient_delimiter", delim), ("extension", ext)):
                 path = path.replace("${" + var + "}", value).replace("$" + var, value)
-            if "$" in path or not path.startswith("/"):
-                log.warning("forward_path entry %r: only $home and $user are supported; "
-                            "skipped", template)
+            if "$" in path or not path.startswith("/") or "/" in ext:
+                log.warning("forward_path entry %r: only $home, $user, $recipient_delimiter "
+                            "and $extension are supported; skipped", template)
                 continue
             try:
                 os.stat(path)  # cheap check as ourselves: most users have no .forward
@@ -299,17 +326,18 @@ class _Expander:
 
 def _expand(config: Config, address: str) -> _Expander:
     exp = _Expander(config)
-    exp.name(local_name(address), ())
+    exp.top(local_name(address))
     return exp
 
 
-def resolve(config: Config, address: str) -> list[Target]:
+def resolve(config: Config, address: str, *, local: bool = False) -> list[Target]:
     """Where mail for ``address`` goes: [Remote(address)] for other domains; for local ones the
     mailboxes, files, commands and remote addresses its aliases and .forward lead to.
+    ``local``: the local transport was chosen for it (transport_maps), whatever its domain.
 
     Raises DeliveryError: unknown user 5.1.1, bad name 5.1.3, loop or too deep 5.4.6,
     forbidden command/file 5.7.1, unusable value 5.3.5, unreadable alias data 4.x."""
-    if not is_local(config, address):
+    if not local and not is_local(config, address):
         return [Remote(address)]
     return list(dict.fromkeys(_expand(config, address).targets))
 
@@ -332,13 +360,15 @@ def explain(config: Config, address: str) -> str:
         return f"{address}: remote (remote delivery not implemented yet)"
     exp = _Expander(config)
     exp.unverified = []
-    exp.name(local_name(address), ())
+    exp.top(local_name(address))
     targets = list(dict.fromkeys(exp.targets))
     note = f" (not verified: {'; '.join(exp.unverified)})" if exp.unverified else ""
+    note += "".join(f" ({step})" for step in exp.steps)
     if exp.how == "mailbox" and len(targets) == 1 and isinstance(targets[0], Mailbox):
-        path, is_maildir = mailbox_path(config, targets[0].user)
-        kind = "maildir" if is_maildir else "mailbox"
-        return f"{address}: deliverable: local {kind} {path}{'/' if is_maildir else ''}{note}"
+        # Here, not at the top: mailbox brings in the delivery agents (see _read_as).
+        from pymailtools.local import mailbox
+
+        return f"{address}: deliverable: {mailbox.describe(config, targets[0].user)}{note}"
     verb = "aliased to" if exp.how == "alias" else "forwarded to"
     return f"{address}: {verb} {', '.join(describe(t) for t in targets) or 'nothing'}{note}"
 

@@ -1,6 +1,8 @@
 """Remote delivery scheduling: jobs grouped per destination, sessions reused, bounded concurrency.
 
-A destination is a recipient domain, or the relayhost when one is set. Per destination: the next
+A destination is a next hop (a recipient domain, the relayhost, a transport_maps or
+sender_dependent_relayhost_maps next hop) together with the session policy used there: mail
+whose credentials differ (smtp_sasl_password_maps) never shares a session. Per destination: the next
 hops are looked up once per run, one session is opened first and more follow (up to
 ``default_destination_concurrency_limit``) only once it worked, so a dead destination costs one
 failed attempt per run instead of one per message (Postfix's dead-site throttling).
@@ -9,16 +11,21 @@ failed attempt per run instead of one per message (Postfix's dead-site throttlin
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import DeliveryError, HopError
+from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
-from pymailtools.smtp import mx
-from pymailtools.smtp import nexthop as relayhost
+from pymailtools.smtp import generic, mx
 from pymailtools.smtp.client import Outcome, Session
+from pymailtools.smtp.nexthop import NextHop
 from pymailtools.smtp.policy import Policy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.tables import Tables
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 
@@ -42,9 +49,19 @@ class Job:
             self.results.setdefault(r, (outcome, relay))
 
 
+class Destination(NamedTuple):
+    """Where a job goes: ``hop`` (None: the MX hosts of the domain ``name``) and the policy of
+    its sessions. ``name`` is the next hop as logged; the password never is (Policy hides it)."""
+
+    name: str
+    hop: NextHop | None
+    policy: Policy
+
+
 class _Destination:
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, key: Destination) -> None:
+        self.key = key
+        self.name = key.name
         self.hops: list[mx.Hop] | None = None
         self.jobs: deque[Job] = deque()
         self.idle: list[Session] = []
@@ -63,28 +80,76 @@ class Dispatcher:
     def __init__(self, cfg: Config, log: Logger) -> None:
         self.cfg = cfg
         self.log = log
-        self.relayhost = relayhost.parse(cfg.relayhost, cfg.smtp_port) if cfg.relayhost \
-            else None
-        self.policy = Policy.from_config(cfg).clone(
-            implicit_tls=bool(self.relayhost and self.relayhost.implicit_tls))
+        self.policy = Policy.from_config(cfg)
+        self.password_maps: Tables | None = None
+        if cfg.smtp_sasl_password_maps:
+            # the lookup tables module only when credentials come from a map
+            from pymailtools.tables import open_tables
+
+            try:
+                self.password_maps = open_tables(cfg.smtp_sasl_password_maps)
+            except ConfigError as e:
+                raise ConfigError(f"smtp_sasl_password_maps: {e}") from None
         self.resolver = mx.make_resolver(cfg)
-        self.dests: dict[str, _Destination] = {}
+        self.dests: dict[Destination, _Destination] = {}
         self.slots = asyncio.Semaphore(max(cfg.default_process_limit, 1))
         self.per_dest = max(cfg.default_destination_concurrency_limit, 1)
         self.rcpt_limit = max(cfg.default_destination_recipient_limit, 1)
+        self.generic = generic.Generic(cfg) if cfg.smtp_generic_maps else None
 
-    def destination(self, address: str) -> str:
-        if self.relayhost is not None:
-            return str(self.relayhost)
-        return address.rpartition("@")[2].lower().rstrip(".")
+    def destination(self, hop: NextHop | None, address: str, sender: str) -> Destination:
+        """The destination of mail from ``sender`` to ``address`` through ``hop`` (None: the
+        recipient domain). Raises DeliveryError (deferral) when the credentials lookup fails."""
+        name = str(hop) if hop is not None else address.rpartition("@")[2].lower().rstrip(".")
+        policy = self.policy.clone(implicit_tls=bool(hop and hop.implicit_tls))
+        if self.password_maps is not None:
+            found = self._credentials(hop, name, sender)
+            if found is not None:
+                user, colon, password = found.partition(":")
+                if not colon or not user:
+                    # the value is a secret: name the key's kind, never the value
+                    raise DeliveryError("smtp_sasl_password_maps: the entry for this "
+                                        "destination is not user:password", "4.3.5")
+                policy = policy.clone(username=user, password=password, password_file="")
+        return Destination(name, hop, policy)
 
-    async def deliver(self, jobs: list[tuple[str, Job]]) -> None:
+    def _credentials(self, hop: NextHop | None, name: str, sender: str) -> str | None:
+        """smtp_sasl_password_maps: with smtp_sender_dependent_authentication the sender
+        address and its @domain first; then the next hop as written ([host]:port, [host],
+        host:port) and the host (or recipient domain) alone."""
+        maps = self.password_maps
+        assert maps is not None
+        # the lookup tables module only when credentials come from a map
+        from pymailtools.tables import find_address
+
+        try:
+            if self.cfg.smtp_sender_dependent_authentication and sender:
+                hit = find_address(maps, sender)
+                if hit is not None:
+                    return hit
+            keys = [name]
+            if hop is not None:
+                if not hop.mx:
+                    keys.append(f"[{hop.host}]:{hop.port}")
+                    if hop.port == self.cfg.smtp_port:
+                        keys.append(f"[{hop.host}]")
+                keys += [f"{hop.host}:{hop.port}", hop.host]
+            for key in dict.fromkeys(keys):
+                hit = maps.get(key)
+                if hit is not None:
+                    return hit
+        except (MailError, OSError) as e:
+            raise DeliveryError(f"smtp_sasl_password_maps lookup failed: {e}", "4.3.0") \
+                from None
+        return None
+
+    async def deliver(self, jobs: list[tuple[Destination, Job]]) -> None:
         """Deliver (destination, job) pairs; every recipient of every job gets a result."""
         active = []
-        for name, job in jobs:
-            dest = self.dests.get(name)
+        for key, job in jobs:
+            dest = self.dests.get(key)
             if dest is None:
-                dest = self.dests[name] = _Destination(name)
+                dest = self.dests[key] = _Destination(key)
             dest.jobs.append(job)
             if dest not in active:
                 active.append(dest)
@@ -93,8 +158,8 @@ class Dispatcher:
     async def _drive(self, dest: _Destination) -> None:
         if dest.hops is None:
             try:
-                if self.relayhost is not None:
-                    dest.hops = await mx.next_hops(self.resolver, self.relayhost,
+                if dest.key.hop is not None:
+                    dest.hops = await mx.next_hops(self.resolver, dest.key.hop,
                                                    limit=self.cfg.smtp_mx_address_limit)
                 else:
                     dest.hops = await mx.lookup(self.resolver, dest.name,
@@ -165,7 +230,7 @@ class Dispatcher:
         last: HopError | None = None
         for hop in order:
             try:
-                s = await smtp.connect(hop, self.policy, note=self.log.info)
+                s = await smtp.connect(hop, dest.key.policy, note=self.log.info)
             except HopError as e:
                 self.log.info(e.reason)
                 dest.bad.add(hop)
@@ -187,12 +252,23 @@ class Dispatcher:
             why = f"cannot read queue file: {e.strerror}"
             job.fail(Outcome(DEFERRED, "4.3.0", why, why))
             return
-        pending = list(job.rcpts)
+        sender, back = job.sender, {r: [r] for r in job.rcpts}  # wire address -> ours
+        if self.generic is not None:  # the addresses as they leave over SMTP
+            try:
+                sender, data = self.generic.address(sender), self.generic.data(data)
+                back = {}
+                for r in job.rcpts:
+                    back.setdefault(self.generic.address(r), []).append(r)
+            except MailError as e:
+                job.fail(Outcome(DEFERRED, "4.3.5", str(e), str(e)))
+                return
+        pending = list(back)
         while pending:
             chunk, pending = pending[: self.rcpt_limit], pending[self.rcpt_limit :]
-            results, retry = await session.send(job.sender, chunk, data, len(data))
+            results, retry = await session.send(sender, chunk, data, len(data))
             for r, o in results.items():
-                job.results[r] = (o, session.relay)
+                for orig in back[r]:
+                    job.results[orig] = (o, session.relay)
             pending = retry + pending
             if pending and not session.usable:
                 why = f"lost connection with {session.relay} before all recipients were sent"

@@ -14,6 +14,7 @@ from pymailtools.local import agent, route
 from pymailtools.local.targets import DeliveryError, Remote
 from pymailtools.log import Logger, make_line
 from pymailtools.qmgr.runlock import open_run_lock, try_lock
+from pymailtools.qmgr.transport import DISCARD, ERROR, LOCAL, RETRY, Route, Router
 from pymailtools.queue import index as qindex
 from pymailtools.queue.envelope import (
     BOUNCED,
@@ -40,7 +41,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote recipient is due
     import asyncio
 
-    from pymailtools.qmgr.dispatch import Dispatcher, Job
+    from pymailtools.qmgr.dispatch import Destination, Dispatcher, Job
     from pymailtools.smtp.client import Outcome
 
 # Entries held locked at once while their remote recipients are sent: large enough to keep
@@ -75,6 +76,7 @@ class _Entry:
         self.bounced: list[Recipient] = []
         self.attempted = False
         self.remote: list[Recipient] = []
+        self.routes: dict[str, Route] = {}  # remote recipient -> its SMTP route
         self.jobs: list[Job] = []
         self._data: bytes | None = None
 
@@ -136,6 +138,9 @@ class Runner:
         self.queue = Queue(cfg.queue_directory)
         self.log = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
         _capture_library_warnings(self.log)
+        self.router = Router(cfg)
+        for why in self.router.errors:
+            self.log.error(f"routing: {why}")
         self.stats = Stats()
         self.seen: set[str] = set()
         self._history: dict[str, list[Attempt]] = {}  # attempts of this pass, per entry
@@ -315,6 +320,14 @@ class Runner:
         while i < len(env.recipients):
             r = env.recipients[i]
             i += 1
+            if r.state == BOUNCED and not r.attempts:
+                # Refused at queue entry (unknown in a virtual alias table, an alias loop):
+                # reported here, once, like any other bounce.
+                r.attempts = 1
+                entry.attempted = True
+                self._record(env, r, BOUNCED, r.status, r.reason, since=now)
+                entry.bounced.append(r)
+                continue
             if r.done:
                 continue
             if site and not _matches_site(r.address, site):
@@ -322,12 +335,29 @@ class Runner:
             if not force and r.next_try > now:
                 continue
             entry.attempted = True
-            if not route.is_local(self.cfg, r.address):
+            where = self.router.route(r.address, env.sender)
+            if where.transport == LOCAL:
+                self._deliver_recipient(env, r, entry.msg, now)
+            elif where.transport in (ERROR, RETRY, DISCARD):
+                self._settle(env, r, where, now)
+            else:
                 entry.remote.append(r)
+                entry.routes[r.address] = where
                 continue
-            self._deliver_recipient(env, r, entry.msg, now)
             if r.state == BOUNCED:
                 entry.bounced.append(r)
+
+    def _settle(self, env: Envelope, r: Recipient, where: Route, now: float) -> None:
+        """The error, retry and discard transports: the recipient's outcome is the route."""
+        r.attempts += 1
+        r.last_try = now
+        if where.transport == DISCARD:
+            self._record(env, r, SENT, "2.0.0", where.text or "discarded", since=now,
+                         relay="none")
+            return
+        status, text = where.status()
+        state = BOUNCED if where.transport == ERROR else DEFERRED
+        self._record(env, r, state, status, text, since=now, relay="none")
 
     def _remote_pass(self, batch: "list[_Entry]") -> None:
         """Send the remote recipients of a batch of entries, then record every outcome."""
@@ -345,21 +375,33 @@ class Runner:
             for entry in batch:
                 entry.close()
 
-    def _remote_jobs(self, batch: "list[_Entry]") -> "list[tuple[str, Job]]":
+    def _remote_jobs(self, batch: "list[_Entry]") -> "list[tuple[Destination | None, Job]]":
         # dispatch (asyncio, aiosmtplib, dnspython) only when a remote recipient is due
         from pymailtools.qmgr.dispatch import Job
 
         disp = self._dispatcher()
-        jobs = []
+        jobs: list[tuple[Destination | None, Job]] = []
         for entry in batch:
-            by_dest: dict[str, list[str]] = {}
+            sender = entry.env.sender
+            by_dest: dict[Destination | None, list[str]] = {}
+            failed: dict[str, list[str]] = {}  # why -> recipients whose destination failed
             for r in entry.remote:
-                name = disp.destination(r.address) if disp is not None else ""
-                by_dest.setdefault(name, []).append(r.address)
-            for name, rcpts in by_dest.items():
-                job = Job(entry.qid, entry.env.sender, rcpts, entry.data, entry.env.size)
+                dest = None
+                if disp is not None:
+                    try:
+                        dest = disp.destination(entry.routes[r.address].hop, r.address, sender)
+                    except DeliveryError as e:
+                        failed.setdefault(e.reason, []).append(r.address)
+                        continue
+                by_dest.setdefault(dest, []).append(r.address)
+            for dest, rcpts in by_dest.items():
+                job = Job(entry.qid, sender, rcpts, entry.data, entry.env.size)
                 entry.jobs.append(job)
-                jobs.append((name, job))
+                jobs.append((dest, job))
+            for why, rcpts in failed.items():
+                job = Job(entry.qid, sender, rcpts, entry.data, entry.env.size)
+                job.fail(_outcome(DEFERRED, "4.3.5", why))
+                entry.jobs.append(job)
         return jobs
 
     def _dispatcher(self) -> "Dispatcher | None":
@@ -378,7 +420,7 @@ class Runner:
             self._loop = asyncio.new_event_loop()
         return self._remote
 
-    def _deliver_remote(self, jobs: "list[tuple[str, Job]]") -> None:
+    def _deliver_remote(self, jobs: "list[tuple[Destination | None, Job]]") -> None:
         disp = self._dispatcher()
         if disp is None:
             why = f"configuration error: {self._remote_error}"
@@ -386,8 +428,9 @@ class Runner:
                 job.fail(_outcome(DEFERRED, "4.3.5", why))
             return
         assert self._loop is not None
+        todo = [(dest, job) for dest, job in jobs if dest is not None]
         try:
-            self._loop.run_until_complete(disp.deliver(jobs))
+            self._loop.run_until_complete(disp.deliver(todo))
         except Exception as e:  # a bug defers these recipients; it must not kill the run
             why = f"internal error: {type(e).__name__}: {e}"
             self.log.error(why)
@@ -487,13 +530,12 @@ class Runner:
             self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
 
     def _deliver(self, env: Envelope, r: Recipient, msg: BinaryIO) -> tuple[str, str]:
-        """Deliver one recipient; return (detail, relay) or raise DeliveryError."""
-        if not route.is_local(self.cfg, r.address):
-            raise DeliveryError("remote recipient reached local delivery", "4.3.0")
+        """Deliver one recipient routed to the local transport (by its domain or by
+        transport_maps); return (detail, relay) or raise DeliveryError."""
         msg.seek(0)
         if route.delivered_to_loop(msg, r.address):
             raise DeliveryError("mail forwarding loop for " + r.address, "5.4.6")
-        targets = route.resolve(self.cfg, r.address)
+        targets = route.resolve(self.cfg, r.address, local=True)
         done: list[str] = []
         for t in targets:
             if isinstance(t, Remote):
@@ -504,7 +546,8 @@ class Runner:
                 done.append(f"forwarded to {t.address}")
             else:
                 done.append(agent.deliver(self.cfg, t, msg, sender=env.sender,
-                                          recipient=r.address, busy=self._busy))
+                                          recipient=r.address, original_recipient=r.orcpt,
+                                          busy=self._busy))
         return "; ".join(done) or "discarded (empty alias)", "local"
 
     def backoff(self, age: float) -> float:

@@ -26,22 +26,45 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
     library_warnings_to_stderr(prog)
     code = EX_OK
     for arg in args:
-        for rcpt in address.parse_recipients(arg, cfg.myorigin):
+        for given in address.parse_recipients(arg, cfg.myorigin):
             try:
-                print(route.explain(cfg, rcpt), file=out)
+                rcpts = _rewritten(cfg, given, out)
             except DeliveryError as e:
-                if not e.permanent:
-                    print(f"{rcpt}: not verified: {e.reason} ({e.status})", file=out)
-                    code = code or EX_TEMPFAIL
-                    continue
-                print(f"{rcpt}: undeliverable: {e.reason} ({e.status})", file=out)
-                if e.status == "5.1.1":
-                    code = code or EX_NOUSER
-                elif e.status.startswith("5.1.2") or e.status.startswith("5.4.4"):
-                    code = code or EX_NOHOST
-                else:
-                    code = code or EX_NOUSER
+                rcpts = []
+                code = code or _report(given, e, out)
+            for rcpt in rcpts:
+                try:
+                    print(route.explain(cfg, rcpt), file=out)
+                except DeliveryError as e:
+                    code = code or _report(rcpt, e, out)
     return code
+
+
+def _rewritten(cfg: Config, rcpt: str, out: TextIO) -> list[str]:
+    """The addresses queue entry makes of ``rcpt`` (canonical maps, masquerading, virtual
+    aliases), each step printed as ``rcpt: map: old -> new``."""
+    if not cfg.rewrites:
+        return [rcpt]
+    from pymailtools import rewrite  # tables and maps only when rewriting is configured
+
+    rw = rewrite.for_config(cfg)
+    steps: list[str] = []
+    try:
+        return rw.virtual_alias(rw.recipient(rcpt, steps=steps), steps)
+    finally:
+        for step in steps:
+            print(f"{rcpt}: {step}", file=out)
+
+
+def _report(rcpt: str, e: DeliveryError, out: TextIO) -> int:
+    """Print why ``rcpt`` cannot be verified or delivered; the exit code that means."""
+    if not e.permanent:
+        print(f"{rcpt}: not verified: {e.reason} ({e.status})", file=out)
+        return EX_TEMPFAIL
+    print(f"{rcpt}: undeliverable: {e.reason} ({e.status})", file=out)
+    if e.status.startswith("5.1.2") or e.status.startswith("5.4.4"):
+        return EX_NOHOST
+    return EX_NOUSER
 
 
 def check_aliases(paths: list[str], prog: str) -> int:

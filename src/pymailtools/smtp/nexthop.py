@@ -102,17 +102,18 @@ def check_host(host: str) -> str:
     return host.rstrip(".").lower()
 
 
-def parse(text: str, default_port: int = 25) -> NextHop:
-    """Parse a ``relayhost`` value; raises ConfigError naming the key."""
+def parse(text: str, default_port: int = 25, key: str = "relayhost") -> NextHop:
+    """Parse a ``relayhost`` value (or another next hop, named by ``key``); raises
+    ConfigError naming it."""
     if not text.strip():
-        raise ConfigError("relayhost: empty")
+        raise ConfigError(f"{key}: empty")
     try:
         hp = split(text, default_port)
         if ":" in hp.host and not hp.bracketed:
             raise ValueError("write an IPv6 address as [ipv6:addr]")
         host = check_host(hp.host)
     except ValueError as e:
-        raise ConfigError(f"relayhost: {e} in {text!r}") from None
+        raise ConfigError(f"{key}: {e} in {text!r}") from None
     return NextHop(host, hp.port, not hp.bracketed, hp.port == IMPLICIT_TLS_PORT)
 
 

@@ -1,5 +1,6 @@
 """The listener's policy, parsed from the configuration: who may relay (mynetworks, SASL
-users), the TLS certificate, and the cached verdicts on local recipients."""
+users), for which domains anyone may (relay_domains), the TLS certificate, and the cached
+verdicts on local recipients."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from pymailtools.errors import AddressError, ConfigError, DeliveryError
 from pymailtools.local import route
 from pymailtools.queue.store import Queue
 from pymailtools.smtpd import passwd as smtpd_passwd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.tables import Tables
 
 VERDICT_SECONDS = 2.0  # how long a local recipient's lookup (user, aliases, .forward) is reused
 VERDICT_ENTRIES = 10000  # cached verdicts (and client trust) at most; then start afresh
@@ -42,6 +47,13 @@ class Settings:
                 self.users = smtpd_passwd.load(cfg.smtpd_sasl_password_file)
             except smtpd_passwd.PasswordFileError as e:
                 raise ConfigError(f"smtpd_sasl_password_file: {e}") from None
+        if cfg.rewrites:
+            # Opened now: a missing or broken table stops the listener at start-up (exit 78)
+            # instead of turning every message away later.
+            from pymailtools import rewrite
+
+            rewrite.for_config(cfg)
+        self.relay_names, self.relay_tables = _relay_domains(cfg.relay_domains)
         self.bare_newline = "normalize" if stdio else cfg.smtpd_forbid_bare_newline
         # -bd: the queue its starter set up; -bs: submit() sets it up, as for sendmail -bm
         self.queue: Queue | None = None if stdio else Queue(cfg.queue_directory)
@@ -67,6 +79,21 @@ class Settings:
         self.verdicts[rcpt] = (now, error)
         return error
 
+    def relay_domain(self, domain: str) -> bool:
+        """Whether mail for ``domain`` is relayed from any client (relay_domains). A name
+        matches itself and its subdomains, ``.name`` only the subdomains (Postfix's
+        parent_domain_matches_subdomains, the default for relay_domains); tables are searched
+        for the domain and then each parent. Raises ConfigError or OSError when a table fails."""
+        d = domain.lower().rstrip(".")
+        if not d:
+            return False
+        parents = [d[i + 1 :] for i, c in enumerate(d) if c == "."]
+        if d in self.relay_names or any(
+                p in self.relay_names or "." + p in self.relay_names for p in parents):
+            return True
+        return self.relay_tables is not None and any(
+            self.relay_tables.get(name) is not None for name in (d, *parents))
+
     def trusted_ip(self, ip: str | None) -> bool:
         known = self.trust.get(ip)
         if known is None:
@@ -85,3 +112,32 @@ class Settings:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks)
+
+
+def _relay_domains(items: list[str]) -> tuple[frozenset[str], Tables | None]:
+    """relay_domains' names (and those of ``/file`` entries) and its ``type:name`` tables."""
+    names: list[str] = []
+    specs: list[str] = []
+    for item in items:
+        if item.startswith("/"):
+            try:
+                with open(item, encoding="utf-8", errors="replace") as f:
+                    text = f.read(1 << 20)
+            except OSError as e:
+                raise ConfigError(f"relay_domains: cannot read {item}: {e.strerror}") from None
+            for line in text.splitlines():
+                names += line.partition("#")[0].replace(",", " ").split()
+        elif ":" in item:
+            specs.append(item)
+        else:
+            names.append(item)
+    tables = None
+    if specs:
+        # the lookup tables module only when relay_domains names tables
+        from pymailtools.tables import open_tables
+
+        try:
+            tables = open_tables(specs)
+        except ConfigError as e:
+            raise ConfigError(f"relay_domains: {e}") from None
+    return frozenset(n.lower().rstrip(".") for n in names if n.strip(".")), tables

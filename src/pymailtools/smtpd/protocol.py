@@ -27,7 +27,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from pymailtools import address
+from pymailtools import address, rewrite
 from pymailtools.config import Config
 from pymailtools.errors import AddressError, DeliveryError, MailError, TooBigError
 from pymailtools.local import route
@@ -131,6 +131,16 @@ class State:
         self.ended = ""  # "timeout", or "closed" when this side ended the session
         self.helo = ""
         self.proto = "SMTP"
+
+
+def _refused(addr: str, e: DeliveryError, table: str, why: str = "") -> str:
+    """The RCPT reply, in Postfix's words, for a recipient a lookup in ``table`` turned down."""
+    if e.status == "5.1.1":
+        return f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown in {table}"
+    if e.permanent:
+        return f"550 {e.status} <{addr}>: Recipient address rejected" + (f": {why}" if why
+                                                                          else "")
+    return f"451 4.3.0 <{addr}>: Temporary lookup failure"
 
 
 def _tally(st: State) -> str:
@@ -271,6 +281,10 @@ class Handler:
         rcpt = address.qualify(addr, self.cfg.myorigin)
         trusted = self.trusted(session)
         local_part = address.local_part(rcpt)
+        if self.cfg.virtual_alias_maps:
+            verdict = self._virtual(session, envelope, addr, rcpt)
+            if verdict is not None:
+                return verdict
         if route.is_local(self.cfg, rcpt):
             # user%host@us, host!user@us, "user@host"@us: routing through us is relaying.
             if not trusted and any(c in local_part for c in "%!@"):
@@ -278,20 +292,45 @@ class Handler:
                                    f"554 5.7.1 <{addr}>: Relay access denied", addr)
             e = self.settings.local_verdict(rcpt)
             if isinstance(e, DeliveryError):
-                if e.status == "5.1.1":
-                    reply = (f"550 5.1.1 <{addr}>: Recipient address rejected: "
-                             "User unknown in local recipient table")
-                elif e.permanent:
-                    reply = f"550 {e.status} <{addr}>: Recipient address rejected"
-                else:
-                    reply = f"451 4.3.0 <{addr}>: Temporary lookup failure"
-                return self.reject(session, envelope, "RCPT", reply, addr)
+                return self.reject(session, envelope, "RCPT",
+                                   _refused(addr, e, "local recipient table"), addr)
             if e is not None:
                 return self.reject(session, envelope, "RCPT",
                                    "501 5.1.3 Bad recipient address syntax", addr)
         elif not trusted:
+            # relay_domains: anyone may send here, but not through us to somewhere else
+            try:
+                relay = not any(c in local_part for c in "%!@") and \
+                    self.settings.relay_domain(rcpt.rpartition("@")[2])
+            except (MailError, OSError) as e:
+                self.log.warning(f"relay_domains lookup failed: {escape(e)}")
+                return self.reject(session, envelope, "RCPT",
+                                   f"451 4.3.0 <{addr}>: Temporary lookup failure", addr)
+            if not relay:
+                return self.reject(session, envelope, "RCPT",
+                                   f"554 5.7.1 <{addr}>: Relay access denied", addr)
+        envelope.rcpt_tos.append(rcpt)
+        return "250 2.1.5 Ok"
+
+    def _virtual(self, session: PmtSession, envelope: Envelope, addr: str,
+                 rcpt: str) -> str | None:
+        """The reply for a recipient of ours that virtual_alias_maps maps (taken) or cannot
+        map (refused: unknown in a virtual alias domain, a loop); None to go on as usual."""
+        try:
+            rw = rewrite.for_config(self.cfg)
+            if not (rw.is_virtual_domain(address.domain_of(rcpt))
+                    or route.is_local(self.cfg, rcpt)):
+                return None  # another domain: mapped or not, the relay rules decide
+            found = rw.virtual_alias(rw.recipient(rcpt))
+        except DeliveryError as e:
             return self.reject(session, envelope, "RCPT",
-                               f"554 5.7.1 <{addr}>: Relay access denied", addr)
+                               _refused(addr, e, "virtual alias table", e.reason), addr)
+        except MailError as e:  # a table that cannot be read or answer: try again later
+            self.log.error(f"virtual_alias_maps: {escape(e)}")
+            return self.reject(session, envelope, "RCPT",
+                               f"451 4.3.0 <{addr}>: Temporary lookup failure", addr)
+        if [a.lower() for a in found] == [rcpt.lower()]:
+            return None
         envelope.rcpt_tos.append(rcpt)
         return "250 2.1.5 Ok"
 

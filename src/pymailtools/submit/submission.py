@@ -13,13 +13,15 @@ import time
 from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import TooBigError, UsageError
-from pymailtools.queue.envelope import Envelope, Recipient
+from pymailtools.queue.envelope import BOUNCED, Envelope, Recipient
 from pymailtools.queue.store import Queue, Submission, crash_point
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import BinaryIO
+
+    from pymailtools.rewrite import Rewriter
 
 CHUNK = 65536
 # Header names (lower case) whose values give recipients under -t.
@@ -185,32 +187,52 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
     origin = config.myorigin
     sender = address.qualify(user, origin) if opts.sender is None else opts.sender
     recipients: list[str] = list(opts.recipients)
+    rw: Rewriter | None = None
+    if config.rewrites:
+        # Only with a rewriting key set: sendmail's hot path imports nothing more otherwise.
+        from pymailtools import rewrite
+
+        rw = rewrite.for_config(config)
     if queue is None:
         queue = Queue(config.queue_directory)
         if os.geteuid() == 0 or not os.path.isdir(queue.root):
             queue.ensure(config.public_listing)
     sub = queue.submission()
     try:
-        _copy_message(config, src, sub, opts, sender, gecos, recipients)
+        _copy_message(config, src, sub, opts, sender, gecos, recipients, rw)
     except BaseException:
         sub.abort()
         raise
     if not recipients:
         sub.abort()
         raise UsageError("no recipient addresses found in message header")
-    seen: set[str] = set()
     rcpts = []
-    for r in recipients:
-        if r.lower() not in seen:
-            seen.add(r.lower())
-            rcpts.append(Recipient(r, orcpt=r, notify=opts.notify))
+    if rw is None:
+        seen: set[str] = set()
+        for r in recipients:
+            if r.lower() not in seen:
+                seen.add(r.lower())
+                rcpts.append(Recipient(r, orcpt=r, notify=opts.notify))
+    else:
+        try:
+            sender = rw.sender(sender) if sender else sender
+            rewritten = rw.recipients(recipients)
+        except BaseException:
+            sub.abort()
+            raise
+        for r, orig, refused in rewritten:
+            if refused is None:
+                rcpts.append(Recipient(r, orcpt=orig, notify=opts.notify))
+            else:  # bounced by the queue manager's first run, with this reason
+                rcpts.append(Recipient(r, orcpt=orig, notify=opts.notify, state=BOUNCED,
+                                       status=refused.status, reason=refused.reason))
     env = Envelope(sub.id, sender, rcpts, arrival=time.time(), uid=opts.uid, user=user,
                    envid=opts.envid, ret=opts.ret)
     return sub.commit(env)
 
 
 def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options, sender: str,
-                  gecos: str, recipients: list[str]) -> None:
+                  gecos: str, recipients: list[str], rw: Rewriter | None) -> None:
     """Write the message into ``sub``: our headers, the caller's headers, then the body."""
     inp = _Input(src, opts.ignore_dots)
     limit = config.message_size_limit
@@ -269,8 +291,12 @@ def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options,
                              else os.environ.get("NAME", gecos))
         addr = sender or f"MAILER-DAEMON@{host}"
         extra.append(f"From: {name} <{addr}>\n" if name else f"From: {addr}\n")
+    added = "".join(extra).encode("utf-8", "surrogateescape")
+    if rw is not None:  # canonical maps and masquerading of the header addresses
+        headers = [rw.header(h) for h in headers]
+        added = b"".join(rw.header(h) for h in added.splitlines(keepends=True))
     out(top.encode("utf-8", "surrogateescape") + b"".join(mailbox_lines) + b"".join(headers)
-        + "".join(extra).encode("utf-8", "surrogateescape"))
+        + added)
     if after == b"\n" or overflow:
         out(after)
     elif after:
