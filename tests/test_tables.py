@@ -168,13 +168,19 @@ def test_tables_are_cached_until_the_file_changes(tmp_path: Path) -> None:
     assert open_table(f"texthash:{src}").get("k") == "two"
 
 
-def test_map_lists_from_the_configuration() -> None:
-    from pymailtools.config import _maps
+def test_map_keys_keep_inline_tables_whole(config_values: dict[str, object]) -> None:
+    """Every key holding tables reaches open_tables with ``inline:{ a=b, c=d }`` in one piece
+    (Postfix's map lists split on commas and spaces outside braces only)."""
+    from pymailtools.config import SCHEMA, Config
 
-    value = _maps("inline:{ a=b, {c=d e} }, static:x", "canonical_maps")
-    maps = open_tables(value)
-    assert [t.spec for t in maps.tables] == ["inline:{ a=b, {c=d e} }", "static:x"]
-    assert maps.get("c") == "d e" and maps.get("zz") == "x"
-    assert not open_tables(_maps("", "canonical_maps"))
-    assert [t.spec for t in open_tables(_maps(["static:1", "static:2"], "k")).tables] == [
-        "static:1", "static:2"]
+    keys = [k for k in SCHEMA if k.endswith("_maps") and k != "alias_maps"]
+    assert "transport_maps" in keys and "canonical_maps" in keys
+    for key in keys:
+        cfg = Config({**config_values, key: "inline:{ a=b, {c=d e} }, static:x"})
+        maps = open_tables(getattr(cfg, key))
+        assert [t.spec for t in maps.tables] == ["inline:{ a=b, {c=d e} }", "static:x"], key
+        assert maps.get("c") == "d e" and maps.get("zz") == "x"
+        cfg = Config({**config_values, key: ["static:1", "static:2"]})
+        assert [t.spec for t in open_tables(getattr(cfg, key)).tables] == ["static:1",
+                                                                            "static:2"]
+    assert not open_tables(Config(config_values).transport_maps)

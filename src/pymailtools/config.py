@@ -94,14 +94,6 @@ def _list(value: object, key: str) -> list[str]:
     raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
 
 
-def _maps(value: object, key: str) -> list[str]:
-    """Lookup tables (``canonical_maps = "hash:/a, regexp:/b"`` or a TOML list of specs), kept
-    whole: ``inline:{ a=b, c=d }`` holds commas and spaces, so tables.open_tables splits them."""
-    if isinstance(value, str):
-        return [value] if value.strip() else []
-    return _list(value, key)
-
-
 def _choice(*choices: str) -> Callable[[object, str], str]:
     def check(value: object, key: str) -> str:
         if value not in choices:
@@ -238,10 +230,10 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "smtp_sasl_password_file": (_optional_path, ""),
     "smtp_sasl_allow_plaintext": (_boolean, False),
     # Routing: lookup tables ("type:name", Postfix's syntax), searched in order.
-    "transport_maps": (_list, []),
+    "transport_maps": (_maps, ""),
     "relay_domains": (_list, []),
-    "sender_dependent_relayhost_maps": (_list, []),
-    "smtp_sasl_password_maps": (_list, []),
+    "sender_dependent_relayhost_maps": (_maps, ""),
+    "smtp_sasl_password_maps": (_maps, ""),
     "smtp_sender_dependent_authentication": (_boolean, False),
     "smtp_connect_timeout": (_duration, 30),
     "smtp_helo_timeout": (_duration, 300),
@@ -328,10 +320,10 @@ class Config:
     smtp_sasl_password: str
     smtp_sasl_password_file: str
     smtp_sasl_allow_plaintext: bool
-    transport_maps: list[str]
+    transport_maps: str | list[str]
     relay_domains: list[str]
-    sender_dependent_relayhost_maps: list[str]
-    smtp_sasl_password_maps: list[str]
+    sender_dependent_relayhost_maps: str | list[str]
+    smtp_sasl_password_maps: str | list[str]
     smtp_sender_dependent_authentication: bool
     smtp_connect_timeout: int
     smtp_helo_timeout: int
