@@ -21,7 +21,8 @@ so generic OS-level handlers recognise them.
      |    +-- ProtocolError            the server's bytes are not SMTP
      +-- chat.errors.ChatError         smtpchat: swaks' exit codes
      +-- errors of one package: queue.store (QueueNotSetUp, EntryBusy, EntryNotFound),
-         local.lock.MailboxBusy, mua.compose.AttachmentError, mua.folder.FolderError
+         local.lock.MailboxBusy, mua.compose.AttachmentError, mua.folder.FolderError,
+         tables.TableError (75: a lookup that cannot be answered now)
 
 No imports here: sendmail's submission path loads this module.
 """
