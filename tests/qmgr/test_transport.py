@@ -173,3 +173,30 @@ def test_sender_dependent_relayhost_order(config_values: dict, tmp_path: Path) -
     assert r.route("root@localhost", "alice@one.test") == Route(LOCAL)
     bad = r.route("x@dest.test", "eve@bad.test")
     assert bad.transport == RETRY and "sender_dependent_relayhost_maps" in bad.text
+
+
+def test_bv_names_the_route_of_each_address(tmp_path: Path,
+                                            config_values: dict[str, object]) -> None:
+    """sendmail -bv says where the runner would send an address, without connecting."""
+    from tests.conftest import Sendmail, write_toml
+
+    conf = write_toml(tmp_path / "bv.toml", {
+        **config_values, "relayhost": "[relay.example.test]:2525",
+        "transport_maps": "inline:{ {bounce.test=error:5.7.1 we do not serve it}, "
+                          "gone.test=discard:, direct.test=smtp:, "
+                          "mx.test=smtp:[mx.example.test]:26, here.test=local: }"})
+    sendmail = Sendmail(conf, Path(str(config_values["queue_directory"])))
+    p = sendmail("-bv", "a@elsewhere.test", "b@direct.test", "c@mx.test", "d@gone.test")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().splitlines() == [
+        "a@elsewhere.test: remote: via [relay.example.test]:2525",
+        "b@direct.test: remote: via the MX hosts of direct.test",
+        "c@mx.test: remote: via [mx.example.test]:26",
+        "d@gone.test: discarded"]
+    p = sendmail("-bv", "e@bounce.test")
+    assert p.returncode == 67
+    assert p.stdout.decode() == "e@bounce.test: undeliverable: we do not serve it (5.7.1)\n"
+    p = sendmail("-bv", "root@here.test")
+    assert p.returncode == 0, p.stdout
+    assert p.stdout.decode().startswith("root@here.test: ")
+    assert "remote" not in p.stdout.decode()

@@ -353,11 +353,12 @@ def describe(target: Target) -> str:
     return '"|' + shlex.join(target.argv) + '"'
 
 
-def explain(config: Config, address: str) -> str:
-    """One line for ``sendmail -bv``; raises DeliveryError when the address is undeliverable.
-    What this user could not check (another user's .forward) is said after the answer."""
-    if not is_local(config, address):
-        return f"{address}: remote (remote delivery not implemented yet)"
+def explain(config: Config, address: str, *, local: bool = False) -> str:
+    """One line for ``sendmail -bv`` about a local address (``local``: whatever its domain, as
+    a transport_maps ``local:`` route); raises DeliveryError when it is undeliverable. What
+    this user could not check (another user's .forward) is said after the answer."""
+    if not local and not is_local(config, address):
+        raise ValueError(f"{address} is not local: the queue manager routes it")
     exp = _Expander(config)
     exp.unverified = []
     exp.top(local_name(address))

@@ -8,6 +8,7 @@ from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_CONFIG, EX_NOHOST, EX_NOUSER, EX_OK, EX_TEMPFAIL, DeliveryError
 from pymailtools.local import aliases, route
+from pymailtools.qmgr import transport
 
 
 def library_warnings_to_stderr(prog: str) -> None:
@@ -25,6 +26,7 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
     What an ordinary user cannot check (another user's .forward) is said, not failed."""
     library_warnings_to_stderr(prog)
     code = EX_OK
+    router = transport.Router(cfg)
     for arg in args:
         for given in address.parse_recipients(arg, cfg.myorigin):
             try:
@@ -34,10 +36,26 @@ def verify(cfg: Config, args: list[str], out: TextIO, prog: str = "sendmail") ->
                 code = code or _report(given, e, out)
             for rcpt in rcpts:
                 try:
-                    print(route.explain(cfg, rcpt), file=out)
+                    print(_where(cfg, router, rcpt), file=out)
                 except DeliveryError as e:
                     code = code or _report(rcpt, e, out)
     return code
+
+
+def _where(cfg: Config, router: transport.Router, rcpt: str) -> str:
+    """Where the runner would send ``rcpt``: local expansion, or the transport and next hop
+    (named, not connected to: -bv sends nothing). DeliveryError for error: and retry: routes."""
+    found = router.route(rcpt, "")
+    if found.transport == transport.LOCAL:
+        return route.explain(cfg, rcpt, local=True)
+    if found.transport in (transport.ERROR, transport.RETRY):
+        status, text = found.status()
+        raise DeliveryError(text, status)
+    if found.transport == transport.DISCARD:
+        return f"{rcpt}: discarded{f' ({found.text})' if found.text else ''}"
+    if found.hop is not None:
+        return f"{rcpt}: remote: via {found.hop}"
+    return f"{rcpt}: remote: via the MX hosts of {rcpt.rpartition('@')[2].lower()}"
 
 
 def _rewritten(cfg: Config, rcpt: str, out: TextIO) -> list[str]:
