@@ -191,9 +191,10 @@ def read_text(path: str, spec: str) -> str:
 # --- inline: and static:
 
 
-def split_top(text: str, seps: str = ", \t\n") -> list[str]:
+def split_top(text: str, seps: str = ", \t\n", *, keep_braces: bool = False) -> list[str]:
     """Split on separators outside braces; a braced element loses its outer braces and the
-    blanks just inside them (Postfix's mystrtokq + extpar)."""
+    blanks just inside them (Postfix's mystrtokq + extpar), unless ``keep_braces`` (a map
+    list, whose ``inline:{...}`` specs keep theirs)."""
     parts: list[str] = []
     buf: list[str] = []
     depth = 0
@@ -212,7 +213,7 @@ def split_top(text: str, seps: str = ", \t\n") -> list[str]:
         raise ConfigError(f"unbalanced braces in {text!r}")
     if buf:
         parts.append("".join(buf))
-    return [unbrace(p) for p in parts]
+    return parts if keep_braces else [unbrace(p) for p in parts]
 
 
 def unbrace(text: str) -> str:
@@ -753,31 +754,8 @@ def open_tables(value: str | list[str], *, folded: bool = True) -> Tables:
     """From a config value (``"hash:/a, regexp:/b"`` or a list); empty finds nothing."""
     specs: list[str] = []
     for item in [value] if isinstance(value, str) else value:
-        specs.extend(_split_specs(item))
+        specs.extend(split_top(item, keep_braces=True))
     return Tables([open_table(s, folded=folded) for s in specs if s])
-
-
-def _split_specs(text: str) -> list[str]:
-    """Split a map list on commas/blanks outside braces, keeping each spec's braces."""
-    parts: list[str] = []
-    buf: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        if depth == 0 and ch in ", \t\n":
-            if buf:
-                parts.append("".join(buf))
-                buf = []
-            continue
-        buf.append(ch)
-    if depth != 0:
-        raise ConfigError(f"unbalanced braces in {text!r}")
-    if buf:
-        parts.append("".join(buf))
-    return parts
 
 
 # Postfix never splits these at the recipient delimiter
