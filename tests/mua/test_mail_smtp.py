@@ -194,23 +194,38 @@ def test_auth_after_starttls_sends_the_right_credentials(
 
 
 def test_auth_credentials_from_the_url(env: dict[str, str], servers: list,
-                                       ca: trustme.CA) -> None:
+                                       ca: trustme.CA, ca_file: str) -> None:
     auth = Authenticator("me@example.test", PASSWORD)
     _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"), authenticator=auth,
                              auth_require_tls=True)
     url = f"smtp://me%40example.test:{PASSWORD.replace(' ', '%20')}@127.0.0.1:{port}"
-    r = send(env, "-S", f"mta={url}", "-S", "smtp-use-starttls")
+    r = send(env, "-S", f"mta={url}", "-S", "smtp-use-starttls", "-S", f"tls-ca-file={ca_file}")
     assert r.returncode == 0, r.stderr
     assert auth.attempts == [("PLAIN", True)] and len(handler.messages) == 1
 
 
-def test_wrong_password_is_one_line_and_never_shown(env: dict[str, str], servers: list,
-                                                    ca: trustme.CA) -> None:
-    auth = Authenticator("me", "right")
+def test_credentials_go_only_to_a_verified_server_by_default(
+        env: dict[str, str], servers: list, ca: trustme.CA) -> None:
+    """As s-nail, whose tls-verify defaults to strict: with a password and no tls-verify, a
+    certificate that does not verify ends the session before AUTH."""
+    auth = Authenticator("me", PASSWORD)
     _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"), authenticator=auth,
                              auth_require_tls=True)
     r = send(env, "-t", f"127.0.0.1:{port}", "-S", "smtp-auth-user=me",
              "-S", f"smtp-auth-password={PASSWORD}")
+    assert r.returncode == 69, r.stderr
+    assert "certificate" in one_line_error(r.stderr).lower()
+    assert auth.attempts == [] and handler.messages == []
+    assert PASSWORD.encode() not in r.stdout + r.stderr
+
+
+def test_wrong_password_is_one_line_and_never_shown(env: dict[str, str], servers: list,
+                                                    ca: trustme.CA, ca_file: str) -> None:
+    auth = Authenticator("me", "right")
+    _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"), authenticator=auth,
+                             auth_require_tls=True)
+    r = send(env, "-t", f"127.0.0.1:{port}", "-S", "smtp-auth-user=me",
+             "-S", f"smtp-auth-password={PASSWORD}", "-S", f"tls-ca-file={ca_file}")
     assert r.returncode == 69, r.stderr
     assert "authentication failed" in one_line_error(r.stderr)
     assert PASSWORD.encode() not in r.stdout + r.stderr
@@ -221,7 +236,7 @@ def test_credentials_never_go_over_plaintext(env: dict[str, str], servers: list)
     auth = Authenticator("me", PASSWORD)
     _, handler, port = start(servers, authenticator=auth, auth_require_tls=False)
     r = send(env, "-t", f"127.0.0.1:{port}", "-S", "smtp-auth-user=me",
-             "-S", f"smtp-auth-password={PASSWORD}")
+             "-S", f"smtp-auth-password={PASSWORD}", "-S", "tls-verify=ignore")
     assert r.returncode == 69, r.stderr
     assert "unencrypted" in one_line_error(r.stderr)
     assert auth.attempts == [] and handler.messages == []
@@ -234,12 +249,24 @@ def test_credentials_never_go_over_plaintext(env: dict[str, str], servers: list)
     (["-t", "127.0.0.1:2525", "-S", "smtp-auth-user=me"], "smtp-auth-password"),
     (["-S", "smtp=pop3://127.0.0.1"], "unsupported"),
     (["-S", "smtp=127.0.0.1:99999"], "port"),
+    (["-S", "smtp=me:Pw-secret@127.0.0.1"], "credentials go in a URL"),
 ])
 def test_bad_smtp_settings_are_usage_errors(env: dict[str, str], args: list[str],
                                             text: str) -> None:
     r = run_mail(env, *args, "-s", "x", "u@x.test", input=b"x\n")
     assert r.returncode == 64, r.stderr
     assert text in one_line_error(r.stderr)
+    assert b"Pw-secret" not in r.stderr
+
+
+def test_a_missing_ca_file_is_one_line_not_a_traceback(env: dict[str, str], servers: list,
+                                                       ca: trustme.CA, tmp_path: Path) -> None:
+    _, handler, port = start(servers, tls_context=context(ca, "127.0.0.1"))
+    r = send(env, "-S", f"mta=smtps://127.0.0.1:{port}", "-S", "tls-verify=strict",
+             "-S", f"tls-ca-file={tmp_path / 'nonexistent.pem'}")
+    assert r.returncode == 69, r.stderr
+    assert "cannot load the CA file" in one_line_error(r.stderr)
+    assert handler.messages == []
 
 
 def test_a_password_in_a_bad_url_is_not_echoed(env: dict[str, str]) -> None:

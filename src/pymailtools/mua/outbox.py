@@ -72,6 +72,10 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
             name, colon, secret = userinfo.partition(":")
             user, password = unquote(name), unquote(secret)
             shown = f"{scheme}://{userinfo.partition(':')[0]}{':***' if colon else ''}@{rest}"
+    elif "@" in rest:
+        # credentials only in a URL; whatever precedes the @ may be a password: never echoed
+        raise UsageError(f"bad SMTP server ***@{rest.rpartition('@')[2]}: credentials go in a "
+                         "URL (smtp://user:password@host) or in smtp-auth-user/-password")
     try:
         hp = nexthop.split(rest, default_port)
         host = nexthop.check_host(hp.host)
@@ -79,7 +83,7 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
         raise UsageError(f"bad SMTP server {shown}: {e}") from None
     policy = Policy.from_config(cfg)
     changes: dict[str, object] = {}
-    if not _is_relayhost(cfg, host, hp.port):
+    if not nexthop.is_relayhost(cfg.relayhost, host, hp.port, cfg.smtp_port):
         # The site's relay credentials are for the relayhost only: never offered to a server
         # the user names (as Postfix keys them by next hop).
         changes.update(username="", password="", password_file="")
@@ -104,21 +108,11 @@ def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
         if not password:
             raise UsageError("smtp-auth-user is set, but no password: set smtp-auth-password")
         changes.update(username=user, password=password, password_file="")
+    if verify is None and (user or ca_file):
+        # As s-nail (tls-verify defaults to strict): a password, or CAs named for checking,
+        # go only to a server whose certificate verifies, unless tls-verify says otherwise.
+        changes["level"] = "verify"
     return Server(host, hp.port, policy.clone(**changes), shown)
-
-
-def _is_relayhost(cfg: Config, host: str, port: int) -> bool:
-    """Is ``host``:``port`` the configured relayhost?"""
-    # only with an SMTP server (nexthop brings socket)
-    from pymailtools.smtp import nexthop
-
-    if not cfg.relayhost:
-        return False
-    try:
-        relay = nexthop.parse(cfg.relayhost)
-    except ValueError:
-        return False
-    return relay.host.lower() == host.lower() and relay.port == port
 
 
 def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]) -> str:

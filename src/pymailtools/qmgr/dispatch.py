@@ -18,7 +18,7 @@ from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
-from pymailtools.smtp import generic, mx
+from pymailtools.smtp import generic, mx, nexthop
 from pymailtools.smtp.client import Outcome, Session
 from pymailtools.smtp.nexthop import NextHop
 from pymailtools.smtp.policy import Policy
@@ -102,6 +102,11 @@ class Dispatcher:
         recipient domain). Raises DeliveryError (deferral) when the credentials lookup fails."""
         name = str(hop) if hop is not None else address.rpartition("@")[2].lower().rstrip(".")
         policy = self.policy.clone(implicit_tls=bool(hop and hop.implicit_tls))
+        if hop is None or not nexthop.is_relayhost(self.cfg.relayhost, hop.host, hop.port,
+                                                   self.cfg.smtp_port):
+            # the site's single account is the relayhost's: never offered to an MX host or
+            # another next hop (smtp_sasl_password_maps names accounts for those)
+            policy = policy.clone(username="", password="", password_file="")
         if self.password_maps is not None:
             found = self._credentials(hop, name, sender)
             if found is not None:

@@ -454,11 +454,12 @@ async def open_session(hop: Hop, policy: Policy, *, plaintext: bool = False) -> 
 
     Raises HopError for every failure: the caller tries the next address."""
     t = policy.timeouts
-    sock = await _connect(hop, t.connect)
     implicit = policy.implicit_tls
+    context = policy.tls_context() if implicit else None  # before connecting: it may fail
+    sock = await _connect(hop, t.connect)
     smtp = aiosmtplib.SMTP(hostname=hop.host, sock=sock, local_hostname=policy.helo_name,
                            timeout=t.helo, start_tls=False, use_tls=implicit,
-                           tls_context=policy.tls_context() if implicit else None)
+                           tls_context=context)
     try:
         return await _setup(smtp, hop, policy, plaintext)
     except HopError:

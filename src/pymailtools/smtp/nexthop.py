@@ -117,6 +117,18 @@ def parse(text: str, default_port: int = 25, key: str = "relayhost") -> NextHop:
     return NextHop(host, hp.port, not hp.bracketed, hp.port == IMPLICIT_TLS_PORT)
 
 
+def is_relayhost(relayhost: str, host: str, port: int, default_port: int = 25) -> bool:
+    """Is ``host``:``port`` the next hop the ``relayhost`` setting names? The site's single
+    smtp_sasl_* account is offered there only, never to another server."""
+    if not relayhost.strip():
+        return False
+    try:
+        relay = parse(relayhost, default_port)
+    except ConfigError:
+        return False
+    return relay.host.lower() == host.lower() and relay.port == port
+
+
 def system_addresses(host: str, port: int, family: int = 0) -> list[tuple[int, str]]:
     """(family, IP) of ``host`` from the system resolver (getaddrinfo, so /etc/hosts counts),
     in its order, without duplicates. Raises socket.gaierror."""

@@ -14,7 +14,7 @@ import stat
 from typing import Any, NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError
+from pymailtools.errors import ConfigError, HopError
 
 LEVELS = ("none", "may", "encrypt", "verify")  # Postfix's smtp_tls_security_level words
 
@@ -111,7 +111,11 @@ class Policy:
         """The client context for this policy's level (checked against the host name when
         verifying; SNI is sent either way)."""
         if self.verify:
-            ctx = ssl.create_default_context(cafile=self.ca_file)
+            try:
+                ctx = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as e:  # a missing or unreadable CA file
+                raise HopError(f"cannot load the CA file {self.ca_file}: "
+                               f"{getattr(e, 'strerror', None) or e}", "4.7.5") from None
         else:
             # Opportunistic/mandatory encryption without authentication (Postfix may/encrypt):
             # self-signed certificates are the norm on MX hosts.
