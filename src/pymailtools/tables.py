@@ -383,6 +383,9 @@ def build_index(source: str, *, folded: bool = True, keep_mode: bool = True) -> 
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        # Created 0600 before sqlite opens it: a table of passwords is never readable by others,
+        # not even while it is being written (its final mode follows the source below).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         db = sqlite3.connect(tmp)
         try:
             db.execute("PRAGMA journal_mode = OFF")

@@ -105,6 +105,21 @@ def test_root_sets_up_a_fresh_queue_from_every_entry_point(sendmail: Sendmail,
         assert (sendmail.queue_dir / name).is_dir(), name
 
 
+def test_root_with_umask_077_leaves_the_path_to_the_queue_reachable(world_dir: Path) -> None:
+    """The directories created above a fresh queue are 0755 whatever root's umask: users must
+    still reach the maildrop (they got "Permission denied" after root set the queue up)."""
+    need_root()
+    qdir = world_dir / "a" / "b" / "queue"
+    cfg = write_toml(world_dir / "umask.toml", {"queue_directory": str(qdir), "syslog": False})
+    p = subprocess.run(["sh", "-c", 'umask 077; exec "$0" -q', script("sendmail")],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYMAILTOOLS_CONFIG=str(cfg)))
+    assert p.returncode == 0, p.stderr
+    for d in (world_dir / "a", world_dir / "a" / "b", qdir):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    assert stat.S_IMODE((qdir / "maildrop").stat().st_mode) == 0o1733
+
+
 @pytest.mark.parametrize("tool", ["mailq", "postqueue"])
 def test_an_absent_queue_lists_as_empty(sendmail: Sendmail, tool: str) -> None:
     p = subprocess.run([script(tool), *(["-p"] if tool == "postqueue" else [])],

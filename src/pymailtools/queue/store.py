@@ -326,7 +326,7 @@ class Queue:
         """Create a missing queue root (and its parents). In a place owned by someone else
         (root's queue, not set up yet, and an ordinary user): QueueNotSetUp, nothing made."""
         try:
-            os.makedirs(os.path.dirname(self.root) or ".", exist_ok=True)
+            self._make_parents(os.path.dirname(os.path.abspath(self.root)))
             try:
                 os.mkdir(self.root, 0o755)
                 os.chmod(self.root, 0o755)
@@ -338,6 +338,26 @@ class Queue:
                 raise QueueNotSetUp(self.root) from None
             raise QueueWriteError(f"cannot create the queue directory {self.root}: "
                                   f"{e.strerror}", EX_CANTCREAT) from None
+
+    @staticmethod
+    def _make_parents(path: str) -> None:
+        """Create the missing directories above the queue root 0755 whatever the umask: a
+        root with umask 077 must not leave users unable to reach the maildrop below."""
+        missing = []
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for p in reversed(missing):
+            try:
+                os.mkdir(p, 0o755)
+            except FileExistsError:
+                if os.path.isdir(p):
+                    continue  # made meanwhile
+                raise  # a file or a dangling link is in the way
+            os.chmod(p, 0o755)
 
     def _place_is_mine(self) -> bool:
         """Is the nearest existing ancestor of the queue root ours (or are we root)?"""
