@@ -383,13 +383,21 @@ def rebuild(root: str) -> int:
         if old >= 0:
             start, end = trusted(root, old), _line_end(old, os.fstat(old).st_size)
             if start:
-                for line in _reverse_lines(old, start, end):
+                recent: set[str] = set()  # ids of the newest lines kept (the pending check)
+                for n, line in enumerate(_reverse_lines(old, start, end)):
                     q = parse(line.decode("utf-8", "surrogateescape"))
-                    if q is not None and live.claim(key(q[0], q[1])) is not None:
-                        buf.append(line + b"\n")
-                        count += 1
-                        if len(buf) >= 4096:
-                            _write(out, buf)
+                    if q is None:
+                        continue
+                    if live.claim(key(q[0], q[1])) is None and (
+                            n >= PENDING_LINES or q[1] in recent
+                            or not _pending(root, q[1], q[0])):
+                        continue
+                    if n < PENDING_LINES:
+                        recent.add(q[1])
+                    buf.append(line + b"\n")
+                    count += 1
+                    if len(buf) >= 4096:
+                        _write(out, buf)
         for _state, qid, dfd in unindexed(root, live):
             try:
                 fd = os.open(qid, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC,
@@ -420,6 +428,26 @@ def rebuild(root: str) -> int:
         except FileNotFoundError:
             pass
     return count
+
+
+# A line is appended before its envelope is published (renamed into a state directory), so
+# the newest lines may describe entries that are not listed yet: the rebuild keeps those of
+# the last PENDING_LINES that describe such an entry (the newest line of each). More appenders than this publishing at the
+# very moment of a rebuild would be needed to lose one (and a lost line only costs speed).
+PENDING_LINES = 256
+
+
+def _pending(root: str, qid: str, ino: int) -> bool:
+    """Does the line (``ino``, ``qid``) describe an entry published since the rebuild listed
+    the queue, or being published (its message file exists, no state file yet)? A line of an
+    older envelope (a state file with another inode is listed) is not. An orphan kept this way
+    is harmless: readers take only lines whose file is listed."""
+    for state in STATES:
+        try:
+            return os.lstat(f"{root}/{state}/{qid}").st_ino == ino
+        except FileNotFoundError:
+            continue
+    return os.path.lexists(f"{root}/messages/{qid}")
 
 
 def _line_end(fd: int, size: int) -> int:
