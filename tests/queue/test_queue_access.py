@@ -176,6 +176,18 @@ def test_run_main_names_the_file_of_an_os_error(capsys: pytest.CaptureFixture[st
 
 # -- 7. mailq for ordinary users ----------------------------------------------------------------
 
+MAILDROP_NOTE = ("{}: messages submitted since the last queue run (in the maildrop) are shown "
+                 "to root only\n")
+
+
+def plain_listings() -> list[tuple[str, Callable[[], int]]]:
+    """(name on stderr, main) of each plain listing: mailq, sendmail -bp, postqueue -p."""
+    from pymailtools.cli import mailq, postqueue
+
+    return [("mailq", lambda: mailq.main([])), ("sendmail", sendmail_main("sendmail", "-bp")),
+            ("postqueue", lambda: postqueue.main(["-p"]))]
+
+
 @pytest.fixture
 def root_queue(world_dir: Path) -> Queue:
     """A root queue set up as `sendmail -q` does, with one deferred entry."""
@@ -190,13 +202,12 @@ def root_queue(world_dir: Path) -> Queue:
 def test_ordinary_users_list_the_queue_but_cannot_read_it(world_dir: Path, root_queue: Queue,
                                                           system_user: pwd.struct_passwd) -> None:
     _import_cli()
-    from pymailtools.cli import mailq, postqueue
+    from pymailtools.cli import postqueue
 
     cfg = config_for(world_dir, Path(root_queue.root))
-    for fn in (lambda: mailq.main([]), sendmail_main("sendmail", "-bp"),
-               lambda: postqueue.main(["-p"])):
+    for prog, fn in plain_listings():
         code, out, err = user_run(system_user, fn, cfg)
-        assert (code, err) == (0, "")
+        assert (code, err) == (0, MAILDROP_NOTE.format(prog))  # the maildrop is root's
         assert "Rq1 " in out and "s@x.test" in out and "r@y.test" in out
         assert "Connection refused" in out
     code, out, _ = user_run(system_user, lambda: postqueue.main(["-j"]), cfg)
@@ -231,6 +242,41 @@ def test_explain_by_an_ordinary_user_is_refused_not_reported_missing(
     code, out, err = user_run(system_user, lambda: mailq.main(["--explain", "Rq1"]), cfg)
     assert (code, out) == (77, "")
     assert "Rq1: cannot read the entry" in err and "permission denied" in err
+
+
+def test_a_users_own_submission_in_the_maildrop_is_not_listed_as_an_empty_queue(
+        world_dir: Path, system_user: pwd.struct_passwd) -> None:
+    """Until root's next queue run a user's submission sits in the maildrop (1733), which
+    the user cannot list: stdout stays Postfix's, stderr says what was left out."""
+    need_root()
+    _import_cli()
+    from pymailtools.cli import mailq, postqueue
+    from pymailtools.queue import maildrop
+
+    q = Queue(str(root_place(world_dir) / "queue"))
+    q.ensure()
+    cfg = config_for(world_dir, Path(q.root))
+    msg = world_dir / "msg"
+    msg.write_bytes(b"Subject: hi\n\nbody\n")
+    msg.chmod(0o644)
+    submit = sendmail_main("sendmail", "-i", "root")
+    assert user_run(system_user, submit, cfg, msg) == (0, "", "")
+    [qid] = maildrop.names(q)
+    for prog, fn in plain_listings():
+        assert user_run(system_user, fn, cfg) == (0, "Mail queue is empty\n",
+                                                  MAILDROP_NOTE.format(prog)), prog
+    assert user_run(system_user, lambda: postqueue.main(["-j"]), cfg) == (
+        0, "", MAILDROP_NOTE.format("postqueue"))
+    # A listing that does not ask for the maildrop has nothing left out.
+    assert user_run(system_user, lambda: mailq.main(["--queue", "deferred"]), cfg) == (
+        0, "Mail queue is empty\n", "")
+    # Root lists the maildrop: the entry, and no note.
+    for argv in (["mailq"], ["sendmail", "-bp"], ["postqueue", "-p"]):
+        p = subprocess.run([script(argv[0]), *argv[1:]], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, PYMAILTOOLS_CONFIG=str(cfg)))
+        assert (p.returncode, p.stderr) == (0, ""), argv
+        assert p.stdout.splitlines()[1].startswith(qid + " ") and "-- 0 Kbytes in 1 Request." \
+            in p.stdout, p.stdout
 
 
 def test_an_entry_the_index_does_not_describe_is_listed_as_far_as_stat_tells(

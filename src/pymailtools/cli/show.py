@@ -11,9 +11,10 @@ from pymailtools.admin.listing import items, json_lines, listing
 from pymailtools.cli.common import authorize
 from pymailtools.config import Config
 from pymailtools.errors import MailError, PermissionDenied
+from pymailtools.queue import maildrop
 from pymailtools.queue.format import printable
 from pymailtools.queue.select import Selector
-from pymailtools.queue.store import Queue
+from pymailtools.queue.store import MAILDROP, Queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ def show(cfg: Config, prog: str = "mailq", *, selector: Selector | None = None,
         print(f"{prog}: warning: {n} queue entr{'y is' if n == 1 else 'ies are'} not in the "
               "listing index yet: shown without size, sender and recipients (only root can "
               "read them)", file=sys.stderr)
+    if (selector is None or selector.wants_state(MAILDROP)) and maildrop.hidden(queue):
+        # stdout stays Postfix's for scripts ("Mail queue is empty" included), but a user
+        # whose own message waits in the maildrop must learn why it is not listed.
+        print(f"{prog}: messages submitted since the last queue run (in the maildrop) are "
+              "shown to root only", file=sys.stderr)
     return 0
 
 

@@ -44,6 +44,19 @@ def names(queue: Queue) -> Iterator[str]:
     return queue.names(MAILDROP)
 
 
+def hidden(queue: Queue) -> bool:
+    """Whether the maildrop exists but this user cannot list it (mode 1733: an ordinary
+    user drops files in, only root sees them until its queue run takes them over), so a
+    listing leaves those messages out; False when it can, or when there is no maildrop."""
+    try:
+        os.close(os.open(queue.path(MAILDROP), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except PermissionError:
+        return True
+    except OSError:
+        return False  # no maildrop (a queue not set up): nothing left out
+    return False
+
+
 def open_file(queue: Queue, name: str) -> int:
     """Open a complete maildrop file for reading (OSError when refused or gone)."""
     return os.open(queue.path(MAILDROP, name), _O_READ)
