@@ -431,9 +431,10 @@ def rebuild(root: str) -> int:
 
 
 # A line is appended before its envelope is published (renamed into a state directory), so
-# the newest lines may describe entries that are not listed yet: the rebuild keeps those of
-# the last PENDING_LINES that describe such an entry (the newest line of each). More appenders than this publishing at the
-# very moment of a rebuild would be needed to lose one (and a lost line only costs speed).
+# the newest lines may describe entries that are not listed yet: the rebuild keeps those among
+# the last PENDING_LINES that describe such an entry (the newest line of each). More appenders
+# than that publishing at the very moment of a rebuild would be needed to lose a line (and a
+# lost line only costs speed).
 PENDING_LINES = 256
 
 
