@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import pipe, route
-from pymailtools.local.targets import Command, DeliveryError, File
+from pymailtools.local.targets import Command, File
 from tests.conftest import need_root
 
 User = pwd.struct_passwd

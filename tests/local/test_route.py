@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import route
-from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote
+from pymailtools.local.targets import Command, File, Mailbox, Remote
 from tests.conftest import need_root
 
 User = pwd.struct_passwd

@@ -6,8 +6,7 @@ import time
 import pytest
 
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError
-from pymailtools.local.targets import DeliveryError
+from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.smtp import mx
 from pymailtools.smtp.nexthop import parse
 from tests.support.dns import TestDNS

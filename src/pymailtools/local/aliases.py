@@ -6,7 +6,7 @@ import shlex
 import stat
 from typing import Literal, NamedTuple
 
-from pymailtools.local.targets import DeliveryError
+from pymailtools.errors import DeliveryError
 
 log = logging.getLogger("pymailtools.local.aliases")
 

@@ -6,10 +6,9 @@ import pwd
 from typing import BinaryIO, NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError
+from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import maildir, mbox, pipe, spool
 from pymailtools.local.route import DEFAULT_PRIVS, local_name
-from pymailtools.local.targets import DeliveryError
 from pymailtools.tables import TableError, open_tables, split_extension
 
 

@@ -8,9 +8,9 @@ import time
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.fileio import write_all
 from pymailtools.local.mbox import BLOCK, check_envelope, os_error
-from pymailtools.local.targets import DeliveryError
 
 SUBDIRS = ("tmp", "new", "cur")
 NAME_ATTEMPTS = 5

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.fileio import fsync_dir, write_all
 from pymailtools.local.lock import MailboxBusy, MailboxLock
-from pymailtools.local.targets import DeliveryError
 from pymailtools.queue.store import crash_point
 
 # Bound on one line fragment we inspect (headers, quoting); longer lines pass through in pieces.

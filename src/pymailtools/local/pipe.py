@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import mbox
-from pymailtools.local.targets import Command, DeliveryError, File
+from pymailtools.local.targets import Command, File
 from pymailtools.log import escape
 
 PATH = "/usr/bin:/bin"

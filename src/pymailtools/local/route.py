@@ -11,11 +11,11 @@ from typing import BinaryIO, NamedTuple
 
 from pymailtools.address import check_envelope, local_part
 from pymailtools.config import Config
-from pymailtools.errors import AddressError
+from pymailtools.errors import AddressError, DeliveryError
 from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
 from pymailtools.local.spool import passwd_entry
-from pymailtools.local.targets import Command, DeliveryError, File, Mailbox, Remote, Target
+from pymailtools.local.targets import Command, File, Mailbox, Remote, Target
 from pymailtools.tables import split_extension
 
 log = logging.getLogger("pymailtools.local.route")

@@ -6,8 +6,8 @@ import re
 from typing import BinaryIO
 
 from pymailtools.config import Config
+from pymailtools.errors import DeliveryError
 from pymailtools.local import maildir, mbox
-from pymailtools.local.targets import DeliveryError
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
 # appended to the spool path as is, with no '/' and no '..'.

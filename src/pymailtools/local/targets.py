@@ -1,9 +1,7 @@
-"""Delivery outcomes and targets shared by routing, the local delivery agents and the runner."""
+"""Delivery targets: where local routing sends a recipient (a mailbox, a file, a command, or
+back to the queue manager as a remote address)."""
 
 from typing import NamedTuple
-
-# Defined with the rest of the exception tree; importable from here for local delivery code.
-from pymailtools.errors import DeliveryError as DeliveryError
 
 
 class Mailbox(NamedTuple):

@@ -9,9 +9,9 @@ from typing import BinaryIO
 
 from pymailtools import log
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError
+from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import agent, route
-from pymailtools.local.targets import DeliveryError, Remote
+from pymailtools.local.targets import Remote
 from pymailtools.log import Logger, make_line
 from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.qmgr.transport import DISCARD, ERROR, LOCAL, RETRY, Route, Router

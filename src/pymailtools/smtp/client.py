@@ -462,9 +462,6 @@ async def open_session(hop: Hop, policy: Policy, *, plaintext: bool = False) -> 
                            tls_context=context)
     try:
         return await _setup(smtp, hop, policy, plaintext)
-    except HopError:
-        smtp.close()
-        raise
     except BaseException:
         smtp.close()
         raise
