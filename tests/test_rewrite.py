@@ -7,8 +7,8 @@ import pytest
 
 from pymailtools import address
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError, DeliveryError
-from pymailtools.rewrite import Rewriter
+from pymailtools.errors import ConfigError, DataError, DeliveryError
+from pymailtools.rewrite import GenericMaps, Rewriter
 
 
 def rewriter(config_values: dict[str, object], **keys: object) -> Rewriter:
@@ -61,6 +61,39 @@ def test_canonical_lookup_order_and_domain_results(config_values: dict[str, obje
     assert rw.recipient("joe+foo@example.com") == "joe.smith+foo@example.com"
     assert rw.recipient("joe+list@example.com") == "lists@example.com"
     assert rw.recipient("JOE@Example.COM") == "joe.smith@example.com"
+
+
+def test_domain_match_never_carries_the_extension(config_values: dict[str, object]) -> None:
+    # a bare-user key that does not apply (other.com is not ours) must not make the @domain
+    # match look like an extension-stripped one
+    rw = rewriter(config_values, recipient_delimiter="+",
+                  canonical_maps="inline:{ joe=x@y, @other.com=z@w }")
+    assert rw.recipient("joe+foo@other.com") == "z@w"
+    assert rw.recipient("joe+foo@host.example.test") == "x+foo@y"
+
+
+def test_over_long_addresses_are_not_looked_up(config_values: dict[str, object],
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "canonical"
+    src.write_text("/^(.*)@old\\.test$/ $1@new.test\n")
+    rw = rewriter(config_values, canonical_maps=f"regexp:{src}")
+    long = "a" * 290 + "@old.test"
+    assert rw.header(f"From: <{long}>\n".encode()) == f"From: <{long}>\n".encode()
+    assert rw.header(b"From: <a@old.test>\n") == b"From: <a@new.test>\n"
+    with pytest.raises(DataError, match="longer than 256"):
+        rw.check_envelope(long)
+
+
+def test_rewriter_never_opens_generic_maps_nor_generic_the_rewriting_ones(
+        config_values: dict[str, object], tmp_path: Path) -> None:
+    missing = f"hash:{tmp_path / 'missing'}"
+    rw = rewriter(config_values, canonical_maps="inline:{ a@x.test=b@x.test }",
+                  smtp_generic_maps=missing)
+    assert rw.recipient("a@x.test") == "b@x.test"
+    gen = GenericMaps(Config({**config_values, "canonical_maps": missing,
+                              "virtual_alias_maps": missing,
+                              "smtp_generic_maps": "inline:{ a@x.test=c@y.test }"}))
+    assert gen.smtp_generic("a@x.test") == "c@y.test"
 
 
 def test_canonical_classes_limit_where_it_applies(config_values: dict[str, object]) -> None:
@@ -177,8 +210,9 @@ def test_recipients_keep_refused_ones_for_a_bounce(config_values: dict[str, obje
 # -- smtp_generic_maps --------------------------------------------------------------------------
 
 def test_generic_header_rewriting(config_values: dict[str, object]) -> None:
-    rw = rewriter(config_values, myorigin="host.localdomain", smtp_generic_maps=(
+    config_values.update(myorigin="host.localdomain", smtp_generic_maps=(
         "inline:{ root@host.localdomain=me@example.com, @host.localdomain=@example.com }"))
+    rw = GenericMaps(Config(config_values))
     assert rw.smtp_generic("root@host.localdomain") == "me@example.com"
     assert rw.smtp_generic("daemon@host.localdomain") == "daemon@example.com"
     assert rw.generic_header(b"From: root (Cron Daemon)\n") == \

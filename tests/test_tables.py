@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from pymailtools.errors import ConfigError
-from pymailtools.tables import find_address, find_domain, open_table, open_tables
+from pymailtools.tables import (
+    find_address,
+    find_address_key,
+    find_domain,
+    open_table,
+    open_tables,
+)
 
 
 def test_inline_static_texthash_hash(tmp_path: Path) -> None:
@@ -184,3 +190,40 @@ def test_map_keys_keep_inline_tables_whole(config_values: dict[str, object]) -> 
         assert [t.spec for t in open_tables(getattr(cfg, key)).tables] == ["static:1",
                                                                             "static:2"]
     assert not open_tables(Config(config_values).transport_maps)
+
+
+SECRET = "pa$!x-s3cret"
+
+
+@pytest.mark.parametrize("spec", [
+    "inline:{ [relay.test]=user:" + SECRET + ", broken" + SECRET + " }",
+    "inline:{ [relay.test]=user:" + SECRET,
+    "inline:{ [relay.test]=user:" + SECRET + " }}",
+    "regexp:{ {/relay/ user:" + SECRET + "} }",
+    "regexp:{ {/relay/ user:pa${x-s3cret} }",
+    "regexp:{ {/relay/ user:pa$name-s3cret} }",
+    "inlin:{ [relay.test]=user:" + SECRET + " }",
+])
+def test_errors_never_quote_an_inline_table_or_a_result(spec: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        open_tables(spec)
+    assert "s3cret" not in str(e.value), e.value
+
+
+def test_regexp_file_error_names_file_and_line_not_the_result(tmp_path: Path) -> None:
+    src = tmp_path / "sasl"
+    src.write_text(f"/relay/ user:{SECRET}\n")
+    with pytest.raises(ConfigError, match=f"^regexp:{src}, |^{src}:1: ") as e:
+        open_table(f"regexp:{src}")
+    assert "s3cret" not in str(e.value)
+
+
+def test_find_address_key_names_the_form_that_matched() -> None:
+    maps = open_tables("inline:{ joe=x@y, @other.com=z@w, ann+tag@a.test=t@a }")
+    assert find_address_key(maps, "joe+foo@other.com", delimiter="+", local=False) == \
+        ("z@w", "@other.com")
+    assert find_address_key(maps, "joe+foo@other.com", delimiter="+", local=True) == \
+        ("x@y", "joe")
+    assert find_address_key(maps, "ann+tag@a.test", delimiter="+") == ("t@a", "ann+tag@a.test")
+    assert find_address_key(maps, "nobody@a.test", delimiter="+") is None
+    assert find_address(maps, "joe+foo@other.com", delimiter="+") == "z@w"

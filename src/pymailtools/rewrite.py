@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pymailtools import address, tables
 from pymailtools.config import ADDRESS_CLASSES, Config
-from pymailtools.errors import AddressError, ConfigError, DeliveryError
+from pymailtools.errors import AddressError, ConfigError, DataError, DeliveryError
 
 # Postfix's header_opts: the headers whose addresses are senders, and recipients.
 SENDER_HEADERS = frozenset((
@@ -20,38 +20,17 @@ SENDER_HEADERS = frozenset((
 RECIPIENT_HEADERS = frozenset((
     "to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "apparently-to",
 ))
-MAX_LOOKUP = 1000  # longest address handed to a table (bounds a pathological regexp)
+# the longest address handed to a table: a pattern table answers no longer key (a lookup
+# error); a longer address is left as it is
+MAX_LOOKUP = tables.MAX_PATTERN_KEY
 
 
-class Rewriter:
-    """The rewriting tables of one configuration, opened once."""
+class Mapper:
+    """What every address mapping shares: Postfix's lookup order, extensions, results."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        for key in ("canonical_classes", "masquerade_classes"):
-            for item in getattr(cfg, key):
-                if item not in ADDRESS_CLASSES:
-                    raise ConfigError(f"{key}: expected some of {', '.join(ADDRESS_CLASSES)}, "
-                                      f"got {item!r}")
         self.delimiter = cfg.recipient_delimiter
-        self.canonical = tables.open_tables(cfg.canonical_maps)
-        self.sender_canonical = tables.open_tables(cfg.sender_canonical_maps)
-        self.recipient_canonical = tables.open_tables(cfg.recipient_canonical_maps)
-        self.canonical_classes = frozenset(cfg.canonical_classes)
-        self.masquerade_domains = [d.lower().rstrip(".") for d in cfg.masquerade_domains]
-        self.masquerade_exceptions = frozenset(x.lower() for x in cfg.masquerade_exceptions)
-        self.masquerade_classes = frozenset(cfg.masquerade_classes)
-        self.virtual = tables.open_tables(cfg.virtual_alias_maps)
-        self.generic = tables.open_tables(cfg.smtp_generic_maps)
-        self.virtual_domains: list[str] = []
-        self.virtual_domain_tables: list[tables.Tables] = []
-        for item in cfg.virtual_alias_domains:
-            if item == "$virtual_alias_maps":
-                self.virtual_domain_tables.append(self.virtual)
-            elif ":" in item:
-                self.virtual_domain_tables.append(tables.open_tables(item))
-            else:
-                self.virtual_domains.append(item.lower().rstrip("."))
 
     # -- one table -------------------------------------------------------------------------
 
@@ -67,16 +46,14 @@ class Rewriter:
         if not addr or len(addr) > MAX_LOOKUP:
             return None
         domain = address.domain_of(addr)
-        found = tables.find_address(maps, addr, delimiter=self.delimiter,
-                                    local=bool(domain) and self._ours(domain))
-        if found is None:
+        hit = tables.find_address_key(maps, addr, delimiter=self.delimiter,
+                                      local=bool(domain) and self._ours(domain))
+        if hit is None:
             return None
+        found, key = hit
         local, at, domain = addr.rpartition("@") if "@" in addr else (addr, "", "")
         base, ext = tables.split_extension(local, self.delimiter)
-        bare = f"{base}{at}{domain}"
-        if ext is not None and (maps.get(addr) is not None or (
-                maps.get(bare, fixed_only=True) is None
-                and maps.get(base, fixed_only=True) is None)):
+        if ext is not None and key not in (f"{base}{at}{domain}", base):
             ext = None  # matched with its extension, or by @domain: nothing is carried over
         out = []
         for part in found.split(","):
@@ -102,6 +79,43 @@ class Rewriter:
         """One address through one table set (canonical, generic): the result, or ``addr``."""
         found = self._find(maps, addr)
         return self._checked(found[0], addr, name) if found else addr
+
+    def _qualified(self, addr: str, func: Callable[[str], str]) -> str:
+        """A header address is looked up as ``user@$myorigin`` when it has no domain (as
+        cleanup qualifies it first); left as written when no table changes it."""
+        full = address.qualify(addr, self.cfg.myorigin)
+        new = func(full)
+        return addr if new == full else new
+
+
+class Rewriter(Mapper):
+    """The queue-entry rewriting tables of one configuration, opened once (never
+    smtp_generic_maps: a broken one must not stop submission)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        for key in ("canonical_classes", "masquerade_classes"):
+            for item in getattr(cfg, key):
+                if item not in ADDRESS_CLASSES:
+                    raise ConfigError(f"{key}: expected some of {', '.join(ADDRESS_CLASSES)}, "
+                                      f"got {item!r}")
+        self.canonical = tables.open_tables(cfg.canonical_maps)
+        self.sender_canonical = tables.open_tables(cfg.sender_canonical_maps)
+        self.recipient_canonical = tables.open_tables(cfg.recipient_canonical_maps)
+        self.canonical_classes = frozenset(cfg.canonical_classes)
+        self.masquerade_domains = [d.lower().rstrip(".") for d in cfg.masquerade_domains]
+        self.masquerade_exceptions = frozenset(x.lower() for x in cfg.masquerade_exceptions)
+        self.masquerade_classes = frozenset(cfg.masquerade_classes)
+        self.virtual = tables.open_tables(cfg.virtual_alias_maps)
+        self.virtual_domains: list[str] = []
+        self.virtual_domain_tables: list[tables.Tables] = []
+        for item in cfg.virtual_alias_domains:
+            if item == "$virtual_alias_maps":
+                self.virtual_domain_tables.append(self.virtual)
+            elif ":" in item:
+                self.virtual_domain_tables.append(tables.open_tables(item))
+            else:
+                self.virtual_domains.append(item.lower().rstrip("."))
 
     # -- envelope --------------------------------------------------------------------------
 
@@ -137,6 +151,13 @@ class Rewriter:
                 steps.append(f"masquerade_domains: {addr} -> {new}")
             addr = new
         return addr
+
+    def check_envelope(self, addr: str) -> None:
+        """Refuse an envelope address too long to look up (DataError): unlike a header
+        address, it cannot be left unrewritten without routing the mail wrongly."""
+        if len(addr) > MAX_LOOKUP:
+            raise DataError(f"envelope address longer than {MAX_LOOKUP} characters: "
+                            "too long for the address rewriting tables")
 
     def sender(self, addr: str, kind: str = "envelope") -> str:
         """An envelope (or header) sender: sender_canonical_maps, canonical_maps, masquerading."""
@@ -259,12 +280,14 @@ class Rewriter:
     def _header_recipient(self, addr: str) -> str:
         return self._qualified(addr, lambda a: self.recipient(a, "header"))
 
-    def _qualified(self, addr: str, func: Callable[[str], str]) -> str:
-        """A header address is looked up as ``user@$myorigin`` when it has no domain (as
-        cleanup qualifies it first); left as written when no table changes it."""
-        full = address.qualify(addr, self.cfg.myorigin)
-        new = func(full)
-        return addr if new == full else new
+
+class GenericMaps(Mapper):
+    """smtp_generic_maps of one configuration, opened once (and only they: a broken
+    canonical or virtual table must not stop remote delivery)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.generic = tables.open_tables(cfg.smtp_generic_maps)
 
     def smtp_generic(self, addr: str) -> str:
         """smtp_generic_maps: the address as it should leave over SMTP."""

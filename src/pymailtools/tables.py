@@ -67,16 +67,21 @@ class Table:
     def __init__(self, spec: str) -> None:
         self.spec = spec
 
+    @property
+    def label(self) -> str:
+        """The table's name in messages, never an inline table's text (see spec_label)."""
+        return spec_label(self.spec)
+
     def get(self, key: str) -> str | None:
         """The value for ``key``, or None."""
         raise NotImplementedError
 
     def items(self) -> Iterator[tuple[str, str]]:
         """Every key and value, in file order (``postmap -s``); pattern tables have none."""
-        raise ConfigError(f"{self.spec}: table does not support enumeration")
+        raise ConfigError(f"{self.label}: table does not support enumeration")
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.spec}>"
+        return f"<{type(self).__name__} {self.label}>"
 
 
 class DictTable(Table):
@@ -191,6 +196,18 @@ def read_text(path: str, spec: str) -> str:
 # --- inline: and static:
 
 
+def spec_label(spec: str) -> str:
+    """How errors and logs name a table: ``type:name``, with an inline table's text (and a
+    static: value) replaced by ``{...}``, since it may hold passwords
+    (smtp_sasl_password_maps = inline:{ host=user:secret })."""
+    kind, colon, name = spec.strip().partition(":")
+    if not colon:
+        return "{...}" if "{" in spec else spec
+    if "{" in name or kind == "static":
+        return f"{kind}:{{...}}"
+    return spec.strip()
+
+
 def split_top(text: str, seps: str = ", \t\n", *, keep_braces: bool = False) -> list[str]:
     """Split on separators outside braces; a braced element loses its outer braces and the
     blanks just inside them (Postfix's mystrtokq + extpar), unless ``keep_braces`` (a map
@@ -210,7 +227,8 @@ def split_top(text: str, seps: str = ", \t\n", *, keep_braces: bool = False) -> 
             continue
         buf.append(ch)
     if depth != 0:
-        raise ConfigError(f"unbalanced braces in {text!r}")
+        # never the text: it may be an inline table holding passwords
+        raise ConfigError("unbalanced braces in a table list or inline table")
     if buf:
         parts.append("".join(buf))
     return parts if keep_braces else [unbrace(p) for p in parts]
@@ -225,13 +243,13 @@ def unbrace(text: str) -> str:
 
 def open_inline(spec: str, name: str, folded: bool) -> DictTable:
     if not (name.startswith("{") and name.endswith("}")):
-        raise ConfigError(f"{spec}: expected inline:{{ key=value, ... }}")
+        raise ConfigError(f"{spec_label(spec)}: expected inline:{{ key=value, ... }}")
     entries: dict[str, str] = {}
-    for item in split_top(name[1:-1]):
+    for n, item in enumerate(split_top(name[1:-1]), 1):
         key, eq, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not eq or not key:
-            raise ConfigError(f"{spec}: expected key=value, got {item!r}")
+        if not eq or not key:  # the entry's text is never quoted: it may be a password
+            raise ConfigError(f"{spec_label(spec)}: entry {n} is not key=value")
         entries[fold(key) if folded else key] = value  # the last of duplicates wins, as Postfix
     return DictTable(spec, entries, folded)
 
@@ -261,12 +279,12 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not colon:
         if spec.startswith("/"):
             return "hash", spec
-        raise ConfigError(f"{spec}: expected type:name, e.g. hash:/etc/postfix/virtual")
+        raise ConfigError(f"{spec_label(spec)}: expected type:name, e.g. hash:/etc/postfix/virtual")
     if kind not in TYPES:
-        raise ConfigError(f"{spec}: unsupported table type {kind!r} "
+        raise ConfigError(f"{spec_label(spec)}: unsupported table type {kind!r} "
                           f"(supported: {', '.join(TYPES)})")
     if not name:
-        raise ConfigError(f"{spec}: missing table name after {kind}:")
+        raise ConfigError(f"{spec_label(spec)}: missing table name after {kind}:")
     return kind, name
 
 
@@ -439,14 +457,14 @@ class PatternTable(Table):
         if path.startswith("{"):
             # regexp:{ {rule}, {rule} }: each braced element is one line of a table
             if not path.endswith("}"):
-                raise ConfigError(f"{spec}: expected {{ {{rule}}, {{rule}} ... }}")
+                raise ConfigError(f"{spec_label(spec)}: expected {{ {{rule}}, {{rule}} ... }}")
             text = "\n".join(split_top(path[1:-1]))
-            return cls(spec, parse_rules(text, spec, pcre))
+            return cls(spec, parse_rules(text, spec_label(spec), pcre))
         return cls(spec, parse_rules(read_text(path, spec), path, pcre))
 
     def get(self, key: str) -> str | None:
         if len(key) > MAX_PATTERN_KEY:
-            raise TableError(f"{self.spec}: lookup key longer than {MAX_PATTERN_KEY} "
+            raise TableError(f"{self.label}: lookup key longer than {MAX_PATTERN_KEY} "
                              f"characters not matched")
         rules = self.rules
         i = 0
@@ -505,7 +523,8 @@ def parse_result(result: str, where: str, ngroups: int) -> list[tuple[str, str]]
             end = result.find(close, i + 2)
             if end < 0:
                 if where:
-                    raise ConfigError(f"{where}: missing '{close}' in result {result!r}")
+                    # never the result itself: it may be a password
+                    raise ConfigError(f"{where}: missing '{close}' in result")
                 buf.append(ch)
                 i += 1
                 continue
@@ -517,14 +536,14 @@ def parse_result(result: str, where: str, ngroups: int) -> list[tuple[str, str]]
             name, i = result[i + 1 : j], j
         else:
             if where:
-                raise ConfigError(f"{where}: empty macro name after $ in result {result!r} "
+                raise ConfigError(f"{where}: empty macro name after $ in result "
                                   "(write $$ for a dollar sign)")
             buf.append(ch)
             i += 1
             continue
         if where:
-            if not name.isdigit():
-                raise ConfigError(f"{where}: non-numeric replacement index ${name}")
+            if not name.isdigit():  # the name is part of the result: not quoted
+                raise ConfigError(f"{where}: non-numeric replacement index in result")
             if int(name) > ngroups:
                 raise ConfigError(f"{where}: out-of-range replacement index ${name}")
         if buf:
@@ -739,7 +758,7 @@ class Tables:
         return bool(self.tables)
 
     def __repr__(self) -> str:
-        return f"<Tables {', '.join(t.spec for t in self.tables)}>"
+        return f"<Tables {', '.join(t.label for t in self.tables)}>"
 
     def get(self, key: str, *, fixed_only: bool = False) -> str | None:
         """The first table's answer. ``fixed_only`` skips pattern tables, as Postfix does for
@@ -791,29 +810,33 @@ def find_address(maps: Tables, address: str, *, delimiter: str = "",
     then only when ``local`` (the domain is one of ours) ``user+ext``, ``user``; then
     ``@domain``. Pattern tables see only the full address. ``delimiter`` is
     recipient_delimiter ("" = no extension handling). An address without a domain is local."""
+    found = find_address_key(maps, address, delimiter=delimiter, local=local)
+    return None if found is None else found[0]
+
+
+def find_address_key(maps: Tables, address: str, *, delimiter: str = "",
+                     local: bool = False) -> tuple[str, str] | None:
+    """As find_address, with the key that matched: (value, key). A caller tells from the key
+    whether the extension was stripped to match (``user@domain``, ``user``) or not."""
     user, at, domain = address.rpartition("@")
     if not at:
         user, domain, local = address, "", True
     bare, ext = split_extension(user, delimiter)
-    value = maps.get(address)
-    if value is not None:
-        return value
+    keys: list[tuple[str, bool]] = [(address, False)]  # (key, fixed tables only)
     if domain:
         if ext is not None:
-            value = maps.get(f"{bare}@{domain}", fixed_only=True)
-            if value is not None:
-                return value
+            keys.append((f"{bare}@{domain}", True))
         if local:
             if ext is not None:
-                value = maps.get(user, fixed_only=True)
-                if value is not None:
-                    return value
-            value = maps.get(bare, fixed_only=True)
-            if value is not None:
-                return value
-        return maps.get(f"@{domain}", fixed_only=True)
-    if ext is not None:
-        return maps.get(bare, fixed_only=True)
+                keys.append((user, True))
+            keys.append((bare, True))
+        keys.append((f"@{domain}", True))
+    elif ext is not None:
+        keys.append((bare, True))
+    for key, fixed_only in keys:
+        value = maps.get(key, fixed_only=fixed_only)
+        if value is not None:
+            return value, key
     return None
 
 

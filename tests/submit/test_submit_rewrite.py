@@ -1,6 +1,7 @@
 """Rewriting at queue entry through the installed sendmail: canonical maps and masquerading of
 the envelope and the headers, virtual aliases expanded (and refused ones bounced), -bv steps."""
 
+import subprocess
 from pathlib import Path
 
 from pymailtools.queue.envelope import BOUNCED, PENDING
@@ -97,3 +98,51 @@ def test_bv_prints_each_rewriting_step(tmp_path: Path, config_values: dict[str, 
     assert "root@host.example.test: " in out and "ext@remote.test: " in out
     p = sendmail("-bv", "root+tag@host.example.test")
     assert "recipient_delimiter: root+tag -> root (extension tag)" in p.stdout.decode()
+
+
+def assert_refused(sendmail: Sendmail, p: "subprocess.CompletedProcess[bytes]",
+                   code: int) -> str:
+    assert p.returncode == code, p.stderr  # never 75: PHP's mail() takes 75 for "queued"
+    err = p.stderr.decode()
+    assert err.startswith("sendmail: ") and len(err.strip().splitlines()) == 1, err
+    assert sendmail.entries() == []
+    return err
+
+
+def test_over_long_address_with_a_regexp_canonical_map(tmp_path: Path,
+                                                       config_values: dict[str, object]) -> None:
+    canonical = tmp_path / "canonical"
+    canonical.write_text("/^(.*)@old\\.test$/ $1@new.test\n")
+    sendmail = sendmail_with(tmp_path, config_values, canonical_maps=f"regexp:{canonical}")
+    long = "a" * 290 + "@old.test"  # a valid address, longer than a pattern table's keys
+    for args in (("-f", long, "u@x.test"), (long,)):
+        p = sendmail(*args, input=b"Subject: t\n\nbody\n")
+        assert "longer than 256" in assert_refused(sendmail, p, 65)
+    p = sendmail("-f", "a@old.test", "u@x.test",
+                 input=f"From: <{long}>\nTo: <b@old.test>\n\nbody\n".encode())
+    assert p.returncode == 0, p.stderr
+    ((_, env, stored),) = sendmail.entries()
+    assert env.sender == "a@new.test"
+    assert f"\nFrom: <{long}>\nTo: <b@new.test>\n".encode() in stored  # left as written
+
+
+def test_virtual_alias_limit_is_not_exit_75(tmp_path: Path,
+                                            config_values: dict[str, object]) -> None:
+    wide = tmp_path / "virtual"
+    wide.write_text("big@wide.test " + ", ".join(f"m{i}@x.test" for i in range(20)) + "\n")
+    sendmail = sendmail_with(tmp_path, config_values, virtual_alias_maps=f"texthash:{wide}",
+                             virtual_alias_expansion_limit=10)
+    p = sendmail("big@wide.test", input=b"Subject: t\n\nbody\n")
+    err = assert_refused(sendmail, p, 69)
+    assert "not queued" in err and "expansion size" in err
+
+
+def test_broken_generic_maps_do_not_stop_submission(tmp_path: Path,
+                                                    config_values: dict[str, object]) -> None:
+    sendmail = sendmail_with(tmp_path, config_values,
+                             canonical_maps="inline:{ a@x.test=b@x.test }",
+                             smtp_generic_maps=f"hash:{tmp_path / 'missing'}")
+    p = sendmail("a@x.test", input=b"Subject: t\n\nbody\n")
+    assert p.returncode == 0, p.stderr
+    ((_, env, _),) = sendmail.entries()
+    assert [r.address for r in env.recipients] == ["b@x.test"]

@@ -13,7 +13,7 @@ class Generic:
     """smtp_generic_maps of one configuration, opened once for a queue run."""
 
     def __init__(self, cfg: Config) -> None:
-        self.rw = rewrite.for_config(cfg)
+        self.rw = rewrite.GenericMaps(cfg)  # smtp_generic_maps only
 
     def address(self, addr: str) -> str:
         """An envelope address as it goes out ("" — the null sender — stays as it is)."""

@@ -12,7 +12,7 @@ import time
 
 from pymailtools import address
 from pymailtools.config import Config
-from pymailtools.errors import TooBigError, UsageError
+from pymailtools.errors import EX_TEMPFAIL, EX_UNAVAILABLE, MailError, TooBigError, UsageError
 from pymailtools.queue.envelope import BOUNCED, Envelope, Recipient
 from pymailtools.queue.store import Queue, Submission, crash_point
 
@@ -215,8 +215,13 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
                 rcpts.append(Recipient(r, orcpt=r, notify=opts.notify))
     else:
         try:
+            for a in (sender, *recipients):
+                rw.check_envelope(a)
             sender = rw.sender(sender) if sender else sender
             rewritten = rw.recipients(recipients)
+        except MailError as e:
+            sub.abort()
+            raise _not_queued(e) from None
         except BaseException:
             sub.abort()
             raise
@@ -229,6 +234,15 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
     env = Envelope(sub.id, sender, rcpts, arrival=time.time(), uid=opts.uid, user=user,
                    envid=opts.envid, ret=opts.ret)
     return sub.commit(env)
+
+
+def _not_queued(e: MailError) -> MailError:
+    """A rewriting failure as submission reports it. A temporary one (a table that cannot
+    answer now, a virtual alias limit) must not exit 75: callers such as PHP's mail() take 75
+    for "queued", and nothing is."""
+    if e.exit_code != EX_TEMPFAIL:
+        return e
+    return MailError(f"message not queued: {e}", EX_UNAVAILABLE)
 
 
 def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options, sender: str,
@@ -293,8 +307,11 @@ def _copy_message(config: Config, src: BinaryIO, sub: Submission, opts: Options,
         extra.append(f"From: {name} <{addr}>\n" if name else f"From: {addr}\n")
     added = "".join(extra).encode("utf-8", "surrogateescape")
     if rw is not None:  # canonical maps and masquerading of the header addresses
-        headers = [rw.header(h) for h in headers]
-        added = b"".join(rw.header(h) for h in added.splitlines(keepends=True))
+        try:
+            headers = [rw.header(h) for h in headers]
+            added = b"".join(rw.header(h) for h in added.splitlines(keepends=True))
+        except MailError as e:
+            raise _not_queued(e) from None
     out(top.encode("utf-8", "surrogateescape") + b"".join(mailbox_lines) + b"".join(headers)
         + added)
     if after == b"\n" or overflow:
