@@ -67,7 +67,7 @@ class Console:
 
     def _exchange(self, raw: bytes, shown: str | bytes | None = None, echo: bool = True) -> Reply:
         self._send(raw, shown, echo)
-        return self.session._read()
+        return self.session.read_reply()
 
     def _cmd(self, line: str, shown: str | None) -> Reply:
         """A command smtpchat sends on the user's behalf: always shown."""
@@ -80,7 +80,7 @@ class Console:
         wire = self.session.wire
         assert wire is not None
         while not wire.closed and wire.pending():
-            reply = self.session._read()
+            reply = self.session.read_reply()
             self._note("", reply)
             self._closing(reply)
 
@@ -230,7 +230,7 @@ class Console:
                   + b".\r\n")
         self.t.sent(f"{len(lines)} lines sent")
         self.t.sent(".")
-        reply = self.session._read()
+        reply = self.session.read_reply()
         self._note("BDAT", reply)
 
 

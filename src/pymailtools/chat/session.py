@@ -104,7 +104,7 @@ class Session:
         self.wire.send(line.encode("utf-8") + b"\r\n")
         self.t.sent(line if shown is None else shown)
 
-    def _read(self) -> Reply:
+    def read_reply(self) -> Reply:
         assert self.wire is not None
         reply = self.wire.read_reply()
         self.t.received(reply, expected=reply.ok)
@@ -112,7 +112,7 @@ class Session:
 
     def _cmd(self, line: str, shown: str | None = None) -> Reply:
         self._send(line, shown)
-        return self._read()
+        return self.read_reply()
 
     def _fail(self, code: int, message: str | None = None, quit: bool = True) -> Stop:
         if message:
@@ -166,7 +166,7 @@ class Session:
                 if o.tls == "on-connect":
                     self.handshake(addr.host)
                 self.stage = "banner"
-                banner = self._read()
+                banner = self.read_reply()
             except ChatError as e:
                 self.t.error(str(e))
                 self.wire.close()
@@ -303,7 +303,7 @@ class Session:
             self.wire.send(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
             for c in commands:
                 self.t.sent(c)
-            replies = [self._read() for _ in commands]
+            replies = [self.read_reply() for _ in commands]
         else:
             replies = []
             for c in commands:
@@ -352,7 +352,7 @@ class Session:
         if not o.suppress_data:  # swaks' -n count stands for the dot too
             self.t.sent(".")
         self.stage = "dot"
-        if not self._read().positive:
+        if not self.read_reply().positive:
             raise self._fail(status.DOT)
 
     def _show_data(self, payload: list[bytes]) -> None:
@@ -397,7 +397,7 @@ class Session:
                     self.t.sent(line, odd=b"\r" in line or b"\n" in line)
             if last:
                 self.stage = "dot"
-            if not self._read().positive:
+            if not self.read_reply().positive:
                 raise self._fail(status.DOT if last else status.DATA)
 
     def _quit(self) -> Reply | None:

@@ -1,16 +1,15 @@
 """The runner lock (``run.lock`` in the queue directory): one queue runner works at a time."""
 
 import fcntl
-import os
 
 from pymailtools.config import Config
+from pymailtools.queue.store import Queue
 
 RUN_LOCK = "run.lock"
 
 
 def open_run_lock(cfg: Config) -> int:
-    return os.open(os.path.join(cfg.queue_directory, RUN_LOCK),
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return Queue(cfg.queue_directory).open_lock_file(RUN_LOCK)
 
 
 def try_lock(fd: int) -> bool:

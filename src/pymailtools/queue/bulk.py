@@ -291,7 +291,6 @@ def _settle_trash(queue: Queue, name: str) -> None:
 
 def admin_lock(queue: Queue) -> int:
     """One postsuper at a time changes the queue (a swap must not meet another's moves)."""
-    fd = os.open(f"{queue.root}/postsuper.lock",
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = queue.open_lock_file("postsuper.lock")
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd

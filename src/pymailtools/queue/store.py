@@ -381,6 +381,12 @@ class Queue:
         self.ensure(public, repair=True)
         return self.direct_access()
 
+    def open_lock_file(self, name: str) -> int:
+        """Open (creating it 0600) the lock file ``name`` at the queue's top: ``run.lock`` (one
+        queue runner at a time), ``postsuper.lock`` (one bulk change at a time)."""
+        return os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC,
+                       0o600)
+
     def direct_access(self) -> bool:
         """Can this process write entries itself (root or the queue's owner)? A yes is
         remembered (a long-running listener submits through one Queue); a no is asked again,
