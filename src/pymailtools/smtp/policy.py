@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, HopError
 
-LEVELS = ("none", "may", "encrypt", "verify")  # Postfix's smtp_tls_security_level words
+# Postfix's smtp_tls_security_level words
+LEVELS = ("none", "may", "encrypt", "verify", "fingerprint")
 
 
 class Timeouts(NamedTuple):
@@ -56,6 +57,19 @@ class Policy:
     password_file: str = ""
     allow_plaintext: bool = False
     timeouts: Timeouts = DEFAULT_TIMEOUTS
+    # A command whose first output line is the AUTH password (instead of password/-file).
+    password_command: str = ""
+    # A command that prints an OAuth2 access token, for the xoauth2/oauthbearer mechanisms.
+    token_command: str = ""
+    # SASL mechanisms we may use, lower case, in order of preference; () = plain, then login.
+    mechanisms: tuple[str, ...] = ()
+    ca_path: str | None = None  # a directory of hashed CA certificates (c_rehash)
+    ca_defaults: bool = True  # also trust the system's CAs when verifying
+    cert_file: str = ""  # our client certificate (PEM), with key_file or the key inside
+    key_file: str = ""
+    # level "fingerprint": the SHA-256 digests (hex, colons optional) the server's
+    # certificate must match, one of them
+    fingerprints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
