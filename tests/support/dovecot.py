@@ -8,9 +8,12 @@ trustme certificate; nothing of the system's Dovecot configuration is read or to
 
 from __future__ import annotations
 
+import imaplib
 import os
 import pwd
+import re
 import shutil
+import ssl
 import subprocess
 import tempfile
 import uuid
@@ -23,6 +26,11 @@ from tests.support.net import TIMEOUT, free_port, wait_for_port
 from tests.support.smtp import Certs
 
 DOVECOT = "/usr/sbin/dovecot"
+# Subject of the message Dovecot (like UW-IMAP) keeps first in an mbox it has rewritten.
+PSEUDO_SUBJECT = "DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
+# What Dovecot logs (at any level) when a mailbox changed under it in a way it did not expect.
+_TROUBLE = re.compile(r"corrupt|was modified|reappeared|inconsistent|broken|Expunged message",
+                      re.IGNORECASE)
 
 
 @dataclass
@@ -60,6 +68,45 @@ class Dovecot:
         """Log lines Dovecot wrote at level Error, Panic or Fatal (corruption, lock trouble)."""
         return [line for line in self.log_text().splitlines()
                 if any(f" {lvl}: " in line for lvl in ("Error", "Panic", "Fatal"))]
+
+    def trouble(self) -> list[str]:
+        """Log lines, at any level, saying a mailbox was corrupted or changed under Dovecot
+        ("mbox file was modified while we were syncing", "Expunged message reappeared")."""
+        return [line for line in self.log_text().splitlines() if _TROUBLE.search(line)]
+
+    def imap_client(self, user: str) -> imaplib.IMAP4_SSL:
+        """A logged-in IMAP client (implicit TLS, the certificate verified) for ``user``."""
+        ctx = ssl.create_default_context(cafile=str(self.certs.ca_file))
+        client = imaplib.IMAP4_SSL("127.0.0.1", self.imaps, ssl_context=ctx, timeout=TIMEOUT)
+        client.login(user, self.accounts[user].password)
+        return client
+
+    def make_pseudo_message(self, user: str, append: tuple[bytes, ...] = ()) -> Path:
+        """Have Dovecot rewrite ``user``'s mbox INBOX so it starts with its folder-internal
+        pseudo message (PSEUDO_SUBJECT), as it does on a real server; returns the mbox path.
+
+        Dovecot 2.3 writes that message when an IMAP client expunges every message of the
+        mbox (and when it APPENDs to an empty one): so this expunges all of INBOX, then
+        APPENDs ``append`` (RFC 5322 messages) after the pseudo message, in Dovecot's own
+        mbox framing (X-UID, Status, Content-Length headers)."""
+        with self.imap_client(user) as client:
+            typ, data = client.select("INBOX")
+            if typ != "OK":
+                raise AssertionError(f"SELECT INBOX: {data!r}")
+            if data[0] != b"0":
+                client.store("1:*", "+FLAGS.SILENT", r"(\Deleted)")
+                client.expunge()
+            client.close()
+            for raw in append:
+                typ, data = client.append("INBOX", None, None,
+                                          raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+                if typ != "OK":
+                    raise AssertionError(f"APPEND: {data!r}")
+            client.logout()
+        path = self.spool / user
+        if PSEUDO_SUBJECT.encode() not in path.read_bytes()[:1000]:
+            raise AssertionError(f"Dovecot wrote no pseudo message into {path}")
+        return path
 
 
 def available() -> str | None:
