@@ -60,6 +60,7 @@ class Options:
     smtputf8: bool = False
     timeout: float | None = 30.0
     suppress_data: bool = False
+    commands: list[str] = field(default_factory=list)  # POP3/IMAP commands of scripted mode
 
 
 class Stop(Exception):

@@ -1,0 +1,207 @@
+"""smtpchat --pop3 and --imap against a real Dovecot serving a mailbox our MDA wrote: scripted
+sessions over implicit TLS and STARTTLS, piped sessions with IMAP literals, exit codes."""
+
+from __future__ import annotations
+
+import grp
+import io
+import os
+import pwd
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pymailtools.chat import status
+from pymailtools.config import Config
+from pymailtools.local import mailbox
+from tests.conftest import _make_user, missing
+from tests.support import dovecot
+from tests.support.chat import smtpchat
+
+PASSWORD = "chat-Secret-9"
+
+
+@dataclass
+class Served:
+    server: dovecot.Dovecot
+    user: str
+
+    def base(self, proto: str, port: int, *args: str) -> list[str]:
+        return [f"--{proto}", "127.0.0.1", str(port), *args]
+
+    @property
+    def ca(self) -> str:
+        return str(self.server.certs.ca_file)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    why = dovecot.available()
+    if why:
+        missing(why)
+    users = _make_user()
+    pw: pwd.struct_passwd = next(users)
+    top = Path(tempfile.mkdtemp(prefix="pmt-chat-"))
+    top.chmod(0o755)
+    spool = top / "spool"
+    spool.mkdir()
+    os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
+    spool.chmod(0o2775)
+    config = Config({"mail_spool_directory": str(spool), "queue_directory": str(top / "q"),
+                     "deliver_lock_delay": 0, "syslog": False})
+    for subject, text in (("first", b"line one\n.a dot line\n"), ("second", b"two\n")):
+        msg = b"From: s@example.test\nSubject: " + subject.encode() + b"\n\n" + text
+        mailbox.deliver(config, pw.pw_name, io.BytesIO(msg), sender="s@example.test",
+                        recipient=f"{pw.pw_name}@host")
+    try:
+        # a refused login answered at once, not after Dovecot's 2 s pause
+        with dovecot.dovecot_server([(pw, PASSWORD)], spool=spool,
+                                    extra="auth_failure_delay = 0\n") as server:
+            yield Served(server, pw.pw_name)
+            assert server.errors() == []
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+        next(users, None)
+
+
+def chat(*args: str, input: bytes = b"", password: str = PASSWORD) -> tuple[int, str, str]:
+    r = smtpchat(*args, input=input, env={"SMTPCHAT_AUTH_PASSWORD": password})
+    assert password not in r.stdout + r.stderr  # credentials never shown
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_pop3_scripted_over_implicit_tls(served: Served) -> None:
+    s = served
+    code, out, err = chat(*s.base("pop3", s.server.pop3s, "--tls-on-connect", "--tls-verify",
+                                  "--tls-ca-path", s.ca, "--auth", "--auth-user", s.user,
+                                  "--command", "STAT", "--command", "RETR 1"))
+    assert code == status.OK, out + err
+    lines = out.splitlines()
+    assert "=== TLS certificate verified" in lines
+    assert lines.index("<~  +OK Dovecot (Debian) ready.") > lines.index(
+        "=== TLS certificate verified")
+    assert " ~> AUTH PLAIN ********" in lines and "<~  +OK Logged in." in lines
+    assert re.search(r"^<~  \+OK 2 \d+$", out, re.M)
+    # the message our MDA delivered, as POP3 sends it (dot-stuffed), up to the lone dot
+    i = lines.index(" ~> RETR 1")
+    assert lines[i + 1].startswith("<~  +OK ")
+    body = lines[i + 2:lines.index("<~  .", i)]
+    assert f"<~  Delivered-To: {s.user}@host" in body and "<~  Subject: first" in body
+    assert body[-2:] == ["<~  line one", "<~  ..a dot line"]
+    assert lines[-3:] == [" ~> QUIT", "<~  +OK Logging out.",
+                          "=== Connection closed with remote host."]
+
+
+def test_pop3_user_pass_and_stls_by_default_port_rules(served: Served) -> None:
+    s = served
+    code, out, err = chat(*s.base("pop3", s.server.pop3, "--tls", "--auth", "USER",
+                                  "--auth-user", s.user, "--command", "UIDL"))
+    assert code == status.OK, out + err
+    assert " -> STLS" in out and "=== TLS started" in out
+    assert f" ~> USER {s.user}" in out and " ~> PASS ********" in out
+    assert re.search(r"^<~  1 \S+\n<~  2 \S+\n<~  \.$", out, re.M)
+
+
+def test_imap_scripted_starttls_auth_and_server_literal(served: Served) -> None:
+    s = served
+    code, out, err = chat(*s.base("imap", s.server.imap, "--tls", "--tls-verify",
+                                  "--tls-ca-path", s.ca, "--auth", "--auth-user", s.user,
+                                  "--command", "EXAMINE INBOX",
+                                  "--command", "FETCH 1:2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+    assert code == status.OK, out + err
+    lines = out.splitlines()
+    assert " -> a001 CAPABILITY" in lines and " -> a002 STARTTLS" in lines
+    assert "<-  a002 OK Begin TLS negotiation now." in lines
+    assert " ~> a004 AUTHENTICATE PLAIN ********" in lines  # SASL-IR: one line
+    assert "<~  * 2 EXISTS" in lines
+    # each literal read whole, the FETCH's closing parenthesis after it
+    i = next(n for n, ln in enumerate(lines)
+             if re.fullmatch(r"<~  \* 1 FETCH \(BODY\[HEADER\.FIELDS \(SUBJECT\)\] \{\d+\}", ln))
+    assert lines[i + 1:i + 4] == ["<~  Subject: first", "<~  ", "<~  )"]
+    assert any(ln.startswith("<~  a006 OK Fetch completed") for ln in lines)
+    assert " ~> a007 LOGOUT" in lines and "<~  * BYE Logging out" in lines
+
+
+def test_imap_login_and_typed_literal_in_piped_mode(served: Served) -> None:
+    """Piped like nc: tags added, a typed {N} waits for "+", the N bytes (line ends
+    counted) follow, the command goes on after them; exit 0 when nothing was refused."""
+    s = served
+    message = b"Subject: typed\r\n\r\nhello\r\n"  # 25 bytes as sent, line ends included
+    script = (b"/starttls\n"
+              b"LOGIN " + s.user.encode() + b" {" + str(len(PASSWORD)).encode() + b"}\n"
+              + PASSWORD.encode() + b"\n"
+              b"APPEND INBOX {%d}\n" % len(message) + message.replace(b"\r\n", b"\n")
+              + b"\n"  # the literal took the last line end: an empty line ends the command
+              b"SELECT INBOX\n"
+              b"SEARCH SUBJECT typed\n"
+              b"/quit\n")
+    code, out, err = chat(*s.base("imap", s.server.imap), input=script)
+    assert code == status.OK, out + err
+    lines = out.splitlines()
+    assert "a001 STARTTLS" in lines  # commands smtpchat sends for you are shown
+    assert "+ OK" in lines  # the server's go-ahead for the literal
+    assert re.search(r"^a002 OK .*Logged in", out, re.M)
+    assert re.search(r"^a003 OK \[APPENDUID \d+ \d+\] Append completed", out, re.M)
+    assert "* SEARCH" in out and "a005 OK Search completed" in out.replace(" (", "\n")
+    with s.server.imap_client(s.user) as imap:
+        imap.select("INBOX")
+        typ, data = imap.search(None, "SUBJECT", "typed")
+        (n,) = data[0].split()
+        imap.store(n, "+FLAGS.SILENT", r"(\Deleted)")
+        imap.expunge()
+        imap.logout()
+
+
+def test_refusals_give_the_step_exit_codes(served: Served) -> None:
+    s = served
+    tls = ("--tls-on-connect", "--tls-verify", "--tls-ca-path", s.ca)
+    # a wrong password: AUTH refused (28), in each protocol; each from an address of its
+    # own, as Dovecot makes an address with failed logins wait longer and longer
+    def failing(n: int) -> tuple[str, str]:
+        return ("--local-interface", f"127.0.0.{10 + n}")
+
+    code, out, err = chat(*s.base("pop3", s.server.pop3s, *tls, *failing(1), "--auth", "-au",
+                                  s.user), password="wrong-password-1")
+    assert code == status.AUTH and "*** No authentication type succeeded" in err
+    code, out, err = chat(*s.base("imap", s.server.imaps, *tls, *failing(2), "--auth", "LOGIN",
+                                  "-au", s.user), password="wrong-password-2")
+    assert code == status.AUTH and f' ~> a002 LOGIN "{s.user}" ********' in out
+    # a refused command (30), the session still closed politely
+    code, out, err = chat(*s.base("pop3", s.server.pop3s, *tls, "--auth", "-au", s.user,
+                                  "--command", "RETR 99"))
+    assert code == status.COMMAND and "<~* -ERR There's no message 99." in out
+    assert " ~> QUIT" in out and "*** The server refused RETR" in err
+    code, out, err = chat(*s.base("imap", s.server.imaps, *tls, "--auth", "-au", s.user,
+                                  "--command", "SELECT NoSuchFolder"))
+    assert code == status.COMMAND and " ~> a004 LOGOUT" in out
+    # credentials in clear are refused before anything is sent (28)
+    code, out, err = chat(*s.base("pop3", s.server.pop3, "--auth", "-au", s.user))
+    assert code == status.AUTH and "Refusing to send credentials without TLS" in err
+    assert " -> AUTH" not in out and "PASS" not in out
+    # piped: the first refusal by its verb (PASS: 28), the session goes on
+    code, out, err = chat(*s.base("pop3", s.server.pop3, *failing(3)),
+                          input=b"STLS\nUSER " + s.user.encode() + b"\nPASS nope\nQUIT\n")
+    assert code == status.AUTH and "-ERR [AUTH] Authentication failed." in out
+    # --quit-after with an SMTP step is a usage error (1); so is --to
+    assert chat(*s.base("pop3", s.server.pop3, "--quit-after", "rcpt"))[0] == status.USAGE
+    assert chat(*s.base("imap", s.server.imap, "--to", "a@b.example"))[0] == status.USAGE
+    code, out, err = chat(*s.base("imap", s.server.imap, "--quit-after", "banner"))
+    assert code == status.OK and "* OK" in out
+    assert [ln for ln in out.splitlines() if "->" in ln] == [" -> a001 LOGOUT"]
+
+
+def test_wrong_certificate_is_one_clear_line(served: Served) -> None:
+    s = served
+    for proto, port, extra in (("pop3", s.server.pop3s, ["--tls-on-connect"]),
+                               ("imap", s.server.imap, ["--tls"])):
+        code, out, err = chat(*s.base(proto, port, *extra, "--tls-verify", "--auth",
+                                      "-au", s.user, "--command", "NOOP"))
+        assert code == status.TLS, out + err
+        assert err.count("\n") == 1 and err.startswith("*** TLS startup failed (certificate "
+                                                       "verify failed: ")
+        assert "Traceback" not in err and "~>" not in out and "AUTHENTICATE" not in out
