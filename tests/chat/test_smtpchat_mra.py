@@ -19,9 +19,11 @@ import pytest
 from pymailtools.chat import status
 from pymailtools.config import Config
 from pymailtools.local import mailbox
-from tests.conftest import _make_user, missing
+from tests.chat.test_smtpchat_console import PROMPT, say
+from tests.conftest import _make_user, missing, script
 from tests.support import dovecot
-from tests.support.chat import smtpchat
+from tests.support.chat import Terminal, smtpchat
+from tests.support.smtp import FaultServer, Step
 
 PASSWORD = "chat-Secret-9"
 
@@ -205,3 +207,84 @@ def test_wrong_certificate_is_one_clear_line(served: Served) -> None:
         assert err.count("\n") == 1 and err.startswith("*** TLS startup failed (certificate "
                                                        "verify failed: ")
         assert "Traceback" not in err and "~>" not in out and "AUTHENTICATE" not in out
+
+
+def test_imap_at_a_terminal(served: Served) -> None:
+    """A person at a terminal: prompt, /starttls, the password asked without echo, tags added,
+    a literal typed after the server's "+", Ctrl-D says LOGOUT."""
+    s = served
+    t = Terminal([script("smtpchat"), "--imap", "127.0.0.1", str(s.server.imap)])
+    say(t, "/help", r"IMAP tags a001, a002")
+    say(t, "/starttls", r"Ask for the capabilities again")
+    say(t, f"/auth plain {s.user}", f"Password for {s.user}: ")
+    t.send(PASSWORD)
+    t.expect(r"<~  a002 OK .*Logged in")
+    t.expect(f"=== Authenticated as {s.user} with PLAIN")
+    say(t, "EXAMINE {5}", r"<~  \+ OK")
+    t.expect(PROMPT)
+    t.send("INBOX")
+    t.expect(r"<~  \* 2 EXISTS")
+    t.expect(r"<~  a003 OK \[READ-ONLY\]")
+    say(t, "FETCH 2 BODY.PEEK[TEXT]", r"<~  \* 2 FETCH \(BODY\[TEXT\] \{5\}")
+    t.expect(r"<~  two")
+    t.expect(r"<~  a004 OK Fetch completed")
+    t.expect(PROMPT)
+    t.send_raw(b"\x04")
+    t.expect(r"~> a005 LOGOUT")
+    assert t.wait() == status.OK
+    assert PASSWORD not in t.text
+
+
+# --- servers that misbehave (a scripted peer on loopback) ---------------------------------------
+
+IMAP_START: list[Step] = [("send", b"* OK fault.test IMAP ready\r\n"),
+                          ("expect", b"a001 CAPABILITY"),
+                          ("send", b"* CAPABILITY IMAP4rev1\r\na001 OK done\r\n")]
+POP3_START: list[Step] = [("send", b"+OK fault.test POP3 ready\r\n"), ("expect", b"CAPA"),
+                          ("send", b"-ERR no CAPA here\r\n")]
+
+
+def one_line_error(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("*** ") and "Traceback" not in err, err
+    return err
+
+
+def test_hostile_imap_literal_and_truncated_responses() -> None:
+    # a 2 GB literal is refused before reading it: one line, exit 6
+    steps = IMAP_START + [("expect", b"a002 FETCH"),
+                          ("send", b"* 1 FETCH (BODY[] {2147483648}\r\nFrom: x\r\n"),
+                          ("sleep", 30)]
+    with FaultServer(steps) as srv:
+        r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--command", "FETCH 1 BODY[]")
+    assert r.returncode == status.CONNECTION_LOST, r.stdout + r.stderr
+    assert "literal of 2147483648 bytes" in one_line_error(r.stderr)
+    # the connection dropped inside a literal
+    steps = IMAP_START + [("expect", b"a002 FETCH"),
+                          ("garbage", b"* 1 FETCH (BODY[] {100}\r\nshort\r\n")]
+    with FaultServer(steps) as srv:
+        r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--command", "FETCH 1 BODY[]")
+    assert r.returncode == status.CONNECTION_LOST
+    assert "closed connection" in one_line_error(r.stderr)
+    # a greeting that is no greeting
+    with FaultServer([("send", b"220 an SMTP server\r\n"), ("sleep", 5)]) as srv:
+        r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--quit-after", "banner")
+    assert r.returncode == status.BANNER and "<** 220 an SMTP server" in r.stdout
+
+
+def test_hostile_pop3_list_without_its_end() -> None:
+    # +OK to RETR, some lines, then nothing: the step's timeout, one line, exit 6
+    steps = POP3_START + [("expect", b"RETR 1"), ("send", b"+OK\r\nSubject: x\r\n\r\nbody\r\n"),
+                          ("sleep", 30)]
+    with FaultServer(steps) as srv:
+        r = smtpchat("--pop3", "127.0.0.1", str(srv.port), "--timeout", "2",
+                     "--command", "RETR 1")
+    assert r.returncode == status.CONNECTION_LOST, r.stdout + r.stderr
+    assert "Timeout (2 secs)" in one_line_error(r.stderr)
+    assert "<** body" in r.stdout  # what came before the silence is shown
+    # CAPA refused is no failure (old servers); a -ERR to the command is (30), QUIT still said
+    steps = POP3_START + [("expect", b"STAT"), ("send", b"-ERR mailbox locked\r\n"),
+                          ("expect", b"QUIT"), ("send", b"+OK bye\r\n")]
+    with FaultServer(steps) as srv:
+        r = smtpchat("--pop3", "127.0.0.1", str(srv.port), "--command", "STAT")
+    assert r.returncode == status.COMMAND, r.stdout + r.stderr
+    assert srv.errors == [] and srv.received[0].endswith(b"QUIT\r\n")

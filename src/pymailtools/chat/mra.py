@@ -141,24 +141,30 @@ class MraSession(Session):
 
     def read_reply(self) -> Reply:
         assert self.wire is not None
-        reply = self._read_pop3() if self.protocol == POP3 else self._read_imap()
+        lines: list[bytes] = []
+        try:
+            reply = self._read_pop3(lines) if self.protocol == POP3 else self._read_imap(lines)
+        except ChatError:
+            if lines:  # what came before the server stopped or broke the rules
+                self.t.received(Reply(0, lines), expected=False)
+            raise
         self.t.received(reply, expected=reply.ok)
         return reply
 
     def _deadline(self) -> float | None:
         return None if self.opts.timeout is None else time.monotonic() + self.opts.timeout
 
-    def _read_pop3(self) -> Reply:
+    def _read_pop3(self, lines: list[bytes]) -> Reply:
         assert self.wire is not None
         deadline = self._deadline()
         first = self.wire.read_line(deadline, LINE_LIMIT)
+        lines.append(first)
         if first.startswith(b"-ERR"):
-            return Reply(REFUSED, [first])
+            return Reply(REFUSED, lines)
         if first[:1] == b"+" and first[:3] != b"+OK":
-            return Reply(CONTINUE, [first])
+            return Reply(CONTINUE, lines)
         if not first.startswith(b"+OK"):
-            return Reply(0, [first])
-        lines = [first]
+            return Reply(0, lines)
         if pop3_multiline(self.last):
             self.last = b""
             size = 0
@@ -172,12 +178,11 @@ class MraSession(Session):
                     raise ProtocolError(f"multi-line response larger than {DATA_LIMIT} bytes")
         return Reply(OK, lines)
 
-    def _read_imap(self) -> Reply:
+    def _read_imap(self, lines: list[bytes]) -> Reply:
         """Lines up to this command's tagged response (or a "+" continuation); without a
         command outstanding (the greeting, something unsolicited), one line."""
         assert self.wire is not None
         deadline = self._deadline()
-        lines: list[bytes] = []
         size = 0
         while True:
             before = len(lines)
@@ -359,7 +364,7 @@ Lines you type are sent with CRLF; each response is shown whole ({tags}).
 Local commands:
   /starttls             {stls}, then start TLS on the connection
   /auth plain USER      {plain}; the password is asked without echo
-  /auth {other} USER     {other_text}
+  {other:21} {other_text}
   /auth xoauth2 USER    {xoauth2} (the password is the OAuth2 access token)
   /quit                 send {quit} and leave (end of input does the same)
   /help                 this text
@@ -469,7 +474,7 @@ class MraConsole(Console):
                 "ending in {N} is followed by N bytes you type, line ends counted",
                 stls="send STLS" if pop3 else "send STARTTLS",
                 plain="AUTH PLAIN" if pop3 else "AUTHENTICATE PLAIN",
-                other="user " if pop3 else "login",
+                other="/auth user USER" if pop3 else "/auth login USER",
                 other_text="USER and PASS" if pop3 else "LOGIN with the user and password",
                 xoauth2="AUTH XOAUTH2" if pop3 else "AUTHENTICATE XOAUTH2",
                 quit="QUIT" if pop3 else "LOGOUT")
