@@ -3,8 +3,10 @@ sessions over implicit TLS and STARTTLS, piped sessions with IMAP literals, exit
 
 from __future__ import annotations
 
+import base64
 import grp
 import io
+import json
 import os
 import pwd
 import re
@@ -265,6 +267,16 @@ def test_hostile_imap_literal_and_truncated_responses() -> None:
         r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--command", "FETCH 1 BODY[]")
     assert r.returncode == status.CONNECTION_LOST
     assert "closed connection" in one_line_error(r.stderr)
+    # --json: the transcript with the class codes, and the outcome
+    with FaultServer(IMAP_START + [("expect", b"a002 LOGOUT"),
+                                   ("send", b"* BYE bye\r\na002 OK done\r\n")]) as srv:
+        r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--json")
+    assert r.returncode == status.OK, r.stdout + r.stderr
+    got = json.loads(r.stdout)
+    assert got["exit_code"] == 0 and got["stage"] == "quit"
+    assert [(e["dir"], e.get("code")) for e in got["transcript"] if e["dir"] != "info"] == [
+        ("recv", 200), ("send", None), ("recv", 200), ("recv", 200), ("send", None),
+        ("recv", 200), ("recv", 200)]
     # a greeting that is no greeting
     with FaultServer([("send", b"220 an SMTP server\r\n"), ("sleep", 5)]) as srv:
         r = smtpchat("--imap", "127.0.0.1", str(srv.port), "--quit-after", "banner")
@@ -288,3 +300,31 @@ def test_hostile_pop3_list_without_its_end() -> None:
         r = smtpchat("--pop3", "127.0.0.1", str(srv.port), "--command", "STAT")
     assert r.returncode == status.COMMAND, r.stdout + r.stderr
     assert srv.errors == [] and srv.received[0].endswith(b"QUIT\r\n")
+
+
+def test_xoauth2_sends_the_token_once_and_reads_the_refusal() -> None:
+    token = "ya29.token-value"
+    initial = base64.b64encode(f"user=alice@example.test\x01auth=Bearer {token}\x01\x01"
+                               .encode())
+    ok = POP3_START + [("expect", b"AUTH XOAUTH2 " + initial), ("send", b"+OK welcome\r\n"),
+                       ("expect", b"QUIT"), ("send", b"+OK bye\r\n")]
+    with FaultServer(ok) as srv:
+        code, out, err = chat("--pop3", "127.0.0.1", str(srv.port), "--auth", "XOAUTH2",
+                              "-au", "alice@example.test", "--auth-plaintext",
+                              password=token)
+    assert code == status.OK and srv.errors == [], out + err + str(srv.errors)
+    assert " -> AUTH XOAUTH2 ********" in out
+    # IMAP without SASL-IR: the token after "+"; the error details as a continuation,
+    # answered with an empty line, then NO: exit 28
+    refused = [("send", b"* OK fault.test IMAP ready\r\n"), ("expect", b"a001 CAPABILITY"),
+               ("send", b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\na001 OK done\r\n"),
+               ("expect", b"a002 AUTHENTICATE XOAUTH2"), ("send", b"+ \r\n"),
+               ("expect", initial), ("send", b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+               ("expect", b""), ("send", b"a002 NO [AUTHENTICATIONFAILED] no\r\n"),
+               ("expect", b"a003 LOGOUT"), ("send", b"* BYE bye\r\na003 OK done\r\n")]
+    with FaultServer(refused) as srv:
+        code, out, err = chat("--imap", "127.0.0.1", str(srv.port), "--auth", "XOAUTH2",
+                              "-au", "alice@example.test", "--auth-plaintext",
+                              password=token)
+    assert code == status.AUTH and srv.errors == [], out + err + str(srv.errors)
+    assert srv.received[0].count(initial) == 1

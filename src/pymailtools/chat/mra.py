@@ -263,7 +263,9 @@ class MraSession(Session):
     def _mechanisms(self) -> list[str]:
         caps = self.capabilities
         offered = {m for m in AUTH_TYPES[self.protocol] if f"AUTH={m}" in caps}
-        if self.protocol == POP3 and ("USER" in caps or not caps):
+        if self.protocol == POP3 and not caps:
+            offered = set(AUTH_TYPES[POP3])  # CAPA refused (RFC 1939 server): just try
+        elif self.protocol == POP3 and "USER" in caps:
             offered.add("USER")
         if self.protocol == IMAP and "LOGINDISABLED" not in caps:
             offered.add("LOGIN")
@@ -343,8 +345,9 @@ def authenticate(session: MraSession, mech: str, user: str, password: str,
             if reply.code == CONTINUE:
                 reply = session.answer(response, MASK)
         if reply.code == CONTINUE:
-            # XOAUTH2's error details come as a continuation: answer it to get the refusal
-            reply = session.answer("*" if pop3 else "", None)
+            # XOAUTH2's error details come as a continuation: an empty answer (what the
+            # mechanism asks for) gets the refusal
+            reply = session.answer("", None)
             if note is not None:
                 note(verb, reply)
             return False
