@@ -306,25 +306,26 @@ def test_xoauth2_sends_the_token_once_and_reads_the_refusal() -> None:
     token = "ya29.token-value"
     initial = base64.b64encode(f"user=alice@example.test\x01auth=Bearer {token}\x01\x01"
                                .encode())
-    ok = POP3_START + [("expect", b"AUTH XOAUTH2 " + initial), ("send", b"+OK welcome\r\n"),
-                       ("expect", b"QUIT"), ("send", b"+OK bye\r\n")]
-    with FaultServer(ok) as srv:
-        code, out, err = chat("--pop3", "127.0.0.1", str(srv.port), "--auth", "XOAUTH2",
-                              "-au", "alice@example.test", "--auth-plaintext",
-                              password=token)
-    assert code == status.OK and srv.errors == [], out + err + str(srv.errors)
-    assert " -> AUTH XOAUTH2 ********" in out
+
+    def login(proto: str, steps: list[Step]) -> tuple[int, str, bytes]:
+        with FaultServer(steps) as srv:
+            code, out, err = chat(f"--{proto}", "127.0.0.1", str(srv.port), "--auth",
+                                  "XOAUTH2", "-au", "alice@example.test", "--auth-plaintext",
+                                  password=token)
+        assert srv.errors == [], out + err + str(srv.errors)
+        return code, out, srv.received[0]
+
+    code, out, _ = login("pop3", POP3_START + [
+        ("expect", b"AUTH XOAUTH2 " + initial), ("send", b"+OK welcome\r\n"),
+        ("expect", b"QUIT"), ("send", b"+OK bye\r\n")])
+    assert code == status.OK and " -> AUTH XOAUTH2 ********" in out
     # IMAP without SASL-IR: the token after "+"; the error details as a continuation,
     # answered with an empty line, then NO: exit 28
-    refused = [("send", b"* OK fault.test IMAP ready\r\n"), ("expect", b"a001 CAPABILITY"),
-               ("send", b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\na001 OK done\r\n"),
-               ("expect", b"a002 AUTHENTICATE XOAUTH2"), ("send", b"+ \r\n"),
-               ("expect", initial), ("send", b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
-               ("expect", b""), ("send", b"a002 NO [AUTHENTICATIONFAILED] no\r\n"),
-               ("expect", b"a003 LOGOUT"), ("send", b"* BYE bye\r\na003 OK done\r\n")]
-    with FaultServer(refused) as srv:
-        code, out, err = chat("--imap", "127.0.0.1", str(srv.port), "--auth", "XOAUTH2",
-                              "-au", "alice@example.test", "--auth-plaintext",
-                              password=token)
-    assert code == status.AUTH and srv.errors == [], out + err + str(srv.errors)
-    assert srv.received[0].count(initial) == 1
+    code, out, sent = login("imap", [
+        ("send", b"* OK fault.test IMAP ready\r\n"), ("expect", b"a001 CAPABILITY"),
+        ("send", b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\na001 OK done\r\n"),
+        ("expect", b"a002 AUTHENTICATE XOAUTH2"), ("send", b"+ \r\n"),
+        ("expect", initial), ("send", b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+        ("expect", b""), ("send", b"a002 NO [AUTHENTICATIONFAILED] no\r\n"),
+        ("expect", b"a003 LOGOUT"), ("send", b"* BYE bye\r\na003 OK done\r\n")])
+    assert code == status.AUTH and sent.count(initial) == 1
