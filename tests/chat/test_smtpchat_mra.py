@@ -218,21 +218,23 @@ def test_imap_at_a_terminal(served: Served) -> None:
     t = Terminal([script("smtpchat"), "--imap", "127.0.0.1", str(s.server.imap)])
     say(t, "/help", r"IMAP tags a001, a002")
     say(t, "/starttls", r"Ask for the capabilities again")
+    say(t, "CAPABILITY", r"<~  a002 OK")
     say(t, f"/auth plain {s.user}", f"Password for {s.user}: ")
     t.send(PASSWORD)
-    t.expect(r"<~  a002 OK .*Logged in")
+    t.expect(r"~> a003 AUTHENTICATE PLAIN \*{8}\r?\n")  # SASL-IR offered: one line
+    t.expect(r"<~  a003 OK .*Logged in")
     t.expect(f"=== Authenticated as {s.user} with PLAIN")
     say(t, "EXAMINE {5}", r"<~  \+ OK")
     t.expect(PROMPT)
     t.send("INBOX")
     t.expect(r"<~  \* 2 EXISTS")
-    t.expect(r"<~  a003 OK \[READ-ONLY\]")
+    t.expect(r"<~  a004 OK \[READ-ONLY\]")
     say(t, "FETCH 2 BODY.PEEK[TEXT]", r"<~  \* 2 FETCH \(BODY\[TEXT\] \{5\}")
     t.expect(r"<~  two")
-    t.expect(r"<~  a004 OK Fetch completed")
+    t.expect(r"<~  a005 OK Fetch completed")
     t.expect(PROMPT)
     t.send_raw(b"\x04")
-    t.expect(r"~> a005 LOGOUT")
+    t.expect(r"~> a006 LOGOUT")
     assert t.wait() == status.OK
     assert PASSWORD not in t.text
 

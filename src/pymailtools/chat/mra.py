@@ -37,6 +37,7 @@ BY_VERB = {"STLS": status.TLS, "STARTTLS": status.TLS, "AUTH": status.AUTH,
 # Typed lines whose arguments are secrets: the transcript shows the verb (and user) only.
 _SECRET_VERBS = {b"PASS": 1, b"APOP": 2, b"LOGIN": 2, b"AUTH": 2, b"AUTHENTICATE": 2}
 _SECRET_VERBS_TEXT = {v.decode() for v in _SECRET_VERBS}
+_CAPABILITY = re.compile(rb"^(?:\* |\S+ OK \[)CAPABILITY ([^]\r\n]*)", re.IGNORECASE)
 _LITERAL = re.compile(rb"~?\{(\d+)(\+?)\}$")
 
 
@@ -63,6 +64,8 @@ def pop3_multiline(command: bytes) -> bool:
     verb = words[0].upper() if words else b""
     if verb in (b"RETR", b"TOP", b"CAPA"):
         return True
+    if verb == b"AUTH":  # without a mechanism: the list of those offered
+        return len(words) == 1
     return verb in (b"LIST", b"UIDL") and len(words) == 1
 
 
@@ -149,7 +152,18 @@ class MraSession(Session):
                 self.t.received(Reply(0, lines), expected=False)
             raise
         self.t.received(reply, expected=reply.ok)
+        if self.protocol == IMAP:
+            self._learn(reply.lines)
         return reply
+
+    def _learn(self, lines: list[bytes]) -> None:
+        """IMAP servers list their capabilities unasked too (in the greeting, after a
+        login): keep the latest list, so /auth knows whether SASL-IR may be used."""
+        for line in lines:
+            m = _CAPABILITY.search(line)
+            if m:
+                self.capabilities = {w.upper() for w in m.group(1).decode("ascii",
+                                                                          "replace").split()}
 
     def _deadline(self) -> float | None:
         return None if self.opts.timeout is None else time.monotonic() + self.opts.timeout
@@ -237,10 +251,7 @@ class MraSession(Session):
             sasl = [ln.split()[1:] for ln in found if ln.upper().startswith("SASL")]
             self.capabilities = set(words) | {"AUTH=" + m.upper() for ms in sasl for m in ms}
         else:
-            reply = self.command("CAPABILITY")
-            caps = [ln.decode("utf-8", "replace") for ln in reply.lines
-                    if ln.upper().startswith(b"* CAPABILITY ")]
-            self.capabilities = {w.upper() for ln in caps for w in ln.split()[2:]}
+            self.command("CAPABILITY")  # read_reply keeps what it lists
 
     def _starttls(self) -> None:
         o = self.opts
@@ -462,6 +473,7 @@ class MraConsole(Console):
         self._note(verb, reply)
         self._closing(reply)
         if verb in ("STLS", "STARTTLS") and reply.positive:
+            self.session.capabilities = set()  # what was said before TLS no longer holds
             self._upgrade("Ask for the capabilities again: they may have changed with TLS.")
         elif verb in ("QUIT", "LOGOUT"):
             self.quit_sent = True
