@@ -6,6 +6,7 @@ that is too weak or readable by others defers the mail with the reason."""
 import base64
 import os
 import pwd
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -230,3 +231,38 @@ def test_relayed_unchanged_by_postfix(tmp_path: Path, config_values: dict[str, o
     assert m.content.startswith(b"Received: from host.example.test"), m.content[:200]
     assert b"\r\nDKIM-Signature: v=1; a=rsa-sha256" in m.content
     assert dkim.verify(m.content, dnsfunc=dnsfunc(dkim_dns))
+
+
+def test_incomplete_configuration_defers_everything_remote(
+        tmp_path: Path, config_values: dict[str, object], keys: Keys) -> None:
+    port = free_port()
+    relay = Server("127.0.0.1", port)
+    try:
+        sendmail = sendmail_for(tmp_path, config_values, port, "", key_file(tmp_path, keys, "ed"))
+        assert sendmail("-i", "admin@remote.test", input=MESSAGE).returncode == 0
+        p = sendmail("-v", "-q")
+        assert relay.messages == []
+    finally:
+        relay.stop()
+    assert ("status=deferred (configuration error: dkim_domains is set: dkim_selector and "
+            "dkim_private_key_file are needed too)") in p.stderr.decode()
+
+
+def test_dknewkey_ed25519_seed_and_other_key_forms(tmp_path: Path, keys: Keys) -> None:
+    """dkimpy's dknewkey writes an Ed25519 key as its base64 seed: accepted like PEM."""
+    import nacl.encoding
+    import nacl.signing
+
+    from pymailtools.smtp.signing import parse_key
+
+    seed = nacl.signing.SigningKey.generate().encode(encoder=nacl.encoding.Base64Encoder)
+    assert parse_key(seed + b"\n").algorithm == b"ed25519-sha256"
+    assert parse_key(keys.pem["ed"]).algorithm == b"ed25519-sha256"
+    assert parse_key(keys.pem["rsa"]).algorithm == b"rsa-sha256"
+    for bad, why in [(b"hello", "neither an RSA (PEM) nor an Ed25519 private key"),
+                     (b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED "
+                      b"PRIVATE KEY-----\n", "encrypted keys are not supported"),
+                     (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                      "neither an RSA nor an Ed25519 private key")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_key(bad)
