@@ -281,8 +281,10 @@ def server_of(req: Request) -> str | None:
     mta = req.variables.get("mta", "")
     if mta.startswith(("smtp://", "smtps://", "submission://", "submissions://")):
         return mta
-    if mta and not mta.startswith("/"):
-        raise _Quiet(f"unsupported mta: {mta}")
+    if mta and not mta.startswith(("/", "file://")):  # a program: our own queue takes it
+        raise _Quiet(f"unsupported mta: {mta.partition('://')[0]}"
+                     f"{'://…' if '://' in mta else ''} (smtp://, smtps://, submission://, "
+                     "submissions:// or a program's path)")
     return None
 
 
