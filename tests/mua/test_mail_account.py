@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trustme
+from aiosmtpd.smtp import AuthResult
 
 from tests.conftest import need_tool
 from tests.support.mail import mail_env, mbox_messages, run_mail
@@ -411,3 +412,44 @@ def test_password_from_a_command(env: dict[str, str], home: Path, peers: list[Pe
     assert r.returncode == 0, r.stderr
     assert p.auth.attempts == [("PLAIN", True)]
     no_secret(r)
+
+
+class TokenHandler(Handler):
+    """Accepts XOAUTH2 with one access token (aiosmtpd offers a handler's auth_* methods)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("oauth")
+        self.expected = f"user={USER}\x01auth=Bearer {token}\x01\x01".encode()
+        self.tokens: list[bool] = []
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        import base64
+
+        if len(args) > 1:
+            data = base64.b64decode(args[1])
+        else:
+            data = await server.challenge_auth("", encode_to_b64=False)
+        ok = data == self.expected
+        self.tokens.append(ok)
+        return AuthResult(success=ok, handled=False)
+
+
+@needs_secret_commands
+def test_xoauth2_with_a_token_command(env: dict[str, str], home: Path, certs: Certs) -> None:
+    token = "ya29.a0-test-token"  # long tokens are the client's business (tests/smtp)
+    handler = TokenHandler(token)
+    port = free_port()
+    server = Server("127.0.0.1", port, handler, ssl_context=certs.server_context(),
+                    auth_require_tls=False, authenticator=Authenticator(USER, PASSWORD))
+    script = home / "token.sh"
+    script.write_text(f"#!/bin/sh\necho {token}\n")
+    script.chmod(0o700)
+    try:
+        r = ours(env, "-S", f"mta=smtps://{URL_USER}@localhost:{port}",
+                 "-S", f"tls-ca-file={certs.ca_file}", "-S", "smtp-auth=xoauth2",
+                 "-S", f"smtp-auth-oauth2-token-command={script}")
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stderr
+    assert handler.tokens == [True] and len(handler.messages) == 1
+    assert token.encode() not in r.stdout + r.stderr
