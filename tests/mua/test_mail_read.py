@@ -565,3 +565,16 @@ def test_big_mbox_index_and_rewrite_across_read_blocks(env: dict[str, str], tmp_
     want = [e if n % 2 else e.replace(b"\n\n", b"\nStatus: O\n\n", 1)
             for n, e in enumerate(entries, 1) if n not in gone]
     assert path.read_bytes() == b"".join(want)
+
+
+def test_date_column_without_the_email_package_agrees_with_it() -> None:
+    """The summary's quick Date: reading gives what email.utils gives, or leaves it to it."""
+    from pymailtools.mua.reader import _parsed_date, _plain_date
+
+    for value in ("Tue, 14 Nov 2023 22:13:20 +0000", "1 Jan 2024 09:05 -0500",
+                  "Thu, 29 Feb 2024 23:59:59 +0100 (CET)", "Mon, 29 Feb 2100 10:00:00 +0000",
+                  "Sat, 1 jan 2000 00:00:00 GMT", "14 Nov 23 22:13 +0000", "9:05 1 Jan 2024",
+                  "garbage", ""):
+        quick = _plain_date(value)
+        assert quick in ("", _parsed_date(value)), value
+        assert quick or not value.startswith(("Tue", "1 Jan", "Thu", "Sat")), value

@@ -111,41 +111,44 @@ class Headers:
     """A message's header block as stored: the From_ line apart, fields looked up as
     compat32's ``raw_items`` gives them (8-bit bytes as surrogate escapes, folding kept)."""
 
-    __slots__ = ("from_line", "_block", "_lower")
+    __slots__ = ("from_line", "_block", "_start", "_lower")
 
     def __init__(self, block: bytes) -> None:
         self.from_line = ""
+        # The fields start after the From_ line: _start - 1 is a newline or -1.
+        self._start = 0
         if block.startswith(b"From "):
             nl = block.find(b"\n")
             end = len(block) if nl < 0 else nl
             self.from_line = block[5:end].rstrip(b"\r").decode("utf-8", "replace")
-            block = block[end + 1 :]
+            self._start = end + 1
         self._block = block
         self._lower: bytes | None = None
 
     def get(self, name: str) -> str | None:
-        """The first field ``name``'s value; None when there is none."""
-        block = self._block
-        if self._lower is None:
-            self._lower = block.lower()
-        key = name.lower().encode("ascii") + b":"
-        if self._lower.startswith(key):
-            pos = 0
-        else:
-            pos = self._lower.find(b"\n" + key) + 1
-            if not pos:
+        """The first field ``name``'s value; None when there is none. The spelling with this
+        case is looked for first: a differently cased field before it is not seen."""
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS.setdefault(name, b"\n" + name.encode("ascii") + b":")
+        block, start = self._block, self._start
+        pos = _value_at(block, key, start)
+        if pos < 0:
+            if self._lower is None:
+                self._lower = block.lower()
+            pos = _value_at(self._lower, key.lower(), start)
+            if pos < 0:
                 return None
-        start = pos + len(key)
-        end = block.find(b"\n", start)
+        end = block.find(b"\n", pos)
         while end >= 0 and block[end + 1 : end + 2] in (b" ", b"\t"):
             end = block.find(b"\n", end + 1)
-        value = block[start : len(block) if end < 0 else end]
+        value = block[pos : len(block) if end < 0 else end]
         return value.lstrip(b" \t").rstrip(b"\r\n").decode("ascii", "surrogateescape")
 
     def raw_items(self) -> list[tuple[str, str]]:
         """Every field in order; the block ends at its first line that is not one."""
         items: list[tuple[str, str]] = []
-        for line in self._block.split(b"\n"):
+        for line in self._block[self._start :].split(b"\n"):
             if line[:1] in (b" ", b"\t"):
                 if items:
                     prev, text = items[-1]
@@ -157,6 +160,21 @@ class Headers:
             items.append((name.decode("ascii", "surrogateescape"),
                           value.lstrip(b" \t").decode("ascii", "surrogateescape")))
         return [(n, v.rstrip("\r\n")) for n, v in items]
+
+
+_KEYS: dict[str, bytes] = {}  # field name -> b"\nName:"
+
+
+def _value_at(block: bytes, key: bytes, start: int) -> int:
+    """Where the value of the first field ``key`` (b"\\nName:") begins in a header block whose
+    fields begin at ``start``; -1 when there is none."""
+    if start:
+        pos = block.find(key, start - 1)
+    elif block.startswith(key[1:]):
+        return len(key) - 1
+    else:
+        pos = block.find(key)
+    return -1 if pos < 0 else pos + len(key)
 
 
 class Folder:
@@ -203,18 +221,22 @@ class Folder:
         """Let go of what the folder holds open."""
 
 
-def _status_flags(header: bytes) -> int:
-    """WAS_SEEN | WAS_OLD | SEEN | OLD as the first Status: field of a header block says."""
-    low = header.lower()
-    pos = 0 if low.startswith(b"status:") else low.find(b"\nstatus:") + 1
-    if not pos and not low.startswith(b"status:"):
-        return 0
-    start = pos + 7
-    end = low.find(b"\n", start)
-    value = low[start : len(low) if end < 0 else end].lstrip(b" \t")
-    letters = value[: len(value) - len(value.lstrip(b"abcdefghijklmnopqrstuvwxyz"))]
-    flags = (SEEN | WAS_SEEN) if b"r" in letters else 0
-    return flags | (OLD | WAS_OLD) if b"o" in letters else flags
+def _status_flags(data: bytes, start: int, end: int) -> int:
+    """WAS_SEEN | WAS_OLD | SEEN | OLD as the first Status: field says, of the header fields
+    in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
+    if not start:
+        return _status_flags(b"\n" + data[:end], 1, end + 1)
+    pos = data.find(b"\nStatus:", start - 1, end)
+    if pos < 0:  # not as usually spelled: any case
+        data = data[start - 1 : end].lower()
+        pos, end = data.find(b"\nstatus:"), len(data)
+        if pos < 0:
+            return 0
+    nl = data.find(b"\n", pos + 8, end)
+    value = data[pos + 8 : end if nl < 0 else nl].lstrip(b" \t").upper()
+    letters = value[: len(value) - len(value.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
+    flags = (SEEN | WAS_SEEN) if b"R" in letters else 0
+    return flags | (OLD | WAS_OLD) if b"O" in letters else flags
 
 
 def _with_status(head: bytes, e: Entry) -> bytes:
@@ -240,7 +262,8 @@ class MboxEntry(Entry):
 
     def __init__(self, box: Folder, start: int, head: int, size: int, lines: int,
                  flags: int) -> None:
-        super().__init__(box, size, lines, flags)
+        # the slots set here rather than through Entry.__init__: one call less per message
+        self.box, self.size, self.lines, self.flags = box, size, lines, flags
         self.start = start
         self.head = head  # From_ line and header fields, without the blank line
 
@@ -306,7 +329,7 @@ def _header(window: bytes, p: int, bound: int, complete: bool) -> tuple[int, int
     if end < 0 and not complete:
         return -1, 0
     head_end = bound if end < 0 else end + 1
-    return head_end - p, _status_flags(window[start:head_end])
+    return head_end - p, _status_flags(window, start, head_end)
 
 
 def _pseudo(block: bytes) -> bool:
@@ -353,7 +376,7 @@ class MboxFolder(Folder):
             cut = data.find(b"\n\n", max(0, hstart - 1))
             if cut >= 0 or len(data) >= end - start:
                 head = len(data) if cut < 0 else cut + 1
-                return head, _status_flags(data[hstart:head])
+                return head, _status_flags(data, hstart, head)
             size *= 4
 
     @classmethod
@@ -633,6 +656,9 @@ def _current_inode(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 class MaildirEntry(Entry):
     """A message of a Maildir: its file name and whether it is under new/ or cur/."""
 
@@ -658,12 +684,12 @@ class MaildirFolder(Folder):
                 names = os.listdir(d)
             except OSError as e:
                 raise open_error(d, e) from None
+            d += "/"
             for name in names:
                 if name.startswith("."):
                     continue
                 try:
-                    fd = os.open(os.path.join(d, name), os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC
-                                 | os.O_NONBLOCK)
+                    fd = os.open(d + name, _READ_FLAGS)
                 except OSError:
                     continue  # moved or removed by another reader meanwhile
                 try:
@@ -695,22 +721,26 @@ class MaildirFolder(Folder):
 
     def _file(self, e: Entry) -> str:
         m = self._entry(e)
-        return os.path.join(self.path, m.subdir, m.key)
+        return f"{self.path}/{m.subdir}/{m.key}"
 
     def header_block(self, e: Entry) -> bytes:
-        size = HEAD_BLOCK
         try:
-            with open(self._file(e), "rb") as f:
-                data = f.read(size)
-                while b"\n\n" not in data and len(data) == size:
-                    more = f.read(size)
-                    if not more:
-                        break
-                    data += more
-                    size = len(data)
+            fd = os.open(self._file(e), _READ_FLAGS)
+        except OSError:
+            return b""  # moved or removed by another reader meanwhile
+        try:
+            data = os.read(fd, HEAD_BLOCK)
+            cut = data.find(b"\n\n")
+            while cut < 0 and len(data) < e.size:
+                more = os.read(fd, BLOCK)
+                if not more:
+                    break
+                data += more
+                cut = data.find(b"\n\n")
         except OSError:
             return b""
-        cut = data.find(b"\n\n")
+        finally:
+            os.close(fd)
         return data if cut < 0 else data[: cut + 1]
 
     def message_bytes(self, e: Entry) -> bytes:

@@ -235,20 +235,69 @@ def date_of(h: Headers) -> str:
     parts = h.from_line.split()
     if len(parts) >= 5 and len(parts[4]) >= 5:
         return clean(f"{parts[1]} {parts[2]} {parts[3]:>2} {parts[4][:5]}")
+    value = header_text(h, "Date")
+    return _plain_date(value) or _parsed_date(value)
+
+
+_MONTHS = {m: n for n, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                        "sep", "oct", "nov", "dec"), 1)}
+_WEEKDAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_MONTH_SHIFT = (0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4)
+
+
+def _plain_date(value: str) -> str:
+    """``_parsed_date`` of an RFC 5322 date in its usual form ([Day,] DD Mon YYYY HH:MM...),
+    without the email package; '' for any other form."""
+    parts = value.split()
+    if parts and parts[0].endswith(","):
+        del parts[0]
+    if len(parts) < 4 or not (parts[0].isdigit() and parts[2].isdigit() and len(parts[2]) == 4):
+        return ""
+    month = _MONTHS.get(parts[1].lower())
+    hour, _, minute = parts[3][:5].partition(":")
+    if month is None or not (len(hour) == len(minute) == 2 and (hour + minute).isdigit()):
+        return ""
+    year, day = int(parts[2]), int(parts[0])
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= day <= (28 if month == 2 and not leap else _MONTH_DAYS[month - 1]):
+        return ""
+    # Sakamoto's day of the week (0 = Sunday)
+    y = year - (month < 3)
+    weekday = (y + y // 4 - y // 100 + y // 400 + _MONTH_SHIFT[month - 1] + day) % 7
+    return f"{_WEEKDAYS[weekday]} {parts[1].title()} {day:02d} {hour}:{minute}"
+
+
+def _parsed_date(value: str) -> str:
+    """mailx's date column for a Date: value ("Mon Nov 16 10:00"), as the message's own zone
+    gives it; '' when it does not parse."""
     from email.utils import parsedate_to_datetime
 
     try:
-        return parsedate_to_datetime(header_text(h, "Date")).strftime("%a %b %d %H:%M")
+        return parsedate_to_datetime(value).strftime("%a %b %d %H:%M")
     except (TypeError, ValueError, IndexError):
         return ""
 
 
 def summary(e: Entry, h: Headers, num: int, current: bool, width: int) -> str:
-    subject = header_text(h, "Subject")
-    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {fit(sender_name(h), 18, pad=True)} "
+    value = h.get("Subject")
+    subject = "" if value is None else display_text(value)
+    value = h.get("From")
+    sender = None if value is None else _sender_column(value)
+    if sender is None:
+        sender = fit(sender_name(h), 18, pad=True)
+    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {sender} "
             f"{date_of(h)[:16]:<16} {e.lines:4d}/{e.size:<5d} {subject}")
     # One column short of the width, as s-nail: a full last column makes terminals wrap.
     return fit(line, width - 1).rstrip()
+
+
+@functools.lru_cache(maxsize=4096)
+def _sender_column(value: str) -> str | None:
+    """``sender_name``'s column for a From: field's value; None when it has no address."""
+    # Cached: a big mailbox's summary meets the same few senders again and again.
+    found = _addresses(value)
+    return fit(found[0][0] or found[0][1], 18, pad=True) if found else None
 
 
 def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
@@ -390,8 +439,11 @@ class Session:
         self.say(clean(text))
 
     def screen(self) -> int:
+        """Header lines per window: the terminal's height less 4; without a terminal, s-nail's
+        22 (a 24-line screen less the banner's lines), so that a big folder opened from a
+        script does not print a line per message."""
         if not self.out.isatty():
-            return 10**9
+            return 22
         import shutil
 
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
