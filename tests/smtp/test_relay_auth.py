@@ -370,7 +370,7 @@ def test_credentials_need_tls(send: Run, tmp_path: Path) -> None:
     finally:
         r.stop()
     ((status, reason),) = send.reasons()
-    assert "offers no TLS" in reason and "smtp_sasl_allow_plaintext" in reason
+    assert "offers no STARTTLS" in reason and "smtp_sasl_allow_plaintext" in reason
     assert r.handler.attempts == [] and r.handler.commands == []
 
 

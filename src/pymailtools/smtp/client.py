@@ -514,7 +514,15 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
     elif policy.tls_required and not policy.implicit_tls:
         raise HopError(f"TLS is required, but was not offered by host {relay}", "4.7.4")
     if policy.username or policy.token_command:
-        await _auth(smtp, relay, policy, encrypted=bool(tls))
+        if tls:
+            plain_why = ""
+        elif policy.level == "none":
+            plain_why = "TLS is off (smtp_tls_security_level = none)"
+        elif plaintext:
+            plain_why = f"the TLS handshake with {relay} failed"
+        else:
+            plain_why = f"host {relay} offers no STARTTLS"
+        await _auth(smtp, relay, policy, plain_why)
     return Session(hop, smtp, policy, tls)
 
 
@@ -570,13 +578,15 @@ def choose_mechanism(policy: Policy, offered: list[str]) -> str | None:
     return None
 
 
-async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, *, encrypted: bool) -> None:
+async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: str) -> None:
+    """AUTH with the policy's credentials; ``plain_why`` says why the connection is not
+    encrypted ("" when it is). Raises HopError (a deferral, never a bounce)."""
     methods = smtp.server_auth_methods
     if not methods:
         return  # nothing offered: the server does not want it (Postfix sends none either)
-    if not encrypted and not policy.allow_plaintext:
-        raise HopError(f"host {relay} offers no TLS here; not sending credentials over an "
-                       "unencrypted connection (smtp_sasl_allow_plaintext = false)", "4.7.0")
+    if plain_why and not policy.allow_plaintext:
+        raise HopError(f"{plain_why}; not sending credentials over an unencrypted connection "
+                       "(smtp_sasl_allow_plaintext = false)", "4.7.0")
     mech = choose_mechanism(policy, methods)
     if mech is None:
         allowed = ", ".join(policy.mechanisms) if policy.mechanisms else "plain, login"
