@@ -413,3 +413,13 @@ def test_readme_provider_examples_are_valid(config_values: dict) -> None:
     assert [sorted(f) for f in fields] == [["token_command", "username"]] * 2 + [
         ["password_command", "username"]]
     assert fields[0]["token_command"] == "pymailtools-oauth2 token --account gmail"
+
+
+def test_the_oauth2_client_secret_command_is_run_by_the_same_runner() -> None:
+    from pymailtools.errors import EX_CONFIG
+    from pymailtools.smtp.oauth2 import OAuthError, client_secret
+
+    assert client_secret("sh -c 'echo s3cret; echo more'") == "s3cret"
+    with pytest.raises(OAuthError, match="exit status 3: vault is sealed") as e:
+        client_secret("sh -c 'echo vault is sealed >&2; exit 3'")
+    assert e.value.exit_code == EX_CONFIG

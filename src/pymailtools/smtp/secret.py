@@ -35,6 +35,10 @@ class SecretError(MailError):
     exit_code = EX_TEMPFAIL
 
 
+class SecretTimeout(SecretError):
+    """The command did not finish in time (it was killed)."""
+
+
 class Token(NamedTuple):
     """An OAuth2 access token; ``expires`` is a time.monotonic() value, None: unknown."""
 
@@ -70,7 +74,7 @@ def run(command: str, timeout: float = DEFAULT_TIMEOUT, what: str = "command") -
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         proc.communicate()
-        raise SecretError(f"{what} ({name}) timed out after {timeout:g}s") from None
+        raise SecretTimeout(f"{what} ({name}) timed out after {timeout:g}s") from None
     except BaseException:
         _kill_group(proc.pid)
         proc.wait()
