@@ -423,3 +423,38 @@ def test_the_oauth2_client_secret_command_is_run_by_the_same_runner() -> None:
     with pytest.raises(OAuthError, match="exit status 3: vault is sealed") as e:
         client_secret("sh -c 'echo vault is sealed >&2; exit 3'")
     assert e.value.exit_code == EX_CONFIG
+
+
+def test_expired_token_is_refreshed_by_pymailtools_oauth2_and_the_mail_goes(
+        send: Run, certs: Certs, tmp_path: Path) -> None:
+    """The real token helper as the token command: its stored access token has expired, so
+    it refreshes it at the (loopback) OAuth server, and the relay takes the new one."""
+    from tests.support.oauth import CLIENT_ID, OAuthServer
+
+    store = tmp_path / "work.json"
+    with OAuthServer(tmp_path) as server:
+        p = subprocess.run(
+            [script("pymailtools-oauth2"), "authorize", "--account", "work", "--provider",
+             "custom", "--client-id", CLIENT_ID, "--device-endpoint", f"{server.url}/device",
+             "--token-endpoint", f"{server.url}/token", "--scope", "https://mail.test/",
+             "--ca-file", str(server.ca_file), "--store", str(store)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr
+        saved = json.loads(store.read_text())
+        assert saved["access_token"] == "access-1"
+        saved["expires_at"] = time.time() - 10
+        store.write_text(json.dumps(saved))
+        store.chmod(0o600)
+        r = SaslRelay(SaslHandler(USER, token="access-2"), certs.server_context())
+        try:
+            log = send(relayhost=r.hop, smtp_sasl_username=USER,
+                       smtp_sasl_mechanism_filter="oauthbearer",
+                       smtp_sasl_oauth2_token_command=f"{script('pymailtools-oauth2')} token "
+                                                      f"--account work --store {store} --json")
+        finally:
+            r.stop()
+        assert server.paths()[-1] == "/token" and server.requests[-1][2]["grant_type"] == \
+            "refresh_token"
+    assert "status=sent" in log, log
+    assert r.handler.attempts == [("OAUTHBEARER", True)]
+    send.nowhere("access-2", "refresh-")
