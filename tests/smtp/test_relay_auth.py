@@ -343,9 +343,22 @@ def _fingerprint(certs: Certs) -> str:
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
-def test_right_fingerprint_delivers(send: Run, certs: Certs, relay: SaslRelay) -> None:
+def _key_fingerprint(certs: Certs) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(certs.cert.cert_chain_pems[0].bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+@pytest.mark.parametrize("which", ["certificate", "public key"])
+def test_right_fingerprint_delivers(send: Run, certs: Certs, relay: SaslRelay,
+                                    which: str) -> None:
+    pin = _fingerprint(certs).lower() if which == "certificate" else _key_fingerprint(certs)
     log = send(relayhost=relay.hop, smtp_tls_security_level="fingerprint",
-               smtp_tls_fingerprint_cert_match=["00" * 32, _fingerprint(certs).lower()],
+               smtp_tls_fingerprint_cert_match=["00" * 32, pin],
                smtp_sasl_username=USER, smtp_sasl_password=PASSWORD)
     assert "status=sent" in log and "Verified TLS" in log, log
     assert relay.handler.attempts == [("PLAIN", True)]

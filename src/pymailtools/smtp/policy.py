@@ -47,8 +47,8 @@ class Policy:
     ``level`` is ``none`` (no TLS), ``may`` (STARTTLS when offered, certificate not checked),
     ``encrypt`` (STARTTLS required, not checked) or ``verify`` (STARTTLS required and the
     certificate must verify against ``ca_file`` or the system's CAs for the host name).
-    ``fingerprint`` (STARTTLS required, the certificate's SHA-256 digest must be one of
-    ``fingerprints``). ``implicit_tls`` starts TLS on connect (port 465, or
+    ``fingerprint`` (STARTTLS required, the SHA-256 digest of the certificate or of its public
+    key must be one of ``fingerprints``). ``implicit_tls`` starts TLS on connect (port 465, or
     smtp_tls_wrappermode) and then skips STARTTLS.
     Credentials are used only when ``username`` (or a token command) is set and the server
     offers AUTH."""
@@ -73,7 +73,7 @@ class Policy:
     cert_file: str = ""  # our client certificate (PEM), with key_file or the key inside
     key_file: str = ""
     # level "fingerprint": the SHA-256 digests (hex, colons optional) the server's
-    # certificate must match, one of them
+    # certificate or its public key must match, one of them
     fingerprints: tuple[str, ...] = ()
     command_timeout: float = secret.DEFAULT_TIMEOUT  # for password_command and token_command
 
@@ -211,16 +211,49 @@ class Policy:
                            f"{getattr(e, 'strerror', None) or e}", "4.7.5") from None
 
     def check_fingerprint(self, der: bytes | None, relay: str) -> None:
-        """At level ``fingerprint``: raise HopError unless the certificate (DER) has one of
-        the configured SHA-256 digests."""
+        """At level ``fingerprint``: raise HopError unless the certificate (DER) or its public
+        key has one of the configured SHA-256 digests (Postfix matches either)."""
         if self.level != "fingerprint":
             return
         if der is None:
             raise HopError(f"host {relay} sent no certificate to match", "4.7.5")
         got = hashlib.sha256(der).hexdigest()
-        if got not in {f.replace(":", "").strip().lower() for f in self.fingerprints}:
+        key = public_key_info(der)
+        wanted = {f.replace(":", "").strip().lower() for f in self.fingerprints}
+        if got not in wanted and (key is None or hashlib.sha256(key).hexdigest() not in wanted):
             shown = ":".join(got[i:i + 2] for i in range(0, len(got), 2)).upper()
             raise HopError(f"Server certificate not verified: the fingerprint of {relay}'s "
                            f"certificate ({shown}) matches no smtp_tls_fingerprint_cert_match",
                            "4.7.5")
 
+
+def _der_item(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of the contents, end) of the DER item at ``pos``; ValueError if cut short."""
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if not 0 < n <= 4:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    if pos + length > len(data):
+        raise ValueError("DER item runs past the end")
+    return tag, pos, pos + length
+
+
+def public_key_info(cert: bytes) -> bytes | None:
+    """The DER SubjectPublicKeyInfo of a DER X.509 certificate (what a public key
+    fingerprint is taken of), or None when the certificate cannot be read."""
+    try:
+        _, start, _ = _der_item(cert, 0)  # Certificate
+        _, pos, end = _der_item(cert, start)  # TBSCertificate
+        if cert[pos] == 0xA0:  # [0] version
+            pos = _der_item(cert, pos)[2]
+        # serialNumber, signature, issuer, validity, subject, then subjectPublicKeyInfo
+        for _ in range(5):
+            pos = _der_item(cert, pos)[2]
+        tag, _, item_end = _der_item(cert, pos)
+    except (ValueError, IndexError):
+        return None
+    return cert[pos:item_end] if tag == 0x30 and item_end <= end else None
