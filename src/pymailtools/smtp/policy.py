@@ -172,7 +172,7 @@ class Policy:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         if self.verify:
             try:
-                if self.ca_defaults or not (self.ca_file or self.ca_path):
+                if self.ca_defaults:
                     ctx.load_default_certs()
                 if self.ca_file or self.ca_path:
                     ctx.load_verify_locations(cafile=self.ca_file, capath=self.ca_path)
