@@ -562,20 +562,20 @@ TOKEN_MECHANISMS = ("xoauth2", "oauthbearer")
 COMMAND_LIMIT = 512  # RFC 5321 4.5.3.1.4, CRLF included: longer initial responses go after 334
 
 
-def choose_mechanism(policy: Policy, offered: list[str]) -> str | None:
-    """The first mechanism the server offers among those we may use: the policy's
-    ``mechanisms`` (smtp_sasl_mechanism_filter) in their order, else xoauth2 and
-    oauthbearer with a token command and plain and login with a password; a mechanism is
-    only tried when its credential is configured."""
+def allowed_mechanisms(policy: Policy) -> tuple[str, ...]:
+    """The mechanisms we may use, in order: the policy's ``mechanisms``
+    (smtp_sasl_mechanism_filter), else xoauth2 and oauthbearer with a token command and plain
+    and login with a password; a mechanism only when its credential is configured."""
     have_token = bool(policy.token_command)
     have_password = bool(policy.password or policy.password_command or policy.password_file)
     usable = (TOKEN_MECHANISMS if have_token else ()) + \
         (PASSWORD_MECHANISMS if have_password or not have_token else ())
-    wanted = policy.mechanisms or usable
-    for mech in wanted:
-        if mech in usable and mech in offered:
-            return mech
-    return None
+    return tuple(m for m in policy.mechanisms or usable if m in usable)
+
+
+def choose_mechanism(policy: Policy, offered: list[str]) -> str | None:
+    """The first of ``allowed_mechanisms`` the server offers."""
+    return next((m for m in allowed_mechanisms(policy) if m in offered), None)
 
 
 async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: str) -> None:
@@ -589,18 +589,18 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: st
                        "(smtp_sasl_allow_plaintext = false)", "4.7.0")
     mech = choose_mechanism(policy, methods)
     if mech is None:
-        allowed = ", ".join(policy.mechanisms) if policy.mechanisms else "plain, login"
+        allowed = ", ".join(allowed_mechanisms(policy)) or "none with the credentials given"
         raise HopError(f"host {relay} offers no AUTH mechanism we may use (it offers "
-                       f"{' '.join(methods)}; we allow {allowed})", "4.7.0")
+                       f"{' '.join(methods)}; we may use {allowed})", "4.7.0")
     try:
         if mech in TOKEN_MECHANISMS:
-            secret_ = await asyncio.to_thread(policy.read_token)
+            credential = await asyncio.to_thread(policy.read_token)
         else:
-            secret_ = await asyncio.to_thread(policy.read_password)
+            credential = await asyncio.to_thread(policy.read_password)
     except (ConfigError, SecretError) as e:
         raise HopError(str(e), "4.7.0") from None
     user = policy.username.encode("utf-8", "surrogateescape")
-    key = secret_.encode("utf-8", "surrogateescape")
+    key = credential.encode("utf-8", "surrogateescape")
     timeout = policy.timeouts.helo
     try:
         if mech == "plain":
