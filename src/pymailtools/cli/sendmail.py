@@ -211,7 +211,8 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
 
     if mode == "foreground":
         return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
-    wake.kick(cfg)
+    # A fresh runner process rather than a fork of this one: the caller waits less.
+    wake.kick(cfg, os.path.abspath(req.config_path) if req.config_path else None, spawn=True)
     return EX_OK
 
 
