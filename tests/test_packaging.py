@@ -131,7 +131,12 @@ def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> N
             p = subprocess.run([str(cmd), "-i", "user"], input=b"Subject: t\n\nbody\n",
                                capture_output=True, env=env, timeout=60)
             assert p.returncode == 0, p.stderr
+        assert len(list((queue / "incoming").iterdir())) == 2
+        assert not marker.exists()  # site (which imports sitecustomize) never ran
+        # Other modes may need the rest of the installation: they get the standard set-up.
+        p = subprocess.run([str(link), "-bp"], capture_output=True, env=env, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert b"2 Requests" in p.stdout
+        assert marker.exists()
     finally:
         custom.unlink()
-    assert len(list((queue / "incoming").iterdir())) == 2
-    assert not marker.exists()  # site (which imports sitecustomize) never ran

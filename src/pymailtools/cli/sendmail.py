@@ -184,6 +184,7 @@ def run(req: Request) -> int:
     configmod.warn(cfg, req.prog)
     if mode == "deliver":
         return _deliver(cfg, req)
+    _complete_site()
     if mode == "queue":
         return _queue_run(cfg, req)
     if mode == "list":
@@ -230,10 +231,23 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
     from pymailtools.qmgr import trigger as wake
 
     if mode == "foreground":
+        _complete_site()
         return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
     # A fresh runner process rather than a fork of this one: the caller waits less.
     wake.kick(cfg, os.path.abspath(req.config_path) if req.config_path else None, spawn=True)
     return EX_OK
+
+
+def _complete_site() -> None:
+    """The launcher starts Python without ``site`` and puts only this package's directories
+    on sys.path: enough to queue a message. Every other mode may need the rest of the
+    installation (dependencies in the system's site-packages, .pth import hooks), so it gets
+    the standard set-up, as Python would have made it."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        # not on the submission path: only the other modes set up site
+        import site
+
+        site.main()
 
 
 def _interval(arg: str | None) -> int | None:
