@@ -15,7 +15,8 @@ from pymailtools.queue.store import Queue
 # The detached runner _spawn_runner() starts: a fresh interpreter that reads the configuration
 # again (argv: config path or "", the inherited run.lock descriptor, the package's sys.path
 # entry). -I: no PYTHON* variables and no current directory on sys.path, as fits a daemon.
-SPAWN_CODE = ("import sys; sys.path.insert(0, sys.argv[3]); from pymailtools import config; "
+SPAWN_CODE = ("import sys; sys.argv[3] in sys.path or sys.path.append(sys.argv[3]); "
+              "from pymailtools import config; "
               "from pymailtools.qmgr.trigger import run_spawned; "
               "run_spawned(config.load(sys.argv[1] or None), int(sys.argv[2]))")
 
