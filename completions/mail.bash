@@ -31,12 +31,17 @@ _pymailtools_mail()
                 return
                 ;;
             -S)
-                COMPREPLY=($(compgen -W "smtp= mta=smtp:// from= hold keepsave escape= skipemptybody smtp-use-starttls tls-verify= tls-ca-file= smtp-auth-user= smtp-auth-password=" -- "$cur"))
+                COMPREPLY=($(compgen -W "smtp= mta=smtp:// from= hold keepsave escape= skipemptybody smtp-use-starttls tls-verify= tls-ca-file= smtp-auth-user= smtp-auth-password= tls-ca-no-defaults password=" -- "$cur"))
                 [[ ${COMPREPLY[0]} == *= || ${COMPREPLY[0]} == *// ]] && compopt -o nospace 2>/dev/null
                 return
                 ;;
             -t)
                 COMPREPLY=($(compgen -A hostname -- "$cur"))
+                return
+                ;;
+            --fetch)
+                COMPREPLY=($(compgen -W "pop3s:// imaps:// pop3:// imap://" -- "$cur"))
+                compopt -o nospace 2>/dev/null
                 return
                 ;;
             -s | -c | -b | -r)
@@ -46,7 +51,7 @@ _pymailtools_mail()
         esac
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-s -c -b -a -r -S -t -E -v -n -N -H -e -f -u -i -I -d -h -V
-                --read-recipients --help --version --" -- "$cur"))
+                --read-recipients --fetch --keep --help --version --" -- "$cur"))
             return
         fi
     fi
