@@ -30,6 +30,7 @@ from pymailtools.mua.pop3 import Pop3Session
 from pymailtools.mua.remote import (
     Connection,
     Credentials,
+    RemoteError,
     RemoteURL,
     crlf_to_lf,
     parse_url,
@@ -200,6 +201,8 @@ class Fetcher:
                     if not self.keep:
                         session.dele(n)
                         deleted.append(uid)
+            except RemoteError:
+                raise  # the session is of no more use: no QUIT, so nothing is deleted
             except (DeliveryError, OSError):
                 # Local trouble: what is stored is recorded; let QUIT delete those, then stop.
                 self._pop3_quit(session, state, deleted)

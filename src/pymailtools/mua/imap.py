@@ -585,7 +585,9 @@ def _mapped(host: str, e: BaseException) -> RemoteError:
         return connection_error(host, e)
     text = str(e)
     if isinstance(e, imaplib.IMAP4.abort):
-        if "socket error" in text or "EOF" in text:
+        if "EOF" in text:
+            return RemoteLost(f"{host}: connection closed by the server")
+        if "socket error" in text:
             return RemoteLost(f"{host}: connection lost: {_tail(text)}")
         if "unexpected" in text or "more than" in text:
             return RemoteProtocolError(f"{host}: not IMAP: {_tail(text)}")
