@@ -18,7 +18,7 @@ from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("sendmail", "mail", "mailx", "mailq", "postqueue", "postsuper", "smtpchat",
-            "postmap", "postalias")
+            "postmap", "postalias", "pymailtools-oauth2")
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,10 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "virtual_alias_recursion_limit": (_size, 1000),
     "virtual_alias_expansion_limit": (_size, 1000),
     "smtp_generic_maps": (_maps, ""),
+    # DKIM signing of mail leaving over SMTP, by the From: domain; off while the list is empty.
+    "dkim_domains": (_list, []),
+    "dkim_selector": (_string, ""),
+    "dkim_private_key_file": (_optional_path, ""),
     # Who may list (mailq) and flush (postqueue -f, sendmail -q) the queue; root always may.
     "authorized_mailq_users": (_users, [ANYONE]),
     "authorized_flush_users": (_users, [ANYONE]),
@@ -307,6 +311,9 @@ class Config:
     virtual_alias_recursion_limit: int
     virtual_alias_expansion_limit: int
     smtp_generic_maps: str | list[str]
+    dkim_domains: list[str]
+    dkim_selector: str
+    dkim_private_key_file: str
     authorized_mailq_users: list[str]
     authorized_flush_users: list[str]
     relayhost: str

@@ -27,11 +27,6 @@ if TYPE_CHECKING:
     from pymailtools.mua.compose import Draft
     from pymailtools.smtp.policy import Policy
 
-# URL schemes of s-nail's mta variable: default port, and whether TLS starts on connect.
-SCHEMES = {"smtp": (25, False), "submission": (587, False), "smtps": (465, True),
-           "submissions": (465, True)}
-VERIFY = {"strict": True, "ask": True, "warn": False, "ignore": False}  # s-nail's tls-verify
-
 
 class Server(NamedTuple):
     """An SMTP server chosen on the command line, and the policy to talk to it with."""
@@ -40,79 +35,42 @@ class Server(NamedTuple):
     port: int
     policy: Policy
     shown: str  # the server as the user wrote it, without a password: for messages
+    unverified: str = ""  # tls-verify's warn/ignore: the server's identity is not checked
+
+
+SMTP_SCHEMES = ("smtp", "submission", "smtps", "submissions")
 
 
 def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
     """``HOST[:PORT]`` or ``smtp[s]://`` / ``submission[s]://[USER[:PASSWORD]@]HOST[:PORT]``
-    with s-nail's variables, over the configuration's smtp_* settings; UsageError if bad.
+    with s-nail's variables (see mua.account), over the configuration's smtp_* settings;
+    UsageError if bad, ConfigError for a .netrc others can read.
 
     Port 465 and the ``smtps``/``submissions`` schemes mean TLS from the first byte;
-    ``smtp-use-starttls`` makes STARTTLS mandatory; ``tls-verify`` (``ssl-verify``)
-    ``strict`` or ``ask`` makes a verified certificate mandatory, ``warn`` or ``ignore``
-    turns verification off; ``tls-ca-file`` (``ssl-ca-file``) names the CAs;
-    ``smtp-auth-user`` and ``smtp-auth-password`` are the AUTH credentials."""
+    ``smtp-use-starttls`` makes STARTTLS mandatory; certificates are verified whenever
+    credentials are sent unless ``tls-verify`` is ``warn`` or ``ignore``."""
     # only with an SMTP server: the policy brings ssl; the queue path does without
-    from urllib.parse import unquote
-
+    from pymailtools.mua import account
     from pymailtools.smtp import nexthop
-    from pymailtools.smtp.policy import Policy
 
-    rest, user, password = spec.strip(), "", ""
-    default_port, implicit = SCHEMES["smtp"]
-    shown = rest
-    if "://" in rest:
-        scheme, _, rest = rest.partition("://")
-        if scheme.lower() not in SCHEMES:
-            raise UsageError(f"unsupported mail transfer URL (smtp://, smtps://, submission://,"
-                             f" submissions://): {scheme}://...")
-        default_port, implicit = SCHEMES[scheme.lower()]
-        rest = rest.rstrip("/")
-        userinfo, at, rest = rest.rpartition("@")
-        if at:
-            name, colon, secret = userinfo.partition(":")
-            user, password = unquote(name), unquote(secret)
-            shown = f"{scheme}://{userinfo.partition(':')[0]}{':***' if colon else ''}@{rest}"
-    elif "@" in rest:
-        # credentials only in a URL; whatever precedes the @ may be a password: never echoed
-        raise UsageError(f"bad SMTP server ***@{rest.rpartition('@')[2]}: credentials go in a "
-                         "URL (smtp://user:password@host) or in smtp-auth-user/-password")
-    try:
-        hp = nexthop.split(rest, default_port)
-        host = nexthop.check_host(hp.host)
-    except ValueError as e:
-        raise UsageError(f"bad SMTP server {shown}: {e}") from None
-    policy = Policy.from_config(cfg)
-    changes: dict[str, object] = {}
-    if not nexthop.is_relayhost(cfg.relayhost, host, hp.port, cfg.smtp_port):
-        # The site's relay credentials are for the relayhost only: never offered to a server
-        # the user names (as Postfix keys them by next hop).
-        changes.update(username="", password="", password_file="")
-    if implicit or hp.port == nexthop.IMPLICIT_TLS_PORT:
-        changes["implicit_tls"] = True
-    if "smtp-use-starttls" in variables and policy.level in ("none", "may"):
-        changes["level"] = "encrypt"
-    verify = variables.get("tls-verify", variables.get("ssl-verify"))
-    if verify is not None:
-        if verify.lower() not in VERIFY:
-            raise UsageError(f"tls-verify: expected strict, ask, warn or ignore, got {verify!r}")
-        if VERIFY[verify.lower()]:
-            changes["level"] = "verify"
-        elif changes.get("level", policy.level) == "verify":
-            changes["level"] = "encrypt"
-    ca_file = variables.get("tls-ca-file", variables.get("ssl-ca-file"))
-    if ca_file:
-        changes["ca_file"] = ca_file
-    user = variables.get("smtp-auth-user", user)
-    password = variables.get("smtp-auth-password", password)
-    if user:
-        if not password:
-            raise UsageError("smtp-auth-user is set, but no password: set smtp-auth-password")
-        changes.update(username=user, password=password, password_file="")
-    if verify is None and (user or ca_file):
-        # As s-nail (tls-verify defaults to strict): a password, or CAs named for checking,
-        # go only to a server whose certificate verifies, unless tls-verify says otherwise.
-        changes["level"] = "verify"
-    return Server(host, hp.port, policy.clone(**changes), shown)
+    text = spec.strip()
+    if "://" not in text:
+        if "@" in text:
+            # credentials only in a URL; whatever precedes the @ may be a password: never echoed
+            raise UsageError(f"bad SMTP server ***@{text.rpartition('@')[2]}: credentials go "
+                             "in a URL (smtp://user:password@host) or in variables")
+        text = f"smtp://{text}"
+    url = account.parse_url(text, schemes=SMTP_SCHEMES)
+    shown = url.shown if "://" in spec else spec.strip()
+    relay = nexthop.is_relayhost(cfg.relayhost, url.host, url.port, cfg.smtp_port)
+    policy = account.server_policy(cfg, variables, scheme=url.scheme, user=url.user,
+                                   host=url.host, port=url.port, url_password=url.password,
+                                   site_credentials=relay)
+    unverified = ""
+    if account.unverified(variables, policy.username, url.host, url.port):
+        unverified = str(account.chain(variables, "tls-verify", policy.username, url.host,
+                                       url.port)).lower()
+    return Server(url.host, url.port, policy, shown, unverified)
 
 
 def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]) -> str:
@@ -159,7 +117,12 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
     same delivery_mode handling. Errors are raised as MailError subclasses.
     """
     if server is not None:
-        relay = send_smtp(smtp_server(cfg, server, variables), message, sender, recipients)
+        chosen = smtp_server(cfg, server, variables)
+        if chosen.unverified:
+            print(f"{prog}: WARNING: tls-verify={chosen.unverified}: the identity of "
+                  f"{chosen.shown} is NOT checked; whoever answers there gets this message "
+                  "and any password", file=sys.stderr)
+        relay = send_smtp(chosen, message, sender, recipients)
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
         return EX_OK

@@ -18,7 +18,7 @@ from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
-from pymailtools.smtp import generic, mx, nexthop
+from pymailtools.smtp import generic, mx, nexthop, signing
 from pymailtools.smtp.client import Outcome, Session
 from pymailtools.smtp.nexthop import NextHop
 from pymailtools.smtp.policy import Policy
@@ -33,7 +33,7 @@ BACKLOG_PER_SESSION = 4  # queued messages per open session before another one i
 class Job:
     """One message to one destination: the recipients due there and the message bytes."""
 
-    __slots__ = ("qid", "sender", "rcpts", "load", "size", "results")
+    __slots__ = ("qid", "sender", "rcpts", "load", "size", "results", "dkim")
 
     def __init__(self, qid: str, sender: str, rcpts: list[str], load: Callable[[], bytes],
                  size: int) -> None:
@@ -43,6 +43,7 @@ class Job:
         self.load = load  # the DATA bytes (encode_data output), made once per message
         self.size = size
         self.results: dict[str, tuple[Outcome, str]] = {}  # rcpt -> (outcome, relay)
+        self.dkim = ""  # "signed" once a DKIM signature went out with it
 
     def fail(self, outcome: Outcome, relay: str = "none") -> None:
         for r in self.rcpts:
@@ -96,6 +97,7 @@ class Dispatcher:
         self.per_dest = max(cfg.default_destination_concurrency_limit, 1)
         self.rcpt_limit = max(cfg.default_destination_recipient_limit, 1)
         self.generic = generic.Generic(cfg) if cfg.smtp_generic_maps else None
+        self.signer = signing.Signer(cfg) if cfg.dkim_domains else None
 
     def destination(self, hop: NextHop | None, address: str, sender: str) -> Destination:
         """The destination of mail from ``sender`` to ``address`` through ``hop`` (None: the
@@ -267,6 +269,13 @@ class Dispatcher:
             except MailError as e:
                 job.fail(Outcome(DEFERRED, "4.3.5", str(e), str(e)))
                 return
+        if self.signer is not None:  # after rewriting: the signature covers what is sent
+            try:
+                data, domain = self.signer.sign(data)
+            except DeliveryError as e:
+                job.fail(Outcome(DEFERRED, e.status, e.reason, e.reason))
+                return
+            job.dkim = "signed" if domain else ""
         pending = list(back)
         while pending:
             chunk, pending = pending[: self.rcpt_limit], pending[self.rcpt_limit :]
