@@ -14,7 +14,6 @@ import fcntl
 import io
 import json
 import os
-import ssl
 import tempfile
 import urllib.parse
 from collections.abc import Callable
@@ -36,6 +35,10 @@ from pymailtools.mua.remote import (
     parse_url,
 )
 from pymailtools.queue.store import crash_point
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymailtools.smtp.policy import Policy
 
 # Without message_size_limit (0) a message may still not exceed this.
 HARD_LIMIT = 1 << 30
@@ -309,55 +312,40 @@ def fetch(config: Config, url: RemoteURL, creds: Credentials, conn: Connection, 
 
 def run_for_user(config: Config, url_text: str, variables: dict[str, str], *, user: str,
                  keep: bool, warn: Callable[[str], None]) -> Outcome:
-    """mail --fetch: the URL, credentials and TLS settings from mail's variables, then fetch.
-    Too-big messages left on the server are reported through ``warn``."""
+    """mail --fetch: the URL, then the account's credentials and TLS settings from mail's
+    s-nail variables (mua.account: password chain, .netrc, tls-*), then fetch. A password in
+    the URL and unchecked certificates are reported through ``warn``, as are too-big
+    messages left on the server."""
+    from pymailtools.mua import account
+
     url = parse_url(url_text)
     if url.password:
         warn(f"the password in {url} is visible to every user in ps(1); "
-             "set it with -S password-USER@HOST=... in ~/.mailrc instead")
-    if not url.user:
-        url = url._replace(user=user)
-    creds = Credentials(url.user, lambda: _password(url, variables))
-    conn = Connection.for_url(url, tls_context(variables, warn))
+             "use ~/.netrc with -S netrc-lookup instead")
+    login = url.user or account.account_user(variables, url.protocol, "", url.host,
+                                             url.port) or user
+    url = url._replace(user=login)
+    policy = account.server_policy(config, variables, scheme=url.scheme, user=login,
+                                   host=url.host, port=url.port, url_password=url.password)
+    if account.unverified(variables, login, url.host, url.port):
+        warn(f"{url.host}: tls-verify is set: the server's certificate is not checked")
+    creds = Credentials(policy.username or login, lambda: _secret(policy),
+                        token=bool(policy.token_command) or bool(
+                            {"xoauth2", "oauthbearer"} & set(policy.mechanisms)))
+    try:
+        tls = policy.tls_context()
+    except MailError as e:  # an unreadable tls-ca-file
+        raise MailError(str(e), EX_CONFIG) from None
+    conn = Connection.for_url(url, tls)
     return fetch(config, url, creds, conn, user=user, keep=keep, warn=warn)
 
 
-def _password(url: RemoteURL, variables: dict[str, str]) -> str:
-    """s-nail's lookup order: the URL, password-USER@HOST:PORT, password-USER@HOST,
-    password-HOST, password; on a terminal, ask."""
-    if url.password:
-        return url.password
-    host = url.host
-    for name in (f"password-{url.user}@{host}:{url.port}", f"password-{url.user}@{host}",
-                 f"password-{host}", "password"):
-        if variables.get(name):
-            return variables[name]
-    if os.isatty(0):
-        import getpass
-
-        return getpass.getpass(f"Password for {url.user}@{host}: ")
-    raise MailError(f"no password for {url.account()}: set password-{url.user}@{host}",
-                    EX_CONFIG)
-
-
-def tls_context(variables: dict[str, str], warn: Callable[[str], None]) -> ssl.SSLContext:
-    """The client TLS context mail's s-nail variables describe: tls-ca-file,
-    tls-ca-no-defaults, tls-verify (strict unless "ignore")."""
-    verify = variables.get("tls-verify", "strict").lower()
-    ca_file = variables.get("tls-ca-file") or None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if verify == "ignore":
-        warn("tls-verify=ignore: the server's certificate is not checked")
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    try:
-        if "tls-ca-no-defaults" not in variables:
-            ctx.load_default_certs()
-        if ca_file:
-            ctx.load_verify_locations(cafile=os.path.expanduser(ca_file))
-    except (OSError, ssl.SSLError) as e:
-        raise MailError(f"cannot load tls-ca-file {ca_file}: "
-                        f"{getattr(e, 'strerror', None) or e}", EX_CONFIG) from None
-    return ctx
+def _secret(policy: Policy) -> str:
+    """The password (or with a token command, the token) the account's policy names."""
+    if policy.password:
+        return policy.password
+    command = policy.token_command or policy.password_command
+    if command:
+        raise MailError("password and token commands are not run for IMAP/POP3 yet; "
+                        "set password-USER@HOST or use ~/.netrc", EX_CONFIG)
+    return policy.read_password()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import imaplib
 import re
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
@@ -581,7 +582,8 @@ def _tail(text: str) -> str:
 
 def _mapped(host: str, e: BaseException) -> RemoteError:
     """An imaplib or socket failure as our error."""
-    if not isinstance(e, (imaplib.IMAP4.error, ValueError)):
+    # a certificate that fails verification is a ValueError too: ssl first
+    if isinstance(e, ssl.SSLError) or not isinstance(e, (imaplib.IMAP4.error, ValueError)):
         return connection_error(host, e)
     text = str(e)
     if isinstance(e, imaplib.IMAP4.abort):

@@ -77,33 +77,23 @@ def is_remote(name: str) -> bool:
 
 
 def parse_url(text: str) -> RemoteURL:
-    """Parse an s-nail remote folder URL; the user name is percent-decoded.
+    """Parse an s-nail remote folder URL (mua.account's parser, then the folder part); the
+    user name is percent-decoded.
 
     Raises UsageError for anything else (unknown scheme, no host, a bad port, a folder in a
-    POP3 URL)."""
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise UsageError(f"bad mailbox URL {text!r}: {e}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or "://" not in text:
-        raise UsageError(f"bad mailbox URL {text!r}: use imaps://, imap://, pop3s:// or pop3://")
-    host = parts.hostname or ""
-    if not host:
-        raise UsageError(f"bad mailbox URL {text!r}: no host")
-    if parts.query or parts.fragment:
-        raise UsageError(f"bad mailbox URL {text!r}: no ?query or #fragment allowed")
-    user = urllib.parse.unquote(parts.username or "")
-    password = urllib.parse.unquote(parts.password or "")
-    folder = urllib.parse.unquote(parts.path.lstrip("/"))
-    if scheme.startswith("pop3") and folder:
-        raise UsageError(f"bad mailbox URL {text!r}: a POP3 server has one mailbox, no folders")
-    if scheme.startswith("imap") and not folder:
+    POP3 URL), never quoting a password."""
+    from pymailtools.mua import account
+
+    url = account.parse_url(text, schemes=tuple(DEFAULT_PORTS))
+    folder = urllib.parse.unquote(url.path)
+    if url.scheme.startswith("pop3") and folder:
+        raise UsageError(f"bad mailbox URL {url.shown}/...: a POP3 server has one mailbox, "
+                         "no folders")
+    if url.scheme.startswith("imap") and not folder:
         folder = "INBOX"
-    if any(ord(c) < 32 or ord(c) == 127 for c in user + password + folder):
-        raise UsageError(f"bad mailbox URL {text!r}: control characters")
-    return RemoteURL(scheme, user, host, port or DEFAULT_PORTS[scheme], folder, password)
+    if any(ord(c) < 32 or ord(c) == 127 for c in url.user + url.password + folder):
+        raise UsageError(f"bad mailbox URL {url.shown}: control characters")
+    return RemoteURL(url.scheme, url.user, url.host, url.port, folder, url.password)
 
 
 @dataclass(frozen=True)
