@@ -118,6 +118,9 @@ def test_server_policy_tls_verify_and_auth_none(cfg: configmod.Config) -> None:
     with pytest.raises(UsageError, match="smtp-auth"):
         account.server_policy(cfg, {"smtp-auth": "cram-md5"}, scheme="smtp", user="",
                               host=HOST, port=25)
+    with pytest.raises(UsageError, match="smtp-auth-oauth2-token-command"):
+        account.server_policy(cfg, {"smtp-auth": "xoauth2", "password": "pw"}, scheme="smtp",
+                              user="me", host=HOST, port=25)
 
 
 def test_a_user_without_any_password_source_is_a_usage_error(cfg: configmod.Config) -> None:

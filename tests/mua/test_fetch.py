@@ -213,7 +213,8 @@ def _other_ca(tmp_path: Path) -> Path:
 
 def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.struct_passwd,
                                    world_dir: Path, config_values: dict[str, object]) -> None:
-    """From cron as the user: the user's own spool mailbox and state in the user's home."""
+    """From cron as the user, the password in ~/.mailrc: the user's own spool mailbox, and
+    the state in the user's home."""
     from pymailtools.cli import mail as mailcli
     from tests.conftest import run_as, write_toml
 
@@ -226,8 +227,12 @@ def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.str
     ca = world_dir / "ca.pem"
     ca.write_bytes(server.certs.ca_file.read_bytes())
     ca.chmod(0o644)
-    argv = ["mail", "-S", f"password={PASSWORD}", "-S", f"tls-ca-file={ca}", "--fetch",
-            f"imaps://127.0.0.1:{server.imaps}/INBOX"]
+    rc = Path(system_user.pw_dir) / ".mailrc"
+    rc.write_text(f"set tls-ca-file={ca}\nset password-{system_user.pw_name}@127.0.0.1"
+                  f"={PASSWORD}\n")
+    os.chown(rc, system_user.pw_uid, system_user.pw_gid)
+    rc.chmod(0o600)
+    argv = ["mail", "--fetch", f"imaps://127.0.0.1:{server.imaps}/INBOX"]
     assert run_as(system_user, lambda: mailcli.main(argv), config=cfg) == 0
     assert _subjects(local / system_user.pw_name) == ALL
     assert os.stat(local / system_user.pw_name).st_uid == system_user.pw_uid

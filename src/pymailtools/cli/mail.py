@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 PROG = "mail"
 VERSION = "pymailtools mail 0.1.0"
 # Options that take an argument; -f, -t and -E are handled apart (their argument is optional).
-_WITH_ARG = frozenset("sScbaruq")
+_WITH_ARG = frozenset("sScbaruqA:")
 _FLAGS = frozenset("vnNHeiIdFE~#")
 # mailx commands a GNU mailutils "-E command" may start with (fail2ban passes -E 'set escape').
 _MAILX_COMMANDS = frozenset({"set", "unset", "se", "uns", "source", "so", "alias", "a",
@@ -27,10 +27,11 @@ _MAILX_COMMANDS = frozenset({"set", "unset", "se", "uns", "source", "so", "alias
 
 USAGE = """\
 usage: mail [-dEiInNv] [-s subject] [-c cc-addr] [-b bcc-addr] [-a file|'Header: value']
-            [-r from-addr] [-S var[=value]] [-t host[:port]] [--read-recipients]
-            to-addr ...
-       mail [-dEHiInNv] [-e] [-f [file] | -u user]
-       mail [-v] [-S var[=value]] --fetch pop3s://user@host|imaps://user@host/FOLDER [--keep]"""
+            [-r from-addr] [-S var[=value]] [-A account] [-: spec] [-t host[:port]]
+            [--read-recipients] to-addr ...
+       mail [-dEHiInNv] [-A account] [-: spec] [-e] [-f [file] | -u user]
+       mail [-v] [-S var[=value]] [-A account] --fetch pop3s://user@host|imaps://user@host/FOLDER
+            [--keep]"""
 
 
 class Request:
@@ -45,6 +46,10 @@ class Request:
         self.skip_empty = False
         self.verbose = False
         self.variables: dict[str, str] = {}
+        self.unset: set[str] = set()  # -S noname: unset whatever the resource files say
+        self.account: str | None = None
+        self.system_rc = True  # -n, -: without s: no /etc/mail.rc
+        self.user_rc = True  # -: without u: no ~/.mailrc
         self.server: str | None = None
         self.read_recipients = False
         self.headers_only = False
@@ -174,8 +179,20 @@ def _option(req: Request, c: str, value: str) -> None:
     elif c == "r":
         req.sender = value
     elif c == "S":
-        name, _, val = value.partition("=")
-        req.variables[name] = val
+        name, eq, val = value.partition("=")
+        if not eq and name.startswith("no") and len(name) > 2:
+            req.variables.pop(name[2:], None)  # s-nail: -S nosave unsets save
+            req.unset.add(name[2:])
+        elif name:
+            req.variables[name] = val
+            req.unset.discard(name)
+    elif c == "A":
+        req.account = value
+    elif c == ":":
+        spec = value.lower()
+        if spec.strip("su-/"):
+            raise UsageError(f"-: expects s (system file), u (~/.mailrc), - or /, got {value!r}")
+        req.system_rc, req.user_rc = "s" in spec, "u" in spec
     elif c == "u":
         req.user = value
     elif c == "q":
@@ -191,7 +208,9 @@ def _flag(req: Request, c: str) -> None:
         req.check_only = True
     elif c == "N":
         req.no_header = True
-    # -n (no system mail.rc: we read none), -i, -I, -d, -F, -~, -#: accepted, no effect.
+    elif c == "n":
+        req.system_rc = False
+    # -i, -I, -d, -F, -~, -#: accepted, no effect.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +240,26 @@ class _Quiet(UsageError):
     """A usage error that needs no usage text after it."""
 
 
+def load_resources(req: Request) -> None:
+    """Put the resource files' variables (and -A's account) under the -S settings."""
+    from pymailtools.mua import mailrc
+
+    for name in ("mta", "smtp"):
+        userinfo = req.variables.get(name, "").partition("://")[2].rpartition("@")[0]
+        if ":" in userinfo:
+            warn(f"the password in -S {name}=… is visible to other users in the process list;"
+                 " set password-USER@HOST in ~/.mailrc, netrc-lookup or "
+                 "smtp-auth-password-command instead")
+    req.variables = mailrc.load(req.variables, system=req.system_rc, account=req.account,
+                                user_file=None if req.user_rc else "",
+                                unset=frozenset(req.unset), warn=warn)
+
+
 def run(req: Request) -> int:
+    sending = bool(req.operands) and req.folder is None and req.user is None
+    load_resources(req)
     if req.fetch is not None or req.keep:
         return fetch(req)
-    sending = bool(req.operands) and req.folder is None and req.user is None
     if req.read_recipients or sending:
         if req.headers_only or req.check_only or req.folder is not None or req.user:
             raise _Quiet("-f, -u, -H and -e read mail: they take no recipients")
@@ -278,8 +313,10 @@ def server_of(req: Request) -> str | None:
     mta = req.variables.get("mta", "")
     if mta.startswith(("smtp://", "smtps://", "submission://", "submissions://")):
         return mta
-    if mta and not mta.startswith("/"):
-        raise _Quiet(f"unsupported mta: {mta}")
+    if mta and not mta.startswith(("/", "file://")):  # a program: our own queue takes it
+        raise _Quiet(f"unsupported mta: {mta.partition('://')[0]}"
+                     f"{'://…' if '://' in mta else ''} (smtp://, smtps://, submission://, "
+                     "submissions:// or a program's path)")
     return None
 
 

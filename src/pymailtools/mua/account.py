@@ -345,6 +345,11 @@ def server_policy(cfg: Config, variables: Mapping[str, str], *, scheme: str, use
         secret = url_password or password(variables, user, host, port, protocol=proto)
         command = var(f"{proto}-auth-password-command") or ""
         token_command = var(f"{proto}-auth-oauth2-token-command") or ""
+        if mechanisms and set(mechanisms) <= {"xoauth2", "oauthbearer"} and not token_command:
+            # s-nail takes the access token from the password chain; a token lives an hour,
+            # so we take it from a command that prints a fresh one
+            raise UsageError(f"smtp-auth={','.join(mechanisms)} needs an access token: set "
+                             f"{proto}-auth-oauth2-token-command")
         if not (secret or command or token_command):
             raise UsageError(
                 f"no password for {user} on {host}: set password-{user}@{host} (or password,"

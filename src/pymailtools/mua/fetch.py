@@ -321,7 +321,7 @@ def run_for_user(config: Config, url_text: str, variables: dict[str, str], *, us
     url = parse_url(url_text)
     if url.password:
         warn(f"the password in {url} is visible to every user in ps(1); "
-             "use ~/.netrc with -S netrc-lookup instead")
+             "set password-USER@HOST in ~/.mailrc, or netrc-lookup, instead")
     login = url.user or account.account_user(variables, url.protocol, "", url.host,
                                              url.port) or user
     url = url._replace(user=login)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from pymailtools.config import Config
 from pymailtools.errors import (
+    EX_CANTCREAT,
     EX_NOHOST,
     EX_OK,
     EX_UNAVAILABLE,
@@ -108,6 +109,69 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
     return relay
 
 
+class Record(NamedTuple):
+    """Where ``record`` keeps copies of sent mail."""
+
+    path: str
+    maildir: bool
+
+
+def record_folder(variables: Mapping[str, str]) -> Record | None:
+    """The folder of s-nail's ``record`` variable, or None: ``~`` and ``+name`` (in
+    ``folder``, default the home directory) expanded; a Maildir when the name ends in ``/``,
+    starts with ``maildir://`` or is an existing directory, else an mbox file."""
+    name = variables.get("record", "")
+    if not name:
+        return None
+    maildir = name.startswith("maildir://")
+    if maildir:
+        name = name[len("maildir://"):]
+    if name.startswith("+"):
+        folder = variables.get("folder") or "~"
+        name = os.path.join(folder, name[1:])
+    path = os.path.expanduser(name)
+    maildir = maildir or path.endswith("/") or os.path.isdir(path)
+    return Record(path.rstrip("/") or "/", maildir)
+
+
+def check_record(record: Record) -> None:
+    """Refuse (73) a record folder we could not write, before anything is sent."""
+    path = record.path
+    if os.path.lexists(path):
+        if record.maildir and not os.path.isdir(path):
+            raise MailError(f"record {path}: not a directory (a Maildir)", EX_CANTCREAT)
+        if not record.maildir and os.path.isdir(path):
+            raise MailError(f"record {path}: is a directory", EX_CANTCREAT)
+        target = path
+    else:
+        target = os.path.dirname(os.path.abspath(path))
+    if not os.access(target, os.W_OK):
+        why = "not writable" if os.path.exists(target) else "no such directory"
+        raise MailError(f"record {path}: {target} {why}; not sent", EX_CANTCREAT)
+
+
+def keep_copy(cfg: Config, record: Record, message: bytes, sender: str) -> None:
+    """Append the sent ``message`` to the record folder; MailError (73) saying it was sent."""
+    from pymailtools.errors import DeliveryError
+
+    try:
+        if record.maildir:
+            from pymailtools.local import maildir
+
+            maildir.deliver(record.path, io.BytesIO(message), sender=sender, recipient=sender,
+                            uid=os.getuid(), gid=os.getgid(), config=cfg)
+        else:
+            from pymailtools.local import mbox
+            from pymailtools.mua import folder
+
+            folder.append_mbox(record.path, [mbox.frame(message, sender)], cfg)
+    except (MailError, OSError) as e:
+        why = e.reason if isinstance(e, DeliveryError) else (
+            e.strerror if isinstance(e, OSError) else str(e))
+        raise MailError(f"sent, but no copy kept in {record.path}: {why}",
+                        EX_CANTCREAT) from None
+
+
 def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *,
               server: str | None, variables: Mapping[str, str], verbose: bool,
               prog: str) -> int:
@@ -116,6 +180,9 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
     The queue path is the sendmail front end's: the same submit() checks and exit codes, the
     same delivery_mode handling. Errors are raised as MailError subclasses.
     """
+    record = record_folder(variables)
+    if record is not None:
+        check_record(record)  # as s-nail: no copy can be kept, nothing is sent
     if server is not None:
         chosen = smtp_server(cfg, server, variables)
         if chosen.unverified:
@@ -125,11 +192,15 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
         relay = send_smtp(chosen, message, sender, recipients)
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
+        if record is not None:
+            keep_copy(cfg, record, message, sender)
         return EX_OK
 
     # ignore_dots: a "." line is part of a mail(1) body, never the end of it.
     opts = submit.Options(recipients, sender, None, False, True)
     qid = submit.submit(cfg, io.BytesIO(message), opts)
+    if record is not None:
+        keep_copy(cfg, record, message, sender)
     if verbose:
         print(f"{prog}: queued as {qid}", file=sys.stderr)
         return wake.deliver_now(cfg, qid, verbose=True, prog=prog)
