@@ -331,6 +331,10 @@ class ImapSession:
                                         if isinstance(name, bytes) else str(name)))
         return names
 
+    def create(self, folder: str) -> None:
+        """CREATE ``folder`` (for copies and appends to a folder not there yet)."""
+        self._call("CREATE", functools.partial(self.wire.create, quote_mailbox(folder)))
+
     def noop(self) -> int:
         """Ask for news; the folder's message count now."""
         self._call("NOOP", self.wire.noop)
