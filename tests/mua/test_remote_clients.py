@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.config import Config
-from pymailtools.local import mailbox
 from pymailtools.mua.imap import ImapSession, decode_mailbox, encode_mailbox, uid_set
 from pymailtools.mua.pop3 import Pop3Session
 from pymailtools.mua.remote import (
@@ -24,7 +22,6 @@ from pymailtools.mua.remote import (
     RemoteProtocolError,
     parse_url,
 )
-from tests.conftest import missing
 from tests.support import dovecot
 from tests.support.smtp import Certs, FaultServer, Step
 
@@ -34,17 +31,10 @@ PASSWORD = "client-pw"
 @pytest.fixture
 def server(open_spool: Path, config_values: dict[str, object],
            system_user: pwd.struct_passwd) -> Iterator[dovecot.Dovecot]:
-    why = dovecot.available()
-    if why:
-        missing(why)
-    remote = Config({**config_values, "mail_spool_directory": str(open_spool)})
-    for i in range(1, 8):
-        msg = f"From: s{i}@example.test\nSubject: number {i}\n\nbody {i}\n".encode()
-        mailbox.deliver(remote, system_user.pw_name, io.BytesIO(msg), sender="s@example.test",
-                        recipient=f"{system_user.pw_name}@host")
-    with dovecot.dovecot_server([(system_user, PASSWORD)], spool=open_spool) as d:
+    messages = [f"From: s{i}@example.test\nSubject: number {i}\n\nbody {i}\n".encode()
+                for i in range(1, 8)]
+    with dovecot.serving(system_user, PASSWORD, open_spool, config_values, messages) as d:
         yield d
-        assert d.errors() == []
 
 
 def _creds(server: dovecot.Dovecot) -> Credentials:
