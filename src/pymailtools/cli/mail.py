@@ -9,8 +9,6 @@ from pymailtools import config as configmod
 from pymailtools.cli.common import run_main
 from pymailtools.config import Config
 from pymailtools.errors import EX_OK, EX_USAGE, MailError, UsageError
-from pymailtools.mua import compose, outbox
-from pymailtools.submit import submission as submit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -321,6 +319,10 @@ def server_of(req: Request) -> str | None:
 
 
 def send(cfg: Config, req: Request) -> int:
+    # sending only: read mode pays for neither the composer nor the submission code
+    from pymailtools.mua import compose, outbox
+    from pymailtools.submit import submission as submit
+
     draft = compose.Draft(to=list(req.operands), cc=list(req.cc), bcc=list(req.bcc),
                           subject=req.subject or "")
     if req.subject is not None:
