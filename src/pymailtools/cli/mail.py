@@ -292,8 +292,9 @@ def fetch(req: Request) -> int:
     configmod.warn(cfg, PROG)
     # fetch mode only: sending pays for neither the IMAP nor the POP3 client
     from pymailtools.mua import fetch as fetchmod
+    from pymailtools.submit import submission
 
-    login, _gecos = submit.login_name(os.getuid())
+    login, _gecos = submission.login_name(os.getuid())
     outcome = fetchmod.run_for_user(cfg, req.fetch, req.variables, user=login, keep=req.keep,
                                     warn=warn)
     if req.verbose:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from pymailtools.config import Config
-from pymailtools.errors import EX_CONFIG, EX_TEMPFAIL, DeliveryError, MailError
+from pymailtools.errors import EX_TEMPFAIL, DeliveryError, MailError
 from pymailtools.fileio import replace_file
 from pymailtools.local import mailbox
 from pymailtools.mua.imap import ImapSession
@@ -31,14 +31,10 @@ from pymailtools.mua.remote import (
     Credentials,
     RemoteError,
     RemoteURL,
+    account_settings,
     crlf_to_lf,
-    parse_url,
 )
 from pymailtools.queue.store import crash_point
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymailtools.smtp.policy import Policy
 
 # Without message_size_limit (0) a message may still not exceed this.
 HARD_LIMIT = 1 << 30
@@ -312,40 +308,7 @@ def fetch(config: Config, url: RemoteURL, creds: Credentials, conn: Connection, 
 
 def run_for_user(config: Config, url_text: str, variables: dict[str, str], *, user: str,
                  keep: bool, warn: Callable[[str], None]) -> Outcome:
-    """mail --fetch: the URL, then the account's credentials and TLS settings from mail's
-    s-nail variables (mua.account: password chain, .netrc, tls-*), then fetch. A password in
-    the URL and unchecked certificates are reported through ``warn``, as are too-big
-    messages left on the server."""
-    from pymailtools.mua import account
-
-    url = parse_url(url_text)
-    if url.password:
-        warn(f"the password in {url} is visible to every user in ps(1); "
-             "set password-USER@HOST in ~/.mailrc, or netrc-lookup, instead")
-    login = url.user or account.account_user(variables, url.protocol, "", url.host,
-                                             url.port) or user
-    url = url._replace(user=login)
-    policy = account.server_policy(config, variables, scheme=url.scheme, user=login,
-                                   host=url.host, port=url.port, url_password=url.password)
-    if account.unverified(variables, login, url.host, url.port):
-        warn(f"{url.host}: tls-verify is set: the server's certificate is not checked")
-    creds = Credentials(policy.username or login, lambda: _secret(policy),
-                        token=bool(policy.token_command) or bool(
-                            {"xoauth2", "oauthbearer"} & set(policy.mechanisms)))
-    try:
-        tls = policy.tls_context()
-    except MailError as e:  # an unreadable tls-ca-file
-        raise MailError(str(e), EX_CONFIG) from None
-    conn = Connection.for_url(url, tls)
+    """mail --fetch: the URL and the account (remote.account_settings), then fetch. Too-big
+    messages left on the server are reported through ``warn``."""
+    url, creds, conn = account_settings(config, url_text, variables, login=user, warn=warn)
     return fetch(config, url, creds, conn, user=user, keep=keep, warn=warn)
-
-
-def _secret(policy: Policy) -> str:
-    """The password (or with a token command, the token) the account's policy names."""
-    if policy.password:
-        return policy.password
-    command = policy.token_command or policy.password_command
-    if command:
-        raise MailError("password and token commands are not run for IMAP/POP3 yet; "
-                        "set password-USER@HOST or use ~/.netrc", EX_CONFIG)
-    return policy.read_password()

@@ -6,11 +6,19 @@ from __future__ import annotations
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pymailtools.errors import EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, MailError, UsageError
+from pymailtools.config import Config
+from pymailtools.errors import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    MailError,
+    UsageError,
+)
 
 DEFAULT_PORTS = {"imap": 143, "imaps": 993, "pop3": 110, "pop3s": 995}
 # Seconds to wait for any single read or write before calling the connection lost.
@@ -94,6 +102,45 @@ def parse_url(text: str) -> RemoteURL:
     if any(ord(c) < 32 or ord(c) == 127 for c in url.user + url.password + folder):
         raise UsageError(f"bad mailbox URL {url.shown}: control characters")
     return RemoteURL(url.scheme, url.user, url.host, url.port, folder, url.password)
+
+
+def account_settings(config: Config, url_text: str, variables: Mapping[str, str], *,
+                     login: str, warn: Callable[[str], None]
+                     ) -> tuple[RemoteURL, Credentials, Connection]:
+    """The URL, the credentials and the connection settings of a remote mailbox, from mail's
+    s-nail variables through mua.account (user and password chains, .netrc, tls-* into the
+    TLS context of a Policy). ``login`` is the user when neither the URL nor the variables
+    name one. A password in the URL and unchecked certificates are reported through
+    ``warn``."""
+    from pymailtools.mua import account
+
+    url = parse_url(url_text)
+    if url.password:
+        warn(f"the password in {url} is visible to every user in ps(1); "
+             "set password-USER@HOST in ~/.mailrc, or netrc-lookup, instead")
+    user = url.user or account.account_user(variables, url.protocol, "", url.host,
+                                            url.port) or login
+    url = url._replace(user=user)
+    policy = account.server_policy(config, variables, scheme=url.scheme, user=user,
+                                   host=url.host, port=url.port, url_password=url.password)
+    if account.unverified(variables, user, url.host, url.port):
+        warn(f"{url.host}: tls-verify is set: the server's certificate is not checked")
+    token = bool(policy.token_command) or bool({"xoauth2", "oauthbearer"} & set(policy.mechanisms))
+
+    def secret() -> str:
+        if policy.password:
+            return policy.password
+        if policy.token_command or policy.password_command:
+            raise MailError("password and token commands are not run for IMAP/POP3 yet; "
+                            "set password-USER@HOST or use ~/.netrc", EX_CONFIG)
+        return policy.read_password()
+
+    try:
+        tls = policy.tls_context()
+    except MailError as e:  # an unreadable tls-ca-file
+        raise MailError(str(e), EX_CONFIG) from None
+    return url, Credentials(policy.username or user, secret, token=token), \
+        Connection.for_url(url, tls)
 
 
 @dataclass(frozen=True)
