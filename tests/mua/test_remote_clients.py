@@ -8,6 +8,7 @@ import base64
 import io
 import pwd
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from pymailtools.mua.remote import (
     RemoteProtocolError,
     parse_url,
 )
+from tests.conftest import need_tool
 from tests.support import dovecot
+from tests.support.mail import mail_env, run_mail
 from tests.support.smtp import Certs, FaultServer, Step
 
 PASSWORD = "client-pw"
@@ -174,3 +177,81 @@ def test_mailbox_names_urls_and_uid_sets() -> None:
     assert parse_url("imap://imap.example.com").folder == "INBOX"
     assert parse_url("pop3s://me@pop.example.com").port == 995
     assert str(parse_url("pop3s://me:secret@pop.example.com")) == "pop3s://me@pop.example.com"
+
+
+# -- mail -f URL: remote folders in read mode ------------------------------------------------
+
+def _read_env(config_file: Path, tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return mail_env(config_file, home)
+
+
+def _read(env: dict[str, str], server: dovecot.Dovecot, url: str, *args: str,
+          input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    user = next(iter(server.accounts))
+    return run_mail(env, "-S", f"password-{user}@127.0.0.1={PASSWORD}", "-S",
+                    f"tls-ca-file={server.certs.ca_file}", *args, "-f", url, input=input)
+
+
+def _imap_url(server: dovecot.Dovecot) -> str:
+    return f"imaps://{next(iter(server.accounts))}@127.0.0.1:{server.imaps}/INBOX"
+
+
+def _pop3_url(server: dovecot.Dovecot) -> str:
+    return f"pop3s://{next(iter(server.accounts))}@127.0.0.1:{server.pop3s}"
+
+
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_dash_H_on_a_remote_folder(config_file: Path, tmp_path: Path,
+                                   server: dovecot.Dovecot, which: str) -> None:
+    env = _read_env(config_file, tmp_path)
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    r = _read(env, server, url, "-H")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [ln.split()[-2:] for ln in lines] == [["number", str(i)] for i in range(1, 8)]
+    assert all(ln[1] == "N" for ln in lines)
+    assert _read(env, server, url, "-e").returncode == 0
+
+
+def test_imap_read_delete_and_quit_store_flags_on_the_server(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    r = _read(env, server, _imap_url(server), input=b"p 1\nd 2\nx\n")
+    assert r.returncode == 0 and b"body 1" in r.stdout
+    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    # x: nothing stored, not even \Seen (bodies are fetched with BODY.PEEK); no longer \Recent
+    assert len(lines) == 7 and lines[0][1] == "U"
+    r = _read(env, server, _imap_url(server), input=b"p 3\nd 2\nq\n")
+    assert r.returncode == 0, r.stderr
+    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["1", "3", "4", "5", "6", "7"]
+    assert lines[1][1] == "O"  # read: \Seen on the server
+
+
+def test_pop3_delete_on_quit(config_file: Path, tmp_path: Path,
+                             server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    assert _read(env, server, _pop3_url(server), input=b"d 1 3\nx\n").returncode == 0
+    assert len(_read(env, server, _pop3_url(server), "-H").stdout.splitlines()) == 7
+    assert _read(env, server, _pop3_url(server), input=b"d 1 3\nq\n").returncode == 0
+    lines = _read(env, server, _pop3_url(server), "-H").stdout.decode().splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["2", "4", "5", "6", "7"]
+
+
+@pytest.mark.interop
+def test_snail_sees_the_same_imap_folder(config_file: Path, tmp_path: Path,
+                                         server: dovecot.Dovecot) -> None:
+    snail = need_tool("s-nail", "s-nail")
+    env = _read_env(config_file, tmp_path)
+    ours = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    theirs = subprocess.run(
+        [snail, "-:/", "-Sv15-compat", "-Sheadline-plain",
+         f"-Spassword={PASSWORD}", f"-Stls-ca-file={server.certs.ca_file}",
+         # s-nail matches the certificate by name only (not by IP address)
+         "-Stls-ca-no-defaults", "-H", "-f", _imap_url(server).replace("127.0.0.1", "localhost")],
+        capture_output=True, timeout=60, env=env)
+    lines = theirs.stdout.decode().splitlines()
+    assert len(lines) == len(ours) == 7, theirs.stderr
+    assert [ln.split()[-1] for ln in lines] == [ln.split()[-1] for ln in ours]

@@ -276,6 +276,16 @@ def run(req: Request) -> int:
     folder = req.folder
     if folder == "" and req.operands:
         folder = req.operands[0]
+    if folder and "://" in folder:
+        # a remote folder: only then the IMAP and POP3 clients
+        from pymailtools.mua import remotefolder
+        from pymailtools.submit import submission
+
+        return remotefolder.start(cfg, folder, headers_only=req.headers_only,
+                                  check_only=req.check_only, show_headers=not req.no_header,
+                                  variables=req.variables,
+                                  login=submission.login_name(os.getuid())[0], prog=PROG,
+                                  warn=warn)
     return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
                           check_only=req.check_only, show_headers=not req.no_header,
                           variables=req.variables, prog=PROG)

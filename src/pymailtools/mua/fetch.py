@@ -33,11 +33,10 @@ from pymailtools.mua.remote import (
     RemoteURL,
     account_settings,
     crlf_to_lf,
+    message_limit,
 )
 from pymailtools.queue.store import crash_point
 
-# Without message_size_limit (0) a message may still not exceed this.
-HARD_LIMIT = 1 << 30
 # Messages kept in memory below this size; larger ones go through a temporary file.
 SPOOL_IN_MEMORY = 1 << 20
 
@@ -136,7 +135,7 @@ class Fetcher:
         self.keep = keep
         self.warn = warn
         self.state_dir = state_dir or state_directory()
-        self.limit = config.message_size_limit or HARD_LIMIT
+        self.limit = message_limit(config)
         self.recipient = f"{user}@{config.myhostname}"
         self.outcome = Outcome()
 

@@ -356,6 +356,12 @@ class ImapSession:
             out.append((att.uid, att.size))
         return out
 
+    def index(self) -> list[FetchData]:
+        """UID, size and flags of every message in the selected folder, in folder order."""
+        if not self._need_selected().exists:
+            return []
+        return self._fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+
     def summaries(self, uids: list[int], fields: tuple[str, ...] = SUMMARY_FIELDS,
                   batch: int = BATCH) -> Iterator[MessageInfo]:
         """The summary of each of ``uids`` (header fields, flags, size), fetched ``batch``

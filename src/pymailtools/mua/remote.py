@@ -28,6 +28,8 @@ SUMMARY_FIELDS = ("FROM", "TO", "CC", "SUBJECT", "DATE", "MESSAGE-ID", "STATUS",
                   "CONTENT-TYPE")
 # The most header bytes we accept for one message's summary fields.
 HEADER_LIMIT = 1 << 20
+# Without message_size_limit (0) a message may still not exceed this.
+HARD_LIMIT = 1 << 30
 
 
 class RemoteError(MailError):
@@ -183,6 +185,12 @@ class MessageInfo(NamedTuple):
     size: int
     flags: frozenset[str]
     header: bytes
+
+
+def message_limit(config: Config) -> int:
+    """The most bytes we read of one remote message: message_size_limit, as for mail that
+    arrives by SMTP."""
+    return config.message_size_limit or HARD_LIMIT
 
 
 def crlf_to_lf(data: bytes) -> bytes:
