@@ -195,3 +195,24 @@ def test_bad_urls_are_usage_errors(env: dict[str, str]) -> None:
         assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"mail: ")
     r = run_mail(env, "--keep")
     assert r.returncode == 64 and b"--keep goes with --fetch" in r.stderr
+
+
+def test_a_second_fetch_of_the_same_mailbox_waits_its_turn(env: dict[str, str],
+                                                           certs: Certs) -> None:
+    """Overlapping cron runs: the second one stops at once (75) and touches nothing."""
+    import fcntl
+    import os
+
+    state = Path(env["HOME"]) / ".local/state/pymailtools/fetch"
+    state.mkdir(parents=True)
+    with FaultServer([("close", None)]) as server:
+        url = f"pop3s://u@127.0.0.1:{server.port}"
+        name = fetchmod.State.name_for(parse_url(url))
+        fd = os.open(state / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            code, err = _fetch(env, certs, url)
+        finally:
+            os.close(fd)
+        assert code == 75 and "another mail --fetch of pop3s://u@127.0.0.1" in err
+        assert server.connections == 0

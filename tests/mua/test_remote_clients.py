@@ -255,3 +255,20 @@ def test_snail_sees_the_same_imap_folder(config_file: Path, tmp_path: Path,
     lines = theirs.stdout.decode().splitlines()
     assert len(lines) == len(ours) == 7, theirs.stderr
     assert [ln.split()[-1] for ln in lines] == [ln.split()[-1] for ln in ours]
+
+
+def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
+                                  server: dovecot.Dovecot) -> None:
+    """-S record=imaps://…/Sent: the copy of what was sent goes there by APPEND (the folder
+    created on the server's TRYCREATE), marked \\Seen."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    sent = f"imaps://{user}@127.0.0.1:{server.imaps}/Sent"
+    r = run_mail(env, "-s", "kept a copy", "-S", f"password-{user}@127.0.0.1={PASSWORD}",
+                 "-S", f"tls-ca-file={server.certs.ca_file}", "-S", f"record={sent}", "root",
+                 input=b"hello\n")
+    assert r.returncode == 0, r.stderr
+    lines = _read(env, server, sent, "-H").stdout.decode().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("kept a copy") and lines[0][1] == "O"
+    bad = run_mail(env, "-s", "x", "-S", "record=pop3s://me@127.0.0.1", "root", input=b"x\n")
+    assert bad.returncode == 64 and b"IMAP folder" in bad.stderr

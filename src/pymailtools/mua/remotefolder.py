@@ -5,7 +5,7 @@ their index fetched once, summaries in batches, bodies on demand."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_OK
@@ -203,3 +203,30 @@ def start(cfg: Config, url_text: str, *, headers_only: bool, check_only: bool,
         return session.loop(show_headers)
     finally:
         box.close()
+
+
+def append_copy(cfg: Config, url_text: str, variables: Mapping[str, str],
+                message: bytes) -> None:
+    """record=imaps://…/Sent: APPEND ``message`` (marked \\Seen) to that folder, creating
+    it when the server says it does not exist (TRYCREATE)."""
+    import os
+    import sys
+
+    from pymailtools.submit import submission
+
+    def warn(text: str) -> None:
+        print(f"mail: warning: {text}", file=sys.stderr)
+
+    url, creds, conn = remote.account_settings(
+        cfg, url_text, variables, login=submission.login_name(os.getuid())[0], warn=warn)
+    session = ImapSession.open(conn, creds)
+    try:
+        try:
+            session.append(url.folder, message, ["\\Seen"])
+        except remote.RemoteError as e:
+            if "TRYCREATE" not in str(e) or session.dead:
+                raise
+            session.create(url.folder)
+            session.append(url.folder, message, ["\\Seen"])
+    finally:
+        session.close()
