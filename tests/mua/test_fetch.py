@@ -201,8 +201,10 @@ def _other_ca(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("where", ["spool", "maildir"])
 def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.struct_passwd,
-                                   world_dir: Path, config_values: dict[str, object]) -> None:
+                                   world_dir: Path, config_values: dict[str, object],
+                                   where: str) -> None:
     """From cron as the user, the password in ~/.mailrc: the user's own spool mailbox, and
     the state in the user's home."""
     from pymailtools.cli import mail as mailcli
@@ -211,8 +213,10 @@ def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.str
     local = world_dir / "local"
     local.mkdir()
     local.chmod(0o1777)
-    cfg = write_toml(world_dir / "config.toml",
-                     {**config_values, "mail_spool_directory": str(local)})
+    values = {**config_values, "mail_spool_directory": str(local)}
+    if where == "maildir":
+        values["home_mailbox"] = "Maildir/"
+    cfg = write_toml(world_dir / "config.toml", values)
     cfg.chmod(0o644)
     ca = world_dir / "ca.pem"
     ca.write_bytes(server.certs.ca_file.read_bytes())
@@ -224,8 +228,14 @@ def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.str
     rc.chmod(0o600)
     argv = ["mail", "--fetch", f"imaps://127.0.0.1:{server.imaps}/INBOX"]
     assert run_as(system_user, lambda: mailcli.main(argv), config=cfg) == 0
-    assert _subjects(local / system_user.pw_name) == ALL
-    assert os.stat(local / system_user.pw_name).st_uid == system_user.pw_uid
+    if where == "maildir":
+        box = pymailbox.Maildir(str(Path(system_user.pw_dir) / "Maildir"), create=False)
+        assert sorted(str(m["subject"]) for m in box) == ALL
+        assert all(m["Delivered-To"] == f"{system_user.pw_name}@host.example.test"
+                   for m in box)
+    else:
+        assert _subjects(local / system_user.pw_name) == ALL
+        assert os.stat(local / system_user.pw_name).st_uid == system_user.pw_uid
     state = Path(system_user.pw_dir) / ".local/state/pymailtools/fetch"
     assert [p.name for p in state.iterdir() if not p.name.endswith(".lock")] == [
         f"imaps-{system_user.pw_name}@127.0.0.1-{server.imaps}-INBOX"]
