@@ -227,11 +227,22 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "dns_nameservers": (_nameservers, []),
     "dns_timeout": (_duration, 10),
     "smtp_mx_address_limit": (_size, 5),
-    "smtp_tls_security_level": (_choice("none", "may", "encrypt", "verify"), "may"),
+    "smtp_tls_security_level": (_choice("none", "may", "encrypt", "verify", "fingerprint"),
+                                "may"),
     "smtp_tls_CAfile": (_optional_path, ""),
+    "smtp_tls_CApath": (_optional_path, ""),
+    "smtp_tls_wrappermode": (_boolean, False),
+    "smtp_tls_cert_file": (_optional_path, ""),
+    "smtp_tls_key_file": (_optional_path, ""),
+    "smtp_tls_fingerprint_cert_match": (_list, []),
+    "smtp_tls_fingerprint_digest": (_string, "sha256"),  # checked by the SMTP client
     "smtp_sasl_username": (_string, ""),
     "smtp_sasl_password": (_string, ""),
     "smtp_sasl_password_file": (_optional_path, ""),
+    "smtp_sasl_password_command": (_string, ""),
+    "smtp_sasl_oauth2_token_command": (_string, ""),
+    "smtp_sasl_command_timeout": (_duration, 30),
+    "smtp_sasl_mechanism_filter": (_list, []),
     "smtp_sasl_allow_plaintext": (_boolean, False),
     # Routing: lookup tables ("type:name", Postfix's syntax), searched in order.
     "transport_maps": (_maps, ""),
@@ -323,9 +334,19 @@ class Config:
     smtp_mx_address_limit: int
     smtp_tls_security_level: str
     smtp_tls_CAfile: str
+    smtp_tls_CApath: str
+    smtp_tls_wrappermode: bool
+    smtp_tls_cert_file: str
+    smtp_tls_key_file: str
+    smtp_tls_fingerprint_cert_match: list[str]
+    smtp_tls_fingerprint_digest: str
     smtp_sasl_username: str
     smtp_sasl_password: str
     smtp_sasl_password_file: str
+    smtp_sasl_password_command: str
+    smtp_sasl_oauth2_token_command: str
+    smtp_sasl_command_timeout: int
+    smtp_sasl_mechanism_filter: list[str]
     smtp_sasl_allow_plaintext: bool
     transport_maps: str | list[str]
     relay_domains: list[str]

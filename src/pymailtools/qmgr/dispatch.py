@@ -29,6 +29,37 @@ if TYPE_CHECKING:
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 
+NO_CREDENTIALS = {"username": "", "password": "", "password_file": "", "password_command": "",
+                  "token_command": ""}
+# smtp_sasl_password_maps values: user:password, or user:{scheme}rest with these schemes
+# (Dovecot's way of marking what a password field holds; {plain} escapes a "{")
+MAP_SCHEMES = {"{plain}": "password", "{command}": "password_command",
+               "{oauth2}": "token_command"}
+
+
+def map_credentials(value: str) -> dict[str, str]:
+    """The Policy fields an smtp_sasl_password_maps value gives: ``user:password``,
+    ``user:{command}pass show mail/relay`` (a password command),
+    ``user:{oauth2}pymailtools-oauth2 token --account NAME`` (an OAuth2 token command) or
+    ``user:{plain}{password`` (a password that starts with "{"). Raises DeliveryError
+    (a deferral) without the value, which is a secret."""
+    user, colon, rest = value.partition(":")
+    if not colon or not user:
+        raise DeliveryError("smtp_sasl_password_maps: the entry for this destination is not "
+                            "user:password", "4.3.5")
+    if rest.startswith("{"):
+        scheme, brace, tail = rest.partition("}")
+        field = MAP_SCHEMES.get(scheme.lower() + brace)
+        if field is None:
+            raise DeliveryError("smtp_sasl_password_maps: the entry for this destination "
+                                "starts its password with an unknown {scheme} (known: "
+                                "{plain}, {command}, {oauth2})", "4.3.5")
+        if field != "password" and not tail.strip():
+            raise DeliveryError(f"smtp_sasl_password_maps: the entry for this destination "
+                                f"has an empty {scheme}}} command", "4.3.5")
+        return {"username": user, field: tail}
+    return {"username": user, "password": rest}
+
 
 class Job:
     """One message to one destination: the recipients due there and the message bytes."""
@@ -103,21 +134,18 @@ class Dispatcher:
         """The destination of mail from ``sender`` to ``address`` through ``hop`` (None: the
         recipient domain). Raises DeliveryError (deferral) when the credentials lookup fails."""
         name = str(hop) if hop is not None else address.rpartition("@")[2].lower().rstrip(".")
-        policy = self.policy.clone(implicit_tls=bool(hop and hop.implicit_tls))
+        # smtp_tls_wrappermode: TLS on connect everywhere; else on port 465 relayhosts
+        policy = self.policy.clone(
+            implicit_tls=self.policy.implicit_tls or bool(hop and hop.implicit_tls))
         if hop is None or not nexthop.is_relayhost(self.cfg.relayhost, hop.host, hop.port,
                                                    self.cfg.smtp_port):
             # the site's single account is the relayhost's: never offered to an MX host or
             # another next hop (smtp_sasl_password_maps names accounts for those)
-            policy = policy.clone(username="", password="", password_file="")
+            policy = policy.clone(**NO_CREDENTIALS)
         if self.password_maps is not None:
             found = self._credentials(hop, name, sender)
             if found is not None:
-                user, colon, password = found.partition(":")
-                if not colon or not user:
-                    # the value is a secret: name the key's kind, never the value
-                    raise DeliveryError("smtp_sasl_password_maps: the entry for this "
-                                        "destination is not user:password", "4.3.5")
-                policy = policy.clone(username=user, password=password, password_file="")
+                policy = policy.clone(**{**NO_CREDENTIALS, **map_credentials(found)})
         return Destination(name, hop, policy)
 
     def _credentials(self, hop: NextHop | None, name: str, sender: str) -> str | None:

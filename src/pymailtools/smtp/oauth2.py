@@ -12,9 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shlex
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +29,7 @@ from pymailtools.errors import (
     UsageError,
 )
 from pymailtools.fileio import fsync_dir, read_private, write_all
+from pymailtools.smtp import secret
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 HTTP_TIMEOUT = 30  # seconds for one request to an endpoint
@@ -250,34 +249,18 @@ def client_secret(command: str) -> str:
     if not command:
         return ""
     try:
-        argv = shlex.split(command)
-    except ValueError as e:
-        raise OAuthError(f"client secret command: {e}", EX_CONFIG) from None
-    if not argv:
-        raise OAuthError("client secret command is empty", EX_CONFIG)
-    try:
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=SECRET_COMMAND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise OAuthError(f"client secret command {argv[0]} did not finish within "
-                         f"{SECRET_COMMAND_TIMEOUT}s", EX_TEMPFAIL) from None
-    except OSError as e:
-        raise OAuthError(f"client secret command {argv[0]}: {e.strerror or e}",
-                         EX_CONFIG) from None
-    lines = p.stdout.decode("utf-8", "replace").splitlines()
-    if p.returncode or not lines or not lines[0]:
-        err = p.stderr.decode("utf-8", "replace").strip().splitlines()
-        why = f"exit {p.returncode}" if p.returncode else "printed nothing"
-        raise OAuthError(f"client secret command {argv[0]} failed ({why})"
-                         + (f": {err[-1]}" if err else ""), EX_CONFIG)
-    return lines[0]
+        return secret.password(command, SECRET_COMMAND_TIMEOUT, "client secret command")
+    except secret.SecretTimeout as e:
+        raise OAuthError(str(e), EX_TEMPFAIL) from None
+    except secret.SecretError as e:
+        raise OAuthError(str(e), EX_CONFIG) from None
 
 
 def _credentials(account: Account) -> dict[str, str]:
     form = {"client_id": account.client_id}
-    secret = client_secret(account.client_secret_command)
-    if secret:
-        form["client_secret"] = secret
+    value = client_secret(account.client_secret_command)
+    if value:
+        form["client_secret"] = value
     return form
 
 
