@@ -239,3 +239,13 @@ def test_fetch_as_an_ordinary_user(server: dovecot.Dovecot, system_user: pwd.str
     state = Path(system_user.pw_dir) / ".local/state/pymailtools/fetch"
     assert [p.name for p in state.iterdir() if not p.name.endswith(".lock")] == [
         f"imaps-{system_user.pw_name}@127.0.0.1-{server.imaps}-INBOX"]
+
+
+@pytest.mark.parametrize("kind", ["pop3s", "imaps"])
+def test_password_from_a_command(env: dict[str, str], server: dovecot.Dovecot, spool: Path,
+                                 kind: str) -> None:
+    proto = kind.rstrip("s")
+    r = run_mail(env, "-S", f"{proto}-auth-password-command=printf {PASSWORD}", "-S",
+                 f"tls-ca-file={server.certs.ca_file}", "--fetch", _url(server, kind))
+    assert r.returncode == 0, r.stderr
+    assert _subjects(spool / "root") == ALL

@@ -4,6 +4,7 @@ deleted on the server, nothing half-stored here, no traceback."""
 
 from __future__ import annotations
 
+import base64
 import ssl
 import time
 from pathlib import Path
@@ -216,3 +217,21 @@ def test_a_second_fetch_of_the_same_mailbox_waits_its_turn(env: dict[str, str],
             os.close(fd)
         assert code == 75 and "another mail --fetch of pop3s://u@127.0.0.1" in err
         assert server.connections == 0
+
+
+def test_imap_token_command_gives_xoauth2(env: dict[str, str], certs: Certs) -> None:
+    caps = b"IMAP4rev1 AUTH=XOAUTH2"
+    script: list[Step] = [
+        ("tls", certs.server_context()), ("send", b"* OK [CAPABILITY " + caps + b"] hi\r\n"),
+        ("command", b"CAPABILITY"), ("send", b"* CAPABILITY " + caps + b"\r\n"),
+        ("tagged", b"OK done\r\n"), ("command", b"AUTHENTICATE XOAUTH2"),
+        ("send", b"+ \r\n"), ("expect", b""), ("tagged", b"NO [AUTHENTICATIONFAILED] no\r\n")]
+    with FaultServer(script) as server:
+        r = run_mail(env, "-S", "imap-auth=xoauth2", "-S",
+                     "imap-auth-oauth2-token-command=printf tok-123", "-S",
+                     f"tls-ca-file={certs.ca_file}", "--fetch",
+                     f"imaps://me@127.0.0.1:{server.port}/INBOX")
+        assert r.returncode == 69 and r.stderr.count(b"\n") == 1, r.stderr
+        assert b"tok-123" not in r.stderr
+        line = server.received[0].split(b"\r\n")[2]
+        assert base64.b64decode(line) == b"user=me\x01auth=Bearer tok-123\x01\x01"

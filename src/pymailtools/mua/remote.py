@@ -130,11 +130,16 @@ def account_settings(config: Config, url_text: str, variables: Mapping[str, str]
     token = bool(policy.token_command) or bool({"xoauth2", "oauthbearer"} & set(policy.mechanisms))
 
     def secret() -> str:
-        if policy.password:
-            return policy.password
-        if policy.token_command or policy.password_command:
-            raise MailError("password and token commands are not run for IMAP/POP3 yet; "
-                            "set password-USER@HOST or use ~/.netrc", EX_CONFIG)
+        """Run only when the server asks for credentials (a password command may prompt)."""
+        from pymailtools.smtp import secret as commands
+
+        proto = url.protocol
+        if policy.token_command:
+            return commands.token(policy.token_command, policy.command_timeout,
+                                  f"{proto}-auth-oauth2-token-command")
+        if not policy.password and policy.password_command:
+            return commands.password(policy.password_command, policy.command_timeout,
+                                     f"{proto}-auth-password-command")
         return policy.read_password()
 
     try:
