@@ -261,7 +261,7 @@ def _take_return_path(message: BinaryIO) -> tuple[str, BinaryIO]:
     kept: list[bytes] = []
     dropping = False
     for line in block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and kept is not None:
+        if line[:1] in (b" ", b"\t"):
             if not dropping:
                 kept.append(line)
             continue

@@ -114,7 +114,7 @@ class Pop3Session:
         self._send(f"AUTH {mech}")
         line = self._line()
         if line.startswith(b"+"):
-            self._send(base64.b64encode(initial).decode("ascii"), secret=True)
+            self._send(base64.b64encode(initial).decode("ascii"))
             line = self._line()
             if line.startswith(b"+ ") or line == b"+":
                 self._send("")  # the OAuth2 error challenge: end it, the -ERR follows
@@ -141,7 +141,7 @@ class Pop3Session:
 
     # -- the wire --------------------------------------------------------------------------
 
-    def _send(self, text: str, *, secret: bool = False) -> None:
+    def _send(self, text: str) -> None:
         if self.dead:
             raise remote.RemoteLost(f"{self.host}: connection already lost")
         try:
@@ -181,7 +181,7 @@ class Pop3Session:
 
     def command(self, text: str, *, secret: bool = False) -> bytes:
         """Send one command; the text after +OK (remote.RemoteError on -ERR)."""
-        self._send(text, secret=secret)
+        self._send(text)
         return self._reply(text.split(" ", 1)[0] if secret else text)
 
     def _lines(self, limit: int, what: str) -> list[bytes]:
