@@ -22,6 +22,7 @@ from pymailtools.mua.remote import (
     RemoteError,
     RemoteProtocolError,
     parse_url,
+    sasl_oauthbearer,
 )
 from tests.conftest import need_tool
 from tests.support import dovecot
@@ -177,6 +178,8 @@ def test_mailbox_names_urls_and_uid_sets() -> None:
     assert parse_url("imap://imap.example.com").folder == "INBOX"
     assert parse_url("pop3s://me@pop.example.com").port == 995
     assert str(parse_url("pop3s://me:secret@pop.example.com")) == "pop3s://me@pop.example.com"
+    assert sasl_oauthbearer("a,b=c", "h", 993, "t") == (
+        b"n,a=a=2Cb=3Dc,\x01host=h\x01port=993\x01auth=Bearer t\x01\x01")
 
 
 # -- mail -f URL: remote folders in read mode ------------------------------------------------

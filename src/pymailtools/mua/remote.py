@@ -215,7 +215,9 @@ def sasl_xoauth2(user: str, token: str) -> bytes:
 
 def sasl_oauthbearer(user: str, host: str, port: int, token: str) -> bytes:
     """The RFC 7628 OAUTHBEARER initial response."""
-    return f"n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
+    # the GS2 header's saslname escapes "=" and ","
+    name = user.replace("=", "=3D").replace(",", "=2C")
+    return f"n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
 
 
 def describe_tls_error(host: str, e: ssl.SSLError | ssl.CertificateError) -> str:
