@@ -49,6 +49,11 @@ _pymailtools_mail()
                 COMPREPLY=($(compgen -A hostname -- "$cur"))
                 return
                 ;;
+            --fetch)
+                COMPREPLY=($(compgen -W "pop3s:// imaps:// pop3:// imap://" -- "$cur"))
+                compopt -o nospace 2>/dev/null
+                return
+                ;;
             -s | -c | -b | -r)
                 COMPREPLY=()
                 return
@@ -56,7 +61,7 @@ _pymailtools_mail()
         esac
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-s -c -b -a -r -S -A -: -t -E -v -n -N -H -e -f -u -i -I -d -h -V
-                --read-recipients --help --version --" -- "$cur"))
+                --read-recipients --fetch --keep --help --version --" -- "$cur"))
             return
         fi
     fi

@@ -8,6 +8,8 @@ for cmd in mail mailx
     complete -c $cmd -s S -x -a 'smtp= mta=smtp:// mta=smtps:// mta=submission:// from= hold keepsave escape= skipemptybody smtp-use-starttls smtp-auth= tls-verify= tls-ca-file= tls-ca-dir= tls-ca-no-defaults smtp-auth-user= smtp-auth-password= user= password= netrc-lookup smtp-auth-password-command= smtp-auth-oauth2-token-command= record= folder= v15-compat' -d 'Set a variable'
     complete -c $cmd -s t -x -a '(__fish_print_hostnames)' -d 'SMTP server host[:port]; alone: recipients from headers'
     complete -c $cmd -l read-recipients -d 'Recipients and headers from the message header'
+    complete -c $cmd -l fetch -x -a 'pop3s:// imaps:// pop3:// imap://' -d 'Copy new mail from a POP3/IMAP mailbox into the local mailbox'
+    complete -c $cmd -l keep -d 'With --fetch: leave the messages on the server'
     complete -c $cmd -s E -d 'Do not send an empty message'
     complete -c $cmd -s v -d 'Verbose, deliver in the foreground'
     complete -c $cmd -s n -d 'Do not read /etc/mail.rc'

@@ -38,6 +38,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` by a file holding ``data``, all or nothing and durable: written to a
+    temporary name beside it, fsynced, renamed over it, the directory fsynced."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+
+
 def read_private(path: str, limit: int) -> bytes:
     """The content of a file holding a secret (a key, a token store), at most ``limit`` bytes:
     it must be a regular file owned by root or by us that neither group nor others may use,

@@ -13,8 +13,8 @@ MAN = ROOT / "man" / "man1" / "mail.1"
 COMPLETIONS = ROOT / "completions"
 # Every option pymailtools.cli.mail accepts.
 OPTIONS = ["-s", "-c", "-b", "-a", "-r", "-S", "-A", "-:", "-t", "-E", "-v", "-n", "-N", "-H",
-           "-e", "-f", "-u", "-i", "-I", "-d", "-h", "-V", "--read-recipients", "--help",
-           "--version"]
+           "-e", "-f", "-u", "-i", "-I", "-d", "-h", "-V", "--read-recipients", "--fetch", "--keep",
+           "--help", "--version"]
 
 
 def test_man_page_renders_without_warnings() -> None:

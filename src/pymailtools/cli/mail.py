@@ -27,7 +27,9 @@ USAGE = """\
 usage: mail [-dEiInNv] [-s subject] [-c cc-addr] [-b bcc-addr] [-a file|'Header: value']
             [-r from-addr] [-S var[=value]] [-A account] [-: spec] [-t host[:port]]
             [--read-recipients] to-addr ...
-       mail [-dEHiInNv] [-A account] [-: spec] [-e] [-f [file] | -u user]"""
+       mail [-dEHiInNv] [-A account] [-: spec] [-e] [-f [file] | -u user]
+       mail [-v] [-S var[=value]] [-A account] --fetch pop3s://user@host|imaps://user@host/FOLDER
+            [--keep]"""
 
 
 class Request:
@@ -56,6 +58,8 @@ class Request:
         self.operands: list[str] = []
         self.help = False
         self.version = False
+        self.fetch: str | None = None  # --fetch URL: copy new remote mail into the mailbox
+        self.keep = False  # --keep: leave fetched mail on the server
 
 
 def warn(msg: str) -> None:
@@ -101,12 +105,17 @@ def parse(args: list[str]) -> Request:
                 req.help = True
             elif name == "version" and not eq:
                 req.version = True
-            elif name == "subject":
+            elif name == "keep" and not eq:
+                req.keep = True
+            elif name in ("fetch", "subject"):
                 if not eq:
                     if i >= len(args):
-                        raise UsageError("option '--subject' requires an argument")
+                        raise UsageError(f"option '--{name}' requires an argument")
                     value, i = args[i], i + 1
-                req.subject = value
+                if name == "fetch":
+                    req.fetch = value
+                else:
+                    req.subject = value
             else:
                 raise UsageError(f"unrecognized option '{arg}'")
             continue
@@ -247,6 +256,8 @@ def load_resources(req: Request) -> None:
 def run(req: Request) -> int:
     sending = bool(req.operands) and req.folder is None and req.user is None
     load_resources(req)
+    if req.fetch is not None or req.keep:
+        return fetch(req)
     if req.read_recipients or sending:
         if req.headers_only or req.check_only or req.folder is not None or req.user:
             raise _Quiet("-f, -u, -H and -e read mail: they take no recipients")
@@ -265,9 +276,41 @@ def run(req: Request) -> int:
     folder = req.folder
     if folder == "" and req.operands:
         folder = req.operands[0]
+    if folder and "://" in folder:
+        # a remote folder: only then the IMAP and POP3 clients
+        from pymailtools.mua import remotefolder
+        from pymailtools.submit import submission
+
+        return remotefolder.start(cfg, folder, headers_only=req.headers_only,
+                                  check_only=req.check_only, show_headers=not req.no_header,
+                                  variables=req.variables,
+                                  login=submission.login_name(os.getuid())[0], prog=PROG,
+                                  warn=warn)
     return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
                           check_only=req.check_only, show_headers=not req.no_header,
                           variables=req.variables, prog=PROG)
+
+
+def fetch(req: Request) -> int:
+    """mail --fetch URL [--keep]: new remote mail into the local mailbox, quiet on success."""
+    if req.fetch is None:
+        raise _Quiet("--keep goes with --fetch URL")
+    if (req.operands or req.folder is not None or req.user or req.headers_only
+            or req.check_only or req.read_recipients or req.subject is not None):
+        raise _Quiet("--fetch takes a URL and no other mode or recipients")
+    cfg = configmod.load()
+    configmod.warn(cfg, PROG)
+    # fetch mode only: sending pays for neither the IMAP nor the POP3 client
+    from pymailtools.mua import fetch as fetchmod
+    from pymailtools.submit import submission
+
+    login, _gecos = submission.login_name(os.getuid())
+    outcome = fetchmod.run_for_user(cfg, req.fetch, req.variables, user=login, keep=req.keep,
+                                    warn=warn)
+    if req.verbose:
+        print(f"{PROG}: {outcome.fetched} new message(s) fetched, {outcome.deleted} deleted "
+              f"on the server", file=sys.stderr)
+    return EX_OK
 
 
 def server_of(req: Request) -> str | None:

@@ -110,10 +110,12 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
 
 
 class Record(NamedTuple):
-    """Where ``record`` keeps copies of sent mail."""
+    """Where ``record`` keeps copies of sent mail: a local path, or with ``remote`` an
+    ``imaps://``/``imap://`` folder URL (copies go there by IMAP APPEND)."""
 
     path: str
     maildir: bool
+    remote: bool = False
 
 
 def record_folder(variables: Mapping[str, str]) -> Record | None:
@@ -123,6 +125,8 @@ def record_folder(variables: Mapping[str, str]) -> Record | None:
     name = variables.get("record", "")
     if not name:
         return None
+    if name.partition("://")[0].lower() in ("imap", "imaps", "pop3", "pop3s"):
+        return Record(name, False, True)
     maildir = name.startswith("maildir://")
     if maildir:
         name = name[len("maildir://"):]
@@ -135,8 +139,16 @@ def record_folder(variables: Mapping[str, str]) -> Record | None:
 
 
 def check_record(record: Record) -> None:
-    """Refuse (73) a record folder we could not write, before anything is sent."""
+    """Refuse (73) a record folder we could not write, before anything is sent (a remote
+    one: a URL that is no IMAP folder, 64)."""
     path = record.path
+    if record.remote:
+        from pymailtools.mua import remote
+
+        url = remote.parse_url(path)
+        if url.protocol != "imap":
+            raise UsageError(f"record {url}: copies go to an IMAP folder, not to POP3")
+        return
     if os.path.lexists(path):
         if record.maildir and not os.path.isdir(path):
             raise MailError(f"record {path}: not a directory (a Maildir)", EX_CANTCREAT)
@@ -150,12 +162,19 @@ def check_record(record: Record) -> None:
         raise MailError(f"record {path}: {target} {why}; not sent", EX_CANTCREAT)
 
 
-def keep_copy(cfg: Config, record: Record, message: bytes, sender: str) -> None:
-    """Append the sent ``message`` to the record folder; MailError (73) saying it was sent."""
+def keep_copy(cfg: Config, record: Record, message: bytes, sender: str,
+              variables: Mapping[str, str] | None = None) -> None:
+    """Append the sent ``message`` to the record folder; MailError (73) saying it was sent.
+    ``variables`` give a remote folder's account."""
     from pymailtools.errors import DeliveryError
 
     try:
-        if record.maildir:
+        if record.remote:
+            # only with an IMAP record: the IMAP client stays off every other path
+            from pymailtools.mua import remotefolder
+
+            remotefolder.append_copy(cfg, record.path, variables or {}, message)
+        elif record.maildir:
             from pymailtools.local import maildir
 
             maildir.deliver(record.path, io.BytesIO(message), sender=sender, recipient=sender,
@@ -168,8 +187,12 @@ def keep_copy(cfg: Config, record: Record, message: bytes, sender: str) -> None:
     except (MailError, OSError) as e:
         why = e.reason if isinstance(e, DeliveryError) else (
             e.strerror if isinstance(e, OSError) else str(e))
-        raise MailError(f"sent, but no copy kept in {record.path}: {why}",
-                        EX_CANTCREAT) from None
+        where = record.path
+        if record.remote:  # never a password written in the URL
+            from pymailtools.mua import remote
+
+            where = str(remote.parse_url(record.path))
+        raise MailError(f"sent, but no copy kept in {where}: {why}", EX_CANTCREAT) from None
 
 
 def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *,
@@ -193,14 +216,14 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
         if record is not None:
-            keep_copy(cfg, record, message, sender)
+            keep_copy(cfg, record, message, sender, variables)
         return EX_OK
 
     # ignore_dots: a "." line is part of a mail(1) body, never the end of it.
     opts = submit.Options(recipients, sender, None, False, True)
     qid = submit.submit(cfg, io.BytesIO(message), opts)
     if record is not None:
-        keep_copy(cfg, record, message, sender)
+        keep_copy(cfg, record, message, sender, variables)
     if verbose:
         print(f"{prog}: queued as {qid}", file=sys.stderr)
         return wake.deliver_now(cfg, qid, verbose=True, prog=prog)
