@@ -12,7 +12,7 @@ _pymailtools_smtpchat()
     local opts="--server -s --port -p --pop3 --imap --command --mx --resolver -4 -6 --local-interface -li --to -t
         --from -f --ehlo --helo -h --tls --tls-optional -tlso --tls-on-connect -tlsc
         --tls-verify --tls-ca-path --tls-cert --tls-key --tls-sni --auth -a --auth-user -au
-        --auth-password -ap --auth-plaintext --header --add-header -ah --subject --body
+        --auth-password -ap --auth-plaintext --show-secrets --header --add-header -ah --subject --body
         --attach --data -d --no-data-fixup -ndf --raw-line --bare-lf --bare-cr --quit-after -q
         --pipeline --chunking --chunk-size --smtputf8 --timeout --suppress-data -n --json
         --no-prompt --version --help"

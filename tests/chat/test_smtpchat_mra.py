@@ -109,6 +109,10 @@ def test_pop3_user_pass_and_stls_by_default_port_rules(served: Served) -> None:
     assert " -> STLS" in out and "=== TLS started" in out
     assert f" ~> USER {s.user}" in out and " ~> PASS ********" in out
     assert re.search(r"^<~  1 \S+\n<~  2 \S+\n<~  \.$", out, re.M)
+    # shown only when asked for
+    r = smtpchat(*s.base("pop3", s.server.pop3, "--tls", "--auth", "USER", "--auth-user", s.user,
+                         "--show-secrets"), env={"SMTPCHAT_AUTH_PASSWORD": PASSWORD})
+    assert r.returncode == status.OK and f" ~> PASS {PASSWORD}" in r.stdout.splitlines()
 
 
 def test_imap_scripted_starttls_auth_and_server_literal(served: Served) -> None:

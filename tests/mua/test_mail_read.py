@@ -268,6 +268,30 @@ def test_mail_arriving_during_session_survives_quit(env: dict[str, str], box: Pa
     assert data.count(b"\nFrom ") + 1 == 2  # message 3 and the new one (1 went to mbox)
 
 
+def test_mailbox_changed_in_place_meanwhile_is_not_rewritten(env: dict[str, str],
+                                                             box: Path) -> None:
+    """Another program rewrote the mailbox in place while mail was open: q refuses (75) and
+    leaves that program's content alone."""
+    proc = subprocess.Popen([script("mail"), "-f", str(box)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(b"=\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().startswith(b'"')  # the banner: the folder is indexed
+        data = box.read_bytes().replace(b"body of message 2", b"BODY OF MESSAGE 2")
+        with open(box, "r+b") as f:
+            f.write(data)
+        out, err = proc.communicate(b"d 1\nq\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75
+    assert err.decode() == f"mail: {box}: changed by another program while open; your changes " \
+        "were not saved\n"
+    assert box.read_bytes() == data
+
+
 def test_rewrite_follows_our_deliverer_inode_check(env: dict[str, str], box: Path,
                                                    config: Config) -> None:
     """After q rewrote by rename, a later delivery lands in the new file, not a dead inode."""
@@ -462,3 +486,95 @@ def test_interactive_dot_ends_and_eof_ends(config_file: Path, home: Path,
     finally:
         t.close()
     assert len(sendmail.entries()) == 2  # type: ignore[attr-defined]
+
+
+# --- the folder-internal message of UW-IMAP and Dovecot ----------------------------------------
+
+PSEUDO = (b"From MAILER_DAEMON  Sun Dec  6 10:00:00 2026\n"
+          b"Date: Sun, 06 Dec 2026 10:00:00 +0000\n"
+          b"From: Mail System Internal Data <MAILER-DAEMON@host.example.test>\n"
+          b"Subject: DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA\n"
+          b"Message-ID: <1765015200@host.example.test>\n"
+          b"X-IMAP: 1765015200 0000000004\n"
+          b"Status: RO\n\n"
+          b"This text is part of the internal format of your mail folder, and is not\n"
+          b"a real message.  It is created automatically by the mail system software.\n"
+          b"If deleted, important folder data will be lost, and it will be re-created\n"
+          b"with the data reset to initial values.\n\n")
+
+
+def test_imap_server_internal_message_is_hidden_and_kept_first(env: dict[str, str], box: Path,
+                                                               home: Path) -> None:
+    """An mbox an IMAP server rewrote starts with its folder-internal message: mail neither
+    counts, numbers, shows nor removes it, and a rewrite keeps it first, byte for byte."""
+    box.write_bytes(PSEUDO + box.read_bytes())
+    r = run_mail(env, "-H")
+    lines = r.stdout.decode().splitlines()
+    assert [ln[1:5] for ln in lines] == ["N  1", "N  2", "N  3"]
+    assert lines[0].endswith("Subject number 1") and "INTERNAL" not in r.stdout.decode()
+    r = run_mail(env, "-f", str(box), input=b"p 1\nf *\nd *\nq\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert out.startswith(f'"{box}": 3 messages 3 new 3 unread\n') and "INTERNAL" not in out
+    assert "Subject number 1" in out
+    assert box.read_bytes() == PSEUDO
+    assert run_mail(env, "-e").returncode == 1
+    r = run_mail(env, "-f", str(box))
+    assert r.returncode == 1 and r.stdout.decode() == f'"{box}": 0 messages\n'
+
+
+def test_first_message_with_imap_headers_is_an_ordinary_message(env: dict[str, str],
+                                                                  box: Path) -> None:
+    """Dovecot also keeps X-IMAPbase in a real first message: that one is mail like any other."""
+    data = box.read_bytes()
+    first_nl = data.index(b"\n") + 1
+    box.write_bytes(data[:first_nl] + b"X-IMAPbase: 1765015200 4\n" + data[first_nl:])
+    lines = run_mail(env, "-H").stdout.decode().splitlines()
+    assert len(lines) == 3 and lines[0].endswith("Subject number 1")
+
+
+# --- big folders: the index is built in blocks --------------------------------------------------
+
+def test_big_mbox_index_and_rewrite_across_read_blocks(env: dict[str, str], tmp_path: Path) -> None:
+    """Messages and header blocks straddling the reader's 1 MiB reads are indexed as a whole
+    read would, and a rewrite keeps every other message byte for byte (Status: O added)."""
+    import random
+
+    rnd = random.Random(7)
+    entries = []
+    for n in range(1, 3001):
+        head = f"From a@x.test Thu Jan  1 00:00:{n % 60:02d} 1970\nSubject: m{n}\n"
+        if n == 1500:
+            head += "X-Long: " + "h" * 300_000 + "\n"  # a header block longer than a read
+        if n % 2:
+            head += "Status: O\n"
+        body = "x" * rnd.randrange(0, 2000) + "\n" if n != 2000 else "y\n" * 1_200_000
+        entries.append((head + "\n" + body + "\n").encode())
+    path = tmp_path / "big"
+    path.write_bytes(b"".join(entries))
+    lines = run_mail(dict(env, MAIL=str(path)), "-H").stdout.decode().splitlines()
+    assert len(lines) == 3000
+    for n in (1, 1499, 1500, 1501, 2000, 2001, 3000):
+        raw = entries[n - 1]
+        assert lines[n - 1].endswith(f" m{n}")
+        count = raw.count(b"\n")
+        assert f" {count:4d}/{len(raw):<5d}" in lines[n - 1]
+    r = run_mail(env, "-f", str(path), input=b"d 2\nd 1500\nd 2000-2002\nd 3000\nq\n")
+    assert r.returncode == 0, r.stderr
+    gone = {2, 1500, 2000, 2001, 2002, 3000}
+    want = [e if n % 2 else e.replace(b"\n\n", b"\nStatus: O\n\n", 1)
+            for n, e in enumerate(entries, 1) if n not in gone]
+    assert path.read_bytes() == b"".join(want)
+
+
+def test_date_column_without_the_email_package_agrees_with_it() -> None:
+    """The summary's quick Date: reading gives what email.utils gives, or leaves it to it."""
+    from pymailtools.mua.reader import _parsed_date, _plain_date
+
+    for value in ("Tue, 14 Nov 2023 22:13:20 +0000", "1 Jan 2024 09:05 -0500",
+                  "Thu, 29 Feb 2024 23:59:59 +0100 (CET)", "Mon, 29 Feb 2100 10:00:00 +0000",
+                  "Sat, 1 jan 2000 00:00:00 GMT", "14 Nov 23 22:13 +0000", "9:05 1 Jan 2024",
+                  "garbage", ""):
+        quick = _plain_date(value)
+        assert quick in ("", _parsed_date(value)), value
+        assert quick or not value.startswith(("Tue", "1 Jan", "Thu", "Sat")), value

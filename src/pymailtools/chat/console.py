@@ -44,6 +44,7 @@ class Console:
         self.ask_password = ask_password
         self.echo_sent = echo_sent
         self.in_data = False
+        self.in_auth = False  # the server asked (334) for the next line of an AUTH exchange
         self.quit_sent = False
         self.first_error = status.OK
 
@@ -63,7 +64,7 @@ class Console:
         assert wire is not None
         wire.send(raw + b"\r\n")
         if echo:
-            self.t.sent(raw if shown is None else shown)
+            self.t.sent(raw if shown is None or self.opts.show_secrets else shown)
 
     def _exchange(self, raw: bytes, shown: str | bytes | None = None, echo: bool = True) -> Reply:
         self._send(raw, shown, echo)
@@ -160,8 +161,17 @@ class Console:
 
     def _command(self, line: bytes) -> None:
         """A line typed (or piped) outside the message: sent, and its reply read."""
-        reply = self._exchange(line, shown=_mask_auth(line), echo=self.echo_sent)
+        echo = self.echo_sent
+        if self.in_auth:
+            # a response in an AUTH exchange: base64 of a password or token
+            reply = self._exchange(line, shown=MASK if line != b"*" else None, echo=echo)
+            self.in_auth = reply.code == 334
+            self._note("AUTH", reply)
+            self._closing(reply)
+            return
+        reply = self._exchange(line, shown=_mask_auth(line), echo=echo)
         verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        self.in_auth = verb == "AUTH" and reply.code == 334
         self._note(verb, reply)
         self._closing(reply)
         self._after(verb, reply)

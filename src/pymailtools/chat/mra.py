@@ -128,7 +128,7 @@ class MraSession(Session):
             self.last = raw
         self.wire.send(raw + b"\r\n")
         if echo:
-            self.t.sent(raw if shown is None else shown)
+            self.t.sent(raw if shown is None or self.opts.show_secrets else shown)
 
     def command(self, line: str, shown: str | bytes | None = None) -> Reply:
         """Send a whole command and read its response (what scripted mode and /auth use)."""

@@ -133,6 +133,8 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
 @click.option("-ap", "--auth-password", metavar="PASSWORD",
               help=f"AUTH password (better: the {PASSWORD_ENV} environment variable).")
 @click.option("--auth-plaintext", is_flag=True, help="Allow AUTH on a connection without TLS.")
+@click.option("--show-secrets", is_flag=True,
+              help="Show AUTH payloads (passwords, tokens) in the transcript instead of ********.")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Set a header (replacing one of that name).")
 @click.option("-ah", "--add-header", "add_headers", multiple=True, metavar="'NAME: VALUE'",
@@ -178,7 +180,8 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         tls_optional: bool, tls_on_connect: bool, tls_verify: bool, tls_ca_path: str | None,
         tls_cert: str | None, tls_key: str | None, tls_sni: str | None, auth: str | None,
         auth_user: str | None, auth_password: str | None, auth_plaintext: bool,
-        headers: tuple[str, ...], add_headers: tuple[str, ...], subject: str | None,
+        show_secrets: bool, headers: tuple[str, ...], add_headers: tuple[str, ...],
+        subject: str | None,
         body: str | None, attachments: tuple[str, ...], data: str | None,
         no_data_fixup: bool, raw_lines: tuple[str, ...], bare_lf: bool, bare_cr: bool,
         quit_after: str | None, pipeline: bool, chunking: bool, chunk_size: int,
@@ -213,6 +216,7 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         else "on-connect" if tls_on_connect else "",
         tls_verify=tls_verify, tls_ca=tls_ca_path, tls_cert=tls_cert, tls_key=tls_key,
         tls_sni=tls_sni, auth_user=auth_user or "", auth_plaintext=auth_plaintext,
+        show_secrets=show_secrets,
         auth_password=auth_password or os.environ.get(PASSWORD_ENV, ""),
         quit_after=quit_after.lower() if quit_after else None, pipeline=pipeline,
         chunking=chunking, chunk_size=chunk_size, smtputf8=smtputf8,

@@ -6,7 +6,6 @@ import grp
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -464,15 +463,48 @@ def _copy(message: BinaryIO, out: _Writer) -> None:
 
 def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) -> None:
     """Replace the content ``old`` of the mbox ``path`` (open read-write as ``fd``, ``st`` its
-    fstat) by ``content``; the caller holds the locks.
+    fstat) by ``content``; the caller holds the locks. See ``rewrite_with``."""
+    same = 0
+    limit = min(len(old), len(content))
+    # First differing byte, found in blocks (a bytes comparison per block is C speed).
+    block = 1 << 16
+    while same < limit and old[same : same + block] == content[same : same + block]:
+        same += block
+    while same < limit and old[same] == content[same]:
+        same += 1
+
+    def fill(out: int) -> int:
+        write_all(out, content, 0)
+        return same
+
+    rewrite_with(path, fd, st, fill)
+
+
+def rewrite_with(path: str, fd: int, st: os.stat_result, fill: Callable[[int], int],
+                 ready: Callable[[], None] | None = None) -> None:
+    """Replace the content of the mbox ``path`` (open read-write as ``fd``, ``st`` its fstat)
+    by what ``fill`` writes; the caller holds the locks.
+
+    ``fill(out)`` writes the whole new content into the empty file ``out`` from offset 0 and
+    returns the offset of its first byte that differs from the mailbox's; it may be called a
+    second time (a new file failed, then in place). ``ready()`` runs once, when the new content
+    is complete and before the mailbox changes; what it raises abandons the rewrite.
 
     Preferably a new file renamed over the old one (atomic; deliverers re-check the inode after
     locking, so they follow). Where the directory is not ours to write (an ordinary user in
-    /var/mail), in place: a copy of the new content goes to a temporary file first, then the
-    mailbox is overwritten from the first changed byte and truncated only after that.
+    /var/mail), in place: the new content goes to a temporary file first, then the mailbox is
+    overwritten from the first changed byte and truncated only after that.
     Raises OSError if the mailbox cannot be rewritten; once it may be half rewritten, the
     error's text names the file holding the intended content.
     """
+    done = False
+
+    def ready_once() -> None:
+        nonlocal done
+        if not done and ready is not None:
+            ready()
+        done = True
+
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.pmt")
     try:
@@ -481,6 +513,7 @@ def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) 
     except OSError:
         tfd = -1
     if tfd >= 0:
+        written = False
         try:
             try:
                 if os.geteuid() == 0:
@@ -493,10 +526,12 @@ def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) 
                     except OSError:
                         pass
                 os.fchmod(tfd, stat.S_IMODE(st.st_mode))
-                write_all(tfd, content, 0)
+                fill(tfd)
                 os.fsync(tfd)
             finally:
                 os.close(tfd)
+            written = True
+            ready_once()
             os.rename(tmp, path)
             try:
                 fsync_dir(directory)
@@ -504,33 +539,48 @@ def rewrite(path: str, fd: int, st: os.stat_result, old: bytes, content: bytes) 
                 pass  # renamed already: the new content is in place either way
             return
         except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    _rewrite_in_place(fd, old, content)
+            _unlink_quietly(tmp)
+            if written and not done:
+                raise  # ready() failed: nothing changed
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    _rewrite_in_place(fd, fill, ready_once)
 
 
-def _rewrite_in_place(fd: int, old: bytes, content: bytes) -> None:
-    same = 0
-    limit = min(len(old), len(content))
-    # First differing byte, found in blocks (a bytes comparison per block is C speed).
-    block = 1 << 16
-    while same < limit and old[same : same + block] == content[same : same + block]:
-        same += block
-    while same < limit and old[same] == content[same]:
-        same += 1
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _rewrite_in_place(fd: int, fill: Callable[[int], int], ready: Callable[[], None]) -> None:
+    import tempfile  # rarely needed: kept off the delivery agent's start-up
+
     bfd, backup = tempfile.mkstemp(prefix="mail-backup-")
     try:
-        write_all(bfd, content, 0)
-        os.fsync(bfd)
+        try:
+            same = fill(bfd)
+            os.fsync(bfd)
+            size = os.fstat(bfd).st_size
+            ready()
+        except BaseException:
+            _unlink_quietly(backup)
+            raise
+        try:
+            pos = same
+            while pos < size:
+                data = os.pread(bfd, min(BLOCK, size - pos), pos)
+                if not data:
+                    break
+                write_all(fd, data, pos)
+                pos += len(data)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"rewriting failed ({e.strerror}); the intended content is "
+                          f"in {backup}") from None
     finally:
         os.close(bfd)
-    try:
-        write_all(fd, content[same:], same)
-        os.ftruncate(fd, len(content))
-        os.fsync(fd)
-    except OSError as e:
-        raise OSError(e.errno, f"rewriting failed ({e.strerror}); the intended content is "
-                      f"in {backup}") from None
     os.unlink(backup)

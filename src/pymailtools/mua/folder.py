@@ -1,25 +1,32 @@
-"""Mail folders as a reader sees them (mbox file or Maildir): load, index, save changes safely."""
+"""Mail folders as a reader sees them (mbox file or Maildir): an index of the messages, their
+headers and text read on demand, and the session's changes stored safely."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
+import gc
 import os
-import re
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
+from pymailtools.fileio import write_all
 from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
 
-_FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
-_STATUS = re.compile(rb"^Status:[^\n]*\n", re.MULTILINE | re.IGNORECASE)
+# Reads of an mbox file: big enough that a system call costs nothing per message, small
+# enough that a 200,000-message folder never sits in memory.
+BLOCK = 1 << 20
+# A Maildir message's first read: the whole file for nearly every message.
+HEAD_BLOCK = 1 << 16
+# The folder-internal message UW-IMAP and Dovecot keep first in an mbox they rewrote.
+PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
+
+# Entry.flags bits: the first two as stored and changeable by the session, then the session's
+# marks, then the stored Status: letters as loaded (never changed).
+SEEN, OLD, READ, DELETED, SAVED, PRESERVED, TO_MBOX, WAS_SEEN, WAS_OLD = (1 << n for n in range(9))
 
 
 class FolderError(MailError):
@@ -33,82 +40,171 @@ def open_error(path: str, e: OSError) -> FolderError:
     return FolderError(f"{path}: {e.strerror}", code)
 
 
-@dataclass
-class Entry:
-    """One message of a folder: where it is, what its stored flags say, what this session did."""
+class _Flag:
+    """One bit of ``Entry.flags`` as a boolean attribute."""
 
-    raw: bytes  # the whole message as stored (mbox: From_ line included)
-    key: str = ""  # Maildir: file name under new/ or cur/
-    subdir: str = ""  # Maildir: "new" or "cur"
-    seen: bool = False  # stored as read (Status R / Maildir S)
-    old: bool = False  # stored as no longer new (Status O / in cur/)
-    read: bool = False  # displayed in this session
-    deleted: bool = False
-    saved: bool = False
-    preserved: bool = False
-    to_mbox: bool = False
-    _headers: Message | None = None
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
+
+    def __get__(self, e: Entry, owner: object = None) -> bool:
+        return bool(e.flags & self.bit)
+
+    def __set__(self, e: Entry, value: bool) -> None:
+        e.flags = e.flags | self.bit if value else e.flags & ~self.bit
+
+
+class Entry:
+    """One message of a folder: its size and lines, its stored flags and this session's marks.
+    Its headers and text are read through the folder when they are wanted, never kept."""
+
+    __slots__ = ("box", "size", "lines", "flags")
+
+    seen = _Flag(SEEN)  # stored as read (Status R / Maildir S)
+    old = _Flag(OLD)  # stored as no longer new (Status O / in cur/)
+    read = _Flag(READ)  # displayed in this session
+    deleted = _Flag(DELETED)
+    saved = _Flag(SAVED)
+    preserved = _Flag(PRESERVED)
+    to_mbox = _Flag(TO_MBOX)
+
+    def __init__(self, box: Folder, size: int, lines: int, flags: int) -> None:
+        self.box = box
+        self.size = size  # bytes as stored (mbox: From_ line included)
+        self.lines = lines
+        self.flags = flags
 
     @property
-    def header_bytes(self) -> bytes:
-        start = self.raw.find(b"\n") + 1 if self.raw.startswith(b"From ") else 0
-        end = self.raw.find(b"\n\n", start)
-        return self.raw[start : len(self.raw) if end < 0 else end + 1]
+    def headers(self) -> Headers:
+        return Headers(self.box.header_block(self))
 
     @property
     def message_bytes(self) -> bytes:
         """The RFC 5322 message: without the From_ line, mboxrd quoting undone."""
-        if not self.raw.startswith(b"From "):
-            return self.raw
-        return mbox.unquote(self.raw[self.raw.find(b"\n") + 1 :])
-
-    @property
-    def headers(self) -> Message:
-        if self._headers is None:
-            self._headers = BytesHeaderParser(policy=compat32).parsebytes(self.header_bytes)
-        return self._headers
-
-    @property
-    def from_line(self) -> str:
-        if not self.raw.startswith(b"From "):
-            return ""
-        return self.raw[5 : self.raw.find(b"\n")].decode("utf-8", "replace")
+        return self.box.message_bytes(self)
 
     @property
     def is_new(self) -> bool:
-        return not self.old and not self.seen and not self.read
+        return not self.flags & (OLD | SEEN | READ)
 
     def letter(self) -> str:
-        if self.deleted:
+        f = self.flags
+        if f & DELETED:
             return "D"
-        if self.saved:
+        if f & SAVED:
             return "*"
-        if self.preserved:
+        if f & PRESERVED:
             return "P"
-        if self.to_mbox:
+        if f & TO_MBOX:
             return "M"
-        if self.read:
+        if f & READ:
             return "R"
-        if self.seen:
+        if f & SEEN:
             return "O"
-        return "U" if self.old else "N"
+        return "U" if f & OLD else "N"
 
     def status_value(self) -> str:
         """The Status: letters to store: R when read, O once a session has seen it."""
-        return ("R" if self.seen or self.read else "") + "O"
+        return ("R" if self.flags & (SEEN | READ) else "") + "O"
 
 
-def _status_flags(header: bytes) -> tuple[bool, bool]:
-    m = re.search(rb"(?mi)^Status:[ \t]*([A-Za-z]*)", header)
-    letters = m.group(1).upper() if m else b""
-    return b"R" in letters, b"O" in letters
+class Headers:
+    """A message's header block as stored: the From_ line apart, fields looked up as
+    compat32's ``raw_items`` gives them (8-bit bytes as surrogate escapes, folding kept)."""
+
+    __slots__ = ("from_line", "_block", "_start", "_lower")
+
+    def __init__(self, block: bytes) -> None:
+        self.from_line = ""
+        # The fields start after the From_ line: _start - 1 is a newline or -1.
+        self._start = 0
+        if block.startswith(b"From "):
+            nl = block.find(b"\n")
+            end = len(block) if nl < 0 else nl
+            self.from_line = block[5:end].rstrip(b"\r").decode("utf-8", "replace")
+            self._start = end + 1
+        self._block = block
+        self._lower: bytes | None = None
+
+    def get(self, name: str) -> str | None:
+        """The first field ``name``'s value; None when there is none. The spelling with this
+        case is looked for first: a differently cased field before it is not seen."""
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS.setdefault(name, b"\n" + name.encode("ascii") + b":")
+        block, start = self._block, self._start
+        pos = _value_at(block, key, start)
+        if pos < 0:
+            if self._lower is None:
+                self._lower = block.lower()
+            pos = _value_at(self._lower, key.lower(), start)
+            if pos < 0:
+                return None
+        end = block.find(b"\n", pos)
+        while end >= 0 and block[end + 1 : end + 2] in (b" ", b"\t"):
+            end = block.find(b"\n", end + 1)
+        value = block[pos : len(block) if end < 0 else end]
+        return value.lstrip(b" \t").rstrip(b"\r\n").decode("ascii", "surrogateescape")
+
+    def raw_items(self) -> list[tuple[str, str]]:
+        """Every field in order; the block ends at its first line that is not one."""
+        items: list[tuple[str, str]] = []
+        for line in self._block[self._start :].split(b"\n"):
+            if line[:1] in (b" ", b"\t"):
+                if items:
+                    prev, text = items[-1]
+                    items[-1] = (prev, text + "\n" + line.decode("ascii", "surrogateescape"))
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or any(c < 33 or c > 126 for c in name):
+                break
+            items.append((name.decode("ascii", "surrogateescape"),
+                          value.lstrip(b" \t").decode("ascii", "surrogateescape")))
+        return [(n, v.rstrip("\r\n")) for n, v in items]
+
+
+_KEYS: dict[str, bytes] = {}  # field name -> b"\nName:"
+
+
+def _value_at(block: bytes, key: bytes, start: int) -> int:
+    """Where the value of the first field ``key`` (b"\\nName:") begins in a header block whose
+    fields begin at ``start``; -1 when there is none."""
+    if start:
+        pos = block.find(key, start - 1)
+    elif block.startswith(key[1:]):
+        return len(key) - 1
+    else:
+        pos = block.find(key)
+    return -1 if pos < 0 else pos + len(key)
 
 
 class Folder:
-    """The interface read mode uses; ``MboxFolder`` and ``MaildirFolder`` implement it."""
+    """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it.
+
+    ``entries`` is the index: one ``Entry`` per message, in folder order, holding only sizes
+    and flags. Headers and text are fetched per message (``header_block``, ``message_bytes``)
+    or in batches (``header_blocks``, for summaries). The reader changes flags on the entries;
+    ``save`` stores them, keeping only the entries it is given."""
 
     path: str
     entries: list[Entry]
+
+    def header_block(self, e: Entry) -> bytes:
+        """The message's header block as stored (an mbox From_ line first), without the
+        blank line that ends it."""
+        raise NotImplementedError
+
+    def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
+        """``header_block`` of each entry, in order; folders fetch them in batches."""
+        return (self.header_block(e) for e in entries)
+
+    def message_bytes(self, e: Entry) -> bytes:
+        """The RFC 5322 message (headers and body, no mbox framing)."""
+        raise NotImplementedError
+
+    def mbox_bytes(self, e: Entry) -> bytes:
+        """The message framed for appending to an mbox file, its Status: as the session left
+        it."""
+        raise NotImplementedError
 
     def changed(self) -> bool:
         """Whether quitting would change anything stored."""
@@ -121,20 +217,167 @@ class Folder:
         and verified): read mode copies messages to ~/mbox there."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Let go of what the folder holds open."""
+
+
+def _status_flags(data: bytes, start: int, end: int) -> int:
+    """WAS_SEEN | WAS_OLD | SEEN | OLD as the first Status: field says, of the header fields
+    in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
+    if not start:
+        return _status_flags(b"\n" + data[:end], 1, end + 1)
+    pos = data.find(b"\nStatus:", start - 1, end)
+    if pos < 0:  # not as usually spelled: any case
+        data = data[start - 1 : end].lower()
+        pos, end = data.find(b"\nstatus:"), len(data)
+        if pos < 0:
+            return 0
+    nl = data.find(b"\n", pos + 8, end)
+    value = data[pos + 8 : end if nl < 0 else nl].lstrip(b" \t").upper()
+    letters = value[: len(value) - len(value.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
+    flags = (SEEN | WAS_SEEN) if b"R" in letters else 0
+    return flags | (OLD | WAS_OLD) if b"O" in letters else flags
+
+
+def _with_status(head: bytes, e: Entry) -> bytes:
+    """A header block (after the From_ line) with its Status: fields replaced by what the
+    session leaves."""
+    lines = head.split(b"\n")
+    kept = [ln for ln in lines if not ln[:7].lower() == b"status:"]
+    body = b"\n".join(kept)
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return body + f"Status: {e.status_value()}\n".encode()
+
+
+def _needs_status(e: Entry) -> bool:
+    f = e.flags
+    return bool(f & (SEEN | READ)) != bool(f & WAS_SEEN) or not f & WAS_OLD
+
+
+class MboxEntry(Entry):
+    """A message of an mbox file: where it starts and how long its header block is."""
+
+    __slots__ = ("start", "head")
+
+    def __init__(self, box: Folder, start: int, head: int, size: int, lines: int,
+                 flags: int) -> None:
+        # the slots set here rather than through Entry.__init__: one call less per message
+        self.box, self.size, self.lines, self.flags = box, size, lines, flags
+        self.start = start
+        self.head = head  # From_ line and header fields, without the blank line
+
+
+class _Scan:
+    """One pass over an mbox file in large blocks: an entry per message with its start, line
+    count and header block, and the CRC of the whole, never holding more than a block."""
+
+    def __init__(self, box: Folder, fd: int) -> None:
+        self.box = box
+        self.fd = fd
+        self.crc = 0
+        self.size = 0
+        self.entries: list[MboxEntry] = []
+
+    def run(self) -> None:
+        fd, box = self.fd, self.box
+        entries = self.entries
+        offset = 0
+        keep = 0  # bytes of the previous block read again: a separator may straddle blocks
+        nl = 0
+        while True:
+            base = offset - keep
+            window = os.pread(fd, BLOCK + keep, base)
+            if len(window) <= keep:
+                break
+            self.crc = zlib.crc32(memoryview(window)[keep:], self.crc)
+            found = [0] if base == 0 and window.startswith(b"From ") else []
+            pos = window.find(b"\nFrom ")
+            while pos >= 0:
+                found.append(pos + 1)
+                pos = window.find(b"\nFrom ", pos + 6)
+            last = keep
+            for k, p in enumerate(found):
+                if p > last:
+                    nl += window.count(b"\n", last, p)
+                    last = p
+                complete = k + 1 < len(found)
+                head, flags = _header(window, p, found[k + 1] if complete else len(window),
+                                      complete)
+                # lines holds the newlines before the start until the next start is known
+                entries.append(MboxEntry(box, base + p, head, 0, nl, flags))
+            nl += window.count(b"\n", last)
+            offset = base + len(window)
+            keep = 5
+        self.size = offset
+        for i in range(len(entries)):
+            e = entries[i]
+            if i + 1 < len(entries):
+                after = entries[i + 1]
+                e.size, e.lines = after.start - e.start, after.lines - e.lines
+            else:
+                e.size, e.lines = offset - e.start, nl - e.lines
+
+
+def _header(window: bytes, p: int, bound: int, complete: bool) -> tuple[int, int]:
+    """(length of the header block from ``p``, its Status: flags) of the message starting at
+    ``p``, which ends at ``bound`` if ``complete``; (-1, 0) when the block does not hold it."""
+    start = window.find(b"\n", p, bound) + 1
+    if start == 0:
+        start = bound
+    end = window.find(b"\n\n", start - 1, bound)
+    if end < 0 and not complete:
+        return -1, 0
+    head_end = bound if end < 0 else end + 1
+    return head_end - p, _status_flags(window, start, head_end)
+
+
+def _pseudo(block: bytes) -> bool:
+    """Whether a first message's header block is UW-IMAP's / Dovecot's folder-internal one."""
+    h = Headers(block)
+    return ((h.get("X-IMAP") is not None or h.get("X-IMAPbase") is not None)
+            and (h.get("Subject") or "").strip().encode("ascii", "surrogateescape")
+            == PSEUDO_SUBJECT)
+
 
 class MboxFolder(Folder):
-    """An mbox file, read whole under a shared lock; rewritten under the delivery locks."""
+    """An mbox file, indexed under a shared lock and read on demand; rewritten under the
+    delivery locks by copying the unchanged bytes."""
 
-    def __init__(self, path: str, data: bytes, st: os.stat_result) -> None:
+    def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
         self.path = path
-        self.data = data
+        self.fd = fd  # kept open: message text is read through it, even if renamed over
         self.ino = (st.st_dev, st.st_ino)
-        starts = [m.start() for m in _FROM_LINE.finditer(data)]
-        self.prefix = data[: starts[0]] if starts else data
-        ends = [*starts[1:], len(data)] if starts else []
-        self.entries = [Entry(data[a:b]) for a, b in zip(starts, ends, strict=True)]
-        for e in self.entries:
-            e.seen, e.old = _status_flags(e.header_bytes)
+        scan = _Scan(self, fd)
+        gc.disable()  # only new objects that refer to nothing cyclic: no collection needed
+        try:
+            scan.run()
+        finally:
+            gc.enable()
+        self.size = scan.size
+        # What was loaded, to notice another program's rewrite before ours replaces it.
+        self.crc = scan.crc
+        self.entries = entries = list[Entry](scan.entries)
+        for e in scan.entries:
+            if e.head < 0:  # header block longer than what the scan had at hand
+                e.head, e.flags = self._find_head(e.start, e.start + e.size)
+        # Bytes kept as they are before the first message: text before any From_ line, and
+        # the folder-internal message, which nobody reading locally may see or remove.
+        self.prefix = scan.entries[0].start if entries else scan.size
+        if entries and _pseudo(self.header_block(entries[0])):
+            self.prefix += entries[0].size
+            del entries[0]
+
+    def _find_head(self, start: int, end: int) -> tuple[int, int]:
+        size = HEAD_BLOCK
+        while True:
+            data = os.pread(self.fd, min(size, end - start), start)
+            hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
+            cut = data.find(b"\n\n", max(0, hstart - 1))
+            if cut >= 0 or len(data) >= end - start:
+                head = len(data) if cut < 0 else cut + 1
+                return head, _status_flags(data, hstart, head)
+            size *= 4
 
     @classmethod
     def load(cls, path: str, config: Config) -> MboxFolder:
@@ -148,28 +391,113 @@ class MboxFolder(Folder):
             except OSError:
                 locked = False  # read-only media, NFS without locks: read anyway
             try:
-                data = _read_all(fd)
+                return cls(path, fd, st)
             finally:
                 if locked:
                     lock.release()
-        finally:
+        except BaseException:
             os.close(fd)
-        return cls(path, data, st)
+            raise
 
-    def _new_content(self, keep: list[Entry]) -> bytes:
-        out = [self.prefix]
-        kept = {id(e) for e in keep}
-        for e in self.entries:
-            if id(e) in kept:
-                out.append(_with_status(e))
-        return b"".join(out)
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _entry(self, e: Entry) -> MboxEntry:
+        assert isinstance(e, MboxEntry)
+        return e
+
+    def header_block(self, e: Entry) -> bytes:
+        m = self._entry(e)
+        return os.pread(self.fd, m.head, m.start)
+
+    def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
+        buf = b""
+        base = 0
+        for e in entries:
+            m = self._entry(e)
+            if m.start < base or m.start + m.head > base + len(buf):
+                base = m.start
+                buf = os.pread(self.fd, max(BLOCK, m.head), base)
+            yield buf[m.start - base : m.start - base + m.head]
+
+    def stored_bytes(self, e: Entry) -> bytes:
+        """The entry as stored: From_ line, headers, quoted body."""
+        m = self._entry(e)
+        data = os.pread(self.fd, m.size, m.start)
+        while len(data) < m.size:  # a short read of a huge message
+            more = os.pread(self.fd, m.size - len(data), m.start + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def message_bytes(self, e: Entry) -> bytes:
+        raw = self.stored_bytes(e)
+        if not raw.startswith(b"From "):
+            return raw
+        return mbox.unquote(raw[raw.find(b"\n") + 1 :])
+
+    def _status_entry(self, e: Entry, raw: bytes) -> bytes:
+        """``raw`` (the start of the entry: its header block at least) with the session's
+        Status: when it differs from the stored one."""
+        if not _needs_status(e):
+            return raw
+        m = self._entry(e)
+        hstart = raw.find(b"\n") + 1 if raw.startswith(b"From ") else 0
+        return raw[:hstart] + _with_status(raw[hstart : m.head], e) + raw[m.head :]
+
+    def mbox_bytes(self, e: Entry) -> bytes:
+        raw = self._status_entry(e, self.stored_bytes(e))
+        if raw.startswith(b"From "):
+            return mbox.end_entry(raw)
+        return _frame(Headers(self.header_block(e)), raw)
 
     def changed(self) -> bool:
-        return any(e.deleted or e.to_mbox or _with_status(e) is not e.raw for e in self.entries)
+        return any(e.flags & (DELETED | TO_MBOX) or _needs_status(e) for e in self.entries)
+
+    def _write_content(self, keep: list[Entry], out: int, fd: int, size: int,
+                       verify: Callable[[int], None]) -> tuple[int, int]:
+        """Write the new content to ``out``: the prefix, the kept entries (their Status:
+        updated), then what arrived since loading. Reads the old content in large blocks and
+        passes its CRC to ``verify`` before anything arrived is read. Returns (offset of
+        the first byte that differs from the old content, messages that arrived)."""
+        reader = _BlockReader(fd)
+        writer = _BlockWriter(out)
+        kept = {id(e) for e in keep}
+        same = -1
+        if self.prefix:
+            writer.write(reader.read(0, self.prefix))
+        pos = self.prefix
+        for e in self.entries:
+            m = self._entry(e)
+            if id(e) not in kept:
+                continue
+            if same < 0 and (m.start != pos or _needs_status(e)):
+                same = writer.offset
+            if _needs_status(e):
+                writer.write(self._status_entry(e, reader.read(m.start, m.head)))
+                writer.copy(reader, m.start + m.head, m.size - m.head)
+            else:
+                writer.copy(reader, m.start, m.size)
+            pos = m.start + m.size
+        if same < 0 and pos != self.size:
+            same = writer.offset
+        verify(reader.crc_to(self.size))
+        arrived = 0
+        if size > self.size:
+            if same < 0:
+                same = writer.offset
+            new = _pread_all(fd, size - self.size, self.size)  # new mail: small
+            arrived = new.startswith(b"From ") + new.count(b"\nFrom ")
+            writer.write(mbox.separator(writer.last))
+            writer.write(new)
+        writer.flush()
+        return (writer.offset if same < 0 else same), arrived
 
     def save(self, config: Config, keep: list[Entry],
              before_write: Callable[[], None] | None = None) -> int:
-        new = self._new_content(keep)
         for _ in range(10):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
@@ -186,24 +514,124 @@ class MboxFolder(Folder):
                     # Renamed over by another reader while we waited: start again on the new one.
                     if _current_inode(self.path) != (st.st_dev, st.st_ino):
                         continue
-                    data = _read_all(fd)
-                    old = self.data
-                    if len(data) < len(old) or hashlib.sha256(data[: len(old)]).digest() != \
-                            hashlib.sha256(old).digest():
-                        raise FolderError(f"{self.path}: changed by another program while open;"
-                                          " your changes were not saved")
-                    arrived = data[len(old) :]
-                    content = _join(new, arrived)
-                    if before_write is not None:
-                        before_write()
-                    try:
-                        mbox.rewrite(self.path, fd, st, data, content)
-                    except OSError as e:
-                        raise FolderError(f"{self.path}: {e.strerror}") from None
-                    return len(_FROM_LINE.findall(arrived))
+                    return self._rewrite(fd, st, keep, before_write)
             finally:
                 os.close(fd)
         raise FolderError(f"{self.path}: kept being replaced; not rewritten")
+
+    def _rewrite(self, fd: int, st: os.stat_result, keep: list[Entry],
+                 before_write: Callable[[], None] | None) -> int:
+        """With the locks held: the new content, checked against what was loaded, in place of
+        the old. Returns messages that arrived meanwhile."""
+        size = os.fstat(fd).st_size
+        if size < self.size:
+            raise self._changed_error()
+        arrived = 0
+
+        def verify(crc: int) -> None:
+            if crc != self.crc:
+                raise self._changed_error()
+
+        def fill(out: int) -> int:
+            nonlocal arrived
+            same, arrived = self._write_content(keep, out, fd, size, verify)
+            return same
+
+        try:
+            mbox.rewrite_with(self.path, fd, st, fill, before_write)
+        except OSError as e:
+            raise FolderError(f"{self.path}: {e.strerror}") from None
+        return arrived
+
+    def _changed_error(self) -> FolderError:
+        return FolderError(f"{self.path}: changed by another program while open;"
+                           " your changes were not saved")
+
+
+class _BlockReader:
+    """Sequential reads of a file through one large buffer, taking the CRC of the bytes as
+    they pass (each byte once, in order, up to the point the CRC is asked for)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.base = 0
+        self.crc = 0
+        self.hashed = 0
+
+    def _hash_to(self, end: int) -> None:
+        while self.hashed < end:
+            data = self.read_raw(self.hashed, min(BLOCK, end - self.hashed))
+            if not data:
+                break
+            self.crc = zlib.crc32(data, self.crc)
+            self.hashed += len(data)
+
+    def read_raw(self, offset: int, n: int) -> bytes:
+        if self.base <= offset and offset + n <= self.base + len(self.buf):
+            return self.buf[offset - self.base : offset - self.base + n]
+        if n >= BLOCK:
+            return _pread_all(self.fd, n, offset)
+        self.buf = os.pread(self.fd, BLOCK, offset)
+        self.base = offset
+        return self.buf[:n]
+
+    def read(self, offset: int, n: int) -> bytes:
+        self._hash_to(offset)
+        data = self.read_raw(offset, n)
+        if offset == self.hashed:
+            self.crc = zlib.crc32(data, self.crc)
+            self.hashed += len(data)
+        return data
+
+    def crc_to(self, end: int) -> int:
+        self._hash_to(end)
+        return self.crc if self.hashed == end else -1
+
+
+class _BlockWriter:
+    """Large writes from the start of a new file; remembers the last two bytes written."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.offset = 0
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.buf += data
+        self.offset += len(data)
+        self.last = (self.last + data)[-2:]
+        if len(self.buf) >= BLOCK:
+            self.flush()
+
+    def copy(self, reader: _BlockReader, offset: int, n: int) -> None:
+        end = offset + n
+        while offset < end:
+            data = reader.read(offset, min(BLOCK, end - offset))
+            if not data:
+                raise OSError(errno.EIO, "mailbox shorter than indexed")
+            self.write(data)
+            offset += len(data)
+
+    def flush(self) -> None:
+        if self.buf:
+            write_all(self.fd, self.buf, self.offset - len(self.buf))
+            self.buf.clear()
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        data = os.pread(fd, min(n - got, 1 << 24), offset + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
@@ -220,26 +648,6 @@ def _open_file(path: str, flags: int) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def _join(new: bytes, arrived: bytes) -> bytes:
-    if not arrived:
-        return new
-    return new + mbox.separator(new[-2:]) + arrived
-
-
-def _with_status(e: Entry) -> bytes:
-    """The message with its Status: header set for what this session did (same object when
-    nothing changes, so unchanged messages are copied byte for byte)."""
-    seen, old = _status_flags(e.header_bytes)
-    want_seen = e.seen or e.read
-    if seen == want_seen and old:
-        return e.raw
-    head = e.header_bytes
-    start = e.raw.find(head)
-    new_head = _STATUS.sub(b"", head)
-    line = f"Status: {e.status_value()}\n".encode()
-    return e.raw[:start] + new_head + line + e.raw[start + len(head) :]
-
-
 def _current_inode(path: str) -> tuple[int, int] | None:
     try:
         st = os.lstat(path)
@@ -248,23 +656,27 @@ def _current_inode(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
+_READ_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class MaildirEntry(Entry):
+    """A message of a Maildir: its file name and whether it is under new/ or cur/."""
+
+    __slots__ = ("key", "subdir")
+
+    def __init__(self, box: Folder, key: str, subdir: str, size: int, lines: int,
+                 flags: int) -> None:
+        super().__init__(box, size, lines, flags)
+        self.key = key
+        self.subdir = subdir
 
 
 class MaildirFolder(Folder):
-    """A Maildir: new/ and cur/ files; flags live in the ``:2,`` suffix of the name."""
+    """A Maildir: new/ and cur/ files; flags live in the ``:2,`` suffix of the name. Loading
+    reads the first block of each file, for its line count."""
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
-        self.entries = []
         found = []
         for sub in ("new", "cur"):
             d = os.path.join(self.path, sub)
@@ -272,25 +684,78 @@ class MaildirFolder(Folder):
                 names = os.listdir(d)
             except OSError as e:
                 raise open_error(d, e) from None
+            d += "/"
             for name in names:
                 if name.startswith("."):
                     continue
                 try:
-                    with open(os.path.join(d, name), "rb") as f:
-                        st = os.fstat(f.fileno())
-                        data = f.read()
+                    fd = os.open(d + name, _READ_FLAGS)
                 except OSError:
                     continue  # moved or removed by another reader meanwhile
-                found.append((st.st_mtime, name, sub, data))
+                try:
+                    st = os.fstat(fd)
+                    data = os.read(fd, HEAD_BLOCK)
+                    lines = data.count(b"\n")
+                    offset = len(data)
+                    while offset < st.st_size:
+                        data = os.read(fd, BLOCK)
+                        if not data:
+                            break
+                        lines += data.count(b"\n")
+                        offset += len(data)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                found.append((st.st_mtime, name, sub, offset, lines))
         found.sort()
-        for _, name, sub, data in found:
+        self.entries = []
+        for _, name, sub, size, lines in found:
             flags = name.rpartition(":2,")[2] if ":2," in name else ""
-            self.entries.append(Entry(data, key=name, subdir=sub, seen="S" in flags,
-                                      old=sub == "cur"))
+            bits = (SEEN | WAS_SEEN if "S" in flags else 0) | (OLD if sub == "cur" else 0)
+            self.entries.append(MaildirEntry(self, name, sub, size, lines, bits))
+
+    def _entry(self, e: Entry) -> MaildirEntry:
+        assert isinstance(e, MaildirEntry)
+        return e
+
+    def _file(self, e: Entry) -> str:
+        m = self._entry(e)
+        return f"{self.path}/{m.subdir}/{m.key}"
+
+    def header_block(self, e: Entry) -> bytes:
+        try:
+            fd = os.open(self._file(e), _READ_FLAGS)
+        except OSError:
+            return b""  # moved or removed by another reader meanwhile
+        try:
+            data = os.read(fd, HEAD_BLOCK)
+            cut = data.find(b"\n\n")
+            while cut < 0 and len(data) < e.size:
+                more = os.read(fd, BLOCK)
+                if not more:
+                    break
+                data += more
+                cut = data.find(b"\n\n")
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
+        return data if cut < 0 else data[: cut + 1]
+
+    def message_bytes(self, e: Entry) -> bytes:
+        try:
+            with open(self._file(e), "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise FolderError(f"{self._file(e)}: {err.strerror}") from None
+
+    def mbox_bytes(self, e: Entry) -> bytes:
+        return _frame(e.headers, self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.deleted or e.to_mbox or e.subdir == "new" or (e.read and not e.seen)
-                   for e in self.entries)
+        return any(e.flags & (DELETED | TO_MBOX) or self._entry(e).subdir == "new"
+                   or (e.read and not e.seen) for e in self.entries)
 
     def save(self, config: Config, keep: list[Entry],
              before_write: Callable[[], None] | None = None) -> int:
@@ -298,12 +763,13 @@ class MaildirFolder(Folder):
             before_write()
         kept = {id(e) for e in keep}
         for e in self.entries:
-            src = os.path.join(self.path, e.subdir, e.key)
+            m = self._entry(e)
+            src = os.path.join(self.path, m.subdir, m.key)
             try:
                 if id(e) not in kept:
                     os.unlink(src)
                     continue
-                base, _, flags = e.key.partition(":2,")
+                base, _, flags = m.key.partition(":2,")
                 flagset = set(flags)
                 if e.read:
                     flagset.add("S")
@@ -314,6 +780,16 @@ class MaildirFolder(Folder):
             except FileNotFoundError:
                 continue  # another reader already moved it
         return 0
+
+
+def _frame(h: Headers, message: bytes) -> bytes:
+    """A message without a From_ line, framed as our deliverer frames it (sender from its
+    Return-Path)."""
+    sender = "MAILER-DAEMON"
+    rp = h.get("Return-Path")
+    if rp:
+        sender = " ".join(rp.split()).strip().strip("<>") or sender
+    return mbox.frame(message, sender)
 
 
 def load(path: str, config: Config) -> Folder:
@@ -327,17 +803,6 @@ def load(path: str, config: Config) -> Folder:
             return MaildirFolder(path)
         raise FolderError(f"{path}: is a directory, not a mailbox", EX_NOINPUT)
     return MboxFolder.load(path, config)
-
-
-def mbox_bytes(e: Entry, status: bool = True) -> bytes:
-    """The message framed for appending to an mbox file (From_ line, quoting, blank line)."""
-    if e.raw.startswith(b"From "):
-        return mbox.end_entry(_with_status(e) if status else e.raw)
-    sender = "MAILER-DAEMON"
-    rp = e.headers.get("Return-Path", "")
-    if rp:
-        sender = str(rp).strip().strip("<>") or sender
-    return mbox.frame(e.raw, sender)
 
 
 def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:

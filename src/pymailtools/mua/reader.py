@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import binascii
-import email
-import email.policy
+import functools
 import os
 import pwd
 import re
 import shlex
-import shutil
-import subprocess
 import sys
-import unicodedata
-from email.message import Message
-from email.utils import parsedate_to_datetime
 from typing import TextIO
 
 from pymailtools import address
@@ -22,13 +16,12 @@ from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
 from pymailtools.local.spool import mailbox_path, valid_user_name
 from pymailtools.mua import folder as mailfolder
-from pymailtools.mua import outbox, tilde
-from pymailtools.mua.compose import Draft, reply_subject
-from pymailtools.mua.folder import Entry, Folder
+from pymailtools.mua.folder import Entry, Folder, Headers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
+    from email.message import Message
 
     from pymailtools.mua.compose import Draft
 
@@ -70,6 +63,8 @@ A list is: n, n-m, ^, $, ., *, :n (new), :o (old), :r (read), :u (unread), :d (d
 
 def clean(text: str) -> str:
     """Make text safe for a terminal: controls in caret notation, never a raw escape."""
+    if text.isprintable():  # nothing below applies to it: the common case, at C speed
+        return text
     out = []
     for ch in text:
         o = ord(ch)
@@ -91,13 +86,9 @@ def clean(text: str) -> str:
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
 
 
-def raw_value(msg: Message, name: str) -> str | None:
-    """The first ``name`` header as stored (8-bit bytes as surrogate escapes); None when absent.
-
-    compat32's ``msg.get`` would turn each 8-bit byte into U+FFFD before we could decode it.
-    """
-    low = name.lower()
-    return next((v for k, v in msg.raw_items() if k.lower() == low), None)
+def raw_value(msg: Headers, name: str) -> str | None:
+    """The first ``name`` header as stored (8-bit bytes as surrogate escapes); None when absent."""
+    return msg.get(name)
 
 
 def _bytes_text(data: bytes) -> str:
@@ -159,16 +150,18 @@ def decode_words(text: str) -> str:
 def display_text(value: str) -> str:
     """A stored header value for display: 8-bit bytes decoded, RFC 2047 words decoded,
     unfolded, terminal-safe."""
+    if value.isascii() and "=?" not in value:  # nothing to decode
+        return clean(" ".join(value.split()))
     return clean(" ".join(decode_words(_unescaped(value)).split()))
 
 
-def header_text(msg: Message, name: str) -> str:
+def header_text(msg: Headers, name: str) -> str:
     """A header's value as text (see ``display_text``); '' when absent."""
     value = raw_value(msg, name)
     return "" if value is None else display_text(value)
 
 
-def header_addresses(msg: Message, name: str) -> list[tuple[str, str]]:
+def header_addresses(msg: Headers, name: str) -> list[tuple[str, str]]:
     """(display name, address) of each mailbox in an address header, names decoded.
 
     The list is parsed before RFC 2047 words are decoded, so an encoded comma or angle
@@ -177,8 +170,14 @@ def header_addresses(msg: Message, name: str) -> list[tuple[str, str]]:
     value = raw_value(msg, name)
     if value is None:
         return []
-    return [(display_text(n), clean(a)) for n, a in address.parse_list(_unescaped(value))
-            if a]
+    return list(_addresses(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _addresses(value: str) -> tuple[tuple[str, str], ...]:
+    # Cached: a big mailbox's summary meets the same few senders again and again.
+    return tuple((display_text(n), clean(a)) for n, a in address.parse_list(_unescaped(value))
+                 if a)
 
 
 def mailbox_text(name: str, addr: str) -> str:
@@ -191,24 +190,26 @@ def mailbox_text(name: str, addr: str) -> str:
     return f"{name} <{addr}>"
 
 
-def sender_of(e: Entry) -> str:
+def sender_of(h: Headers) -> str:
     """The sender's address: the first of From:, else the From_ line's."""
-    found = header_addresses(e.headers, "From")
+    found = header_addresses(h, "From")
     if found:
         return found[0][1]
-    return e.from_line.split(" ", 1)[0] if e.from_line else ""
+    return h.from_line.split(" ", 1)[0] if h.from_line else ""
 
 
-def sender_name(e: Entry) -> str:
+def sender_name(h: Headers) -> str:
     """Who the summary shows: the name part of From: when there is one, else the address."""
-    found = header_addresses(e.headers, "From")
+    found = header_addresses(h, "From")
     if found and found[0][0]:
         return found[0][0]
-    return sender_of(e)
+    return sender_of(h)
 
 
 def columns(ch: str) -> int:
     """Terminal columns a character takes: 2 for wide East Asian, 0 for combining marks."""
+    import unicodedata  # only for text that is not ASCII
+
     if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
         return 0
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
@@ -216,6 +217,9 @@ def columns(ch: str) -> int:
 
 def fit(text: str, width: int, pad: bool = False) -> str:
     """``text`` cut to at most ``width`` columns (padded with spaces to it if ``pad``)."""
+    if text.isascii():  # one column each
+        text = text[:width]
+        return text.ljust(width) if pad else text
     used = 0
     for i, ch in enumerate(text):
         w = columns(ch)
@@ -226,24 +230,74 @@ def fit(text: str, width: int, pad: bool = False) -> str:
     return text + " " * (width - used) if pad else text
 
 
-def date_of(e: Entry) -> str:
+def date_of(h: Headers) -> str:
     """mailx's 16-column date: from the From_ line ("Mon Nov 16 10:00"), else Date:."""
-    parts = e.from_line.split()
+    parts = h.from_line.split()
     if len(parts) >= 5 and len(parts[4]) >= 5:
         return clean(f"{parts[1]} {parts[2]} {parts[3]:>2} {parts[4][:5]}")
+    value = header_text(h, "Date")
+    return _plain_date(value) or _parsed_date(value)
+
+
+_MONTHS = {m: n for n, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                        "sep", "oct", "nov", "dec"), 1)}
+_WEEKDAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_MONTH_SHIFT = (0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4)
+
+
+def _plain_date(value: str) -> str:
+    """``_parsed_date`` of an RFC 5322 date in its usual form ([Day,] DD Mon YYYY HH:MM...),
+    without the email package; '' for any other form."""
+    parts = value.split()
+    if parts and parts[0].endswith(","):
+        del parts[0]
+    if len(parts) < 4 or not (parts[0].isdigit() and parts[2].isdigit() and len(parts[2]) == 4):
+        return ""
+    month = _MONTHS.get(parts[1].lower())
+    hour, _, minute = parts[3][:5].partition(":")
+    if month is None or not (len(hour) == len(minute) == 2 and (hour + minute).isdigit()):
+        return ""
+    year, day = int(parts[2]), int(parts[0])
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= day <= (28 if month == 2 and not leap else _MONTH_DAYS[month - 1]):
+        return ""
+    # Sakamoto's day of the week (0 = Sunday)
+    y = year - (month < 3)
+    weekday = (y + y // 4 - y // 100 + y // 400 + _MONTH_SHIFT[month - 1] + day) % 7
+    return f"{_WEEKDAYS[weekday]} {parts[1].title()} {day:02d} {hour}:{minute}"
+
+
+def _parsed_date(value: str) -> str:
+    """mailx's date column for a Date: value ("Mon Nov 16 10:00"), as the message's own zone
+    gives it; '' when it does not parse."""
+    from email.utils import parsedate_to_datetime
+
     try:
-        return parsedate_to_datetime(header_text(e.headers, "Date")).strftime("%a %b %d %H:%M")
+        return parsedate_to_datetime(value).strftime("%a %b %d %H:%M")
     except (TypeError, ValueError, IndexError):
         return ""
 
 
-def summary(e: Entry, num: int, current: bool, width: int) -> str:
-    lines = e.raw.count(b"\n")
-    subject = header_text(e.headers, "Subject")
-    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {fit(sender_name(e), 18, pad=True)} "
-            f"{date_of(e)[:16]:<16} {lines:4d}/{len(e.raw):<5d} {subject}")
+def summary(e: Entry, h: Headers, num: int, current: bool, width: int) -> str:
+    value = h.get("Subject")
+    subject = "" if value is None else display_text(value)
+    value = h.get("From")
+    sender = None if value is None else _sender_column(value)
+    if sender is None:
+        sender = fit(sender_name(h), 18, pad=True)
+    line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {sender} "
+            f"{date_of(h)[:16]:<16} {e.lines:4d}/{e.size:<5d} {subject}")
     # One column short of the width, as s-nail: a full last column makes terminals wrap.
     return fit(line, width - 1).rstrip()
+
+
+@functools.lru_cache(maxsize=4096)
+def _sender_column(value: str) -> str | None:
+    """``sender_name``'s column for a From: field's value; None when it has no address."""
+    # Cached: a big mailbox's summary meets the same few senders again and again.
+    found = _addresses(value)
+    return fit(found[0][0] or found[0][1], 18, pad=True) if found else None
 
 
 def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
@@ -282,20 +336,22 @@ def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bo
             print(f"No mail for {name}", file=sys.stderr)
         return EX_NOMAIL
     box = mailfolder.load(path, cfg)
-    if check_only:
-        return EX_OK if box.entries else EX_NOMAIL
-    if not box.entries:
-        if system:
-            print(f"No mail for {name}", file=sys.stderr)
-        else:
-            print(f'"{path}": 0 messages')
-        return EX_NOMAIL
-    session = Session(cfg, box, system=system, variables=variables, prog=prog)
-    if headers_only:
-        for i, e in enumerate(box.entries):
-            session.emit_summary(e, i, current=i == session.dot)
-        return EX_OK
-    return session.loop(show_headers)
+    try:
+        if check_only:
+            return EX_OK if box.entries else EX_NOMAIL
+        if not box.entries:
+            if system:
+                print(f"No mail for {name}", file=sys.stderr)
+            else:
+                print(f'"{path}": 0 messages')
+            return EX_NOMAIL
+        session = Session(cfg, box, system=system, variables=variables, prog=prog)
+        if headers_only:
+            session.emit_summaries(range(len(box.entries)))
+            return EX_OK
+        return session.loop(show_headers)
+    finally:
+        box.close()
 
 
 class Session:
@@ -330,6 +386,8 @@ class Session:
     @property
     def width(self) -> int:
         if self.out.isatty():
+            import shutil
+
             return shutil.get_terminal_size((80, 24)).columns
         try:
             return max(20, int(os.environ.get("COLUMNS", "80")))
@@ -340,18 +398,32 @@ class Session:
         self.out.write(text + "\n")
         self.out.flush()
 
-    def emit_summary(self, e: Entry, i: int, current: bool) -> None:
-        line = summary(e, i + 1, current, self.width)
+    def headers_of(self, indices: Iterable[int]) -> Iterable[tuple[int, Headers]]:
+        """(index, headers) of each message in ``indices``, fetched in batches."""
+        entries = self.box.entries
+        picked = list(indices)
+        blocks = self.box.header_blocks(entries[i] for i in picked)
+        return zip(picked, map(Headers, blocks), strict=True)
+
+    def emit_summaries(self, indices: Iterable[int]) -> None:
+        entries = self.box.entries
+        width = self.width
         if self._console is None:
-            self.say(line)
+            write = self.out.write
+            for i, h in self.headers_of(indices):
+                write(summary(entries[i], h, i + 1, i == self.dot, width) + "\n")
+            self.out.flush()
             return
         # rich only for a colour terminal (a console exists)
         from rich.text import Text
 
-        style = "bold" if e.is_new else "dim" if e.deleted else ""
-        if current:
-            style = (style + " reverse").strip()
-        self._console.print(Text(line, style=style))
+        for i, h in self.headers_of(indices):
+            e = entries[i]
+            line = summary(e, h, i + 1, i == self.dot, width)
+            style = "bold" if e.is_new else "dim" if e.deleted else ""
+            if i == self.dot:
+                style = (style + " reverse").strip()
+            self._console.print(Text(line, style=style))
         self.out.flush()
 
     def banner(self) -> None:
@@ -367,8 +439,13 @@ class Session:
         self.say(clean(text))
 
     def screen(self) -> int:
+        """Header lines per window: the terminal's height less 4; without a terminal, s-nail's
+        22 (a 24-line screen less the banner's lines), so that a big folder opened from a
+        script does not print a line per message."""
         if not self.out.isatty():
-            return 10**9
+            return 22
+        import shutil
+
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
 
     def headers(self, start: int | None = None) -> None:
@@ -381,8 +458,7 @@ class Session:
             pos = next((k for k, i in enumerate(visible) if i >= self.dot), 0)
             start = (pos // size) * size
         self.window = max(0, min(start, len(visible) - 1))
-        for i in visible[self.window : self.window + size]:
-            self.emit_summary(self.box.entries[i], i, i == self.dot)
+        self.emit_summaries(visible[self.window : self.window + size])
 
     # --- message lists --------------------------------------------------------------------
 
@@ -416,8 +492,8 @@ class Session:
                 out.extend(i for i in pool if test(entries[i]))
             elif tok.startswith("/"):
                 needle = tok[1:].lower()
-                out.extend(i for i in usable
-                           if needle in header_text(entries[i].headers, "Subject").lower())
+                out.extend(i for i, h in self.headers_of(usable)
+                           if needle in header_text(h, "Subject").lower())
             elif "-" in tok and tok.replace("-", "").isdigit():
                 a, _, b = tok.partition("-")
                 lo, hi = int(a), int(b)
@@ -434,7 +510,8 @@ class Session:
                 out.append(n - 1)
             else:
                 needle = tok.lower()
-                out.extend(i for i in usable if needle in sender_of(entries[i]).lower())
+                out.extend(i for i, h in self.headers_of(usable)
+                           if needle in sender_of(h).lower())
         result = list(dict.fromkeys(out))  # each once, in order
         if not result:
             raise UsageError("No applicable messages")
@@ -443,12 +520,13 @@ class Session:
     # --- display --------------------------------------------------------------------------
 
     def render(self, e: Entry, all_headers: bool) -> str:
-        out = [f"From {clean(e.from_line)}"] if e.from_line else []
+        h = e.headers
+        out = [f"From {clean(h.from_line)}"] if h.from_line else []
         if all_headers:
-            for name, value in e.headers.raw_items():
+            for name, value in h.raw_items():
                 out.append(f"{clean(name)}: {display_text(value)}")
         else:
-            out.extend(shown_headers(e, SHOWN_HEADERS))
+            out.extend(shown_headers(h, SHOWN_HEADERS))
         out.append("")
         out.append(body_text(e))
         return "\n".join(out)
@@ -464,6 +542,8 @@ class Session:
     def page(self, text: str) -> None:
         if self.out.isatty() and text.count("\n") > self.screen():
             pager = os.environ.get("PAGER") or "more"
+            import subprocess
+
             try:
                 subprocess.run(shlex.split(pager), input=text.encode("utf-8", "replace"),
                                check=False)
@@ -500,6 +580,8 @@ class Session:
         if line.startswith("!"):
             if not self.tty:
                 raise UsageError("shell escapes are only run from a terminal")
+            import subprocess
+
             subprocess.run(line[1:], shell=True, check=False)  # noqa: S602 (typed by the user)
             self.say("!")
             return None
@@ -572,8 +654,7 @@ class Session:
     def c_from(self, args: str) -> None:
         if not args:
             return self.c_folder(args)
-        for i in self.select(args, deleted=":d" in args):
-            self.emit_summary(self.box.entries[i], i, i == self.dot)
+        self.emit_summaries(self.select(args, deleted=":d" in args))
         return None
 
     def c_print(self, args: str) -> None:
@@ -647,7 +728,7 @@ class Session:
 
     def c_save(self, args: str, mark: bool = True) -> None:
         picked, path = self._list_and_file(args)
-        data = [mailfolder.mbox_bytes(self.box.entries[i]) for i in picked]
+        data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
         self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
         if mark:
             for i in picked:
@@ -674,6 +755,8 @@ class Session:
             self.box.entries[i].saved = True
 
     def c_reply(self, args: str, everyone: bool = False) -> None:
+        from pymailtools.mua.compose import Draft, reply_subject
+
         e = self.box.entries[self.select(args)[0]]
         h = e.headers
         found = header_addresses(h, "Reply-To") or header_addresses(h, "From")
@@ -701,9 +784,14 @@ class Session:
     def c_mail(self, args: str) -> None:
         if not args.strip():
             raise UsageError("No recipients specified")
+        from pymailtools.mua.compose import Draft
+
         self._compose(Draft(to=[args]))
 
     def _compose(self, draft: Draft) -> None:
+        # composing only: reading pays for neither the composer nor the submission code
+        from pymailtools.mua import outbox, tilde
+
         self.say(f"To: {clean(', '.join(draft.to))}")
         if draft.cc:
             self.say(f"Cc: {clean(', '.join(draft.cc))}")
@@ -730,13 +818,14 @@ class Session:
 
     def c_size(self, args: str) -> None:
         for i in self.select(args):
-            self.say(f"{i + 1}: {len(self.box.entries[i].raw)}")
+            self.say(f"{i + 1}: {self.box.entries[i].size}")
 
     def c_top(self, args: str) -> None:
         for i in self.select(args):
             e = self.box.entries[i]
             body = body_text(e).split("\n")[:5]
-            self.say("\n".join([f"Message {i + 1}:", *shown_headers(e, TOP_HEADERS), "", *body]))
+            self.say("\n".join([f"Message {i + 1}:", *shown_headers(e.headers, TOP_HEADERS), "",
+                                *body]))
 
     def c_help(self, args: str) -> None:
         self.say(HELP.rstrip("\n"))
@@ -773,7 +862,7 @@ class Session:
 
         def copy_to_mbox() -> None:
             if moved:
-                mailfolder.append_mbox(mbox, [mailfolder.mbox_bytes(e) for e in moved],
+                mailfolder.append_mbox(mbox, [self.box.mbox_bytes(e) for e in moved],
                                        self.cfg)
 
         arrived = self.box.save(self.cfg, keep, copy_to_mbox)
@@ -788,11 +877,11 @@ class Session:
         return EX_OK
 
 
-def shown_headers(e: Entry, names: tuple[str, ...]) -> list[str]:
+def shown_headers(h: Headers, names: tuple[str, ...]) -> list[str]:
     """``Name: value`` lines of the headers ``names`` that the message has, decoded."""
     out = []
     for name in names:
-        value = header_text(e.headers, name)
+        value = header_text(h, name)
         if value:
             out.append(f"{name.title() if name != 'cc' else 'Cc'}: {value}")
     return out
@@ -800,10 +889,14 @@ def shown_headers(e: Entry, names: tuple[str, ...]) -> list[str]:
 
 def body_text(e: Entry) -> str:
     """The text to show for a message: its text part decoded, other parts listed."""
+    import email
+    import email.policy
+
+    data = e.message_bytes
     try:
-        msg = email.message_from_bytes(e.message_bytes, policy=email.policy.compat32)
+        msg = email.message_from_bytes(data, policy=email.policy.compat32)
     except Exception:
-        return clean(e.message_bytes.decode("utf-8", "replace"))
+        return clean(data.decode("utf-8", "replace"))
     if not msg.is_multipart():
         if msg.get_content_maintype() in ("text", "message") or not msg.get("Content-Type"):
             return clean(_decoded(msg))
