@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import re
 import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -13,8 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
 from pymailtools.fileio import write_all
-from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
+
+# pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
+# saved or rewritten: listing a folder does without it and its imports.
 
 # Reads of an mbox file: big enough that a system call costs nothing per message, small
 # enough that a 200,000-message folder never sits in memory.
@@ -221,6 +224,12 @@ class Folder:
         """Let go of what the folder holds open."""
 
 
+_STATUS_FIELD = re.compile(rb"\nstatus:", re.IGNORECASE)
+_STATUS_VALUES = {f"{space}{letters}".encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
+                  | (OLD | WAS_OLD if "O" in letters else 0)
+                  for space in ("", " ") for letters in ("", "R", "O", "RO", "OR")}
+
+
 def _status_flags(data: bytes, start: int, end: int) -> int:
     """WAS_SEEN | WAS_OLD | SEEN | OLD as the first Status: field says, of the header fields
     in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
@@ -281,55 +290,59 @@ class _Scan:
 
     def run(self) -> None:
         fd, box = self.fd, self.box
-        entries = self.entries
+        append = self.entries.append
         offset = 0
         keep = 0  # bytes of the previous block read again: a separator may straddle blocks
-        nl = 0
+        nl = 0  # newlines before the current point
+        prev: MboxEntry | None = None
+        status_field = _STATUS_FIELD.search
         while True:
             base = offset - keep
             window = os.pread(fd, BLOCK + keep, base)
-            if len(window) <= keep:
+            n = len(window)
+            if n <= keep:
                 break
             self.crc = zlib.crc32(memoryview(window)[keep:], self.crc)
-            found = [0] if base == 0 and window.startswith(b"From ") else []
-            pos = window.find(b"\nFrom ")
-            while pos >= 0:
-                found.append(pos + 1)
-                pos = window.find(b"\nFrom ", pos + 6)
+            find = window.find
+            if base == 0 and window.startswith(b"From "):
+                p = 0
+            else:
+                p = find(b"\nFrom ") + 1 or -1
             last = keep
-            for k, p in enumerate(found):
+            while p >= 0:
+                q = find(b"\nFrom ", p)  # the next message's separator
+                end = n if q < 0 else q + 1
                 if p > last:
                     nl += window.count(b"\n", last, p)
                     last = p
-                complete = k + 1 < len(found)
-                head, flags = _header(window, p, found[k + 1] if complete else len(window),
-                                      complete)
+                fields = find(b"\n", p, end) + 1 or end  # after the From_ line
+                cut = find(b"\n\n", fields - 1, end)
+                if cut < 0 and q < 0:  # the header block goes on past this block
+                    head, flags = -1, 0
+                else:
+                    head_end = end if cut < 0 else cut + 1
+                    head = head_end - p
+                    m = status_field(window, fields - 1, head_end)
+                    if m is None:
+                        flags = 0
+                    else:  # the usual values looked up, anything else parsed
+                        value = window[m.end() : find(b"\n", m.end(), head_end)]
+                        flags = _STATUS_VALUES.get(value, -1)
+                        if flags < 0:
+                            flags = _status_flags(window, fields, head_end)
                 # lines holds the newlines before the start until the next start is known
-                entries.append(MboxEntry(box, base + p, head, 0, nl, flags))
+                e = MboxEntry(box, base + p, head, 0, nl, flags)
+                if prev is not None:
+                    prev.size, prev.lines = e.start - prev.start, nl - prev.lines
+                append(e)
+                prev = e
+                p = -1 if q < 0 else end
             nl += window.count(b"\n", last)
-            offset = base + len(window)
+            offset = base + n
             keep = 5
         self.size = offset
-        for i in range(len(entries)):
-            e = entries[i]
-            if i + 1 < len(entries):
-                after = entries[i + 1]
-                e.size, e.lines = after.start - e.start, after.lines - e.lines
-            else:
-                e.size, e.lines = offset - e.start, nl - e.lines
-
-
-def _header(window: bytes, p: int, bound: int, complete: bool) -> tuple[int, int]:
-    """(length of the header block from ``p``, its Status: flags) of the message starting at
-    ``p``, which ends at ``bound`` if ``complete``; (-1, 0) when the block does not hold it."""
-    start = window.find(b"\n", p, bound) + 1
-    if start == 0:
-        start = bound
-    end = window.find(b"\n\n", start - 1, bound)
-    if end < 0 and not complete:
-        return -1, 0
-    head_end = bound if end < 0 else end + 1
-    return head_end - p, _status_flags(window, start, head_end)
+        if prev is not None:
+            prev.size, prev.lines = offset - prev.start, nl - prev.lines
 
 
 def _pseudo(block: bytes) -> bool:
@@ -435,6 +448,8 @@ class MboxFolder(Folder):
 
     def message_bytes(self, e: Entry) -> bytes:
         raw = self.stored_bytes(e)
+        from pymailtools.local import mbox
+
         if not raw.startswith(b"From "):
             return raw
         return mbox.unquote(raw[raw.find(b"\n") + 1 :])
@@ -450,6 +465,8 @@ class MboxFolder(Folder):
 
     def mbox_bytes(self, e: Entry) -> bytes:
         raw = self._status_entry(e, self.stored_bytes(e))
+        from pymailtools.local import mbox
+
         if raw.startswith(b"From "):
             return mbox.end_entry(raw)
         return _frame(Headers(self.header_block(e)), raw)
@@ -463,6 +480,8 @@ class MboxFolder(Folder):
         updated), then what arrived since loading. Reads the old content in large blocks and
         passes its CRC to ``verify`` before anything arrived is read. Returns (offset of
         the first byte that differs from the old content, messages that arrived)."""
+        from pymailtools.local import mbox
+
         reader = _BlockReader(fd)
         writer = _BlockWriter(out)
         kept = {id(e) for e in keep}
@@ -523,6 +542,8 @@ class MboxFolder(Folder):
                  before_write: Callable[[], None] | None) -> int:
         """With the locks held: the new content, checked against what was loaded, in place of
         the old. Returns messages that arrived meanwhile."""
+        from pymailtools.local import mbox
+
         size = os.fstat(fd).st_size
         if size < self.size:
             raise self._changed_error()
@@ -785,6 +806,8 @@ class MaildirFolder(Folder):
 def _frame(h: Headers, message: bytes) -> bytes:
     """A message without a From_ line, framed as our deliverer frames it (sender from its
     Return-Path)."""
+    from pymailtools.local import mbox
+
     sender = "MAILER-DAEMON"
     rp = h.get("Return-Path")
     if rp:
@@ -807,6 +830,8 @@ def load(path: str, config: Config) -> Folder:
 
 def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
     """Append framed messages to the mbox ``path`` under the delivery locks; True if created."""
+    from pymailtools.local import mbox
+
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     created = not os.path.lexists(path)
     fd, _ = _open_file(path, flags)

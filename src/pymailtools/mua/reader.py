@@ -9,19 +9,18 @@ import pwd
 import re
 import shlex
 import sys
-from typing import TextIO
 
 from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
-from pymailtools.local.spool import mailbox_path, valid_user_name
 from pymailtools.mua import folder as mailfolder
-from pymailtools.mua.folder import Entry, Folder, Headers
+from pymailtools.mua.folder import DELETED, OLD, READ, SEEN, Entry, Folder, Headers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from email.message import Message
+    from typing import TextIO
 
     from pymailtools.mua.compose import Draft
 
@@ -308,6 +307,9 @@ def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[
         if path.startswith("%"):
             return resolve_mailbox(cfg, None, path[1:] or None)
         return os.path.expanduser(path), me, False
+    # the spool only for the system mailbox: reading a -f folder does without its imports
+    from pymailtools.local.spool import mailbox_path, valid_user_name
+
     if user is not None and user != me:
         if os.geteuid() != 0:
             raise MailError(f"{user}: only root may read another user's mailbox", EX_NOPERM)
@@ -429,8 +431,9 @@ class Session:
     def banner(self) -> None:
         entries = self.box.entries
         n = len(entries)
-        new = sum(1 for e in entries if e.is_new)
-        unread = sum(1 for e in entries if not e.seen and not e.read)
+        # flag bits rather than the attributes: the loops run once per message
+        new = sum(1 for e in entries if not e.flags & (OLD | SEEN | READ))
+        unread = sum(1 for e in entries if not e.flags & (SEEN | READ))
         text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
         if new:
             text += f" {new} new"
@@ -449,7 +452,7 @@ class Session:
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
 
     def headers(self, start: int | None = None) -> None:
-        visible = [i for i, e in enumerate(self.box.entries) if not e.deleted]
+        visible = [i for i, e in enumerate(self.box.entries) if not e.flags & DELETED]
         if not visible:
             self.say("No more mail.")
             return
@@ -465,9 +468,9 @@ class Session:
     def select(self, spec: str, *, deleted: bool = False) -> list[int]:
         """Indices for a mailx message list; the current message when ``spec`` is empty."""
         entries = self.box.entries
-        usable = [i for i, e in enumerate(entries) if deleted or not e.deleted]
+        usable = [i for i, e in enumerate(entries) if deleted or not e.flags & DELETED]
         if not spec.strip():
-            if self.dot in usable:
+            if deleted or not entries[self.dot].flags & DELETED:
                 return [self.dot]
             raise UsageError("No applicable messages")
         out: list[int] = []
@@ -500,12 +503,13 @@ class Session:
                 for n in (lo, hi):
                     if not 1 <= n <= len(entries):
                         raise UsageError(f"{n}: Invalid message number")
-                out.extend(i for i in range(lo - 1, hi) if i in usable)
+                out.extend(i for i in range(lo - 1, hi)
+                           if deleted or not entries[i].flags & DELETED)
             elif tok.isdigit():
                 n = int(tok)
                 if not 1 <= n <= len(entries):
                     raise UsageError(f"{n}: Invalid message number")
-                if n - 1 not in usable:
+                if not deleted and entries[n - 1].flags & DELETED:
                     raise UsageError(f"{n}: Inappropriate message")
                 out.append(n - 1)
             else:
