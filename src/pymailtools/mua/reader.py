@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import itertools
 import os
 import pwd
 import re
@@ -14,7 +15,18 @@ from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
 from pymailtools.mua import folder as mailfolder
-from pymailtools.mua.folder import DELETED, OLD, READ, SEEN, Entry, Folder, Headers
+from pymailtools.mua.folder import (
+    DELETED,
+    OLD,
+    PRESERVED,
+    READ,
+    SAVED,
+    SEEN,
+    TO_MBOX,
+    Entry,
+    Folder,
+    Headers,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -369,10 +381,11 @@ class Session:
         self.inp = inp or sys.stdin
         self.out = out or sys.stdout
         self.tty = self.inp.isatty() and self.out.isatty()
-        entries = box.entries
-        first = next((i for i, e in enumerate(entries) if e.is_new), None)
+        # flag bits rather than entries: the loops over every message run at C speed mostly
+        flags = box.flags
+        first = next((i for i, f in enumerate(flags) if not f & (OLD | SEEN | READ)), None)
         if first is None:
-            first = next((i for i, e in enumerate(entries) if not e.seen), 0)
+            first = next((i for i, f in enumerate(flags) if not f & SEEN), 0)
         self.dot = first
         self.dot_shown = False
         self.window = 0
@@ -431,9 +444,9 @@ class Session:
     def banner(self) -> None:
         entries = self.box.entries
         n = len(entries)
-        # flag bits rather than the attributes: the loops run once per message
-        new = sum(1 for e in entries if not e.flags & (OLD | SEEN | READ))
-        unread = sum(1 for e in entries if not e.flags & (SEEN | READ))
+        flags = self.box.flags
+        new = sum(1 for f in flags if not f & (OLD | SEEN | READ))
+        unread = sum(1 for f in flags if not f & (SEEN | READ))
         text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
         if new:
             text += f" {new} new"
@@ -452,7 +465,7 @@ class Session:
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
 
     def headers(self, start: int | None = None) -> None:
-        visible = [i for i, e in enumerate(self.box.entries) if not e.flags & DELETED]
+        visible = [i for i, f in enumerate(self.box.flags) if not f & DELETED]
         if not visible:
             self.say("No more mail.")
             return
@@ -467,10 +480,10 @@ class Session:
 
     def select(self, spec: str, *, deleted: bool = False) -> list[int]:
         """Indices for a mailx message list; the current message when ``spec`` is empty."""
-        entries = self.box.entries
-        usable = [i for i, e in enumerate(entries) if deleted or not e.flags & DELETED]
+        entries, flags = self.box.entries, self.box.flags
+        usable = [i for i, f in enumerate(flags) if deleted or not f & DELETED]
         if not spec.strip():
-            if deleted or not entries[self.dot].flags & DELETED:
+            if deleted or not flags[self.dot] & DELETED:
                 return [self.dot]
             raise UsageError("No applicable messages")
         out: list[int] = []
@@ -504,12 +517,12 @@ class Session:
                     if not 1 <= n <= len(entries):
                         raise UsageError(f"{n}: Invalid message number")
                 out.extend(i for i in range(lo - 1, hi)
-                           if deleted or not entries[i].flags & DELETED)
+                           if deleted or not flags[i] & DELETED)
             elif tok.isdigit():
                 n = int(tok)
                 if not 1 <= n <= len(entries):
                     raise UsageError(f"{n}: Invalid message number")
-                if not deleted and entries[n - 1].flags & DELETED:
+                if not deleted and flags[n - 1] & DELETED:
                     raise UsageError(f"{n}: Inappropriate message")
                 out.append(n - 1)
             else:
@@ -681,11 +694,11 @@ class Session:
         self._advance()
 
     def _advance(self) -> bool:
-        entries = self.box.entries
-        if not entries[self.dot].deleted:
+        flags = self.box.flags
+        if not flags[self.dot] & DELETED:
             return True
-        for i in [*range(self.dot + 1, len(entries)), *range(self.dot - 1, -1, -1)]:
-            if not entries[i].deleted:
+        for i in itertools.chain(range(self.dot + 1, len(flags)), range(self.dot - 1, -1, -1)):
+            if not flags[i] & DELETED:
                 self.dot = i
                 self.dot_shown = False
                 return True
@@ -842,31 +855,34 @@ class Session:
 
     def quit(self) -> int:
         """mailx's q: drop deleted, move read messages to ~/mbox (system mailbox, no hold)."""
-        entries = self.box.entries
+        entries, flags = self.box.entries, self.box.flags
         hold = "hold" in self.vars
         keepsave = "keepsave" in self.vars
-        moved: list[Entry] = []
-        keep: list[Entry] = []
-        for e in entries:
-            if e.deleted:
-                continue
-            if self.system and not e.preserved and (e.to_mbox or (
-                    e.read and not hold and not e.saved)):
-                moved.append(e)
-            elif self.system and e.saved and not keepsave and not e.preserved:
-                continue
-            else:
-                keep.append(e)
-        if not self.box.changed() and len(keep) == len(entries):
+        moved: list[int] = []
+        keep: list[int] = []
+        if not self.system:  # a folder keeps all but the deleted
+            keep = [i for i, f in enumerate(flags) if not f & DELETED]
+        else:
+            for i, f in enumerate(flags):
+                if f & DELETED:
+                    continue
+                if not f & PRESERVED and (f & TO_MBOX or (
+                        f & READ and not hold and not f & SAVED)):
+                    moved.append(i)
+                elif f & SAVED and not keepsave and not f & PRESERVED:
+                    continue
+                else:
+                    keep.append(i)
+        if not self.box.changed() and len(keep) == len(flags):
             return EX_OK
         mbox = os.environ.get("MBOX") or os.path.expanduser("~/mbox")
         if moved and os.path.abspath(mbox) == os.path.abspath(self.box.path):
-            keep = [e for e in entries if not e.deleted]
+            keep = [i for i, f in enumerate(flags) if not f & DELETED]
             moved = []
 
         def copy_to_mbox() -> None:
             if moved:
-                mailfolder.append_mbox(mbox, [self.box.mbox_bytes(e) for e in moved],
+                mailfolder.append_mbox(mbox, [self.box.mbox_bytes(entries[i]) for i in moved],
                                        self.cfg)
 
         arrived = self.box.save(self.cfg, keep, copy_to_mbox)
