@@ -22,7 +22,7 @@ from pymailtools.local.lock import MailboxLock
 
 # Reads of an mbox file: big enough that a system call costs nothing per message, small
 # enough that a 200,000-message folder never sits in memory.
-BLOCK = 1 << 20
+BLOCK = 1 << 18
 # A Maildir message's first read: the whole file for nearly every message.
 HEAD_BLOCK = 1 << 16
 # The folder-internal message UW-IMAP and Dovecot keep first in an mbox they rewrote.
@@ -83,7 +83,7 @@ class Entry:
 
     @property
     def lines(self) -> int:
-        return self.box.lines[self.index]
+        return self.box.line_count(self.index)
 
     @property
     def flags(self) -> int:
@@ -223,8 +223,8 @@ def _value_at(block: bytes, key: bytes, start: int) -> int:
 class Folder:
     """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it.
 
-    The index is a few numbers per message, in folder order: ``sizes``, ``lines`` and
-    ``flags`` (the bits above; the session changes them). ``entries`` gives an ``Entry`` view
+    The index is a few numbers per message, in folder order: ``sizes`` and ``flags`` (the
+    bits above; the session changes them), and ``line_count``. ``entries`` gives an ``Entry`` view
     of each message. Headers and text are fetched per message (``header_block``,
     ``message_bytes``) or in batches (``header_blocks``, for summaries). ``save`` stores the
     session's changes, keeping only the entries whose indices it is given."""
@@ -234,6 +234,10 @@ class Folder:
     sizes: Sequence[int]
     lines: Sequence[int]
     flags: MutableSequence[int]
+
+    def line_count(self, i: int) -> int:
+        """Lines of message ``i`` as stored."""
+        return self.lines[i]
 
     def header_block(self, e: Entry) -> bytes:
         """The message's header block as stored (an mbox From_ line first), without the
@@ -782,7 +786,10 @@ class MaildirEntry(Entry):
 
 class MaildirFolder(Folder):
     """A Maildir: new/ and cur/ files; flags live in the ``:2,`` suffix of the name. Loading
-    reads the first block of each file, for its line count."""
+    only lists and stats the files: a message's lines are counted when its text is first read
+    (its header block, for a summary), or when asked for."""
+
+    lines: array[int]  # -1: not counted yet
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
@@ -798,37 +805,37 @@ class MaildirFolder(Folder):
                 if name.startswith("."):
                     continue
                 try:
-                    fd = os.open(d + name, _READ_FLAGS)
+                    st = os.stat(d + name)
                 except OSError:
                     continue  # moved or removed by another reader meanwhile
-                try:
-                    st = os.fstat(fd)
-                    data = os.read(fd, HEAD_BLOCK)
-                    lines = data.count(b"\n")
-                    offset = len(data)
-                    while offset < st.st_size:
-                        data = os.read(fd, BLOCK)
-                        if not data:
-                            break
-                        lines += data.count(b"\n")
-                        offset += len(data)
-                except OSError:
-                    continue
-                finally:
-                    os.close(fd)
-                found.append((st.st_mtime, name, sub, offset, lines))
+                found.append((st.st_mtime, name, sub, st.st_size))
         found.sort()
-        self.keys = [name for _, name, _, _, _ in found]
-        self.subdirs = [sub for _, _, sub, _, _ in found]
-        self.sizes = array("q", [size for _, _, _, size, _ in found])
-        self.lines = array("q", [lines for _, _, _, _, lines in found])
+        self.keys = [name for _, name, _, _ in found]
+        self.subdirs = [sub for _, _, sub, _ in found]
+        self.sizes = array("q", [size for _, _, _, size in found])
+        self.lines = array("q", [-1]) * len(found)
         self.flags = array("H", [(SEEN | WAS_SEEN if "S" in name.rpartition(":2,")[2]
                                   and ":2," in name else 0) | (OLD if sub == "cur" else 0)
-                                 for _, name, sub, _, _ in found])
+                                 for _, name, sub, _ in found])
         self.entries = EntryList(self, MaildirEntry)
 
     def _file(self, e: Entry) -> str:
         return f"{self.path}/{self.subdirs[e.index]}/{self.keys[e.index]}"
+
+    def line_count(self, i: int) -> int:
+        if self.lines[i] < 0:
+            count = 0
+            try:
+                fd = os.open(f"{self.path}/{self.subdirs[i]}/{self.keys[i]}", _READ_FLAGS)
+                try:
+                    while data := os.read(fd, BLOCK):
+                        count += data.count(b"\n")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # moved or removed by another reader meanwhile
+            self.lines[i] = count
+        return self.lines[i]
 
     def header_block(self, e: Entry) -> bytes:
         try:
@@ -837,6 +844,8 @@ class MaildirFolder(Folder):
             return b""  # moved or removed by another reader meanwhile
         try:
             data = os.read(fd, HEAD_BLOCK)
+            if len(data) < HEAD_BLOCK:  # the whole file: its lines come for free
+                self.lines[e.index] = data.count(b"\n")
             cut = data.find(b"\n\n")
             while cut < 0 and len(data) < e.size:
                 more = os.read(fd, BLOCK)

@@ -260,23 +260,32 @@ _MONTH_SHIFT = (0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4)
 def _plain_date(value: str) -> str:
     """``_parsed_date`` of an RFC 5322 date in its usual form ([Day,] DD Mon YYYY HH:MM...),
     without the email package; '' for any other form."""
-    parts = value.split()
+    parts = value.split(None, 5)
     if parts and parts[0].endswith(","):
         del parts[0]
-    if len(parts) < 4 or not (parts[0].isdigit() and parts[2].isdigit() and len(parts[2]) == 4):
+    if len(parts) < 4:
         return ""
-    month = _MONTHS.get(parts[1].lower())
-    hour, _, minute = parts[3][:5].partition(":")
-    if month is None or not (len(hour) == len(minute) == 2 and (hour + minute).isdigit()):
+    day, mon, year, clock = parts[0], parts[1], parts[2], parts[3]
+    if not (clock[2:3] == ":" and len(clock) >= 5 and (clock[:2] + clock[3:5]).isdigit()
+            and day.isdigit() and len(year) == 4 and year.isdigit()):
         return ""
-    year, day = int(parts[2]), int(parts[0])
+    column = _day_column(int(year), mon.lower(), int(day))
+    return f"{column} {clock[:5]}" if column else ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_column(year: int, mon: str, day: int) -> str:
+    """"Tue Nov 14" for a date; '' when there is no such day."""
+    month = _MONTHS.get(mon)
+    if month is None:
+        return ""
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not 1 <= day <= (28 if month == 2 and not leap else _MONTH_DAYS[month - 1]):
         return ""
     # Sakamoto's day of the week (0 = Sunday)
     y = year - (month < 3)
     weekday = (y + y // 4 - y // 100 + y // 400 + _MONTH_SHIFT[month - 1] + day) % 7
-    return f"{_WEEKDAYS[weekday]} {parts[1].title()} {day:02d} {hour}:{minute}"
+    return f"{_WEEKDAYS[weekday]} {mon.title()} {day:02d}"
 
 
 def _parsed_date(value: str) -> str:
