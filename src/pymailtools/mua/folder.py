@@ -221,13 +221,16 @@ def _value_at(block: bytes, key: bytes, start: int) -> int:
 
 
 class Folder:
-    """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it.
+    """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it,
+    and nothing in read mode reaches past it.
 
-    The index is a few numbers per message, in folder order: ``sizes`` and ``flags`` (the
-    bits above; the session changes them), and ``line_count``. ``entries`` gives an ``Entry`` view
-    of each message. Headers and text are fetched per message (``header_block``,
-    ``message_bytes``) or in batches (``header_blocks``, for summaries). ``save`` stores the
-    session's changes, keeping only the entries whose indices it is given."""
+    The index is a few numbers per message, in folder order: ``sizes``, ``flags`` (the bits
+    above: stored flags, then the session's marks, which the reader sets) and ``line_count``.
+    ``entries[i]`` is an ``Entry`` view of message i. Headers and text are fetched when wanted:
+    per message (``header_block``, ``message_bytes``, ``mbox_bytes``) or in batches
+    (``header_blocks``, for summaries). ``changed`` says whether quitting would store
+    anything; ``save`` stores the session's flags, keeping only the messages whose indices it
+    is given, and reports mail that arrived meanwhile; ``close`` ends the session."""
 
     path: str
     entries: EntryList
@@ -880,18 +883,19 @@ class MaildirFolder(Folder):
         kept = bytearray(len(self.flags))
         for i in keep:
             kept[i] = 1
+        top = self.path + "/"
         for i, key in enumerate(self.keys):
-            src = os.path.join(self.path, self.subdirs[i], key)
+            src = f"{top}{self.subdirs[i]}/{key}"
             try:
                 if not kept[i]:
                     os.unlink(src)
                     continue
                 base, _, flags = key.partition(":2,")
-                flagset = set(flags)
                 if self.flags[i] & READ:
-                    flagset.add("S")
-                name = f"{base}:2,{''.join(sorted(flagset))}"
-                dst = os.path.join(self.path, "cur", name)
+                    flags += "S"
+                if len(flags) > 1:
+                    flags = "".join(sorted(set(flags)))
+                dst = f"{top}cur/{base}:2,{flags}"
                 if dst != src:
                     os.rename(src, dst)
             except FileNotFoundError:
