@@ -30,13 +30,28 @@ _pymailtools_mail()
                 COMPREPLY=($(compgen -u -- "$cur"))
                 return
                 ;;
+            -A)
+                # account blocks of the resource files
+                local rc=${MAILRC:-$HOME/.mailrc}
+                COMPREPLY=($(compgen -W "$(sed -n 's/^[[:space:]]*ac\(count\)\{0,1\}[[:space:]]\{1,\}\([^[:space:]{]\{1,\}\)[[:space:]]*{.*/\2/p' "$rc" /etc/mail.rc 2>/dev/null)" -- "$cur"))
+                return
+                ;;
+            -:)
+                COMPREPLY=($(compgen -W "su s u /" -- "$cur"))
+                return
+                ;;
             -S)
-                COMPREPLY=($(compgen -W "smtp= mta=smtp:// from= hold keepsave escape= skipemptybody smtp-use-starttls tls-verify= tls-ca-file= smtp-auth-user= smtp-auth-password=" -- "$cur"))
+                COMPREPLY=($(compgen -W "smtp= mta=smtp:// mta=smtps:// mta=submission:// from= hold keepsave escape= skipemptybody smtp-use-starttls smtp-auth= tls-verify= tls-ca-file= tls-ca-dir= tls-ca-no-defaults smtp-auth-user= smtp-auth-password= user= password= netrc-lookup smtp-auth-password-command= smtp-auth-oauth2-token-command= record= folder= v15-compat" -- "$cur"))
                 [[ ${COMPREPLY[0]} == *= || ${COMPREPLY[0]} == *// ]] && compopt -o nospace 2>/dev/null
                 return
                 ;;
             -t)
                 COMPREPLY=($(compgen -A hostname -- "$cur"))
+                return
+                ;;
+            --fetch)
+                COMPREPLY=($(compgen -W "pop3s:// imaps:// pop3:// imap://" -- "$cur"))
+                compopt -o nospace 2>/dev/null
                 return
                 ;;
             -s | -c | -b | -r)
@@ -45,8 +60,8 @@ _pymailtools_mail()
                 ;;
         esac
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "-s -c -b -a -r -S -t -E -v -n -N -H -e -f -u -i -I -d -h -V
-                --read-recipients --help --version --" -- "$cur"))
+            COMPREPLY=($(compgen -W "-s -c -b -a -r -S -A -: -t -E -v -n -N -H -e -f -u -i -I -d -h -V
+                --read-recipients --fetch --keep --help --version --" -- "$cur"))
             return
         fi
     fi

@@ -9,10 +9,10 @@ _pymailtools_smtpchat()
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD-1]}
 
-    local opts="--server -s --port -p --mx --resolver -4 -6 --local-interface -li --to -t
+    local opts="--server -s --port -p --pop3 --imap --command --mx --resolver -4 -6 --local-interface -li --to -t
         --from -f --ehlo --helo -h --tls --tls-optional -tlso --tls-on-connect -tlsc
         --tls-verify --tls-ca-path --tls-cert --tls-key --tls-sni --auth -a --auth-user -au
-        --auth-password -ap --auth-plaintext --header --add-header -ah --subject --body
+        --auth-password -ap --auth-plaintext --show-secrets --header --add-header -ah --subject --body
         --attach --data -d --no-data-fixup -ndf --raw-line --bare-lf --bare-cr --quit-after -q
         --pipeline --chunking --chunk-size --smtputf8 --timeout --suppress-data -n --json
         --no-prompt --version --help"
@@ -28,7 +28,7 @@ _pymailtools_smtpchat()
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$opts" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "PLAIN LOGIN CRAM-MD5" -- "$cur"))
+                COMPREPLY=($(compgen -W "PLAIN LOGIN CRAM-MD5 USER XOAUTH2" -- "$cur"))
             fi
             return
             ;;
@@ -41,12 +41,13 @@ _pymailtools_smtpchat()
             return
             ;;
         --port|-p)
-            COMPREPLY=($(compgen -W "25 465 587 smtp submission submissions" -- "$cur"))
+            COMPREPLY=($(compgen -W "25 465 587 110 995 143 993 smtp submission submissions
+                pop3 pop3s imap imaps" -- "$cur"))
             return
             ;;
         --to|-t|--from|-f|--ehlo|--helo|-h|--local-interface|-li|--tls-sni|--auth-user|-au|\
         --auth-password|-ap|--header|--add-header|-ah|--subject|--raw-line|--chunk-size|\
-        --timeout)
+        --timeout|--command)
             return
             ;;
     esac

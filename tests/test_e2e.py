@@ -177,6 +177,27 @@ def test_background_runner_detaches_and_is_shared(sendmail: Sendmail, tmp_path: 
     assert len(set(parents)) <= 5  # and not one process per message
 
 
+def test_background_runner_reads_the_c_configuration(sendmail: Sendmail, tmp_path: Path,
+                                                    world_dir: Path) -> None:
+    """The runner sendmail starts is a fresh process: it reads the -C file again (not the
+    default one) and delivers from that file's queue."""
+    log = world_dir / "delivered"
+    prog = f"import sys; open({str(log)!r},'ab').write(sys.stdin.buffer.read())"
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f'done: "|/usr/bin/python3 -c \\"{prog}\\""\n')
+    aliases.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYMAILTOOLS_")}
+    p = subprocess.run([script("sendmail"), "-C", str(sendmail.config_file), "-odb", "done"],
+                       input=b"Subject: via -C\n\nb\n", capture_output=True, env=env,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not log.exists() or b"via -C" not in log.read_bytes()):
+        time.sleep(0.1)
+    assert b"Subject: via -C" in log.read_bytes()
+    assert sendmail.entries() == []
+
+
 def test_qI_and_qR_deliver_only_what_they_name(sendmail: Sendmail, spool: Path,
                                               system_user: pwd.struct_passwd) -> None:
     name = system_user.pw_name

@@ -18,7 +18,7 @@ from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("sendmail", "mail", "mailx", "mailq", "postqueue", "postsuper", "smtpchat",
-            "postmap", "postalias")
+            "postmap", "postalias", "pymailtools-oauth2")
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,35 @@ def test_fish_loads_the_mailx_completion(venv: Path) -> None:
                           "complete -C'mailx -'"], env=_env(venv), capture_output=True,
                          text=True, check=True).stdout
     assert "-s\tSubject" in out, out
+
+
+def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> None:
+    """The launcher runs the venv's Python with -I -S (no `site`: a third of its start-up) and
+    puts site-packages on sys.path itself; called through a symlink too (/usr/sbin/sendmail)."""
+    site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    marker = tmp_path / "site-ran"
+    custom = site_packages / "sitecustomize.py"
+    custom.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    link = tmp_path / "sbin" / "sendmail"
+    link.parent.mkdir()
+    link.symlink_to(venv / "bin" / "sendmail")
+    queue = tmp_path / "queue"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYMAILTOOLS_", "PYTHON"))}
+    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), PATH="/usr/bin:/bin",
+               PYMAILTOOLS_QUEUE_DIRECTORY=str(queue), PYMAILTOOLS_DELIVERY_MODE="queue",
+               PYMAILTOOLS_MAIL_SPOOL_DIRECTORY=str(tmp_path), PYMAILTOOLS_SYSLOG="no")
+    (tmp_path / "none.toml").write_text("")
+    try:
+        for cmd in (venv / "bin" / "sendmail", link):
+            p = subprocess.run([str(cmd), "-i", "user"], input=b"Subject: t\n\nbody\n",
+                               capture_output=True, env=env, timeout=60)
+            assert p.returncode == 0, p.stderr
+        assert len(list((queue / "incoming").iterdir())) == 2
+        assert not marker.exists()  # site (which imports sitecustomize) never ran
+        # Other modes may need the rest of the installation: they get the standard set-up.
+        p = subprocess.run([str(link), "-bp"], capture_output=True, env=env, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert b"2 Requests" in p.stdout
+        assert marker.exists()
+    finally:
+        custom.unlink()

@@ -214,6 +214,10 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "virtual_alias_recursion_limit": (_size, 1000),
     "virtual_alias_expansion_limit": (_size, 1000),
     "smtp_generic_maps": (_maps, ""),
+    # DKIM signing of mail leaving over SMTP, by the From: domain; off while the list is empty.
+    "dkim_domains": (_list, []),
+    "dkim_selector": (_string, ""),
+    "dkim_private_key_file": (_optional_path, ""),
     # Who may list (mailq) and flush (postqueue -f, sendmail -q) the queue; root always may.
     "authorized_mailq_users": (_users, [ANYONE]),
     "authorized_flush_users": (_users, [ANYONE]),
@@ -223,11 +227,22 @@ SCHEMA: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "dns_nameservers": (_nameservers, []),
     "dns_timeout": (_duration, 10),
     "smtp_mx_address_limit": (_size, 5),
-    "smtp_tls_security_level": (_choice("none", "may", "encrypt", "verify"), "may"),
+    "smtp_tls_security_level": (_choice("none", "may", "encrypt", "verify", "fingerprint"),
+                                "may"),
     "smtp_tls_CAfile": (_optional_path, ""),
+    "smtp_tls_CApath": (_optional_path, ""),
+    "smtp_tls_wrappermode": (_boolean, False),
+    "smtp_tls_cert_file": (_optional_path, ""),
+    "smtp_tls_key_file": (_optional_path, ""),
+    "smtp_tls_fingerprint_cert_match": (_list, []),
+    "smtp_tls_fingerprint_digest": (_string, "sha256"),  # checked by the SMTP client
     "smtp_sasl_username": (_string, ""),
     "smtp_sasl_password": (_string, ""),
     "smtp_sasl_password_file": (_optional_path, ""),
+    "smtp_sasl_password_command": (_string, ""),
+    "smtp_sasl_oauth2_token_command": (_string, ""),
+    "smtp_sasl_command_timeout": (_duration, 30),
+    "smtp_sasl_mechanism_filter": (_list, []),
     "smtp_sasl_allow_plaintext": (_boolean, False),
     # Routing: lookup tables ("type:name", Postfix's syntax), searched in order.
     "transport_maps": (_maps, ""),
@@ -307,6 +322,9 @@ class Config:
     virtual_alias_recursion_limit: int
     virtual_alias_expansion_limit: int
     smtp_generic_maps: str | list[str]
+    dkim_domains: list[str]
+    dkim_selector: str
+    dkim_private_key_file: str
     authorized_mailq_users: list[str]
     authorized_flush_users: list[str]
     relayhost: str
@@ -316,9 +334,19 @@ class Config:
     smtp_mx_address_limit: int
     smtp_tls_security_level: str
     smtp_tls_CAfile: str
+    smtp_tls_CApath: str
+    smtp_tls_wrappermode: bool
+    smtp_tls_cert_file: str
+    smtp_tls_key_file: str
+    smtp_tls_fingerprint_cert_match: list[str]
+    smtp_tls_fingerprint_digest: str
     smtp_sasl_username: str
     smtp_sasl_password: str
     smtp_sasl_password_file: str
+    smtp_sasl_password_command: str
+    smtp_sasl_oauth2_token_command: str
+    smtp_sasl_command_timeout: int
+    smtp_sasl_mechanism_filter: list[str]
     smtp_sasl_allow_plaintext: bool
     transport_maps: str | list[str]
     relay_domains: list[str]

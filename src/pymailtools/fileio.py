@@ -1,4 +1,4 @@
-"""Durable file writes: write a whole buffer to a descriptor, fsync a directory."""
+"""File primitives: write a whole buffer to a descriptor, fsync a directory, read a secret."""
 
 # On sendmail's submission path (the queue writes through it): os-level imports only.
 import errno
@@ -34,5 +34,50 @@ def fsync_dir(path: str) -> None:
         return
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` by a file holding ``data``, all or nothing and durable: written to a
+    temporary name beside it, fsynced, renamed over it, the directory fsynced."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+
+
+def read_private(path: str, limit: int) -> bytes:
+    """The content of a file holding a secret (a key, a token store), at most ``limit`` bytes:
+    it must be a regular file owned by root or by us that neither group nor others may use,
+    else ValueError says what is wrong with it in a few words. OSError when unreadable."""
+    # O_NONBLOCK: a FIFO put in the key's place must not hang the caller
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o170000 != 0o100000:  # S_ISREG without importing stat
+            raise ValueError("not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
+            raise ValueError(f"owned by uid {st.st_uid}, not by {owners}")
+        if st.st_mode & 0o077:
+            raise ValueError(f"mode {st.st_mode & 0o7777:04o} gives group or others access "
+                             "(chmod 600)")
+        data = b""
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        raise ValueError(f"larger than {limit} bytes")
     finally:
         os.close(fd)

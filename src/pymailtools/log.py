@@ -62,9 +62,10 @@ def format_delay(seconds: float) -> str:
 
 def make_line(qid: str, *, to: str, orig_to: str | None = None, relay: str = "local",
               delay: float = 0.0, delays: "Sequence[float] | None" = None, dsn: str,
-              status: str, detail: str) -> str:
+              status: str, detail: str, dkim: str = "") -> str:
     """``QID: to=<rcpt>, orig_to=<x>, relay=R, delay=D, delays=a/b/c/d, dsn=X.Y.Z,
-    status=S (detail)``; orig_to and delays only when given."""
+    status=S (detail), dkim=signed``; orig_to, delays and dkim only when given (dkim last, so
+    log readers that match Postfix's fields up to the status still do)."""
     fields = [f"to=<{escape(to)}>"]
     if orig_to is not None:
         fields.append(f"orig_to=<{escape(orig_to)}>")
@@ -72,6 +73,8 @@ def make_line(qid: str, *, to: str, orig_to: str | None = None, relay: str = "lo
     if delays is not None:
         fields.append("delays=" + "/".join(format_delay(d) for d in delays))
     fields += [f"dsn={escape(dsn)}", f"status={escape(status)} ({escape(detail)})"]
+    if dkim:
+        fields.append(f"dkim={escape(dkim)}")
     return f"{escape(qid)}: " + ", ".join(fields)
 
 

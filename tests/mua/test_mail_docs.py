@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man" / "man1" / "mail.1"
 COMPLETIONS = ROOT / "completions"
 # Every option pymailtools.cli.mail accepts.
-OPTIONS = ["-s", "-c", "-b", "-a", "-r", "-S", "-t", "-E", "-v", "-n", "-N", "-H", "-e", "-f",
-           "-u", "-i", "-I", "-d", "-h", "-V", "--read-recipients", "--help", "--version"]
+OPTIONS = ["-s", "-c", "-b", "-a", "-r", "-S", "-A", "-:", "-t", "-E", "-v", "-n", "-N", "-H",
+           "-e", "-f", "-u", "-i", "-I", "-d", "-h", "-V", "--read-recipients", "--fetch", "--keep",
+           "--help", "--version"]
 
 
 def test_man_page_renders_without_warnings() -> None:
@@ -25,7 +26,7 @@ def test_man_page_renders_without_warnings() -> None:
 
 def test_man_page_documents_every_option_and_the_t_and_a_clashes() -> None:
     text = MAN.read_text()
-    tags = re.findall(r"^\.(?:TP|TQ)\n\.BI? (\\-\\-[\w\\-]+|\\-\w)", text, re.MULTILINE)
+    tags = re.findall(r"^\.(?:TP|TQ)\n\.BI? (\\-\\-[\w\\-]+|\\-[\w:])", text, re.MULTILINE)
     documented = {t.replace("\\-", "-") for t in tags}
     assert set(OPTIONS) <= documented, set(OPTIONS) - documented
     plain = text.replace("\\-", "-")

@@ -238,7 +238,9 @@ def test_credentials_never_go_over_plaintext(env: dict[str, str], servers: list)
     r = send(env, "-t", f"127.0.0.1:{port}", "-S", "smtp-auth-user=me",
              "-S", f"smtp-auth-password={PASSWORD}", "-S", "tls-verify=ignore")
     assert r.returncode == 69, r.stderr
-    assert "unencrypted" in one_line_error(r.stderr)
+    loud, _, error = r.stderr.partition(b"\n")
+    assert loud.startswith(b"mail: WARNING: tls-verify=ignore: ") and b"NOT checked" in loud
+    assert "unencrypted" in one_line_error(error)
     assert auth.attempts == [] and handler.messages == []
 
 

@@ -216,9 +216,12 @@ class FaultServer:
     Steps: ("send", bytes); ("expect", b"MAIL") reads one line that must start with that
     (case-insensitive) or the connection is dropped; ("read_until", b"\\r\\n.\\r\\n");
     ("read_bytes", n); ("sleep", seconds); ("close", None); ("tls", SSLContext) wraps the
-    socket (server side); ("garbage", bytes) sends and closes. Connection i uses
-    ``scripts[min(i, len(scripts) - 1)]``. ``port`` 0 picks a free one (see ``port``); ``stop``
-    (or leaving a ``with`` block) also ends connections still sleeping in their script."""
+    socket (server side); ("garbage", bytes) sends and closes. For tagged protocols (IMAP):
+    ("command", b"LOGIN") reads one line whose text after the first word must start with that
+    and remembers that first word, the tag; ("tagged", b"OK done\\r\\n") sends that after the tag.
+    Connection i uses ``scripts[min(i, len(scripts) - 1)]``. ``port`` 0 picks a free one (see
+    ``port``); ``stop`` (or leaving a ``with`` block) also ends connections still sleeping in
+    their script."""
 
     def __init__(self, *scripts: list[Step], host: str = "127.0.0.1", port: int = 0) -> None:
         self.scripts = scripts
@@ -252,6 +255,7 @@ class FaultServer:
     def _run(self, conn: socket.socket, n: int, script: list[Step]) -> None:
         conn.settimeout(30)
         buf = b""
+        tag = b"*"
 
         def record(data: bytes) -> None:
             self.received[n] += data
@@ -274,6 +278,17 @@ class FaultServer:
                     if not line.upper().startswith(arg.upper()):
                         self.errors.append(f"expected {arg!r}, got {line!r}")
                         return
+                elif op == "command":
+                    while b"\n" not in buf:
+                        buf += more()
+                    line, buf = buf.split(b"\n", 1)
+                    words = line.split(None, 1)
+                    if len(words) < 2 or not words[1].upper().startswith(arg.upper()):
+                        self.errors.append(f"expected command {arg!r}, got {line!r}")
+                        return
+                    tag = words[0]
+                elif op == "tagged":
+                    conn.sendall(tag + b" " + arg)
                 elif op == "read_until":
                     while arg not in buf:
                         buf += more()

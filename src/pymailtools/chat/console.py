@@ -44,6 +44,7 @@ class Console:
         self.ask_password = ask_password
         self.echo_sent = echo_sent
         self.in_data = False
+        self.in_auth = False  # the server asked (334) for the next line of an AUTH exchange
         self.quit_sent = False
         self.first_error = status.OK
 
@@ -63,7 +64,7 @@ class Console:
         assert wire is not None
         wire.send(raw + b"\r\n")
         if echo:
-            self.t.sent(raw if shown is None else shown)
+            self.t.sent(raw if shown is None or self.opts.show_secrets else shown)
 
     def _exchange(self, raw: bytes, shown: str | bytes | None = None, echo: bool = True) -> Reply:
         self._send(raw, shown, echo)
@@ -111,9 +112,7 @@ class Console:
                 self.t.info("Connection closed with remote host.")
 
     def _run(self) -> int:
-        banner = self.session.connect()
-        if not banner.positive:
-            self.first_error = status.BANNER
+        self._greeted(self.session.connect())
         if self.interactive:
             self.t.info("Type /help for local commands.")
         while not self.quit_sent:
@@ -123,32 +122,56 @@ class Console:
             # before sending anything, so a reply is never paired with the wrong command.
             self._show_pending()
             if line is None:  # end of input
-                if self.interactive and not self.in_data:
-                    self._cmd("QUIT", None)
-                    self.quit_sent = True
+                self._end_of_input()
                 break
             self._handle(line)
         return self.first_error
 
+    def _greeted(self, banner: Reply) -> None:
+        if not banner.positive:
+            self.first_error = status.BANNER
+
+    def _end_of_input(self) -> None:
+        """Ctrl-D at the prompt says QUIT; piped input just ends (like nc)."""
+        if self.interactive and not self.in_data:
+            self._cmd("QUIT", None)
+            self.quit_sent = True
+
     def _handle(self, line: bytes) -> None:
-        echo = self.echo_sent
         if self.in_data:
-            if line == b".":
-                self.in_data = False
-                reply = self._exchange(line, echo=echo)
-                self._note("BDAT", reply)  # the final dot maps like BDAT LAST: message refused
-                return
-            if self.interactive and line.startswith(b"."):
-                line = b"." + line
-            self._send(line, None, echo)
+            self._data_line(line)
             return
         if line.startswith(b"/") and not line.startswith(b"//"):
             self._local(line.decode("utf-8", "replace").split())
             return
         if line.startswith(b"//"):
             line = line[1:]
+        self._command(line)
+
+    def _data_line(self, line: bytes) -> None:
+        echo = self.echo_sent
+        if line == b".":
+            self.in_data = False
+            reply = self._exchange(line, echo=echo)
+            self._note("BDAT", reply)  # the final dot maps like BDAT LAST: message refused
+            return
+        if self.interactive and line.startswith(b"."):
+            line = b"." + line
+        self._send(line, None, echo)
+
+    def _command(self, line: bytes) -> None:
+        """A line typed (or piped) outside the message: sent, and its reply read."""
+        echo = self.echo_sent
+        if self.in_auth:
+            # a response in an AUTH exchange: base64 of a password or token
+            reply = self._exchange(line, shown=MASK if line != b"*" else None, echo=echo)
+            self.in_auth = reply.code == 334
+            self._note("AUTH", reply)
+            self._closing(reply)
+            return
         reply = self._exchange(line, shown=_mask_auth(line), echo=echo)
         verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        self.in_auth = verb == "AUTH" and reply.code == 334
         self._note(verb, reply)
         self._closing(reply)
         self._after(verb, reply)
@@ -157,16 +180,20 @@ class Console:
         if verb == "DATA" and reply.code == 354:
             self.in_data = True
         elif verb == "STARTTLS" and reply.code == 220:
-            assert self.session.server is not None
-            try:
-                self.session.handshake(self.session.server.host)
-            except ChatError as e:
-                self.t.error(str(e))
-                raise Stop(self.first_error or status.TLS) from None
-            if self.interactive:
-                self.t.info("Send EHLO again: the server forgot everything said before TLS.")
+            self._upgrade("Send EHLO again: the server forgot everything said before TLS.")
         elif verb == "QUIT":
             self.quit_sent = True
+
+    def _upgrade(self, hint: str) -> None:
+        """Start TLS on the live connection, the server having agreed; a failure ends it."""
+        assert self.session.server is not None
+        try:
+            self.session.handshake(self.session.server.host)
+        except ChatError as e:
+            self.t.error(str(e))
+            raise Stop(self.first_error or status.TLS) from None
+        if self.interactive:
+            self.t.info(hint)
 
     # --- local commands --------------------------------------------------------------------
 
@@ -189,26 +216,35 @@ class Console:
             self.t.error(f"Unknown local command {words[0]}; /help lists them")
 
     def _auth(self, args: list[str]) -> None:
-        if not args or args[0].upper() not in ("PLAIN", "LOGIN", "CRAM-MD5"):
-            self.t.error("Usage: /auth plain|login|cram-md5 USER")
-            return
+        got = self._credentials(args, ("PLAIN", "LOGIN", "CRAM-MD5"))
+        if got is not None:
+            mech, user, password = got
+            if authenticate(self._cmd, mech, user, password):
+                self.t.info(f"Authenticated as {user} with {mech}")
+
+    def _credentials(self, args: list[str], kinds: tuple[str, ...]) -> tuple[str, str, str] | None:
+        """/auth's mechanism, user and password (asked without echo); None, said why, when
+        the arguments are wrong or credentials may not be sent."""
+        usage = f"Usage: /auth {'|'.join(k.lower() for k in kinds)} USER"
+        if not args or args[0].upper() not in kinds:
+            self.t.error(usage)
+            return None
         mech = args[0].upper()
         user = args[1] if len(args) > 1 else self.opts.auth_user
         if not user:
-            self.t.error("Usage: /auth plain|login|cram-md5 USER")
-            return
+            self.t.error(usage)
+            return None
         if not self.t.tls and not self.opts.auth_plaintext:
             self.t.error("Refusing to send credentials without TLS: use /starttls first "
                          "(or start smtpchat with --auth-plaintext)")
-            return
+            return None
         password = self.opts.auth_password
         if not password:
             if self.ask_password is None:
                 self.t.error("No terminal to ask for the password on: use --auth-password")
-                return
+                return None
             password = self.ask_password(f"Password for {user}: ")
-        if authenticate(self._cmd, mech, user, password):
-            self.t.info(f"Authenticated as {user} with {mech}")
+        return mech, user, password
 
     def _data_file(self, args: list[str]) -> None:
         if len(args) != 1:
@@ -257,8 +293,11 @@ def stdin_reader(stream: BinaryIO | None = None) -> Callable[[str], bytes | None
     return read
 
 
+_SECRET = ("AUTH", "PASS", "APOP", "LOGIN")
+
+
 def terminal_reader() -> Callable[[str], bytes | None]:
-    """Lines typed at a terminal with readline editing and history (AUTH lines kept out of it)."""
+    """Lines typed at a terminal with readline editing and history (login lines kept out of it)."""
     history: Callable[[str], None] | None = None
     try:
         # line editing only for a person at a terminal
@@ -275,7 +314,8 @@ def terminal_reader() -> Callable[[str], bytes | None]:
         except EOFError:
             sys.stdout.write("\n")
             return None
-        if history is not None and text.strip() and not text.upper().startswith("AUTH"):
+        # secrets stay out of the history: SMTP's AUTH, POP3's PASS/APOP, IMAP's LOGIN
+        if history is not None and text.strip() and not text.upper().startswith(_SECRET):
             history(text)
         return text.encode("utf-8", "surrogateescape")
 

@@ -49,6 +49,7 @@ class Options:
     auth_user: str = ""
     auth_password: str = ""
     auth_plaintext: bool = False
+    show_secrets: bool = False  # AUTH payloads in the transcript as sent, not masked
     message: bytes = b""  # CRLF lines, not yet dot-stuffed
     no_fixup: bool = False  # send message bytes exactly as given
     line_ending: bytes = b"\r\n"
@@ -60,6 +61,7 @@ class Options:
     smtputf8: bool = False
     timeout: float | None = 30.0
     suppress_data: bool = False
+    commands: list[str] = field(default_factory=list)  # POP3/IMAP commands of scripted mode
 
 
 class Stop(Exception):
@@ -102,7 +104,7 @@ class Session:
     def _send(self, line: str, shown: str | None = None) -> None:
         assert self.wire is not None
         self.wire.send(line.encode("utf-8") + b"\r\n")
-        self.t.sent(line if shown is None else shown)
+        self.t.sent(line if shown is None or self.opts.show_secrets else shown)
 
     def read_reply(self) -> Reply:
         assert self.wire is not None

@@ -14,6 +14,7 @@ DOT = 26  # message refused after the final dot (or the LAST BDAT chunk)
 QUIT = 27  # error reply to QUIT
 AUTH = 28  # AUTH not offered, refused, or not allowed in clear
 TLS = 29  # STARTTLS not offered, refused, or the handshake failed
+COMMAND = 30  # a POP3 or IMAP command refused (smtpchat's own: swaks speaks SMTP only)
 HELO_AFTER_TLS = 32  # EHLO inside TLS refused
 INTERRUPTED = 130  # interactive session ended with Ctrl-C
 

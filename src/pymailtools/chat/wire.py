@@ -106,18 +106,25 @@ class Wire:
             raise ConnectionLost("Remote host closed connection unexpectedly.")
         self.buffer += data
 
-    def read_line(self, deadline: float | None) -> bytes:
+    def read_line(self, deadline: float | None, limit: int = MAX_LINE) -> bytes:
         """One line without its ending (CRLF, or a bare LF some servers send)."""
         while True:
             nl = self.buffer.find(b"\n")
             if nl >= 0:
                 line, self.buffer = self.buffer[:nl], self.buffer[nl + 1 :]
-                if len(line) > MAX_LINE:
-                    raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
+                if len(line) > limit:
+                    raise ProtocolError(f"reply line longer than {limit} bytes")
                 return line[:-1] if line.endswith(b"\r") else line
-            if len(self.buffer) > MAX_LINE:
-                raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
+            if len(self.buffer) > limit:
+                raise ProtocolError(f"reply line longer than {limit} bytes")
             self._fill(deadline)
+
+    def read_exact(self, size: int, deadline: float | None) -> bytes:
+        """Exactly ``size`` bytes (an IMAP literal), whatever they hold."""
+        while len(self.buffer) < size:
+            self._fill(deadline)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
 
     def read_reply(self) -> Reply:
         """One complete reply; a malformed line ends it with code 0 (never mistaken for success)."""

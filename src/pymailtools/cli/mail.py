@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 PROG = "mail"
 VERSION = "pymailtools mail 0.1.0"
 # Options that take an argument; -f, -t and -E are handled apart (their argument is optional).
-_WITH_ARG = frozenset("sScbaruq")
+_WITH_ARG = frozenset("sScbaruqA:")
 _FLAGS = frozenset("vnNHeiIdFE~#")
 # mailx commands a GNU mailutils "-E command" may start with (fail2ban passes -E 'set escape').
 _MAILX_COMMANDS = frozenset({"set", "unset", "se", "uns", "source", "so", "alias", "a",
@@ -25,9 +25,11 @@ _MAILX_COMMANDS = frozenset({"set", "unset", "se", "uns", "source", "so", "alias
 
 USAGE = """\
 usage: mail [-dEiInNv] [-s subject] [-c cc-addr] [-b bcc-addr] [-a file|'Header: value']
-            [-r from-addr] [-S var[=value]] [-t host[:port]] [--read-recipients]
-            to-addr ...
-       mail [-dEHiInNv] [-e] [-f [file] | -u user]"""
+            [-r from-addr] [-S var[=value]] [-A account] [-: spec] [-t host[:port]]
+            [--read-recipients] to-addr ...
+       mail [-dEHiInNv] [-A account] [-: spec] [-e] [-f [file] | -u user]
+       mail [-v] [-S var[=value]] [-A account] --fetch pop3s://user@host|imaps://user@host/FOLDER
+            [--keep]"""
 
 
 class Request:
@@ -42,6 +44,10 @@ class Request:
         self.skip_empty = False
         self.verbose = False
         self.variables: dict[str, str] = {}
+        self.unset: set[str] = set()  # -S noname: unset whatever the resource files say
+        self.account: str | None = None
+        self.system_rc = True  # -n, -: without s: no /etc/mail.rc
+        self.user_rc = True  # -: without u: no ~/.mailrc
         self.server: str | None = None
         self.read_recipients = False
         self.headers_only = False
@@ -52,6 +58,8 @@ class Request:
         self.operands: list[str] = []
         self.help = False
         self.version = False
+        self.fetch: str | None = None  # --fetch URL: copy new remote mail into the mailbox
+        self.keep = False  # --keep: leave fetched mail on the server
 
 
 def warn(msg: str) -> None:
@@ -97,12 +105,17 @@ def parse(args: list[str]) -> Request:
                 req.help = True
             elif name == "version" and not eq:
                 req.version = True
-            elif name == "subject":
+            elif name == "keep" and not eq:
+                req.keep = True
+            elif name in ("fetch", "subject"):
                 if not eq:
                     if i >= len(args):
-                        raise UsageError("option '--subject' requires an argument")
+                        raise UsageError(f"option '--{name}' requires an argument")
                     value, i = args[i], i + 1
-                req.subject = value
+                if name == "fetch":
+                    req.fetch = value
+                else:
+                    req.subject = value
             else:
                 raise UsageError(f"unrecognized option '{arg}'")
             continue
@@ -164,8 +177,20 @@ def _option(req: Request, c: str, value: str) -> None:
     elif c == "r":
         req.sender = value
     elif c == "S":
-        name, _, val = value.partition("=")
-        req.variables[name] = val
+        name, eq, val = value.partition("=")
+        if not eq and name.startswith("no") and len(name) > 2:
+            req.variables.pop(name[2:], None)  # s-nail: -S nosave unsets save
+            req.unset.add(name[2:])
+        elif name:
+            req.variables[name] = val
+            req.unset.discard(name)
+    elif c == "A":
+        req.account = value
+    elif c == ":":
+        spec = value.lower()
+        if spec.strip("su-/"):
+            raise UsageError(f"-: expects s (system file), u (~/.mailrc), - or /, got {value!r}")
+        req.system_rc, req.user_rc = "s" in spec, "u" in spec
     elif c == "u":
         req.user = value
     elif c == "q":
@@ -181,7 +206,9 @@ def _flag(req: Request, c: str) -> None:
         req.check_only = True
     elif c == "N":
         req.no_header = True
-    # -n (no system mail.rc: we read none), -i, -I, -d, -F, -~, -#: accepted, no effect.
+    elif c == "n":
+        req.system_rc = False
+    # -i, -I, -d, -F, -~, -#: accepted, no effect.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +238,26 @@ class _Quiet(UsageError):
     """A usage error that needs no usage text after it."""
 
 
+def load_resources(req: Request) -> None:
+    """Put the resource files' variables (and -A's account) under the -S settings."""
+    from pymailtools.mua import mailrc
+
+    for name in ("mta", "smtp"):
+        userinfo = req.variables.get(name, "").partition("://")[2].rpartition("@")[0]
+        if ":" in userinfo:
+            warn(f"the password in -S {name}=… is visible to other users in the process list;"
+                 " set password-USER@HOST in ~/.mailrc, netrc-lookup or "
+                 "smtp-auth-password-command instead")
+    req.variables = mailrc.load(req.variables, system=req.system_rc, account=req.account,
+                                user_file=None if req.user_rc else "",
+                                unset=frozenset(req.unset), warn=warn)
+
+
 def run(req: Request) -> int:
     sending = bool(req.operands) and req.folder is None and req.user is None
+    load_resources(req)
+    if req.fetch is not None or req.keep:
+        return fetch(req)
     if req.read_recipients or sending:
         if req.headers_only or req.check_only or req.folder is not None or req.user:
             raise _Quiet("-f, -u, -H and -e read mail: they take no recipients")
@@ -231,9 +276,41 @@ def run(req: Request) -> int:
     folder = req.folder
     if folder == "" and req.operands:
         folder = req.operands[0]
+    if folder and "://" in folder:
+        # a remote folder: only then the IMAP and POP3 clients
+        from pymailtools.mua import remotefolder
+        from pymailtools.submit import submission
+
+        return remotefolder.start(cfg, folder, headers_only=req.headers_only,
+                                  check_only=req.check_only, show_headers=not req.no_header,
+                                  variables=req.variables,
+                                  login=submission.login_name(os.getuid())[0], prog=PROG,
+                                  warn=warn)
     return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
                           check_only=req.check_only, show_headers=not req.no_header,
                           variables=req.variables, prog=PROG)
+
+
+def fetch(req: Request) -> int:
+    """mail --fetch URL [--keep]: new remote mail into the local mailbox, quiet on success."""
+    if req.fetch is None:
+        raise _Quiet("--keep goes with --fetch URL")
+    if (req.operands or req.folder is not None or req.user or req.headers_only
+            or req.check_only or req.read_recipients or req.subject is not None):
+        raise _Quiet("--fetch takes a URL and no other mode or recipients")
+    cfg = configmod.load()
+    configmod.warn(cfg, PROG)
+    # fetch mode only: sending pays for neither the IMAP nor the POP3 client
+    from pymailtools.mua import fetch as fetchmod
+    from pymailtools.submit import submission
+
+    login, _gecos = submission.login_name(os.getuid())
+    outcome = fetchmod.run_for_user(cfg, req.fetch, req.variables, user=login, keep=req.keep,
+                                    warn=warn)
+    if req.verbose:
+        print(f"{PROG}: {outcome.fetched} new message(s) fetched, {outcome.deleted} deleted "
+              f"on the server", file=sys.stderr)
+    return EX_OK
 
 
 def server_of(req: Request) -> str | None:
@@ -245,8 +322,10 @@ def server_of(req: Request) -> str | None:
     mta = req.variables.get("mta", "")
     if mta.startswith(("smtp://", "smtps://", "submission://", "submissions://")):
         return mta
-    if mta and not mta.startswith("/"):
-        raise _Quiet(f"unsupported mta: {mta}")
+    if mta and not mta.startswith(("/", "file://")):  # a program: our own queue takes it
+        raise _Quiet(f"unsupported mta: {mta.partition('://')[0]}"
+                     f"{'://…' if '://' in mta else ''} (smtp://, smtps://, submission://, "
+                     "submissions:// or a program's path)")
     return None
 
 

@@ -13,7 +13,7 @@ import click
 
 from pymailtools import __version__
 from pymailtools.address import check_envelope
-from pymailtools.chat import compose, console, status, target
+from pymailtools.chat import compose, console, mra, status, target
 from pymailtools.chat.session import Options, Session, needs_utf8
 from pymailtools.chat.transcript import Transcript
 from pymailtools.errors import AddressError
@@ -64,6 +64,18 @@ def _sender(value: str | None, hostname: str) -> str:
         raise UsageProblem(str(e)) from None
 
 
+def _check_mra(protocol: str, to: tuple[str, ...], mx: bool, quit_after: str | None) -> None:
+    """Options that mean nothing to a POP3 or IMAP session are refused, not ignored."""
+    name = "--" + protocol
+    if to:
+        raise UsageProblem(f"{name} sends no mail: --to is for SMTP")
+    if mx:
+        raise UsageProblem(f"{name} connects to the server given: --mx is for SMTP")
+    if quit_after is not None and quit_after.lower() not in mra.QUIT_POINTS:
+        raise UsageProblem(f"--quit-after {quit_after} is an SMTP step; with {name}: "
+                           + ", ".join(mra.QUIT_POINTS))
+
+
 def _tty() -> bool:
     try:
         return os.isatty(sys.stdin.fileno())
@@ -88,6 +100,12 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
 @click.option("-s", "--server", metavar="HOST[:PORT]", help="Server to talk to (no MX lookup).")
 @click.option("-p", "--port", "port_opt", metavar="PORT", help="Port (default 25; 465 with "
               "--tls-on-connect).")
+@click.option("--pop3", "protocol", flag_value=mra.POP3, help="Talk POP3 instead of SMTP "
+              "(port 110; 995 with TLS from the start).")
+@click.option("--imap", "protocol", flag_value=mra.IMAP, help="Talk IMAP instead of SMTP "
+              "(port 143; 993 with TLS from the start).")
+@click.option("--command", "commands", multiple=True, metavar="TEXT", help="POP3/IMAP: a "
+              "command to send after logging in (repeatable); runs a scripted session.")
 @click.option("--mx", is_flag=True, help="Look up the MX hosts of the domain (HOST, or the last "
               "recipient's) and try each in turn.")
 @click.option("--resolver", metavar="HOST[:PORT]", help="DNS server to ask for --mx lookups.")
@@ -100,7 +118,8 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
               "sender (default $LOGNAME@host).")
 @click.option("-h", "--ehlo", "--helo", "ehlo", metavar="NAME", help="EHLO name (default: this "
               "host's name).")
-@click.option("--tls", "tls_required", is_flag=True, help="Require STARTTLS (exit 29 if it fails).")
+@click.option("--tls", "tls_required", is_flag=True, help="Require STARTTLS (exit 29 if it "
+              "fails); POP3/IMAP on 995/993: TLS from the start.")
 @click.option("-tlso", "--tls-optional", is_flag=True, help="Use STARTTLS if offered.")
 @click.option("-tlsc", "--tls-on-connect", is_flag=True, help="TLS from the start (SMTPS, 465).")
 @click.option("--tls-verify", is_flag=True, help="Verify the server certificate and name.")
@@ -114,6 +133,8 @@ def _ask(prompt: str, secret: bool, allowed: bool) -> str:
 @click.option("-ap", "--auth-password", metavar="PASSWORD",
               help=f"AUTH password (better: the {PASSWORD_ENV} environment variable).")
 @click.option("--auth-plaintext", is_flag=True, help="Allow AUTH on a connection without TLS.")
+@click.option("--show-secrets", is_flag=True,
+              help="Show AUTH payloads (passwords, tokens) in the transcript instead of ********.")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Set a header (replacing one of that name).")
 @click.option("-ah", "--add-header", "add_headers", multiple=True, metavar="'NAME: VALUE'",
@@ -152,13 +173,15 @@ def command(**kw: Any) -> int:
     return run(**kw)
 
 
-def run(host: str | None, port: str | None, server: str | None, port_opt: str | None, mx: bool,
+def run(host: str | None, port: str | None, server: str | None, port_opt: str | None,
+        protocol: str | None, commands: tuple[str, ...], mx: bool,
         resolver: str | None, ipv4: bool, ipv6: bool, local_interface: str | None,
         to: tuple[str, ...], sender: str | None, ehlo: str | None, tls_required: bool,
         tls_optional: bool, tls_on_connect: bool, tls_verify: bool, tls_ca_path: str | None,
         tls_cert: str | None, tls_key: str | None, tls_sni: str | None, auth: str | None,
         auth_user: str | None, auth_password: str | None, auth_plaintext: bool,
-        headers: tuple[str, ...], add_headers: tuple[str, ...], subject: str | None,
+        show_secrets: bool, headers: tuple[str, ...], add_headers: tuple[str, ...],
+        subject: str | None,
         body: str | None, attachments: tuple[str, ...], data: str | None,
         no_data_fixup: bool, raw_lines: tuple[str, ...], bare_lf: bool, bare_cr: bool,
         quit_after: str | None, pipeline: bool, chunking: bool, chunk_size: int,
@@ -176,9 +199,15 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         raise UsageProblem("give the server either as HOST [PORT] or with --server, not both")
     if body is not None and data is not None:
         raise UsageProblem("--body and --data exclude each other")
+    if protocol:
+        _check_mra(protocol, to, mx, quit_after)
+    elif commands:
+        raise UsageProblem("--command needs --pop3 or --imap")
     hostname = socket.gethostname() or "localhost"
     recipients = _addresses(to)
-    scripted = bool(recipients) or quit_after is not None or as_json
+    # POP3/IMAP: --auth alone is a test too (can this user log in?)
+    scripted = (bool(recipients) or quit_after is not None or as_json or bool(commands)
+                or (protocol is not None and auth is not None))
     opts = Options(
         family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else 0,
         source=local_interface, resolver=resolver, to=recipients,
@@ -187,16 +216,23 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         else "on-connect" if tls_on_connect else "",
         tls_verify=tls_verify, tls_ca=tls_ca_path, tls_cert=tls_cert, tls_key=tls_key,
         tls_sni=tls_sni, auth_user=auth_user or "", auth_plaintext=auth_plaintext,
+        show_secrets=show_secrets,
         auth_password=auth_password or os.environ.get(PASSWORD_ENV, ""),
         quit_after=quit_after.lower() if quit_after else None, pipeline=pipeline,
         chunking=chunking, chunk_size=chunk_size, smtputf8=smtputf8,
         timeout=parse_timeout(timeout), suppress_data=suppress_data,
         line_ending=b"\n" if bare_lf else b"\r" if bare_cr else b"\r\n",
         raw_lines=[compose.unescape(r) for r in raw_lines], no_fixup=no_data_fixup,
+        commands=list(commands),
     )
     try:
         given_port = port_opt or port
         opts.port = target.parse_port(given_port) if given_port else None
+        if protocol:
+            if opts.port is None:
+                opts.port = mra.default_port(protocol, tls_on_connect)
+            if tls_required and mra.implicit_tls_port(protocol, opts.port):
+                opts.tls = "on-connect"  # 995 and 993 speak TLS from the first byte
         if server:
             opts.server = server
         elif host and not mx:
@@ -215,9 +251,11 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         raise UsageProblem(f"--quit-after {quit_after} needs --to")
     if auth is not None:
         wanted = [] if auth.upper() == "ANY" else [a.strip().upper() for a in auth.split(",")]
-        unknown = [a for a in wanted if a not in AUTH_TYPES]
+        known = mra.AUTH_TYPES[protocol] if protocol else AUTH_TYPES
+        unknown = [a for a in wanted if a not in known]
         if unknown:
-            raise UsageProblem(f"unknown --auth type {unknown[0]} (PLAIN, LOGIN or CRAM-MD5)")
+            raise UsageProblem(f"unknown --auth type {unknown[0]} ("
+                               + ", ".join(sorted(known)) + ")")
         opts.auth = wanted
         if scripted and not opts.auth_user:
             opts.auth_user = _ask("Username: ", False, may_ask)
@@ -233,8 +271,19 @@ def run(host: str | None, port: str | None, server: str | None, port_opt: str | 
         ask = None
         if may_ask:
             ask = getpass.getpass
-        return console.Console(opts, t, interactive_input, reader, ask,
-                               echo_sent=interactive_input and not sys.stdout.isatty()).run()
+        echo = interactive_input and not sys.stdout.isatty()
+        if protocol:
+            return mra.MraConsole(opts, t, interactive_input, reader, protocol, ask,
+                                  echo_sent=echo).run()
+        return console.Console(opts, t, interactive_input, reader, ask, echo_sent=echo).run()
+
+    if protocol:
+        t = Transcript(colour=colour, live=not as_json)
+        mra_session = mra.MraSession(opts, t, protocol)
+        code = mra_session.run()
+        if as_json:
+            sys.stdout.write(t.json(mra_session.outcome()) + "\n")
+        return code
 
     stdin_used = False
     try:

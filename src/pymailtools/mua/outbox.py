@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from pymailtools.config import Config
 from pymailtools.errors import (
+    EX_CANTCREAT,
     EX_NOHOST,
     EX_OK,
     EX_UNAVAILABLE,
@@ -27,11 +28,6 @@ if TYPE_CHECKING:
     from pymailtools.mua.compose import Draft
     from pymailtools.smtp.policy import Policy
 
-# URL schemes of s-nail's mta variable: default port, and whether TLS starts on connect.
-SCHEMES = {"smtp": (25, False), "submission": (587, False), "smtps": (465, True),
-           "submissions": (465, True)}
-VERIFY = {"strict": True, "ask": True, "warn": False, "ignore": False}  # s-nail's tls-verify
-
 
 class Server(NamedTuple):
     """An SMTP server chosen on the command line, and the policy to talk to it with."""
@@ -40,79 +36,42 @@ class Server(NamedTuple):
     port: int
     policy: Policy
     shown: str  # the server as the user wrote it, without a password: for messages
+    unverified: str = ""  # tls-verify's warn/ignore: the server's identity is not checked
+
+
+SMTP_SCHEMES = ("smtp", "submission", "smtps", "submissions")
 
 
 def smtp_server(cfg: Config, spec: str, variables: Mapping[str, str]) -> Server:
     """``HOST[:PORT]`` or ``smtp[s]://`` / ``submission[s]://[USER[:PASSWORD]@]HOST[:PORT]``
-    with s-nail's variables, over the configuration's smtp_* settings; UsageError if bad.
+    with s-nail's variables (see mua.account), over the configuration's smtp_* settings;
+    UsageError if bad, ConfigError for a .netrc others can read.
 
     Port 465 and the ``smtps``/``submissions`` schemes mean TLS from the first byte;
-    ``smtp-use-starttls`` makes STARTTLS mandatory; ``tls-verify`` (``ssl-verify``)
-    ``strict`` or ``ask`` makes a verified certificate mandatory, ``warn`` or ``ignore``
-    turns verification off; ``tls-ca-file`` (``ssl-ca-file``) names the CAs;
-    ``smtp-auth-user`` and ``smtp-auth-password`` are the AUTH credentials."""
+    ``smtp-use-starttls`` makes STARTTLS mandatory; certificates are verified whenever
+    credentials are sent unless ``tls-verify`` is ``warn`` or ``ignore``."""
     # only with an SMTP server: the policy brings ssl; the queue path does without
-    from urllib.parse import unquote
-
+    from pymailtools.mua import account
     from pymailtools.smtp import nexthop
-    from pymailtools.smtp.policy import Policy
 
-    rest, user, password = spec.strip(), "", ""
-    default_port, implicit = SCHEMES["smtp"]
-    shown = rest
-    if "://" in rest:
-        scheme, _, rest = rest.partition("://")
-        if scheme.lower() not in SCHEMES:
-            raise UsageError(f"unsupported mail transfer URL (smtp://, smtps://, submission://,"
-                             f" submissions://): {scheme}://...")
-        default_port, implicit = SCHEMES[scheme.lower()]
-        rest = rest.rstrip("/")
-        userinfo, at, rest = rest.rpartition("@")
-        if at:
-            name, colon, secret = userinfo.partition(":")
-            user, password = unquote(name), unquote(secret)
-            shown = f"{scheme}://{userinfo.partition(':')[0]}{':***' if colon else ''}@{rest}"
-    elif "@" in rest:
-        # credentials only in a URL; whatever precedes the @ may be a password: never echoed
-        raise UsageError(f"bad SMTP server ***@{rest.rpartition('@')[2]}: credentials go in a "
-                         "URL (smtp://user:password@host) or in smtp-auth-user/-password")
-    try:
-        hp = nexthop.split(rest, default_port)
-        host = nexthop.check_host(hp.host)
-    except ValueError as e:
-        raise UsageError(f"bad SMTP server {shown}: {e}") from None
-    policy = Policy.from_config(cfg)
-    changes: dict[str, object] = {}
-    if not nexthop.is_relayhost(cfg.relayhost, host, hp.port, cfg.smtp_port):
-        # The site's relay credentials are for the relayhost only: never offered to a server
-        # the user names (as Postfix keys them by next hop).
-        changes.update(username="", password="", password_file="")
-    if implicit or hp.port == nexthop.IMPLICIT_TLS_PORT:
-        changes["implicit_tls"] = True
-    if "smtp-use-starttls" in variables and policy.level in ("none", "may"):
-        changes["level"] = "encrypt"
-    verify = variables.get("tls-verify", variables.get("ssl-verify"))
-    if verify is not None:
-        if verify.lower() not in VERIFY:
-            raise UsageError(f"tls-verify: expected strict, ask, warn or ignore, got {verify!r}")
-        if VERIFY[verify.lower()]:
-            changes["level"] = "verify"
-        elif changes.get("level", policy.level) == "verify":
-            changes["level"] = "encrypt"
-    ca_file = variables.get("tls-ca-file", variables.get("ssl-ca-file"))
-    if ca_file:
-        changes["ca_file"] = ca_file
-    user = variables.get("smtp-auth-user", user)
-    password = variables.get("smtp-auth-password", password)
-    if user:
-        if not password:
-            raise UsageError("smtp-auth-user is set, but no password: set smtp-auth-password")
-        changes.update(username=user, password=password, password_file="")
-    if verify is None and (user or ca_file):
-        # As s-nail (tls-verify defaults to strict): a password, or CAs named for checking,
-        # go only to a server whose certificate verifies, unless tls-verify says otherwise.
-        changes["level"] = "verify"
-    return Server(host, hp.port, policy.clone(**changes), shown)
+    text = spec.strip()
+    if "://" not in text:
+        if "@" in text:
+            # credentials only in a URL; whatever precedes the @ may be a password: never echoed
+            raise UsageError(f"bad SMTP server ***@{text.rpartition('@')[2]}: credentials go "
+                             "in a URL (smtp://user:password@host) or in variables")
+        text = f"smtp://{text}"
+    url = account.parse_url(text, schemes=SMTP_SCHEMES)
+    shown = url.shown if "://" in spec else spec.strip()
+    relay = nexthop.is_relayhost(cfg.relayhost, url.host, url.port, cfg.smtp_port)
+    policy = account.server_policy(cfg, variables, scheme=url.scheme, user=url.user,
+                                   host=url.host, port=url.port, url_password=url.password,
+                                   site_credentials=relay)
+    unverified = ""
+    if account.unverified(variables, policy.username, url.host, url.port):
+        unverified = str(account.chain(variables, "tls-verify", policy.username, url.host,
+                                       url.port)).lower()
+    return Server(url.host, url.port, policy, shown, unverified)
 
 
 def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]) -> str:
@@ -150,6 +109,92 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
     return relay
 
 
+class Record(NamedTuple):
+    """Where ``record`` keeps copies of sent mail: a local path, or with ``remote`` an
+    ``imaps://``/``imap://`` folder URL (copies go there by IMAP APPEND)."""
+
+    path: str
+    maildir: bool
+    remote: bool = False
+
+
+def record_folder(variables: Mapping[str, str]) -> Record | None:
+    """The folder of s-nail's ``record`` variable, or None: ``~`` and ``+name`` (in
+    ``folder``, default the home directory) expanded; a Maildir when the name ends in ``/``,
+    starts with ``maildir://`` or is an existing directory, else an mbox file."""
+    name = variables.get("record", "")
+    if not name:
+        return None
+    if name.partition("://")[0].lower() in ("imap", "imaps", "pop3", "pop3s"):
+        return Record(name, False, True)
+    maildir = name.startswith("maildir://")
+    if maildir:
+        name = name[len("maildir://"):]
+    if name.startswith("+"):
+        folder = variables.get("folder") or "~"
+        name = os.path.join(folder, name[1:])
+    path = os.path.expanduser(name)
+    maildir = maildir or path.endswith("/") or os.path.isdir(path)
+    return Record(path.rstrip("/") or "/", maildir)
+
+
+def check_record(record: Record) -> None:
+    """Refuse (73) a record folder we could not write, before anything is sent (a remote
+    one: a URL that is no IMAP folder, 64)."""
+    path = record.path
+    if record.remote:
+        from pymailtools.mua import remote
+
+        url = remote.parse_url(path)
+        if url.protocol != "imap":
+            raise UsageError(f"record {url}: copies go to an IMAP folder, not to POP3")
+        return
+    if os.path.lexists(path):
+        if record.maildir and not os.path.isdir(path):
+            raise MailError(f"record {path}: not a directory (a Maildir)", EX_CANTCREAT)
+        if not record.maildir and os.path.isdir(path):
+            raise MailError(f"record {path}: is a directory", EX_CANTCREAT)
+        target = path
+    else:
+        target = os.path.dirname(os.path.abspath(path))
+    if not os.access(target, os.W_OK):
+        why = "not writable" if os.path.exists(target) else "no such directory"
+        raise MailError(f"record {path}: {target} {why}; not sent", EX_CANTCREAT)
+
+
+def keep_copy(cfg: Config, record: Record, message: bytes, sender: str,
+              variables: Mapping[str, str] | None = None) -> None:
+    """Append the sent ``message`` to the record folder; MailError (73) saying it was sent.
+    ``variables`` give a remote folder's account."""
+    from pymailtools.errors import DeliveryError
+
+    try:
+        if record.remote:
+            # only with an IMAP record: the IMAP client stays off every other path
+            from pymailtools.mua import remotefolder
+
+            remotefolder.append_copy(cfg, record.path, variables or {}, message)
+        elif record.maildir:
+            from pymailtools.local import maildir
+
+            maildir.deliver(record.path, io.BytesIO(message), sender=sender, recipient=sender,
+                            uid=os.getuid(), gid=os.getgid(), config=cfg)
+        else:
+            from pymailtools.local import mbox
+            from pymailtools.mua import folder
+
+            folder.append_mbox(record.path, [mbox.frame(message, sender)], cfg)
+    except (MailError, OSError) as e:
+        why = e.reason if isinstance(e, DeliveryError) else (
+            e.strerror if isinstance(e, OSError) else str(e))
+        where = record.path
+        if record.remote:  # never a password written in the URL
+            from pymailtools.mua import remote
+
+            where = str(remote.parse_url(record.path))
+        raise MailError(f"sent, but no copy kept in {where}: {why}", EX_CANTCREAT) from None
+
+
 def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *,
               server: str | None, variables: Mapping[str, str], verbose: bool,
               prog: str) -> int:
@@ -158,15 +203,27 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
     The queue path is the sendmail front end's: the same submit() checks and exit codes, the
     same delivery_mode handling. Errors are raised as MailError subclasses.
     """
+    record = record_folder(variables)
+    if record is not None:
+        check_record(record)  # as s-nail: no copy can be kept, nothing is sent
     if server is not None:
-        relay = send_smtp(smtp_server(cfg, server, variables), message, sender, recipients)
+        chosen = smtp_server(cfg, server, variables)
+        if chosen.unverified:
+            print(f"{prog}: WARNING: tls-verify={chosen.unverified}: the identity of "
+                  f"{chosen.shown} is NOT checked; whoever answers there gets this message "
+                  "and any password", file=sys.stderr)
+        relay = send_smtp(chosen, message, sender, recipients)
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
+        if record is not None:
+            keep_copy(cfg, record, message, sender, variables)
         return EX_OK
 
     # ignore_dots: a "." line is part of a mail(1) body, never the end of it.
     opts = submit.Options(recipients, sender, None, False, True)
     qid = submit.submit(cfg, io.BytesIO(message), opts)
+    if record is not None:
+        keep_copy(cfg, record, message, sender, variables)
     if verbose:
         print(f"{prog}: queued as {qid}", file=sys.stderr)
         return wake.deliver_now(cfg, qid, verbose=True, prog=prog)

@@ -18,7 +18,7 @@ from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
-from pymailtools.smtp import generic, mx, nexthop
+from pymailtools.smtp import generic, mx, nexthop, signing
 from pymailtools.smtp.client import Outcome, Session
 from pymailtools.smtp.nexthop import NextHop
 from pymailtools.smtp.policy import Policy
@@ -29,11 +29,42 @@ if TYPE_CHECKING:
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 
+NO_CREDENTIALS = {"username": "", "password": "", "password_file": "", "password_command": "",
+                  "token_command": ""}
+# smtp_sasl_password_maps values: user:password, or user:{scheme}rest with these schemes
+# (Dovecot's way of marking what a password field holds; {plain} escapes a "{")
+MAP_SCHEMES = {"{plain}": "password", "{command}": "password_command",
+               "{oauth2}": "token_command"}
+
+
+def map_credentials(value: str) -> dict[str, str]:
+    """The Policy fields an smtp_sasl_password_maps value gives: ``user:password``,
+    ``user:{command}pass show mail/relay`` (a password command),
+    ``user:{oauth2}pymailtools-oauth2 token --account NAME`` (an OAuth2 token command) or
+    ``user:{plain}{password`` (a password that starts with "{"). Raises DeliveryError
+    (a deferral) without the value, which is a secret."""
+    user, colon, rest = value.partition(":")
+    if not colon or not user:
+        raise DeliveryError("smtp_sasl_password_maps: the entry for this destination is not "
+                            "user:password", "4.3.5")
+    if rest.startswith("{"):
+        scheme, brace, tail = rest.partition("}")
+        field = MAP_SCHEMES.get(scheme.lower() + brace)
+        if field is None:
+            raise DeliveryError("smtp_sasl_password_maps: the entry for this destination "
+                                "starts its password with an unknown {scheme} (known: "
+                                "{plain}, {command}, {oauth2})", "4.3.5")
+        if field != "password" and not tail.strip():
+            raise DeliveryError(f"smtp_sasl_password_maps: the entry for this destination "
+                                f"has an empty {scheme}}} command", "4.3.5")
+        return {"username": user, field: tail}
+    return {"username": user, "password": rest}
+
 
 class Job:
     """One message to one destination: the recipients due there and the message bytes."""
 
-    __slots__ = ("qid", "sender", "rcpts", "load", "size", "results")
+    __slots__ = ("qid", "sender", "rcpts", "load", "size", "results", "dkim")
 
     def __init__(self, qid: str, sender: str, rcpts: list[str], load: Callable[[], bytes],
                  size: int) -> None:
@@ -43,6 +74,7 @@ class Job:
         self.load = load  # the DATA bytes (encode_data output), made once per message
         self.size = size
         self.results: dict[str, tuple[Outcome, str]] = {}  # rcpt -> (outcome, relay)
+        self.dkim = ""  # "signed" once a DKIM signature went out with it
 
     def fail(self, outcome: Outcome, relay: str = "none") -> None:
         for r in self.rcpts:
@@ -96,26 +128,24 @@ class Dispatcher:
         self.per_dest = max(cfg.default_destination_concurrency_limit, 1)
         self.rcpt_limit = max(cfg.default_destination_recipient_limit, 1)
         self.generic = generic.Generic(cfg) if cfg.smtp_generic_maps else None
+        self.signer = signing.Signer(cfg) if cfg.dkim_domains else None
 
     def destination(self, hop: NextHop | None, address: str, sender: str) -> Destination:
         """The destination of mail from ``sender`` to ``address`` through ``hop`` (None: the
         recipient domain). Raises DeliveryError (deferral) when the credentials lookup fails."""
         name = str(hop) if hop is not None else address.rpartition("@")[2].lower().rstrip(".")
-        policy = self.policy.clone(implicit_tls=bool(hop and hop.implicit_tls))
+        # smtp_tls_wrappermode: TLS on connect everywhere; else on port 465 relayhosts
+        policy = self.policy.clone(
+            implicit_tls=self.policy.implicit_tls or bool(hop and hop.implicit_tls))
         if hop is None or not nexthop.is_relayhost(self.cfg.relayhost, hop.host, hop.port,
                                                    self.cfg.smtp_port):
             # the site's single account is the relayhost's: never offered to an MX host or
             # another next hop (smtp_sasl_password_maps names accounts for those)
-            policy = policy.clone(username="", password="", password_file="")
+            policy = policy.clone(**NO_CREDENTIALS)
         if self.password_maps is not None:
             found = self._credentials(hop, name, sender)
             if found is not None:
-                user, colon, password = found.partition(":")
-                if not colon or not user:
-                    # the value is a secret: name the key's kind, never the value
-                    raise DeliveryError("smtp_sasl_password_maps: the entry for this "
-                                        "destination is not user:password", "4.3.5")
-                policy = policy.clone(username=user, password=password, password_file="")
+                policy = policy.clone(**{**NO_CREDENTIALS, **map_credentials(found)})
         return Destination(name, hop, policy)
 
     def _credentials(self, hop: NextHop | None, name: str, sender: str) -> str | None:
@@ -267,6 +297,13 @@ class Dispatcher:
             except MailError as e:
                 job.fail(Outcome(DEFERRED, "4.3.5", str(e), str(e)))
                 return
+        if self.signer is not None:  # after rewriting: the signature covers what is sent
+            try:
+                data, domain = self.signer.sign(data)
+            except DeliveryError as e:
+                job.fail(Outcome(DEFERRED, e.status, e.reason, e.reason))
+                return
+            job.dkim = "signed" if domain else ""
         pending = list(back)
         while pending:
             chunk, pending = pending[: self.rcpt_limit], pending[self.rcpt_limit :]

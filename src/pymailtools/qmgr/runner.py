@@ -369,7 +369,7 @@ class Runner:
                 for job in entry.jobs:
                     for address in job.rcpts:
                         outcome, relay = job.results.get(address) or _lost()
-                        self._apply(entry, by_address[address], outcome, relay)
+                        self._apply(entry, by_address[address], outcome, relay, job.dkim)
                 self._finish_entry(entry)
         finally:
             for entry in batch:
@@ -447,17 +447,19 @@ class Runner:
         self._remote = self._loop = None
         self._remote_error = None
 
-    def _apply(self, entry: "_Entry", r: Recipient, outcome: "Outcome", relay: str) -> None:
+    def _apply(self, entry: "_Entry", r: Recipient, outcome: "Outcome", relay: str,
+               dkim: str = "") -> None:
         r.attempts += 1
         r.last_try = entry.now
         self._record(entry.env, r, outcome.state, outcome.dsn, outcome.reason, since=entry.now,
                      relay=relay, detail=outcome.reason if outcome.state == SENT else
-                     outcome.detail)
+                     outcome.detail, dkim=dkim)
         if r.state == BOUNCED:
             entry.bounced.append(r)
 
     def _record(self, env: Envelope, r: Recipient, state: str, dsn: str, reason: str, *,
-                since: float, relay: str = "local", detail: str | None = None) -> None:
+                since: float, relay: str = "local", detail: str | None = None,
+                dkim: str = "") -> None:
         """Set a recipient's outcome (a deferral gets its next try on the backoff schedule),
         count it, log it and add it to the entry's history."""
         r.state, r.status, r.reason = state, dsn, reason
@@ -470,7 +472,7 @@ class Runner:
             r.next_try = since + self.backoff(since - env.arrival)
             self.stats.deferred += 1
         self._log_result(env, r, time.time(), {SENT: "sent", BOUNCED: "bounced"}.get(
-            r.state, "deferred"), relay, detail=detail)
+            r.state, "deferred"), relay, detail=detail, dkim=dkim)
 
     def _finish_entry(self, entry: "_Entry") -> None:
         """Expire, notify the sender, and record the entry's new state (or remove it)."""
@@ -559,11 +561,12 @@ class Runner:
     # -- reporting ------------------------------------------------------------------------
 
     def _log_result(self, env: Envelope, r: Recipient, now: float, status: str,
-                    relay: str = "local", detail: str | None = None) -> None:
+                    relay: str = "local", detail: str | None = None, dkim: str = "") -> None:
         orig = r.orcpt if r.orcpt and r.orcpt != r.address else None
         self.log.info(make_line(env.id, to=r.address, orig_to=orig, relay=relay,
                                 delay=round(now - env.arrival, 2), dsn=r.status or "2.0.0",
-                                status=status, detail=r.reason if detail is None else detail))
+                                status=status, detail=r.reason if detail is None else detail,
+                                dkim=dkim))
         self.stats.results.append((env.id, r.address, status, r.reason))
         self._history.setdefault(env.id, []).append(
             Attempt(now, r.address, relay, status, r.status, r.reason))

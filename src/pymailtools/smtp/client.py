@@ -9,6 +9,9 @@ which writes exactly the bytes we validated and reads every reply in order.
 """
 
 import asyncio
+import base64
+import binascii
+import json
 import os
 import socket
 import ssl
@@ -26,9 +29,11 @@ from aiosmtplib.errors import (
 
 from pymailtools.errors import ConfigError, HopError, Lost, ProtocolError, SMTPError
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
+from pymailtools.smtp import secret
 from pymailtools.smtp.mx import Hop
 from pymailtools.smtp.policy import Policy
 from pymailtools.smtp.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code
+from pymailtools.smtp.secret import SecretError
 
 LINE_LIMIT = 998  # RFC 5321 4.5.3.1.6, without CRLF
 MAX_BUFFER = 1 << 20  # unread reply bytes we hold before calling it a protocol error
@@ -487,7 +492,8 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
         raise HopError(f"lost connection with {relay} while receiving the initial server "
                        f"greeting: {e}") from None
     if policy.implicit_tls:
-        tls = "Verified" if policy.verify else "Anonymous"
+        _check_fingerprint(smtp, policy, relay)
+        tls = "Verified" if policy.verify or policy.level == "fingerprint" else "Anonymous"
     await _hello(smtp, relay, t.helo)
     want_tls = policy.level != "none" and not policy.implicit_tls and not plaintext
     if want_tls and smtp.supports_extension("starttls"):
@@ -502,13 +508,33 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
                 e, ssl.SSLCertVerificationError) else "TLS handshake failed"
             raise HopError(f"{what} with {relay}: {getattr(e, 'reason', None) or e}",
                            "4.7.5", tls=True) from None
-        tls = "Verified" if policy.verify else "Anonymous"
+        _check_fingerprint(smtp, policy, relay)
+        tls = "Verified" if policy.verify or policy.level == "fingerprint" else "Anonymous"
         await _hello(smtp, relay, t.helo)
-    elif policy.level in ("encrypt", "verify") and not policy.implicit_tls:
+    elif policy.tls_required and not policy.implicit_tls:
         raise HopError(f"TLS is required, but was not offered by host {relay}", "4.7.4")
-    if policy.username:
-        await _auth(smtp, relay, policy, encrypted=bool(tls))
+    if policy.username or policy.token_command:
+        if tls:
+            plain_why = ""
+        elif policy.level == "none":
+            plain_why = "TLS is off (smtp_tls_security_level = none)"
+        elif plaintext:
+            plain_why = f"the TLS handshake with {relay} failed"
+        else:
+            plain_why = f"host {relay} offers no STARTTLS"
+        await _auth(smtp, relay, policy, plain_why)
     return Session(hop, smtp, policy, tls)
+
+
+def _check_fingerprint(smtp: aiosmtplib.SMTP, policy: Policy, relay: str) -> None:
+    """Level ``fingerprint``: the certificate just received must be a pinned one, before
+    anything else is said (no AUTH, no MAIL FROM to an impostor)."""
+    if policy.level != "fingerprint":
+        return
+    transport = smtp.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    policy.check_fingerprint(der, relay)
 
 
 async def _hello(smtp: aiosmtplib.SMTP, relay: str, timeout: float) -> None:
@@ -530,33 +556,135 @@ async def _hello(smtp: aiosmtplib.SMTP, relay: str, timeout: float) -> None:
                        f"{e}") from None
 
 
-async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, *, encrypted: bool) -> None:
+# SASL mechanisms we speak, by the credential each needs
+PASSWORD_MECHANISMS = ("plain", "login")
+TOKEN_MECHANISMS = ("xoauth2", "oauthbearer")
+COMMAND_LIMIT = 512  # RFC 5321 4.5.3.1.4, CRLF included: longer initial responses go after 334
+
+
+def allowed_mechanisms(policy: Policy) -> tuple[str, ...]:
+    """The mechanisms we may use, in order: the policy's ``mechanisms``
+    (smtp_sasl_mechanism_filter), else xoauth2 and oauthbearer with a token command and plain
+    and login with a password; a mechanism only when its credential is configured."""
+    have_token = bool(policy.token_command)
+    have_password = bool(policy.password or policy.password_command or policy.password_file)
+    usable = (TOKEN_MECHANISMS if have_token else ()) + \
+        (PASSWORD_MECHANISMS if have_password or not have_token else ())
+    return tuple(m for m in policy.mechanisms or usable if m in usable)
+
+
+def choose_mechanism(policy: Policy, offered: list[str]) -> str | None:
+    """The first of ``allowed_mechanisms`` the server offers."""
+    return next((m for m in allowed_mechanisms(policy) if m in offered), None)
+
+
+async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: str) -> None:
+    """AUTH with the policy's credentials; ``plain_why`` says why the connection is not
+    encrypted ("" when it is). Raises HopError (a deferral, never a bounce)."""
     methods = smtp.server_auth_methods
     if not methods:
         return  # nothing offered: the server does not want it (Postfix sends none either)
-    if not encrypted and not policy.allow_plaintext:
-        raise HopError(f"not sending credentials to {relay} over an unencrypted connection "
+    if plain_why and not policy.allow_plaintext:
+        raise HopError(f"{plain_why}; not sending credentials over an unencrypted connection "
                        "(smtp_sasl_allow_plaintext = false)", "4.7.0")
+    mech = choose_mechanism(policy, methods)
+    if mech is None:
+        allowed = ", ".join(allowed_mechanisms(policy)) or "none with the credentials given"
+        raise HopError(f"host {relay} offers no AUTH mechanism we may use (it offers "
+                       f"{' '.join(methods)}; we may use {allowed})", "4.7.0")
     try:
-        password = policy.read_password()
-    except ConfigError as e:
-        raise HopError(str(e), "4.7.0") from None
-    try:
-        if "plain" in methods:
-            await smtp.auth_plain(policy.username, password, timeout=policy.timeouts.helo)
-        elif "login" in methods:
-            await smtp.auth_login(policy.username, password, timeout=policy.timeouts.helo)
+        if mech in TOKEN_MECHANISMS:
+            credential = await asyncio.to_thread(policy.read_token)
         else:
-            raise HopError(f"host {relay} offers no AUTH mechanism we support "
-                           f"({' '.join(methods)})", "4.7.0")
+            credential = await asyncio.to_thread(policy.read_password)
+    except (ConfigError, SecretError) as e:
+        raise HopError(str(e), "4.7.0") from None
+    user = policy.username.encode("utf-8", "surrogateescape")
+    key = credential.encode("utf-8", "surrogateescape")
+    timeout = policy.timeouts.helo
+    try:
+        if mech == "plain":
+            reply = await _sasl(smtp, b"PLAIN", [b"\0" + user + b"\0" + key], timeout)
+        elif mech == "login":
+            reply = await _sasl(smtp, b"LOGIN", [user, key], timeout)
+        elif mech == "xoauth2":
+            reply = await _sasl(smtp, b"XOAUTH2",
+                                [b"user=" + user + b"\x01auth=Bearer " + key + b"\x01\x01"],
+                                timeout, after_error=b"")
+        else:
+            # RFC 7628 3.1: gs2 header (no channel binding, authzid = user), then the kvpairs
+            reply = await _sasl(smtp, b"OAUTHBEARER",
+                                [b"n,a=" + _saslname(user) + b",\x01auth=Bearer " + key
+                                 + b"\x01\x01"], timeout, after_error=b"\x01")
+    except (SMTPTimeoutError, TimeoutError):
+        raise HopError(f"conversation with {relay} timed out during AUTH") from None
     except SMTPResponseException as e:
         # Never bounce for this: wrong credentials are our configuration, not the mail.
         raise HopError(f"SASL authentication failed; server {relay} said: {e.code} "
                        f"{e.message}", "4.7.8") from None
-    except (SMTPTimeoutError, TimeoutError):
-        raise HopError(f"conversation with {relay} timed out during AUTH") from None
-    except (SMTPException, OSError) as e:
+    except (SMTPException, OSError, ValueError) as e:
         raise HopError(f"lost connection with {relay} during AUTH: {e}") from None
+    if reply.code != 235:
+        if mech in TOKEN_MECHANISMS:
+            secret.forget_token(policy.token_command)  # the next session asks for a new one
+        why = f", OAuth2 error {reply.oauth2}" if reply.oauth2 else ""
+        status = "4.7.8" if reply.code in (535, 435) or reply.oauth2 else "4.7.0"
+        raise HopError(f"SASL authentication failed; server {relay} said: {reply.code} "
+                       f"{reply.message} (mechanism {mech.upper()}{why})", status)
+
+
+def _saslname(user: bytes) -> bytes:
+    """RFC 5801's saslname: "," and "=" escaped."""
+    return user.replace(b"=", b"=3D").replace(b",", b"=2C")
+
+
+class _SASLReply(NamedTuple):
+    code: int
+    message: str
+    oauth2: str  # the server's OAuth2 error (status, scope) from a 334 error challenge
+
+
+async def _sasl(smtp: aiosmtplib.SMTP, mech: bytes, responses: list[bytes], timeout: float,
+                after_error: bytes | None = None) -> _SASLReply:
+    """One AUTH exchange: the first response as the initial response when the command stays
+    within 512 octets (RFC 4954 4), else after the server's first 334; each further response
+    after a 334. With ``after_error`` (OAuth2), a 334 after the last response is an error
+    challenge: its JSON is kept and ``after_error`` sent, as RFC 7628 3.2.3 asks, to get the
+    final reply."""
+    first = base64.b64encode(responses[0]) or b"="
+    if len(b"AUTH " + mech + b" " + first) + 2 <= COMMAND_LIMIT:
+        reply = await smtp.execute_command(b"AUTH", mech, first, timeout=timeout)
+    else:
+        # No length limit of ours: a long OAuth2 token goes on a line of its own.
+        reply = await smtp.execute_command(b"AUTH", mech, timeout=timeout)
+        if reply.code == 334:
+            reply = await smtp.execute_command(first, timeout=timeout)
+    for more in responses[1:]:
+        if reply.code != 334:
+            break
+        reply = await smtp.execute_command(base64.b64encode(more), timeout=timeout)
+    oauth2 = ""
+    if reply.code == 334:
+        oauth2 = _oauth2_error(reply.message)
+        if after_error is None:
+            await smtp.execute_command(b"*", timeout=timeout)  # RFC 4954 4: cancel
+            return _SASLReply(535, f"unexpected challenge {reply.message[:80]}", "")
+        reply = await smtp.execute_command(base64.b64encode(after_error), timeout=timeout)
+    return _SASLReply(reply.code, reply.message, oauth2)
+
+
+def _oauth2_error(challenge: str) -> str:
+    """The server's reason from an OAuth2 error challenge (base64 JSON, RFC 7628 3.2.2):
+    "status=invalid_token scope=…", or "" when it says nothing we can read."""
+    try:
+        obj = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except (ValueError, binascii.Error):
+        return ""
+    if not isinstance(obj, dict):
+        return ""
+    parts = [f"{k}={obj[k]}" for k in ("status", "scope", "schemes")
+             if isinstance(obj.get(k), str | int)]
+    return " ".join(parts)[:200]
 
 
 async def connect(hop: Hop, policy: Policy,

@@ -1,0 +1,277 @@
+"""The IMAP and POP3 client sessions mail's remote folders stand on, against a private Dovecot
+(summaries in batches, bodies by UID, flags, copy/move/append/expunge, folders; POP3 TOP, RETR,
+and DELE that counts only after QUIT), and their SASL bytes against a scripted server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import pwd
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymailtools.mua.imap import ImapSession, decode_mailbox, encode_mailbox, uid_set
+from pymailtools.mua.pop3 import Pop3Session
+from pymailtools.mua.remote import (
+    Connection,
+    Credentials,
+    RemoteError,
+    RemoteProtocolError,
+    parse_url,
+    sasl_oauthbearer,
+)
+from tests.conftest import need_tool
+from tests.support import dovecot
+from tests.support.mail import mail_env, run_mail
+from tests.support.smtp import Certs, FaultServer, Step
+
+PASSWORD = "client-pw"
+
+
+@pytest.fixture
+def server(open_spool: Path, config_values: dict[str, object],
+           system_user: pwd.struct_passwd) -> Iterator[dovecot.Dovecot]:
+    messages = [f"From: s{i}@example.test\nSubject: number {i}\n\nbody {i}\n".encode()
+                for i in range(1, 8)]
+    with dovecot.serving(system_user, PASSWORD, open_spool, config_values, messages) as d:
+        yield d
+
+
+def _creds(server: dovecot.Dovecot) -> Credentials:
+    return Credentials(next(iter(server.accounts)), lambda: PASSWORD)
+
+
+def _conn(server: dovecot.Dovecot, port: int, implicit: bool) -> Connection:
+    ctx = ssl.create_default_context(cafile=str(server.certs.ca_file))
+    return Connection("127.0.0.1", port, implicit, ctx, timeout=30)
+
+
+def test_imap_session_summaries_bodies_flags_copy_move_append(server: dovecot.Dovecot) -> None:
+    imap = ImapSession.open(_conn(server, server.imaps, True), _creds(server))
+    try:
+        sel = imap.select("INBOX")
+        assert sel.exists == 7 and sel.uidvalidity > 0 and not sel.readonly
+        uids = [u for u, _ in imap.uids()]
+        assert len(uids) == 7
+        infos = list(imap.summaries(uids, batch=3))  # three FETCH commands
+        assert [i.number for i in infos] == list(range(1, 8))
+        assert infos[0].header.replace(b"\r\n", b"\n").count(b"Subject: number 1\n") == 1
+        assert b"body" not in infos[0].header and infos[0].size > 0
+        assert "\\Seen" not in infos[0].flags
+        assert imap.body(uids[1], 1 << 20).endswith(b"body 2\r\n")
+        imap.store([uids[0]], ["\\Seen"])
+        assert "\\Seen" in next(imap.summaries([uids[0]])).flags
+        imap.create("Archive")
+        imap.copy([uids[0]], "Archive")
+        imap.move([uids[1], uids[2]], "Archive")
+        assert imap.noop() == 5
+        imap.append("Archive", b"From: a@example.test\nSubject: appended\n\nhi\n", ["\\Seen"])
+        assert {"INBOX", "Archive"} <= set(imap.list_folders())
+        imap.store([uids[3]], ["\\Deleted"])
+        imap.expunge([uids[3]])
+        assert imap.noop() == 4
+        assert [u for u, _ in imap.uids()] == uids[:1] + uids[4:]
+        archive = imap.select("Archive", readonly=True)
+        assert archive.exists == 4 and archive.readonly
+        subjects = [i.header for i in imap.summaries([u for u, _ in imap.uids()])]
+        assert [s.split(b"Subject: ")[1].split(b"\r\n")[0] for s in subjects] == [
+            b"number 1", b"number 2", b"number 3", b"appended"]
+        with pytest.raises(RemoteError):  # a NO: the session goes on
+            imap.select("No such folder")
+        assert not imap.dead
+        with pytest.raises(RemoteProtocolError):  # over the limit: refused unread
+            imap.select("INBOX")
+            imap.body(uids[0], 10)
+        assert imap.dead
+    finally:
+        imap.close()
+
+
+def test_pop3_session_top_retr_and_dele_only_on_quit(server: dovecot.Dovecot) -> None:
+    conn = _conn(server, server.pop3, False)  # STLS
+    pop = Pop3Session.open(conn, _creds(server))
+    try:
+        assert "STLS" in pop.capabilities or "UIDL" in pop.capabilities
+        assert pop.stat().messages == 7
+        uids, sizes = pop.uidl(), pop.sizes()
+        infos = pop.summaries([1, 2], uids, sizes)
+        assert b"Subject: number 2" in infos[1].header and b"body" not in infos[1].header
+        out = io.BytesIO()
+        pop.retr(3, out, 1 << 20)
+        assert out.getvalue().endswith(b"\nbody 3\n") and b"\r" not in out.getvalue()
+        pop.dele(1)
+        pop.dele(2)
+    finally:
+        pop.close()  # no QUIT: nothing deleted
+    pop = Pop3Session.open(conn, _creds(server))
+    try:
+        assert pop.stat().messages == 7
+        pop.dele(1)
+        pop.quit()
+    finally:
+        pop.close()
+    pop = Pop3Session.open(conn, _creds(server))
+    try:
+        assert pop.stat().messages == 6
+        assert uids[1] not in pop.uidl().values()
+    finally:
+        pop.close()
+
+
+# -- SASL bytes ------------------------------------------------------------------------------
+
+def test_imap_xoauth2_and_oauthbearer_bytes(tmp_path: Path) -> None:
+    certs = Certs(tmp_path)
+    ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    for mech, caps in (("XOAUTH2", b"AUTH=XOAUTH2"), ("OAUTHBEARER", b"AUTH=OAUTHBEARER")):
+        script: list[Step] = [
+            ("tls", certs.server_context()),
+            ("send", b"* OK [CAPABILITY IMAP4rev1 " + caps + b"] ready\r\n"),
+            ("command", b"CAPABILITY"), ("send", b"* CAPABILITY IMAP4rev1 " + caps + b"\r\n"),
+            ("tagged", b"OK done\r\n"),
+            ("command", f"AUTHENTICATE {mech}".encode()), ("send", b"+ \r\n"),
+            ("expect", b""), ("tagged", b"OK welcome\r\n")]
+        with FaultServer(script) as fs:
+            imap = ImapSession.open(Connection("127.0.0.1", fs.port, True, ctx),
+                                    Credentials("me@example.test", lambda: "tok", token=True))
+            imap.close()
+        line = fs.received[0].split(b"\r\n")[2]
+        raw = base64.b64decode(line)
+        if mech == "XOAUTH2":
+            assert raw == b"user=me@example.test\x01auth=Bearer tok\x01\x01"
+        else:
+            assert raw == (f"n,a=me@example.test,\x01host=127.0.0.1\x01port={fs.port}"
+                           "\x01auth=Bearer tok\x01\x01").encode()
+
+
+def test_pop3_xoauth2_bytes_and_a_refused_token(tmp_path: Path) -> None:
+    certs = Certs(tmp_path)
+    ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    login: list[Step] = [("tls", certs.server_context()), ("send", b"+OK ready\r\n"),
+                         ("expect", b"CAPA"), ("send", b"+OK\r\nSASL XOAUTH2\r\nUIDL\r\n.\r\n"),
+                         ("expect", b"AUTH XOAUTH2"), ("send", b"+ \r\n"), ("expect", b"")]
+    good = login + [("send", b"+OK welcome\r\n"), ("expect", b"QUIT"), ("send", b"+OK\r\n")]
+    bad = login + [("send", b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"), ("expect", b""),
+                   ("send", b"-ERR [AUTH] token refused\r\n")]
+    with FaultServer(good, bad) as fs:
+        conn = Connection("127.0.0.1", fs.port, True, ctx)
+        creds = Credentials("me@example.test", lambda: "tok", token=True)
+        Pop3Session.open(conn, creds).quit()
+        sent = fs.received[0].split(b"\r\n")
+        assert base64.b64decode(sent[2]) == b"user=me@example.test\x01auth=Bearer tok\x01\x01"
+        with pytest.raises(RemoteError, match="AUTH XOAUTH2 failed: -ERR \\[AUTH\\] token"):
+            Pop3Session.open(conn, creds)
+        assert fs.received[1].split(b"\r\n")[3] == b""  # the error challenge answered empty
+
+
+def test_mailbox_names_urls_and_uid_sets() -> None:
+    assert encode_mailbox("Entwürfe & Co") == "Entw&APw-rfe &- Co"
+    assert decode_mailbox("Entw&APw-rfe &- Co") == "Entwürfe & Co"
+    assert uid_set([5, 1, 2, 3, 9, 10]) == "1:3,5,9:10"
+    url = parse_url("imaps://me%40example.com@imap.example.com:1993/Lists/pymailtools")
+    assert (url.user, url.host, url.port, url.folder) == (
+        "me@example.com", "imap.example.com", 1993, "Lists/pymailtools")
+    assert parse_url("imap://imap.example.com").folder == "INBOX"
+    assert parse_url("pop3s://me@pop.example.com").port == 995
+    assert str(parse_url("pop3s://me:secret@pop.example.com")) == "pop3s://me@pop.example.com"
+    assert sasl_oauthbearer("a,b=c", "h", 993, "t") == (
+        b"n,a=a=2Cb=3Dc,\x01host=h\x01port=993\x01auth=Bearer t\x01\x01")
+
+
+# -- mail -f URL: remote folders in read mode ------------------------------------------------
+
+def _read_env(config_file: Path, tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return mail_env(config_file, home)
+
+
+def _read(env: dict[str, str], server: dovecot.Dovecot, url: str, *args: str,
+          input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    user = next(iter(server.accounts))
+    return run_mail(env, "-S", f"password-{user}@127.0.0.1={PASSWORD}", "-S",
+                    f"tls-ca-file={server.certs.ca_file}", *args, "-f", url, input=input)
+
+
+def _imap_url(server: dovecot.Dovecot) -> str:
+    return f"imaps://{next(iter(server.accounts))}@127.0.0.1:{server.imaps}/INBOX"
+
+
+def _pop3_url(server: dovecot.Dovecot) -> str:
+    return f"pop3s://{next(iter(server.accounts))}@127.0.0.1:{server.pop3s}"
+
+
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_dash_H_on_a_remote_folder(config_file: Path, tmp_path: Path,
+                                   server: dovecot.Dovecot, which: str) -> None:
+    env = _read_env(config_file, tmp_path)
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    r = _read(env, server, url, "-H")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [ln.split()[-2:] for ln in lines] == [["number", str(i)] for i in range(1, 8)]
+    assert all(ln[1] == "N" for ln in lines)
+    assert _read(env, server, url, "-e").returncode == 0
+
+
+def test_imap_read_delete_and_quit_store_flags_on_the_server(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    r = _read(env, server, _imap_url(server), input=b"p 1\nd 2\nx\n")
+    assert r.returncode == 0 and b"body 1" in r.stdout
+    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    # x: nothing stored, not even \Seen (bodies are fetched with BODY.PEEK); no longer \Recent
+    assert len(lines) == 7 and lines[0][1] == "U"
+    r = _read(env, server, _imap_url(server), input=b"p 3\nd 2\nq\n")
+    assert r.returncode == 0, r.stderr
+    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["1", "3", "4", "5", "6", "7"]
+    assert lines[1][1] == "O"  # read: \Seen on the server
+
+
+def test_pop3_delete_on_quit(config_file: Path, tmp_path: Path,
+                             server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    assert _read(env, server, _pop3_url(server), input=b"d 1 3\nx\n").returncode == 0
+    assert len(_read(env, server, _pop3_url(server), "-H").stdout.splitlines()) == 7
+    assert _read(env, server, _pop3_url(server), input=b"d 1 3\nq\n").returncode == 0
+    lines = _read(env, server, _pop3_url(server), "-H").stdout.decode().splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["2", "4", "5", "6", "7"]
+
+
+@pytest.mark.interop
+def test_snail_sees_the_same_imap_folder(config_file: Path, tmp_path: Path,
+                                         server: dovecot.Dovecot) -> None:
+    snail = need_tool("s-nail", "s-nail")
+    env = _read_env(config_file, tmp_path)
+    ours = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    theirs = subprocess.run(
+        [snail, "-:/", "-Sv15-compat", "-Sheadline-plain",
+         f"-Spassword={PASSWORD}", f"-Stls-ca-file={server.certs.ca_file}",
+         # s-nail matches the certificate by name only (not by IP address)
+         "-Stls-ca-no-defaults", "-H", "-f", _imap_url(server).replace("127.0.0.1", "localhost")],
+        capture_output=True, timeout=60, env=env)
+    lines = theirs.stdout.decode().splitlines()
+    assert len(lines) == len(ours) == 7, theirs.stderr
+    assert [ln.split()[-1] for ln in lines] == [ln.split()[-1] for ln in ours]
+
+
+def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
+                                  server: dovecot.Dovecot) -> None:
+    """-S record=imaps://…/Sent: the copy of what was sent goes there by APPEND (the folder
+    created on the server's TRYCREATE), marked \\Seen."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    sent = f"imaps://{user}@127.0.0.1:{server.imaps}/Sent"
+    r = run_mail(env, "-s", "kept a copy", "-S", f"password-{user}@127.0.0.1={PASSWORD}",
+                 "-S", f"tls-ca-file={server.certs.ca_file}", "-S", f"record={sent}", "root",
+                 input=b"hello\n")
+    assert r.returncode == 0, r.stderr
+    lines = _read(env, server, sent, "-H").stdout.decode().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("kept a copy") and lines[0][1] == "O"
+    bad = run_mail(env, "-s", "x", "-S", "record=pop3s://me@127.0.0.1", "root", input=b"x\n")
+    assert bad.returncode == 64 and b"IMAP folder" in bad.stderr
