@@ -5,6 +5,7 @@ their index fetched once, summaries in batches, bodies on demand."""
 from __future__ import annotations
 
 import io
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from pymailtools.config import Config
@@ -12,11 +13,14 @@ from pymailtools.errors import EX_OK
 from pymailtools.local import mbox
 from pymailtools.mua import reader, remote
 from pymailtools.mua.folder import (
+    DELETED,
     OLD,
+    READ,
     SEEN,
     WAS_OLD,
     WAS_SEEN,
     Entry,
+    EntryList,
     Folder,
     FolderError,
     Headers,
@@ -28,12 +32,28 @@ from pymailtools.mua.pop3 import Pop3Session
 class RemoteEntry(Entry):
     """A remote message: its lasting id (IMAP UID, POP3 UIDL) and number in this session."""
 
-    __slots__ = ("uid", "number")
+    __slots__ = ()
 
-    def __init__(self, box: Folder, uid: str, number: int, size: int, flags: int) -> None:
-        super().__init__(box, size, 0, flags)
-        self.uid = uid
-        self.number = number
+    @property
+    def uid(self) -> str:
+        return self.box.uids[self.index]  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def number(self) -> int:
+        return self.box.numbers[self.index]  # type: ignore[attr-defined, no-any-return]
+
+
+class _RemoteIndex(Folder):
+    """The index both remote folders keep: ids, numbers, sizes and flag bits per message
+    (lines are not known without fetching the message: 0)."""
+
+    def _index(self, rows: list[tuple[str, int, int, int]]) -> None:
+        self.uids = [uid for uid, _, _, _ in rows]
+        self.numbers = array("q", [number for _, number, _, _ in rows])
+        self.sizes = array("q", [size for _, _, size, _ in rows])
+        self.lines = array("q", [0]) * len(rows)
+        self.flags = array("H", [flags for _, _, _, flags in rows])
+        self.entries = EntryList(self, RemoteEntry)
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -52,7 +72,7 @@ def _frame(message: bytes) -> bytes:
     return mbox.frame(message, sender)
 
 
-class ImapFolder(Folder):
+class ImapFolder(_RemoteIndex):
     """One IMAP folder, selected read-write: the session's marks become \\Seen and \\Deleted
     on quit, deleted messages are expunged (by UID where the server can)."""
 
@@ -61,18 +81,18 @@ class ImapFolder(Folder):
         self.path = str(url)
         self.limit = limit
         session.select(url.folder)
-        self.entries = []
+        rows = []
         for att in session.index():
             flags = 0
             if "\\Seen" in att.flags:
                 flags |= SEEN | OLD | WAS_SEEN | WAS_OLD
             elif "\\Recent" not in att.flags:
                 flags |= OLD | WAS_OLD
-            self.entries.append(RemoteEntry(self, str(att.uid), att.number, att.size, flags))
+            rows.append((str(att.uid), att.number, att.size, flags))
+        self._index(rows)
 
     def _uid(self, e: Entry) -> int:
-        assert isinstance(e, RemoteEntry)
-        return int(e.uid)
+        return int(self.uids[e.index])
 
     def header_block(self, e: Entry) -> bytes:
         return next(self.header_blocks([e]))
@@ -94,15 +114,17 @@ class ImapFolder(Folder):
         return _frame(self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.deleted or (e.read and not e.seen) for e in self.entries)
+        return any(f & DELETED or (f & READ and not f & SEEN) for f in self.flags)
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         if before_write is not None:
             before_write()
-        kept = {id(e) for e in keep}
-        seen = [self._uid(e) for e in self.entries if e.read and not e.seen and id(e) in kept]
-        gone = [self._uid(e) for e in self.entries if id(e) not in kept]
+        kept = set(keep)
+        flags = self.flags
+        seen = [int(uid) for i, uid in enumerate(self.uids)
+                if flags[i] & READ and not flags[i] & SEEN and i in kept]
+        gone = [int(uid) for i, uid in enumerate(self.uids) if i not in kept]
         if seen:
             self.session.store(seen, ["\\Seen"])
         if gone:
@@ -114,7 +136,7 @@ class ImapFolder(Folder):
         self.session.close()
 
 
-class Pop3Folder(Folder):
+class Pop3Folder(_RemoteIndex):
     """A POP3 mailbox: no flags on the server; deleted messages are DELEted on quit and gone
     only once QUIT succeeds."""
 
@@ -124,12 +146,10 @@ class Pop3Folder(Folder):
         self.limit = limit
         uids = session.uidl()
         sizes = session.sizes()
-        self.entries = [RemoteEntry(self, uids.get(n, ""), n, sizes.get(n, 0), 0)
-                        for n in sorted(sizes)]
+        self._index([(uids.get(n, ""), n, sizes.get(n, 0), 0) for n in sorted(sizes)])
 
     def _number(self, e: Entry) -> int:
-        assert isinstance(e, RemoteEntry)
-        return e.number
+        return self.numbers[e.index]
 
     def header_block(self, e: Entry) -> bytes:
         n = self._number(e)
@@ -145,14 +165,14 @@ class Pop3Folder(Folder):
         return _frame(self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.deleted for e in self.entries)
+        return any(f & DELETED for f in self.flags)
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         if before_write is not None:
             before_write()
-        kept = {id(e) for e in keep}
-        gone = [self._number(e) for e in self.entries if id(e) not in kept]
+        kept = set(keep)
+        gone = [n for i, n in enumerate(self.numbers) if i not in kept]
         try:
             for n in gone:
                 self.session.dele(n)
