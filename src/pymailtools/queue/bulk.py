@@ -321,20 +321,20 @@ def _remove_deleted(queue: Queue, tfd: int, keep: set[str]) -> None:
     hist = os.open(queue.path(HISTORY), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     work: SimpleQueue[list[str] | None] = SimpleQueue()
 
-    def remover() -> None:
-        unlink = os.unlink
-        while (chunk := work.get()) is not None:
-            for qid in chunk:
-                for d in (msgs, hist, tfd):
-                    try:
-                        unlink(qid, dir_fd=d)
-                    except FileNotFoundError:
-                        pass
+    def remove(chunk: list[str]) -> None:
+        for qid in chunk:
+            for d in (msgs, hist, tfd):
+                try:
+                    os.unlink(qid, dir_fd=d)
+                except FileNotFoundError:
+                    pass
 
-    threads = [threading.Thread(target=remover, daemon=True) for _ in range(REMOVERS)]
+    def remover() -> None:
+        while (chunk := work.get()) is not None:
+            remove(chunk)
+
+    threads: list[threading.Thread] = []  # started with the first full chunk
     try:
-        for t in threads:
-            t.start()
         chunk: list[str] = []
         is_valid = queueid.is_valid
         with os.scandir(tfd) as it:
@@ -342,15 +342,22 @@ def _remove_deleted(queue: Queue, tfd: int, keep: set[str]) -> None:
                 if is_valid(e.name) and e.name not in keep:
                     chunk.append(e.name)
                     if len(chunk) >= _CHUNK:
+                        if not threads:
+                            threads = [threading.Thread(target=remover, daemon=True)
+                                       for _ in range(REMOVERS)]
+                            for t in threads:
+                                t.start()
                         work.put(chunk)
                         chunk = []
-        work.put(chunk)
+        if threads:
+            work.put(chunk)
+        else:
+            remove(chunk)  # a few entries: no threads
     finally:
         for _ in threads:
             work.put(None)
         for t in threads:
-            if t.ident is not None:
-                t.join()
+            t.join()
         os.close(msgs)
         os.close(hist)
 
