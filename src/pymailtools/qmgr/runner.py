@@ -54,7 +54,7 @@ BATCH = 256
 # LOCAL_WORKERS forked processes, one mailbox's entries always in the same one (no two
 # workers ever wait for each other's mailbox lock).
 LOCAL_PARALLEL_MIN = 32
-LOCAL_WORKERS = 8
+LOCAL_WORKERS = 16
 # Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
 # never causes another; the bound only keeps a future kind of notice from chaining without end.
 NOTICE_ROUNDS = 3
