@@ -281,7 +281,9 @@ class Runner:
         now = time.time()
         shares: dict[int, list[tuple[str, str]]] = {}
         rest: list[tuple[str, str]] = []
-        for state, qid in todo:
+        for n, (state, qid) in enumerate(todo):
+            if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
+                return todo  # mostly remote (a relay's queue): not worth a look at each
             key = self._local_key(qid, state, force=force, site=site, now=now)
             if key is None:
                 rest.append((state, qid))
