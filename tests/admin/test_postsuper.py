@@ -1,13 +1,16 @@
 """postsuper: Postfix's operations and texts, strict ids, the entry lock, and a live runner."""
 
+import fcntl
 import os
 import pwd
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pymailtools.queue import bulk
 from pymailtools.queue.envelope import Envelope, Recipient
 from pymailtools.queue.store import HOLD, INCOMING, Queue
 from tests.conftest import Sendmail, run_as, script
@@ -50,6 +53,7 @@ def test_delete_named_all_and_stdin(queue: Queue) -> None:
     assert (p.returncode, p.stderr) == (0, "postsuper: Deleted: 1 messages\n".replace(
         "1 messages", "1 message"))
     assert states(queue) == {"incoming": [], "deferred": [], "hold": []}
+    _settled(queue)  # the files of a whole-queue delete go in the background
     assert not os.listdir(queue.root + "/messages") and not os.listdir(queue.root + "/history")
 
 
@@ -376,3 +380,22 @@ def test_new_entries_under_two_names_go_through_every_operation(queue: Queue) ->
     assert not os.path.exists(queue.path("messages", b))
     assert states(queue) == {"incoming": [a], "deferred": [], "hold": []}
     assert not os.listdir(queue.root + "/corrupt")
+
+
+def test_bulk_delete_frees_the_files_of_entries_someone_holds_locked(queue: Queue) -> None:
+    """A deleted entry's files go without its lock: a runner that locked one after the
+    commit (it then finds no envelope and lets go) does not hold the disk space back."""
+    ids = three(queue)
+    assert bulk.delete_all(queue, [HOLD, INCOMING, "deferred"]).count == 3
+    lock = os.open(queue.path("messages", ids[0]), os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        settling = threading.Thread(target=bulk.settle, args=(queue,), daemon=True)
+        settling.start()
+        settling.join(30)
+        assert not settling.is_alive(), "settling waited for the lock"
+        assert not os.listdir(queue.root + "/messages")
+        assert not os.listdir(queue.root + "/history")
+        assert not os.listdir(queue.root + "/trash")
+    finally:
+        os.close(lock)

@@ -16,6 +16,7 @@ from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import mailbox as local_mailbox
 from pymailtools.local import route
 from tests.conftest import Sendmail, need_root, need_tool, write_toml
+from tests.support import queue as support_queue
 
 User = pwd.struct_passwd
 SENDER = "sender@example.test"
@@ -490,3 +491,42 @@ def test_home_mailbox_must_stay_below_home(value: str) -> None:
         Config({"home_mailbox": value})
     assert "home_mailbox" in str(e.value)
 
+
+
+def _maildir_pids(user: User) -> list[str]:
+    """The process id in each delivered file's name (time.M<usec>P<pid>Q<n>.host)."""
+    return [n.split("P", 1)[1].split("Q", 1)[0]
+            for n in os.listdir(Path(user.pw_dir) / "Maildir" / "new")]
+
+
+def test_home_maildir_is_written_by_the_runner_itself_with_the_users_ids(
+        config_values: dict[str, object], system_user: User) -> None:
+    # No process forked per delivery: the runner switches its effective ids (and gets root's
+    # back, groups included), the file is still the user's.
+    need_root()
+    cfg = Config({**config_values, "home_mailbox": "Maildir/"})
+    groups = os.getgroups()
+    support_queue.queue(cfg, system_user.pw_name)
+    assert support_queue.run(cfg).delivered == 1
+    assert _maildir_pids(system_user) == [str(os.getpid())]
+    (new,) = (Path(system_user.pw_dir) / "Maildir" / "new").iterdir()
+    assert (new.stat().st_uid, new.stat().st_gid) == (system_user.pw_uid, system_user.pw_gid)
+    assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
+
+
+def test_many_local_entries_are_shared_by_mailbox_among_worker_processes(
+        config_values: dict[str, object], system_user: User, other_user: User) -> None:
+    need_root()
+    cfg = Config({**config_values, "home_mailbox": "Maildir/"})
+    addresses = [f"{u.pw_name}@{d}" for u in (system_user, other_user)
+                 for d in ("host.example.test", "host", "localhost")]
+    for i in range(48):
+        support_queue.queue(cfg, addresses[i % len(addresses)])
+    stats = support_queue.run(cfg)
+    assert (stats.delivered, stats.deferred, len(stats.results)) == (48, 0, 48)
+    assert support_queue.entries(cfg) == []
+    for user in (system_user, other_user):
+        pids = _maildir_pids(user)
+        assert len(pids) == 24 and str(os.getpid()) not in pids
+        # one address, one worker: at most one process per address form
+        assert len(set(pids)) <= 3

@@ -847,3 +847,15 @@ def test_password_file_round_trip(tmp_path: Path) -> None:
     assert made.returncode == 0
     user, _, stored = made.stdout.strip().partition(":")
     assert user == "bob" and smtpd_passwd.check(stored, PASSWORD.encode())
+
+
+def test_loading_the_password_module_hashes_nothing() -> None:
+    # The listener and every `sendmail -bs` import it: an scrypt at import (the unknown-user
+    # dummy) cost each of them ~50 ms. An unknown user is still checked as slowly as a known.
+    code = ("import hashlib\ncalls = []\nreal = hashlib.scrypt\n"
+            "hashlib.scrypt = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+            "from pymailtools.smtpd import passwd\nbefore = len(calls)\n"
+            "assert not passwd.check(None, b'secret')\nprint(before, len(calls))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert (p.returncode, p.stdout) == (0, "0 1\n"), p.stderr

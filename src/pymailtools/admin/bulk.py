@@ -36,7 +36,8 @@ def settle_in_background(queue: Queue, held_skipped: list[str]) -> None:
     """Run settle() in a detached process (reclaiming 100,000 entries' space takes a while)."""
     if detach():
         try:
-            os.nice(10)
+            # Not niced: the admin is waiting for the disk space, and most of the time is
+            # the device's, not the CPU's.
             bulk.settle(queue, held_skipped)
         finally:
             os._exit(0)

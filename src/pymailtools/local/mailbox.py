@@ -80,7 +80,7 @@ def deliver(
 
 def _deliver_home(config: Config, pw: pwd.struct_passwd, dest: Destination, message: BinaryIO,
                   *, sender: str, recipient: str, busy: dict[str, str] | None) -> None:
-    """Write into the home directory as the user (a forked child when we are root), so that
+    """Write into the home directory as the user (effective ids, see pipe.call_as), so that
     the kernel judges every directory on the way: a symbolic link planted anywhere leads
     nowhere the user could not write already, and the writers refuse one as the mailbox
     itself or a file owned by anyone else."""
@@ -95,7 +95,7 @@ def _deliver_home(config: Config, pw: pwd.struct_passwd, dest: Destination, mess
         return b""
 
     try:
-        pipe.call_as(pw.pw_uid, pw.pw_gid, write)
+        pipe.call_as(pw.pw_uid, pw.pw_gid, write, effective_only=True)
     except OSError as e:
         raise mbox.os_error(f"cannot deliver to {dest.where}", e) from None
 

@@ -112,11 +112,21 @@ def os_error(action: str, e: OSError) -> DeliveryError:
     return DeliveryError(f"{action}: {e.strerror or e}", status)
 
 
+_mail_group: tuple[float, int | None] = (-1e9, None)
+
+
 def _mail_gid() -> int | None:
-    try:
-        return grp.getgrnam("mail").gr_gid
-    except KeyError:
-        return None
+    """The mail group's id, looked up again after 2 s (not for every message:
+    getgrnam reads /etc/group each time)."""
+    global _mail_group
+    now = time.monotonic()
+    if now - _mail_group[0] >= 2.0:
+        try:
+            gid: int | None = grp.getgrnam("mail").gr_gid
+        except KeyError:
+            gid = None
+        _mail_group = (now, gid)
+    return _mail_group[1]
 
 
 def _refuse_unsafe(st: os.stat_result, uid: int, check_owner: bool) -> None:

@@ -3,6 +3,7 @@
 import os
 import pwd
 import re
+import time
 from typing import BinaryIO
 
 from pymailtools.config import Config
@@ -25,6 +26,13 @@ def mailbox_path(config: Config, name: str) -> tuple[str, bool]:
     return spool.rstrip("/") + "/" + name, spool.endswith("/")
 
 
+# A delivery looks its user up three times (routing, .forward, the mailbox) and getpwnam
+# reads /etc/passwd each time: known users are remembered this long (seconds), as Postfix's
+# local(8) caches its passwd look-ups. An unknown user is always asked again.
+PASSWD_TTL = 2.0
+_passwd_cache: dict[str, tuple[float, pwd.struct_passwd]] = {}
+
+
 def passwd_entry(user: str) -> pwd.struct_passwd:
     """The passwd entry of local ``user``, whose own name is safe in the spool.
 
@@ -33,13 +41,21 @@ def passwd_entry(user: str) -> pwd.struct_passwd:
     """
     if not valid_user_name(user):
         raise DeliveryError(f"invalid user name: {_quoted(user)}", "5.1.3")
+    now = time.monotonic()
+    cached = _passwd_cache.get(user)
+    if cached is not None and now - cached[0] < PASSWD_TTL:
+        return cached[1]
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
+        _passwd_cache.pop(user, None)
         raise DeliveryError(f"unknown user: {_quoted(user)}", "5.1.1") from None
     # The passwd entry's own name builds the path, never anything taken from the address.
     if not valid_user_name(pw.pw_name):
         raise DeliveryError(f"invalid user name: {_quoted(pw.pw_name)}", "5.1.3")
+    if len(_passwd_cache) > 1024:
+        _passwd_cache.clear()
+    _passwd_cache[user] = (now, pw)
     return pw
 
 

@@ -1,9 +1,11 @@
 """The queue runner: takes due entries under lock, routes and delivers, defers, bounces."""
 
 import io
+import json
 import logging
 import os
 import random
+import sys
 import time
 from typing import BinaryIO
 
@@ -47,6 +49,12 @@ if TYPE_CHECKING:  # asyncio, aiosmtplib and dnspython load only when a remote r
 # Entries held locked at once while their remote recipients are sent: large enough to keep
 # sessions busy across destinations, small enough for the file descriptor limit.
 BATCH = 256
+# Local deliveries wait for the disk (an fsync of the file and of the directory each): with
+# this many entries or more that have only local recipients, they are shared among up to
+# LOCAL_WORKERS forked processes, one mailbox's entries always in the same one (no two
+# workers ever wait for each other's mailbox lock).
+LOCAL_PARALLEL_MIN = 32
+LOCAL_WORKERS = 16
 # Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
 # never causes another; the bound only keeps a future kind of notice from chaining without end.
 NOTICE_ROUNDS = 3
@@ -151,6 +159,7 @@ class Runner:
         self._remote: Dispatcher | None = None
         self._remote_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker = False  # a forked local delivery worker (never forks its own)
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -230,6 +239,9 @@ class Runner:
                      site: str | None) -> None:
         """Local recipients are delivered entry by entry; entries with remote recipients are
         kept locked and sent in batches, so one destination's messages share sessions."""
+        if (len(todo) >= LOCAL_PARALLEL_MIN and not self._worker and self._loop is None
+                and self.progress is None and self.queue.direct_access()):
+            todo = self._local_workers(todo, force=force, site=site)
         batch: list[_Entry] = []
         try:
             for state, qid in todo:
@@ -258,6 +270,103 @@ class Runner:
         finally:
             for entry in batch:  # only after an exception: they stay as they were
                 entry.close()
+
+    def _local_workers(self, todo: list[tuple[str, str]], *, force: bool,
+                       site: str | None) -> list[tuple[str, str]]:
+        """Deliver the entries whose due recipients are all local in forked workers, an
+        entry's share chosen by its first due recipient (so one mailbox, one worker); return
+        the entries left to this process (remote recipients, unreadable, or too few shares).
+        Each worker runs the ordinary entry loop (locks, fsyncs, notices) and sends its
+        counts back."""
+        now = time.time()
+        shares: dict[int, list[tuple[str, str]]] = {}
+        rest: list[tuple[str, str]] = []
+        for n, (state, qid) in enumerate(todo):
+            if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
+                return todo  # mostly remote (a relay's queue): not worth a look at each
+            key = self._local_key(qid, state, force=force, site=site, now=now)
+            if key is None:
+                rest.append((state, qid))
+            else:
+                shares.setdefault(hash(key) % LOCAL_WORKERS, []).append((state, qid))
+        if len(shares) < 2:
+            return todo
+        sys.stdout.flush()
+        sys.stderr.flush()
+        children: list[tuple[int, int, list[tuple[str, str]]]] = []
+        for share in shares.values():
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(rfd)
+                self._run_worker(share, wfd, force=force, site=site)  # never returns
+            os.close(wfd)
+            children.append((pid, rfd, share))
+        for pid, rfd, share in children:
+            with os.fdopen(rfd, "rb") as r:
+                reply = r.read()
+            _, status = os.waitpid(pid, 0)
+            self.seen.update(qid for _, qid in share)
+            try:
+                counts = json.loads(reply)
+            except ValueError:
+                self.log.error(f"a local delivery worker failed (status {status}); "
+                               f"its {len(share)} entries wait for the next run")
+                continue
+            for name in ("delivered", "deferred", "bounced", "busy", "corrupt"):
+                setattr(self.stats, name, getattr(self.stats, name) + counts[name])
+            self.stats.results += [(a, b, c, d) for a, b, c, d in counts["results"]]
+        return rest
+
+    def _local_key(self, qid: str, state: str, *, force: bool, site: str | None,
+                   now: float) -> str | None:
+        """The first due recipient's address when every due recipient of the entry is
+        routed locally (or to error, retry, discard); None otherwise."""
+        try:
+            _, env = self.queue.load(qid, state)
+        except (EntryNotFound, CorruptEnvelope, OSError, UnicodeError):
+            return None
+        key = None
+        for r in env.recipients:
+            if r.done or (site and not _matches_site(r.address, site)):
+                continue
+            if not force and r.next_try > now:
+                continue
+            if self.router.route(r.address, env.sender).transport not in (
+                    LOCAL, ERROR, RETRY, DISCARD):
+                return None
+            key = key or r.address.lower()
+        return key
+
+    def _run_worker(self, share: list[tuple[str, str]], wfd: int, *, force: bool,
+                    site: str | None) -> None:
+        """In a forked worker: deliver ``share``, then write the counts to ``wfd`` and exit."""
+        code = 1
+        try:
+            self._worker = True
+            self.stats = Stats()
+            self._run_entries(share, force=force, site=site)
+            self._deliver_notices()
+            self._close_remote()
+            st = self.stats
+            reply = json.dumps({"delivered": st.delivered, "deferred": st.deferred,
+                                "bounced": st.bounced, "busy": st.busy,
+                                "corrupt": st.corrupt, "results": st.results}).encode()
+            view = memoryview(reply)
+            while view:
+                view = view[os.write(wfd, view):]
+            code = 0
+        except BaseException as e:  # noqa: B036 - a worker reports and exits, never returns
+            try:
+                self.log.error(f"local delivery worker: {type(e).__name__}: {e}")
+            except BaseException:  # noqa: B036
+                pass
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
 
     def _deliver_notices(self) -> None:
         """Deliver the notices (bounces, delay warnings) this run queued, whatever entries or

@@ -10,10 +10,11 @@ blocks costs ~0.2 ms on an ext4 mounted with ``discard`` (three files per entry)
    "skipped", as postsuper does for an entry being delivered; the rest are counted.
 3. For a delete, ``trash/DIR/.commit`` (the skipped ids) is written and synced: from then on
    the deletion stands; before it, a crash restores everything.
-4. A detached process settles the rest entry by entry, each under the entry's lock: deleted
-   entries lose their files, skipped ones go back (unless the runner delivered or re-queued
-   them). ``postsuper -p`` and the next bulk operation settle what a crash left. (A hold
-   swap puts its skipped entries back at once, then re-checks each under its lock.)
+4. A detached process settles the rest: deleted entries lose their files in one pass of
+   parallel unlinks (no lock needed, see ``_remove_deleted``); skipped ones go back, each
+   under its lock (unless the runner delivered or re-queued them). ``postsuper -p`` and the
+   next bulk operation settle what a crash left. (A hold swap puts its skipped entries back
+   at once, then re-checks each under its lock.)
 
 Raises Unsupported where renameat2 is missing: postsuper then works entry by entry.
 """
@@ -23,10 +24,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterable
+from queue import SimpleQueue
 
 from pymailtools.fileio import fsync_dir, write_all
+from pymailtools.queue import ids as queueid
 from pymailtools.queue.active import active_ids, is_active
 from pymailtools.queue.store import (
     DEFERRED,
@@ -255,8 +259,16 @@ def _settle_trash(queue: Queue, name: str) -> None:
                 keep: set[str] | None = set(f.read().decode("ascii", "replace").split())
         except FileNotFoundError:
             keep = None  # the operation never completed: everything goes back
+        if keep is not None:
+            # Committed: every entry not kept is deleted; its files go in one fast pass, and
+            # only the kept ones are settled one by one, under their locks.
+            _remove_deleted(queue, dfd, keep)
+            names: Iterable[str] = [q for q in keep if queueid.is_valid(q)
+                                    and os.path.lexists(f"{t}/{q}")]
+        else:
+            names = list(queue.names(f"{TRASH}/{name}"))
         restored = False
-        for qid in list(queue.names(f"{TRASH}/{name}")):
+        for qid in names:
             try:
                 fd = queue.lock(qid, blocking=True)
             except EntryNotFound:
@@ -287,6 +299,67 @@ def _settle_trash(queue: Queue, name: str) -> None:
             pass
     finally:
         os.close(dfd)
+
+
+# Threads unlinking at once: the device's discards overlap (1 -> 64 threads: 5-20x faster).
+REMOVERS = 64
+_CHUNK = 256
+
+
+def _remove_deleted(queue: Queue, tfd: int, keep: set[str]) -> None:
+    """Unlink the message, history and envelope (in trash, open as ``tfd``) of every
+    committed-deleted entry of a trash directory, envelope last (a crash leaves it to name
+    what is left), without taking the entries' locks.
+
+    No lock is needed: the entry was in no state directory from the swap on, and no runner
+    held its lock when it was counted (those are kept). A runner finds an entry again after
+    locking it, so one that locks it now finds nothing and lets go; none delivers it.
+    Unlinking a file that owns data blocks waits for the device (a synchronous discard on
+    ext4 without a journal, ~0.1 ms): threads overlap those waits, and os.unlink releases
+    the GIL for each."""
+    msgs = os.open(queue.path("messages"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    hist = os.open(queue.path(HISTORY), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    work: SimpleQueue[list[str] | None] = SimpleQueue()
+
+    def remove(chunk: list[str]) -> None:
+        for qid in chunk:
+            for d in (msgs, hist, tfd):
+                try:
+                    os.unlink(qid, dir_fd=d)
+                except FileNotFoundError:
+                    pass
+
+    def remover() -> None:
+        while (chunk := work.get()) is not None:
+            remove(chunk)
+
+    threads: list[threading.Thread] = []  # started with the first full chunk
+    try:
+        chunk: list[str] = []
+        is_valid = queueid.is_valid
+        with os.scandir(tfd) as it:
+            for e in it:
+                if is_valid(e.name) and e.name not in keep:
+                    chunk.append(e.name)
+                    if len(chunk) >= _CHUNK:
+                        if not threads:
+                            threads = [threading.Thread(target=remover, daemon=True)
+                                       for _ in range(REMOVERS)]
+                            for t in threads:
+                                t.start()
+                        work.put(chunk)
+                        chunk = []
+        if threads:
+            work.put(chunk)
+        else:
+            remove(chunk)  # a few entries: no threads
+    finally:
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
+        os.close(msgs)
+        os.close(hist)
 
 
 def admin_lock(queue: Queue) -> int:
