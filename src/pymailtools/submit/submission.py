@@ -14,7 +14,7 @@ from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_TEMPFAIL, EX_UNAVAILABLE, MailError, TooBigError, UsageError
 from pymailtools.queue.envelope import BOUNCED, Envelope, Recipient
-from pymailtools.queue.store import Queue, Submission, crash_point
+from pymailtools.queue.intake import QueueDir, Submission, crash_point
 
 TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class _Input:
                 yield tail
 
 
-def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = None) -> str:
+def submit(config: Config, src: BinaryIO, opts: Options, queue: QueueDir | None = None) -> str:
     """Queue the message read from ``src``; return its queue id once it is durable.
 
     ``queue``: one the caller has already set up (``Queue.ensure``), as the runner and the SMTP
@@ -194,7 +194,7 @@ def submit(config: Config, src: BinaryIO, opts: Options, queue: Queue | None = N
 
         rw = rewrite.for_config(config)
     if queue is None:
-        queue = Queue(config.queue_directory)
+        queue = QueueDir(config.queue_directory)
         if os.geteuid() == 0 or not os.path.isdir(queue.root):
             queue.ensure(config.public_listing)
     sub = queue.submission()
