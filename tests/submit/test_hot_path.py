@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import script
 
 FORBIDDEN = {"asyncio", "aiosmtplib", "dns", "rich", "click", "email", "json", "re", "typing",
-             "dataclasses", "subprocess", "socket", "logging", "tomllib"}
+             "dataclasses", "subprocess", "socket", "logging", "tomllib", "__future__"}
 
 
 @pytest.mark.parametrize("mode", ["queue", "background"])

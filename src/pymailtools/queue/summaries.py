@@ -4,8 +4,6 @@ Split from index.py, which reads, trusts and rebuilds the index: a submission ne
 part. Cheap to import (sendmail's hot path): os and fcntl only.
 """
 
-from __future__ import annotations
-
 import errno
 import fcntl
 import os
@@ -13,6 +11,7 @@ import os
 from pymailtools.queue.envelope import quote
 from pymailtools.queue.format import json_tail, mailq_tail
 
+# On sendmail's hot path: no `from __future__ import annotations` (see intake.py)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymailtools.queue.envelope import Envelope
@@ -54,7 +53,7 @@ def set_mode(root: str, public: bool) -> None:
         os.close(fd)
 
 
-def record(env: Envelope, ino: int) -> bytes:
+def record(env: "Envelope", ino: int) -> bytes:
     """The index line for ``env`` stored in the file with inode ``ino``: the fields, then
     (after US) the entry's mailq text after its date, with RS for newline (printable() left
     no control character in it), then (after US) its postqueue -j object after queue_name."""
@@ -83,7 +82,7 @@ def header(root: str) -> bytes:
     return f"{MAGIC} {_boot_id()} {st.st_dev} {st.st_ino}\n".encode()
 
 
-def append(root: str, env: Envelope, ino: int) -> None:
+def append(root: str, env: "Envelope", ino: int) -> None:
     """Add the line for an envelope file about to be published. Never raises: on any
     failure the index is removed, since a lost line could leave an older one looking current."""
     try:
