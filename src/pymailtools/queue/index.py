@@ -18,7 +18,8 @@ for (``pymailtools-summaries 1 BOOT_ID DEV INO``); a crash (lines not on disk) o
 copied queue (new inodes) makes it distrusted until ``rebuild`` writes a new one. A failed
 append deletes the index, so a line can never be missing while an older one for a reused
 inode survives. Appenders hold a shared flock; ``rebuild`` holds the exclusive one.
-Cheap to import (sendmail's hot path): os and fcntl only.
+Appending is in summaries.py (sendmail's hot path loads only that); this module reads the
+index and rebuilds it.
 """
 
 from __future__ import annotations
