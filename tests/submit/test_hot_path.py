@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import script
 
 FORBIDDEN = {"asyncio", "aiosmtplib", "dns", "rich", "click", "email", "json", "re", "typing",
-             "dataclasses", "subprocess", "socket", "logging", "tomllib"}
+             "dataclasses", "subprocess", "socket", "logging", "tomllib", "__future__"}
 
 
 @pytest.mark.parametrize("mode", ["queue", "background"])
@@ -36,3 +36,6 @@ def test_submission_imports(tmp_path: Path, mode: str) -> None:
     modules = {line.split("|")[-1].strip()
                for line in p.stderr.decode().splitlines() if line.startswith("import time:")}
     assert modules & {"pymailtools.rewrite", "pymailtools.tables"} == set()
+    # a submission writes through queue.intake and the index's appender: the rest of the
+    # queue store and the index's reader stay unloaded
+    assert modules & {"pymailtools.queue.store", "pymailtools.queue.index"} == set()

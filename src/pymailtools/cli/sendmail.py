@@ -19,7 +19,7 @@ from pymailtools.errors import (
     UsageError,
 )
 from pymailtools.queue import ids as queueid
-from pymailtools.queue.store import Queue
+from pymailtools.queue.intake import QueueDir
 from pymailtools.submit import submission as submit
 
 PROG = "sendmail"
@@ -266,7 +266,7 @@ def _daemon(cfg: configmod.Config, req: Request) -> int:
     -bD stays in the foreground for systemd."""
     interval = _interval(req.queue_run)
 
-    if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
+    if not QueueDir(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot use the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
     # not on the submission path: only -bd/-bD load the listener (asyncio, aiosmtpd)
@@ -321,7 +321,7 @@ def _queue_run(cfg: configmod.Config, req: Request) -> int:
         return EX_OK  # -qINTERVAL without -bd: Postfix ignores it
 
     authorize(cfg, "flush")
-    if not Queue(cfg.queue_directory).prepare(cfg.public_listing):
+    if not QueueDir(cfg.queue_directory).prepare(cfg.public_listing):
         raise PermissionDenied(f"cannot run the queue in {cfg.queue_directory}: "
                                "permission denied (run it as root)")
     # not on the submission path (cron): only -q needs the runner

@@ -3,13 +3,13 @@
 import fcntl
 
 from pymailtools.config import Config
-from pymailtools.queue.store import Queue
+from pymailtools.queue.intake import QueueDir
 
 RUN_LOCK = "run.lock"
 
 
 def open_run_lock(cfg: Config) -> int:
-    return Queue(cfg.queue_directory).open_lock_file(RUN_LOCK)
+    return QueueDir(cfg.queue_directory).open_lock_file(RUN_LOCK)
 
 
 def try_lock(fd: int) -> bool:

@@ -10,7 +10,7 @@ import sys
 
 from pymailtools.config import Config
 from pymailtools.qmgr.runlock import open_run_lock, try_lock
-from pymailtools.queue.store import Queue
+from pymailtools.queue.intake import QueueDir
 
 # The detached runner _spawn_runner() starts: a fresh interpreter that reads the configuration
 # again (argv: config path or "", the inherited run.lock descriptor, the package's sys.path
@@ -30,7 +30,7 @@ def kick(cfg: Config, config_path: str | None = None, *, spawn: bool = False) ->
     that loads the configuration again, from ``config_path`` or where ``load()`` finds it;
     for a short-lived caller such as sendmail this costs the caller far less than a fork.
     """
-    queue = Queue(cfg.queue_directory)
+    queue = QueueDir(cfg.queue_directory)
     if not queue.direct_access():
         return  # maildrop submission: the root runner (cron `sendmail -q`, -bd) picks it up
     try:
@@ -105,7 +105,7 @@ def detach() -> bool:
 
 def deliver_now(cfg: Config, qid: str, *, verbose: bool, prog: str) -> int:
     """-odi / -v: deliver this entry in the foreground (other entries are left to the runner)."""
-    queue = Queue(cfg.queue_directory)
+    queue = QueueDir(cfg.queue_directory)
     if not queue.direct_access():
         return 0
     # only foreground delivery (-odi, -v) runs the runner in this process

@@ -18,128 +18,37 @@ for (``pymailtools-summaries 1 BOOT_ID DEV INO``); a crash (lines not on disk) o
 copied queue (new inodes) makes it distrusted until ``rebuild`` writes a new one. A failed
 append deletes the index, so a line can never be missing while an older one for a reused
 inode survives. Appenders hold a shared flock; ``rebuild`` holds the exclusive one.
-Cheap to import (sendmail's hot path): os and fcntl only.
+Appending is in summaries.py (sendmail's hot path loads only that); this module reads the
+index and rebuilds it.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 
-from pymailtools.queue.envelope import CorruptEnvelope, Envelope, quote, read_envelope, unquote
-from pymailtools.queue.format import json_tail, mailq_tail
+from pymailtools.queue.envelope import CorruptEnvelope, Envelope, read_envelope, unquote
+from pymailtools.queue.summaries import _O_CLOEXEC, _RS, _US
+
+# The writing half (sendmail's hot path loads only that module); its names are this
+# module's too, as callers have always used them.
+from pymailtools.queue.summaries import MAGIC as MAGIC
+from pymailtools.queue.summaries import NAME as NAME
+from pymailtools.queue.summaries import STATES as STATES
+from pymailtools.queue.summaries import append as append
+from pymailtools.queue.summaries import file_mode as file_mode
+from pymailtools.queue.summaries import header as header
+from pymailtools.queue.summaries import path as path
+from pymailtools.queue.summaries import record as record
+from pymailtools.queue.summaries import set_mode as set_mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-NAME = "summaries"
-MAGIC = "pymailtools-summaries 2"
-_US, _RS = "\x1f", "\x1e"  # unit separator (between the parts), record separator (newline)
-STATES = ("incoming", "deferred", "hold")  # the entry states, in their index code order
 _CHUNK = 1 << 18
 _INO_BITS = 38  # key = 38 bits of inode, 24 bits of the id's hash, 2 bits of state: < 2**64
 _MASK = (1 << _INO_BITS) - 1
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def path(root: str) -> str:
-    return root + "/" + NAME
-
-
-def file_mode(root: str) -> int:
-    """The index's mode: readable by every user when the state directories are listable by
-    every user (Queue.ensure makes them so when anyone may run mailq), else private."""
-    try:
-        public = os.stat(root + "/" + STATES[0]).st_mode & 0o004
-    except OSError:
-        public = 0
-    return 0o644 if public else 0o600
-
-
-def set_mode(root: str, public: bool) -> None:
-    """Bring an existing index to the listing's mode (the queue's owner; best effort)."""
-    try:
-        fd = os.open(path(root), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        mode = 0o644 if public else 0o600
-        if os.fstat(fd).st_mode & 0o7777 != mode:
-            os.fchmod(fd, mode)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def record(env: Envelope, ino: int) -> bytes:
-    """The index line for ``env`` stored in the file with inode ``ino``: the fields, then
-    (after US) the entry's mailq text after its date, with RS for newline (printable() left
-    no control character in it), then (after US) its postqueue -j object after queue_name."""
-    parts = [str(ino), quote(env.id), repr(float(env.arrival)), str(int(env.size)),
-             quote(env.sender), str(len(env.recipients))]
-    for r in env.recipients:
-        parts += (r.state, quote(r.address), quote(r.reason))
-    pending = [(r.address, r.reason) for r in env.recipients if not r.done]
-    return "".join((
-        " ".join(parts), _US,
-        mailq_tail(env.sender, pending).replace("\n", _RS), _US,
-        json_tail(env.id, env.arrival, int(env.size), env.sender, pending), "\n",
-    )).encode("utf-8", "surrogateescape")
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            return f.read(64).strip().decode("ascii", "replace") or "-"
-    except OSError:
-        return "-"  # never matches: without a boot id a crash cannot be told apart
-
-
-def header(root: str) -> bytes:
-    st = os.stat(root)
-    return f"{MAGIC} {_boot_id()} {st.st_dev} {st.st_ino}\n".encode()
-
-
-def append(root: str, env: Envelope, ino: int) -> None:
-    """Add the line for an envelope file about to be published. Never raises: on any
-    failure the index is removed, since a lost line could leave an older one looking current."""
-    try:
-        _append(root, record(env, ino))
-    except (OSError, UnicodeError):
-        try:
-            os.unlink(path(root))
-        except OSError:
-            pass
-
-
-def _append(root: str, line: bytes) -> None:
-    p = path(root)
-    for _ in range(8):
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            st = os.fstat(fd)
-            try:
-                current = os.stat(p).st_ino
-            except FileNotFoundError:
-                current = -1
-            if st.st_ino != current:
-                continue  # rebuilt or removed while we waited: append to the current one
-            if st.st_size == 0:  # a new index: its mode follows the state directories'
-                os.fchmod(fd, file_mode(root))
-                data = header(root) + line
-            else:
-                data = line
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            return
-        finally:
-            os.close(fd)
-    raise OSError(errno.EAGAIN, "index keeps changing")
 
 
 # -- reading ------------------------------------------------------------------------------
