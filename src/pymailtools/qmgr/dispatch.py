@@ -124,6 +124,9 @@ class Dispatcher:
                 raise ConfigError(f"smtp_sasl_password_maps: {e}") from None
         self.resolver = mx.make_resolver(cfg)
         self.dests: dict[Destination, _Destination] = {}
+        # destination() per (next hop, domain, sender when credentials depend on it): the
+        # policy copies and the relayhost comparison are done once per run, not per message
+        self._known: dict[tuple[NextHop | None, str, str], Destination] = {}
         self.slots = asyncio.Semaphore(max(cfg.default_process_limit, 1))
         self.per_dest = max(cfg.default_destination_concurrency_limit, 1)
         self.rcpt_limit = max(cfg.default_destination_recipient_limit, 1)
@@ -134,6 +137,17 @@ class Dispatcher:
         """The destination of mail from ``sender`` to ``address`` through ``hop`` (None: the
         recipient domain). Raises DeliveryError (deferral) when the credentials lookup fails."""
         name = str(hop) if hop is not None else address.rpartition("@")[2].lower().rstrip(".")
+        by_sender = self.password_maps is not None and \
+            self.cfg.smtp_sender_dependent_authentication
+        memo = (hop, name, sender if by_sender else "")
+        known = self._known.get(memo)
+        if known is None:
+            if len(self._known) >= 10_000:  # a run over many senders' mail: stay bounded
+                self._known.clear()
+            known = self._known[memo] = self._destination(hop, name, sender)
+        return known
+
+    def _destination(self, hop: NextHop | None, name: str, sender: str) -> Destination:
         # smtp_tls_wrappermode: TLS on connect everywhere; else on port 465 relayhosts
         policy = self.policy.clone(
             implicit_tls=self.policy.implicit_tls or bool(hop and hop.implicit_tls))
