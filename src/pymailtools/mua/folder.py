@@ -4,21 +4,25 @@ headers and text read on demand, and the session's changes stored safely."""
 from __future__ import annotations
 
 import errno
-import gc
 import os
+import re
 import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
+from itertools import accumulate, repeat
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
 from pymailtools.fileio import write_all
-from pymailtools.local import mbox
 from pymailtools.local.lock import MailboxLock
+
+# pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
+# saved or rewritten: listing a folder does without it and its imports.
 
 # Reads of an mbox file: big enough that a system call costs nothing per message, small
 # enough that a 200,000-message folder never sits in memory.
-BLOCK = 1 << 20
+BLOCK = 1 << 18
 # A Maildir message's first read: the whole file for nearly every message.
 HEAD_BLOCK = 1 << 16
 # The folder-internal message UW-IMAP and Dovecot keep first in an mbox they rewrote.
@@ -41,23 +45,24 @@ def open_error(path: str, e: OSError) -> FolderError:
 
 
 class _Flag:
-    """One bit of ``Entry.flags`` as a boolean attribute."""
+    """One bit of an entry's flags as a boolean attribute."""
 
     def __init__(self, bit: int) -> None:
         self.bit = bit
 
     def __get__(self, e: Entry, owner: object = None) -> bool:
-        return bool(e.flags & self.bit)
+        return bool(e.box.flags[e.index] & self.bit)
 
     def __set__(self, e: Entry, value: bool) -> None:
-        e.flags = e.flags | self.bit if value else e.flags & ~self.bit
+        flags = e.box.flags
+        flags[e.index] = flags[e.index] | self.bit if value else flags[e.index] & ~self.bit
 
 
 class Entry:
-    """One message of a folder: its size and lines, its stored flags and this session's marks.
-    Its headers and text are read through the folder when they are wanted, never kept."""
+    """One message of a folder, as a view of its folder's index: size, lines, stored flags and
+    this session's marks. Its headers and text are read through the folder when wanted."""
 
-    __slots__ = ("box", "size", "lines", "flags")
+    __slots__ = ("box", "index")
 
     seen = _Flag(SEEN)  # stored as read (Status R / Maildir S)
     old = _Flag(OLD)  # stored as no longer new (Status O / in cur/)
@@ -67,11 +72,22 @@ class Entry:
     preserved = _Flag(PRESERVED)
     to_mbox = _Flag(TO_MBOX)
 
-    def __init__(self, box: Folder, size: int, lines: int, flags: int) -> None:
+    def __init__(self, box: Folder, index: int) -> None:
         self.box = box
-        self.size = size  # bytes as stored (mbox: From_ line included)
-        self.lines = lines
-        self.flags = flags
+        self.index = index
+
+    @property
+    def size(self) -> int:
+        """Bytes as stored (mbox: From_ line included)."""
+        return self.box.sizes[self.index]
+
+    @property
+    def lines(self) -> int:
+        return self.box.line_count(self.index)
+
+    @property
+    def flags(self) -> int:
+        return self.box.flags[self.index]
 
     @property
     def headers(self) -> Headers:
@@ -104,7 +120,34 @@ class Entry:
 
     def status_value(self) -> str:
         """The Status: letters to store: R when read, O once a session has seen it."""
-        return ("R" if self.flags & (SEEN | READ) else "") + "O"
+        return _status_value(self.flags)
+
+
+def _status_value(flags: int) -> str:
+    return ("R" if flags & (SEEN | READ) else "") + "O"
+
+
+class EntryList:
+    """A folder's messages in order, each made as a view of the index when asked for."""
+
+    def __init__(self, box: Folder, make: Callable[[Folder, int], Entry]) -> None:
+        self.box = box
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.box.flags)
+
+    def __getitem__(self, i: int) -> Entry:
+        n = len(self.box.flags)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("message number out of range")
+        return self.make(self.box, i)
+
+    def __iter__(self) -> Iterator[Entry]:
+        box, make = self.box, self.make
+        return (make(box, k) for k in range(len(box.flags)))
 
 
 class Headers:
@@ -178,15 +221,26 @@ def _value_at(block: bytes, key: bytes, start: int) -> int:
 
 
 class Folder:
-    """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it.
+    """What read mode uses of a folder; ``MboxFolder`` and ``MaildirFolder`` implement it,
+    and nothing in read mode reaches past it.
 
-    ``entries`` is the index: one ``Entry`` per message, in folder order, holding only sizes
-    and flags. Headers and text are fetched per message (``header_block``, ``message_bytes``)
-    or in batches (``header_blocks``, for summaries). The reader changes flags on the entries;
-    ``save`` stores them, keeping only the entries it is given."""
+    The index is a few numbers per message, in folder order: ``sizes``, ``flags`` (the bits
+    above: stored flags, then the session's marks, which the reader sets) and ``line_count``.
+    ``entries[i]`` is an ``Entry`` view of message i. Headers and text are fetched when wanted:
+    per message (``header_block``, ``message_bytes``, ``mbox_bytes``) or in batches
+    (``header_blocks``, for summaries). ``changed`` says whether quitting would store
+    anything; ``save`` stores the session's flags, keeping only the messages whose indices it
+    is given, and reports mail that arrived meanwhile; ``close`` ends the session."""
 
     path: str
-    entries: list[Entry]
+    entries: EntryList
+    sizes: Sequence[int]
+    lines: Sequence[int]
+    flags: MutableSequence[int]
+
+    def line_count(self, i: int) -> int:
+        """Lines of message ``i`` as stored."""
+        return self.lines[i]
 
     def header_block(self, e: Entry) -> bytes:
         """The message's header block as stored (an mbox From_ line first), without the
@@ -210,15 +264,22 @@ class Folder:
         """Whether quitting would change anything stored."""
         raise NotImplementedError
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
-        """Store the session's changes: only ``keep`` stays. Returns messages that arrived.
+        """Store the session's changes: only the entries whose indices are in ``keep`` stay.
+        Returns messages that arrived.
         ``before_write`` runs before anything stored changes (an mbox file's with it locked
         and verified): read mode copies messages to ~/mbox there."""
         raise NotImplementedError
 
     def close(self) -> None:
         """Let go of what the folder holds open."""
+
+
+_STATUS_FIELD = re.compile(rb"\nstatus:[ \t]*([a-z]*)", re.IGNORECASE)
+_STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
+                  | (OLD | WAS_OLD if "O" in letters else 0)
+                  for letters in ("", "R", "O", "RO", "OR")}
 
 
 def _status_flags(data: bytes, start: int, end: int) -> int:
@@ -239,7 +300,7 @@ def _status_flags(data: bytes, start: int, end: int) -> int:
     return flags | (OLD | WAS_OLD) if b"O" in letters else flags
 
 
-def _with_status(head: bytes, e: Entry) -> bytes:
+def _with_status(head: bytes, flags: int) -> bytes:
     """A header block (after the From_ line) with its Status: fields replaced by what the
     session leaves."""
     lines = head.split(b"\n")
@@ -247,89 +308,140 @@ def _with_status(head: bytes, e: Entry) -> bytes:
     body = b"\n".join(kept)
     if body and not body.endswith(b"\n"):
         body += b"\n"
-    return body + f"Status: {e.status_value()}\n".encode()
+    return body + f"Status: {_status_value(flags)}\n".encode()
 
 
-def _needs_status(e: Entry) -> bool:
-    f = e.flags
+def _needs_status(f: int) -> bool:
     return bool(f & (SEEN | READ)) != bool(f & WAS_SEEN) or not f & WAS_OLD
 
 
 class MboxEntry(Entry):
     """A message of an mbox file: where it starts and how long its header block is."""
 
-    __slots__ = ("start", "head")
+    __slots__ = ()
 
-    def __init__(self, box: Folder, start: int, head: int, size: int, lines: int,
-                 flags: int) -> None:
-        # the slots set here rather than through Entry.__init__: one call less per message
-        self.box, self.size, self.lines, self.flags = box, size, lines, flags
-        self.start = start
-        self.head = head  # From_ line and header fields, without the blank line
+    @property
+    def start(self) -> int:
+        return self.box.starts[self.index]  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def head(self) -> int:
+        """From_ line and header fields, without the blank line that ends them."""
+        return self.box.heads[self.index]  # type: ignore[attr-defined, no-any-return]
 
 
-class _Scan:
-    """One pass over an mbox file in large blocks: an entry per message with its start, line
-    count and header block, and the CRC of the whole, never holding more than a block."""
+class _Index:
+    """The index of an mbox file, built in one pass over it in large blocks (cut at message
+    starts, so that no block is read twice), with the CRC of the whole."""
 
-    def __init__(self, box: Folder, fd: int) -> None:
-        self.box = box
-        self.fd = fd
+    def __init__(self) -> None:
+        self.starts = array("q")
+        self.heads = array("q")  # -1: longer than the block that held it (looked up later)
+        self.sizes = array("q")
+        self.lines = array("q")
+        self.flags = array("H")
+        self.first = -1  # where the first message starts
         self.crc = 0
         self.size = 0
-        self.entries: list[MboxEntry] = []
 
-    def run(self) -> None:
-        fd, box = self.fd, self.box
-        entries = self.entries
-        offset = 0
-        keep = 0  # bytes of the previous block read again: a separator may straddle blocks
+    def scan(self, fd: int) -> None:
+        pos = 0
+        while True:
+            window = os.pread(fd, BLOCK, pos)
+            if not window:
+                break
+            if len(window) == BLOCK:
+                cut = window.rfind(b"\nFrom ") + 1
+                if not cut:  # one message longer than the block
+                    pos = self._long(fd, pos, window)
+                    continue
+                window = window[:cut]
+            self.crc = zlib.crc32(window, self.crc)
+            self._add(window, pos)
+            pos += len(window)
+        self.size = pos
+
+    def _add(self, data: bytes, pos: int) -> None:
+        """Index ``data``: whole messages starting at file offset ``pos`` (or the text before
+        the first message at offset 0). Lists do the work message by message, in C."""
+        parts = (b"\n" + data).split(b"\nFrom ")
+        first = parts[0]
+        del parts[0]
+        if not parts:
+            return
+        start = pos + len(first)  # the joined newline makes up for the one split off
+        if self.first < 0:
+            self.first = start
+        # each part: a message less its "From " and the newline the next separator took
+        sizes = [len(p) + 6 for p in parts]
+        sizes[-1] -= 1
+        lines = [p.count(b"\n") + 1 for p in parts]
+        lines[-1] -= 1
+        starts = list(accumulate(sizes[:-1], initial=start))
+        cuts = [p.find(b"\n\n") for p in parts]  # where the header block ends, less 5
+        if -1 in cuts:  # rare: no blank line; the header block is the whole message
+            for k, c in enumerate(cuts):
+                if c < 0:
+                    cuts[k] = len(parts[k]) - parts[k].endswith(b"\n")
+        heads = [c + 6 for c in cuts]
+        heads[-1] = min(heads[-1], sizes[-1])
+        search, value = _STATUS_FIELD.search, _STATUS_VALUES.get
+        # the usual Status: values looked up (-1: anything else, parsed below)
+        flags = [0 if m is None else value(m.group(1), -1)
+                 for m in map(search, parts, repeat(0), cuts)]
+        if -1 in flags:
+            for k, f in enumerate(flags):
+                if f < 0:
+                    p = parts[k]
+                    flags[k] = _status_flags(b"From " + p, p.find(b"\n") + 6, heads[k])
+        self.starts.extend(starts)
+        self.sizes.extend(sizes)
+        self.lines.extend(lines)
+        self.heads.extend(heads)
+        self.flags.extend(flags)
+
+    def _long(self, fd: int, pos: int, window: bytes) -> int:
+        """Index the message at ``pos``, longer than a block (``window`` its first); returns
+        where the next one starts."""
+        if self.first < 0:
+            if not window.startswith(b"From "):  # text before the first message: no entry
+                return self._skip(fd, pos, window)
+            self.first = pos
+        cut = window.find(b"\n\n")
+        head = -1 if cut < 0 else cut + 1
+        flags = 0 if cut < 0 else _status_flags(window, window.find(b"\n") + 1, head)
+        end, nl = self._through(fd, pos)
+        self.starts.append(pos)
+        self.sizes.append(end - pos)
+        self.lines.append(nl)
+        self.heads.append(head)
+        self.flags.append(flags)
+        return end
+
+    def _skip(self, fd: int, pos: int, window: bytes) -> int:
+        end, _ = self._through(fd, pos)
+        return end
+
+    def _through(self, fd: int, pos: int) -> tuple[int, int]:
+        """(where the next message starts or the file ends, newlines before it) from ``pos``,
+        the CRC taken of everything up to there, once."""
+        off = pos
+        held = b""  # the previous block's last bytes: a separator may straddle two
         nl = 0
         while True:
-            base = offset - keep
-            window = os.pread(fd, BLOCK + keep, base)
-            if len(window) <= keep:
-                break
-            self.crc = zlib.crc32(memoryview(window)[keep:], self.crc)
-            found = [0] if base == 0 and window.startswith(b"From ") else []
-            pos = window.find(b"\nFrom ")
-            while pos >= 0:
-                found.append(pos + 1)
-                pos = window.find(b"\nFrom ", pos + 6)
-            last = keep
-            for k, p in enumerate(found):
-                if p > last:
-                    nl += window.count(b"\n", last, p)
-                    last = p
-                complete = k + 1 < len(found)
-                head, flags = _header(window, p, found[k + 1] if complete else len(window),
-                                      complete)
-                # lines holds the newlines before the start until the next start is known
-                entries.append(MboxEntry(box, base + p, head, 0, nl, flags))
-            nl += window.count(b"\n", last)
-            offset = base + len(window)
-            keep = 5
-        self.size = offset
-        for i in range(len(entries)):
-            e = entries[i]
-            if i + 1 < len(entries):
-                after = entries[i + 1]
-                e.size, e.lines = after.start - e.start, after.lines - e.lines
-            else:
-                e.size, e.lines = offset - e.start, nl - e.lines
-
-
-def _header(window: bytes, p: int, bound: int, complete: bool) -> tuple[int, int]:
-    """(length of the header block from ``p``, its Status: flags) of the message starting at
-    ``p``, which ends at ``bound`` if ``complete``; (-1, 0) when the block does not hold it."""
-    start = window.find(b"\n", p, bound) + 1
-    if start == 0:
-        start = bound
-    end = window.find(b"\n\n", start - 1, bound)
-    if end < 0 and not complete:
-        return -1, 0
-    head_end = bound if end < 0 else end + 1
-    return head_end - p, _status_flags(window, start, head_end)
+            chunk = os.pread(fd, BLOCK, off)
+            data = held + chunk
+            base = off - len(held)
+            q = data.find(b"\nFrom ", 1 if base == pos else 0)
+            if q >= 0 or not chunk:
+                done = data if q < 0 else data[: q + 1]
+                self.crc = zlib.crc32(done, self.crc)
+                return base + len(done), nl + done.count(b"\n")
+            held = data[-5:]
+            done = data[:-5]
+            self.crc = zlib.crc32(done, self.crc)
+            nl += done.count(b"\n")
+            off += len(chunk)
 
 
 def _pseudo(block: bytes) -> bool:
@@ -348,25 +460,26 @@ class MboxFolder(Folder):
         self.path = path
         self.fd = fd  # kept open: message text is read through it, even if renamed over
         self.ino = (st.st_dev, st.st_ino)
-        scan = _Scan(self, fd)
-        gc.disable()  # only new objects that refer to nothing cyclic: no collection needed
-        try:
-            scan.run()
-        finally:
-            gc.enable()
-        self.size = scan.size
+        index = _Index()
+        index.scan(fd)
+        self.size = index.size
         # What was loaded, to notice another program's rewrite before ours replaces it.
-        self.crc = scan.crc
-        self.entries = entries = list[Entry](scan.entries)
-        for e in scan.entries:
-            if e.head < 0:  # header block longer than what the scan had at hand
-                e.head, e.flags = self._find_head(e.start, e.start + e.size)
+        self.crc = index.crc
+        self.starts, self.heads, self.sizes = index.starts, index.heads, index.sizes
+        self.lines, self.flags = index.lines, index.flags
+        if -1 in self.heads:  # a header block longer than the block that held it
+            for i, head in enumerate(self.heads):
+                if head < 0:
+                    start = self.starts[i]
+                    self.heads[i], self.flags[i] = self._find_head(start, start + self.sizes[i])
         # Bytes kept as they are before the first message: text before any From_ line, and
         # the folder-internal message, which nobody reading locally may see or remove.
-        self.prefix = scan.entries[0].start if entries else scan.size
-        if entries and _pseudo(self.header_block(entries[0])):
-            self.prefix += entries[0].size
-            del entries[0]
+        self.prefix = index.first if self.starts else index.size
+        self.entries = EntryList(self, MboxEntry)
+        if self.starts and _pseudo(self.header_block(self.entries[0])):
+            self.prefix += self.sizes[0]
+            for column in (self.starts, self.heads, self.sizes, self.lines, self.flags):
+                del column[0]
 
     def _find_head(self, start: int, end: int) -> tuple[int, int]:
         size = HEAD_BLOCK
@@ -404,84 +517,83 @@ class MboxFolder(Folder):
             os.close(self.fd)
             self.fd = -1
 
-    def _entry(self, e: Entry) -> MboxEntry:
-        assert isinstance(e, MboxEntry)
-        return e
-
     def header_block(self, e: Entry) -> bytes:
-        m = self._entry(e)
-        return os.pread(self.fd, m.head, m.start)
+        return os.pread(self.fd, self.heads[e.index], self.starts[e.index])
 
     def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
         buf = b""
         base = 0
+        starts, heads = self.starts, self.heads
         for e in entries:
-            m = self._entry(e)
-            if m.start < base or m.start + m.head > base + len(buf):
-                base = m.start
-                buf = os.pread(self.fd, max(BLOCK, m.head), base)
-            yield buf[m.start - base : m.start - base + m.head]
+            start, head = starts[e.index], heads[e.index]
+            if start < base or start + head > base + len(buf):
+                base = start
+                buf = os.pread(self.fd, max(BLOCK, head), base)
+            yield buf[start - base : start - base + head]
 
     def stored_bytes(self, e: Entry) -> bytes:
         """The entry as stored: From_ line, headers, quoted body."""
-        m = self._entry(e)
-        data = os.pread(self.fd, m.size, m.start)
-        while len(data) < m.size:  # a short read of a huge message
-            more = os.pread(self.fd, m.size - len(data), m.start + len(data))
-            if not more:
-                break
-            data += more
-        return data
+        return _pread_all(self.fd, self.sizes[e.index], self.starts[e.index])
 
     def message_bytes(self, e: Entry) -> bytes:
         raw = self.stored_bytes(e)
+        from pymailtools.local import mbox
+
         if not raw.startswith(b"From "):
             return raw
         return mbox.unquote(raw[raw.find(b"\n") + 1 :])
 
-    def _status_entry(self, e: Entry, raw: bytes) -> bytes:
-        """``raw`` (the start of the entry: its header block at least) with the session's
+    def _status_entry(self, i: int, raw: bytes) -> bytes:
+        """``raw`` (the start of entry ``i``: its header block at least) with the session's
         Status: when it differs from the stored one."""
-        if not _needs_status(e):
+        flags = self.flags[i]
+        if not _needs_status(flags):
             return raw
-        m = self._entry(e)
+        head = self.heads[i]
         hstart = raw.find(b"\n") + 1 if raw.startswith(b"From ") else 0
-        return raw[:hstart] + _with_status(raw[hstart : m.head], e) + raw[m.head :]
+        return raw[:hstart] + _with_status(raw[hstart:head], flags) + raw[head:]
 
     def mbox_bytes(self, e: Entry) -> bytes:
-        raw = self._status_entry(e, self.stored_bytes(e))
+        raw = self._status_entry(e.index, self.stored_bytes(e))
+        from pymailtools.local import mbox
+
         if raw.startswith(b"From "):
             return mbox.end_entry(raw)
         return _frame(Headers(self.header_block(e)), raw)
 
     def changed(self) -> bool:
-        return any(e.flags & (DELETED | TO_MBOX) or _needs_status(e) for e in self.entries)
+        return any(f & (DELETED | TO_MBOX) or _needs_status(f) for f in self.flags)
 
-    def _write_content(self, keep: list[Entry], out: int, fd: int, size: int,
+    def _write_content(self, keep: list[int], out: int, fd: int, size: int,
                        verify: Callable[[int], None]) -> tuple[int, int]:
         """Write the new content to ``out``: the prefix, the kept entries (their Status:
         updated), then what arrived since loading. Reads the old content in large blocks and
         passes its CRC to ``verify`` before anything arrived is read. Returns (offset of
         the first byte that differs from the old content, messages that arrived)."""
+        from pymailtools.local import mbox
+
         reader = _BlockReader(fd)
         writer = _BlockWriter(out)
-        kept = {id(e) for e in keep}
+        kept = bytearray(len(self.flags))
+        for i in keep:
+            kept[i] = 1
         same = -1
         if self.prefix:
             writer.write(reader.read(0, self.prefix))
         pos = self.prefix
-        for e in self.entries:
-            m = self._entry(e)
-            if id(e) not in kept:
+        starts, heads, sizes, flags = self.starts, self.heads, self.sizes, self.flags
+        for i in range(len(kept)):
+            if not kept[i]:
                 continue
-            if same < 0 and (m.start != pos or _needs_status(e)):
+            start, size_i, changed = starts[i], sizes[i], _needs_status(flags[i])
+            if same < 0 and (start != pos or changed):
                 same = writer.offset
-            if _needs_status(e):
-                writer.write(self._status_entry(e, reader.read(m.start, m.head)))
-                writer.copy(reader, m.start + m.head, m.size - m.head)
+            if changed:
+                writer.write(self._status_entry(i, reader.read(start, heads[i])))
+                writer.copy(reader, start + heads[i], size_i - heads[i])
             else:
-                writer.copy(reader, m.start, m.size)
-            pos = m.start + m.size
+                writer.copy(reader, start, size_i)
+            pos = start + size_i
         if same < 0 and pos != self.size:
             same = writer.offset
         verify(reader.crc_to(self.size))
@@ -496,7 +608,7 @@ class MboxFolder(Folder):
         writer.flush()
         return (writer.offset if same < 0 else same), arrived
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         for _ in range(10):
             try:
@@ -519,10 +631,12 @@ class MboxFolder(Folder):
                 os.close(fd)
         raise FolderError(f"{self.path}: kept being replaced; not rewritten")
 
-    def _rewrite(self, fd: int, st: os.stat_result, keep: list[Entry],
+    def _rewrite(self, fd: int, st: os.stat_result, keep: list[int],
                  before_write: Callable[[], None] | None) -> int:
         """With the locks held: the new content, checked against what was loaded, in place of
         the old. Returns messages that arrived meanwhile."""
+        from pymailtools.local import mbox
+
         size = os.fstat(fd).st_size
         if size < self.size:
             raise self._changed_error()
@@ -662,18 +776,23 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
 class MaildirEntry(Entry):
     """A message of a Maildir: its file name and whether it is under new/ or cur/."""
 
-    __slots__ = ("key", "subdir")
+    __slots__ = ()
 
-    def __init__(self, box: Folder, key: str, subdir: str, size: int, lines: int,
-                 flags: int) -> None:
-        super().__init__(box, size, lines, flags)
-        self.key = key
-        self.subdir = subdir
+    @property
+    def key(self) -> str:
+        return self.box.keys[self.index]  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def subdir(self) -> str:
+        return self.box.subdirs[self.index]  # type: ignore[attr-defined, no-any-return]
 
 
 class MaildirFolder(Folder):
     """A Maildir: new/ and cur/ files; flags live in the ``:2,`` suffix of the name. Loading
-    reads the first block of each file, for its line count."""
+    only lists and stats the files: a message's lines are counted when its text is first read
+    (its header block, for a summary), or when asked for."""
+
+    lines: array[int]  # -1: not counted yet
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
@@ -689,39 +808,37 @@ class MaildirFolder(Folder):
                 if name.startswith("."):
                     continue
                 try:
-                    fd = os.open(d + name, _READ_FLAGS)
+                    st = os.stat(d + name)
                 except OSError:
                     continue  # moved or removed by another reader meanwhile
-                try:
-                    st = os.fstat(fd)
-                    data = os.read(fd, HEAD_BLOCK)
-                    lines = data.count(b"\n")
-                    offset = len(data)
-                    while offset < st.st_size:
-                        data = os.read(fd, BLOCK)
-                        if not data:
-                            break
-                        lines += data.count(b"\n")
-                        offset += len(data)
-                except OSError:
-                    continue
-                finally:
-                    os.close(fd)
-                found.append((st.st_mtime, name, sub, offset, lines))
+                found.append((st.st_mtime, name, sub, st.st_size))
         found.sort()
-        self.entries = []
-        for _, name, sub, size, lines in found:
-            flags = name.rpartition(":2,")[2] if ":2," in name else ""
-            bits = (SEEN | WAS_SEEN if "S" in flags else 0) | (OLD if sub == "cur" else 0)
-            self.entries.append(MaildirEntry(self, name, sub, size, lines, bits))
-
-    def _entry(self, e: Entry) -> MaildirEntry:
-        assert isinstance(e, MaildirEntry)
-        return e
+        self.keys = [name for _, name, _, _ in found]
+        self.subdirs = [sub for _, _, sub, _ in found]
+        self.sizes = array("q", [size for _, _, _, size in found])
+        self.lines = array("q", [-1]) * len(found)
+        self.flags = array("H", [(SEEN | WAS_SEEN if "S" in name.rpartition(":2,")[2]
+                                  and ":2," in name else 0) | (OLD if sub == "cur" else 0)
+                                 for _, name, sub, _ in found])
+        self.entries = EntryList(self, MaildirEntry)
 
     def _file(self, e: Entry) -> str:
-        m = self._entry(e)
-        return f"{self.path}/{m.subdir}/{m.key}"
+        return f"{self.path}/{self.subdirs[e.index]}/{self.keys[e.index]}"
+
+    def line_count(self, i: int) -> int:
+        if self.lines[i] < 0:
+            count = 0
+            try:
+                fd = os.open(f"{self.path}/{self.subdirs[i]}/{self.keys[i]}", _READ_FLAGS)
+                try:
+                    while data := os.read(fd, BLOCK):
+                        count += data.count(b"\n")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # moved or removed by another reader meanwhile
+            self.lines[i] = count
+        return self.lines[i]
 
     def header_block(self, e: Entry) -> bytes:
         try:
@@ -730,6 +847,8 @@ class MaildirFolder(Folder):
             return b""  # moved or removed by another reader meanwhile
         try:
             data = os.read(fd, HEAD_BLOCK)
+            if len(data) < HEAD_BLOCK:  # the whole file: its lines come for free
+                self.lines[e.index] = data.count(b"\n")
             cut = data.find(b"\n\n")
             while cut < 0 and len(data) < e.size:
                 more = os.read(fd, BLOCK)
@@ -754,27 +873,29 @@ class MaildirFolder(Folder):
         return _frame(e.headers, self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.flags & (DELETED | TO_MBOX) or self._entry(e).subdir == "new"
-                   or (e.read and not e.seen) for e in self.entries)
+        return any(f & (DELETED | TO_MBOX) or (f & READ and not f & SEEN) for f in self.flags) \
+            or "new" in self.subdirs
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         if before_write is not None:
             before_write()
-        kept = {id(e) for e in keep}
-        for e in self.entries:
-            m = self._entry(e)
-            src = os.path.join(self.path, m.subdir, m.key)
+        kept = bytearray(len(self.flags))
+        for i in keep:
+            kept[i] = 1
+        top = self.path + "/"
+        for i, key in enumerate(self.keys):
+            src = f"{top}{self.subdirs[i]}/{key}"
             try:
-                if id(e) not in kept:
+                if not kept[i]:
                     os.unlink(src)
                     continue
-                base, _, flags = m.key.partition(":2,")
-                flagset = set(flags)
-                if e.read:
-                    flagset.add("S")
-                name = f"{base}:2,{''.join(sorted(flagset))}"
-                dst = os.path.join(self.path, "cur", name)
+                base, _, flags = key.partition(":2,")
+                if self.flags[i] & READ:
+                    flags += "S"
+                if len(flags) > 1:
+                    flags = "".join(sorted(set(flags)))
+                dst = f"{top}cur/{base}:2,{flags}"
                 if dst != src:
                     os.rename(src, dst)
             except FileNotFoundError:
@@ -785,6 +906,8 @@ class MaildirFolder(Folder):
 def _frame(h: Headers, message: bytes) -> bytes:
     """A message without a From_ line, framed as our deliverer frames it (sender from its
     Return-Path)."""
+    from pymailtools.local import mbox
+
     sender = "MAILER-DAEMON"
     rp = h.get("Return-Path")
     if rp:
@@ -807,6 +930,8 @@ def load(path: str, config: Config) -> Folder:
 
 def append_mbox(path: str, messages: list[bytes], config: Config) -> bool:
     """Append framed messages to the mbox ``path`` under the delivery locks; True if created."""
+    from pymailtools.local import mbox
+
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     created = not os.path.lexists(path)
     fd, _ = _open_file(path, flags)

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import binascii
 import functools
+import itertools
 import os
 import pwd
 import re
 import shlex
 import sys
-from typing import TextIO
 
 from pymailtools import address
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOPERM, EX_OK, MailError, UsageError
-from pymailtools.local.spool import mailbox_path, valid_user_name
 from pymailtools.mua import folder as mailfolder
-from pymailtools.mua.folder import Entry, Folder, Headers
+from pymailtools.mua.folder import (
+    DELETED,
+    OLD,
+    PRESERVED,
+    READ,
+    SAVED,
+    SEEN,
+    TO_MBOX,
+    Entry,
+    Folder,
+    Headers,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from email.message import Message
+    from typing import TextIO
 
     from pymailtools.mua.compose import Draft
 
@@ -249,23 +260,32 @@ _MONTH_SHIFT = (0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4)
 def _plain_date(value: str) -> str:
     """``_parsed_date`` of an RFC 5322 date in its usual form ([Day,] DD Mon YYYY HH:MM...),
     without the email package; '' for any other form."""
-    parts = value.split()
+    parts = value.split(None, 5)
     if parts and parts[0].endswith(","):
         del parts[0]
-    if len(parts) < 4 or not (parts[0].isdigit() and parts[2].isdigit() and len(parts[2]) == 4):
+    if len(parts) < 4:
         return ""
-    month = _MONTHS.get(parts[1].lower())
-    hour, _, minute = parts[3][:5].partition(":")
-    if month is None or not (len(hour) == len(minute) == 2 and (hour + minute).isdigit()):
+    day, mon, year, clock = parts[0], parts[1], parts[2], parts[3]
+    if not (clock[2:3] == ":" and len(clock) >= 5 and (clock[:2] + clock[3:5]).isdigit()
+            and day.isdigit() and len(year) == 4 and year.isdigit()):
         return ""
-    year, day = int(parts[2]), int(parts[0])
+    column = _day_column(int(year), mon.lower(), int(day))
+    return f"{column} {clock[:5]}" if column else ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_column(year: int, mon: str, day: int) -> str:
+    """"Tue Nov 14" for a date; '' when there is no such day."""
+    month = _MONTHS.get(mon)
+    if month is None:
+        return ""
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not 1 <= day <= (28 if month == 2 and not leap else _MONTH_DAYS[month - 1]):
         return ""
     # Sakamoto's day of the week (0 = Sunday)
     y = year - (month < 3)
     weekday = (y + y // 4 - y // 100 + y // 400 + _MONTH_SHIFT[month - 1] + day) % 7
-    return f"{_WEEKDAYS[weekday]} {parts[1].title()} {day:02d} {hour}:{minute}"
+    return f"{_WEEKDAYS[weekday]} {mon.title()} {day:02d}"
 
 
 def _parsed_date(value: str) -> str:
@@ -308,6 +328,9 @@ def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[
         if path.startswith("%"):
             return resolve_mailbox(cfg, None, path[1:] or None)
         return os.path.expanduser(path), me, False
+    # the spool only for the system mailbox: reading a -f folder does without its imports
+    from pymailtools.local.spool import mailbox_path, valid_user_name
+
     if user is not None and user != me:
         if os.geteuid() != 0:
             raise MailError(f"{user}: only root may read another user's mailbox", EX_NOPERM)
@@ -367,10 +390,11 @@ class Session:
         self.inp = inp or sys.stdin
         self.out = out or sys.stdout
         self.tty = self.inp.isatty() and self.out.isatty()
-        entries = box.entries
-        first = next((i for i, e in enumerate(entries) if e.is_new), None)
+        # flag bits rather than entries: the loops over every message run at C speed mostly
+        flags = box.flags
+        first = next((i for i, f in enumerate(flags) if not f & (OLD | SEEN | READ)), None)
         if first is None:
-            first = next((i for i, e in enumerate(entries) if not e.seen), 0)
+            first = next((i for i, f in enumerate(flags) if not f & SEEN), 0)
         self.dot = first
         self.dot_shown = False
         self.window = 0
@@ -429,8 +453,9 @@ class Session:
     def banner(self) -> None:
         entries = self.box.entries
         n = len(entries)
-        new = sum(1 for e in entries if e.is_new)
-        unread = sum(1 for e in entries if not e.seen and not e.read)
+        flags = self.box.flags
+        new = sum(1 for f in flags if not f & (OLD | SEEN | READ))
+        unread = sum(1 for f in flags if not f & (SEEN | READ))
         text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
         if new:
             text += f" {new} new"
@@ -449,7 +474,7 @@ class Session:
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
 
     def headers(self, start: int | None = None) -> None:
-        visible = [i for i, e in enumerate(self.box.entries) if not e.deleted]
+        visible = [i for i, f in enumerate(self.box.flags) if not f & DELETED]
         if not visible:
             self.say("No more mail.")
             return
@@ -464,10 +489,10 @@ class Session:
 
     def select(self, spec: str, *, deleted: bool = False) -> list[int]:
         """Indices for a mailx message list; the current message when ``spec`` is empty."""
-        entries = self.box.entries
-        usable = [i for i, e in enumerate(entries) if deleted or not e.deleted]
+        entries, flags = self.box.entries, self.box.flags
+        usable = [i for i, f in enumerate(flags) if deleted or not f & DELETED]
         if not spec.strip():
-            if self.dot in usable:
+            if deleted or not flags[self.dot] & DELETED:
                 return [self.dot]
             raise UsageError("No applicable messages")
         out: list[int] = []
@@ -500,12 +525,13 @@ class Session:
                 for n in (lo, hi):
                     if not 1 <= n <= len(entries):
                         raise UsageError(f"{n}: Invalid message number")
-                out.extend(i for i in range(lo - 1, hi) if i in usable)
+                out.extend(i for i in range(lo - 1, hi)
+                           if deleted or not flags[i] & DELETED)
             elif tok.isdigit():
                 n = int(tok)
                 if not 1 <= n <= len(entries):
                     raise UsageError(f"{n}: Invalid message number")
-                if n - 1 not in usable:
+                if not deleted and flags[n - 1] & DELETED:
                     raise UsageError(f"{n}: Inappropriate message")
                 out.append(n - 1)
             else:
@@ -677,11 +703,11 @@ class Session:
         self._advance()
 
     def _advance(self) -> bool:
-        entries = self.box.entries
-        if not entries[self.dot].deleted:
+        flags = self.box.flags
+        if not flags[self.dot] & DELETED:
             return True
-        for i in [*range(self.dot + 1, len(entries)), *range(self.dot - 1, -1, -1)]:
-            if not entries[i].deleted:
+        for i in itertools.chain(range(self.dot + 1, len(flags)), range(self.dot - 1, -1, -1)):
+            if not flags[i] & DELETED:
                 self.dot = i
                 self.dot_shown = False
                 return True
@@ -838,31 +864,34 @@ class Session:
 
     def quit(self) -> int:
         """mailx's q: drop deleted, move read messages to ~/mbox (system mailbox, no hold)."""
-        entries = self.box.entries
+        entries, flags = self.box.entries, self.box.flags
         hold = "hold" in self.vars
         keepsave = "keepsave" in self.vars
-        moved: list[Entry] = []
-        keep: list[Entry] = []
-        for e in entries:
-            if e.deleted:
-                continue
-            if self.system and not e.preserved and (e.to_mbox or (
-                    e.read and not hold and not e.saved)):
-                moved.append(e)
-            elif self.system and e.saved and not keepsave and not e.preserved:
-                continue
-            else:
-                keep.append(e)
-        if not self.box.changed() and len(keep) == len(entries):
+        moved: list[int] = []
+        keep: list[int] = []
+        if not self.system:  # a folder keeps all but the deleted
+            keep = [i for i, f in enumerate(flags) if not f & DELETED]
+        else:
+            for i, f in enumerate(flags):
+                if f & DELETED:
+                    continue
+                if not f & PRESERVED and (f & TO_MBOX or (
+                        f & READ and not hold and not f & SAVED)):
+                    moved.append(i)
+                elif f & SAVED and not keepsave and not f & PRESERVED:
+                    continue
+                else:
+                    keep.append(i)
+        if not self.box.changed() and len(keep) == len(flags):
             return EX_OK
         mbox = os.environ.get("MBOX") or os.path.expanduser("~/mbox")
         if moved and os.path.abspath(mbox) == os.path.abspath(self.box.path):
-            keep = [e for e in entries if not e.deleted]
+            keep = [i for i, f in enumerate(flags) if not f & DELETED]
             moved = []
 
         def copy_to_mbox() -> None:
             if moved:
-                mailfolder.append_mbox(mbox, [self.box.mbox_bytes(e) for e in moved],
+                mailfolder.append_mbox(mbox, [self.box.mbox_bytes(entries[i]) for i in moved],
                                        self.cfg)
 
         arrived = self.box.save(self.cfg, keep, copy_to_mbox)
