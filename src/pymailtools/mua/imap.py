@@ -24,10 +24,8 @@ from pymailtools.mua.remote import (
     RemoteLost,
     RemoteProtocolError,
     connection_error,
-    sasl_oauthbearer,
-    sasl_plain,
-    sasl_xoauth2,
 )
+from pymailtools.smtp import sasl
 
 # UIDs per FETCH/STORE command: short enough for any server's line limit.
 BATCH = 200
@@ -193,16 +191,16 @@ class ImapSession:
         secret = creds.secret()
         if creds.token:
             if "AUTH=OAUTHBEARER" in caps:
-                initial = sasl_oauthbearer(creds.user, self.conn.host, self.conn.port, secret)
+                initial = sasl.oauthbearer(creds.user, secret, self.conn.host, self.conn.port)
                 mech = "OAUTHBEARER"
             elif "AUTH=XOAUTH2" in caps:
-                initial, mech = sasl_xoauth2(creds.user, secret), "XOAUTH2"
+                initial, mech = sasl.xoauth2(creds.user, secret), "XOAUTH2"
             else:
                 raise RemoteError(f"{self.conn.host}: server offers neither XOAUTH2 nor "
                                   "OAUTHBEARER for the OAuth2 token")
             self._authenticate(mech, initial)
         elif "AUTH=PLAIN" in caps:
-            self._authenticate("PLAIN", sasl_plain(creds.user, secret))
+            self._authenticate("PLAIN", sasl.plain(creds.user, secret))
         elif "LOGINDISABLED" in caps:
             raise RemoteError(f"{self.conn.host}: server disabled LOGIN and offers no PLAIN")
         else:

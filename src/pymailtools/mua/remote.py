@@ -203,23 +203,6 @@ def crlf_to_lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
 
 
-def sasl_plain(user: str, password: str) -> bytes:
-    """The RFC 4616 PLAIN initial response (no authorization identity)."""
-    return b"\0" + user.encode() + b"\0" + password.encode()
-
-
-def sasl_xoauth2(user: str, token: str) -> bytes:
-    """Google's and Microsoft's XOAUTH2 initial response."""
-    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def sasl_oauthbearer(user: str, host: str, port: int, token: str) -> bytes:
-    """The RFC 7628 OAUTHBEARER initial response."""
-    # the GS2 header's saslname escapes "=" and ","
-    name = user.replace("=", "=3D").replace(",", "=2C")
-    return f"n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
-
-
 def describe_tls_error(host: str, e: ssl.SSLError | ssl.CertificateError) -> str:
     """One line for a failed TLS handshake, naming the certificate problem when it is one."""
     if isinstance(e, ssl.SSLCertVerificationError):
