@@ -352,13 +352,19 @@ def _has_passwd() -> bool:
 
 
 def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bool,
-          check_only: bool, show_headers: bool, variables: dict[str, str], prog: str) -> int:
-    path, name, system = resolve_mailbox(cfg, folder, user)
-    if system and not os.path.exists(path):
-        if not check_only:
-            print(f"No mail for {name}", file=sys.stderr)
-        return EX_NOMAIL
-    box = mailfolder.load(path, cfg)
+          check_only: bool, show_headers: bool, variables: dict[str, str], prog: str,
+          opened: Folder | None = None) -> int:
+    """Read mode on the folder -f / -u / the default names, or on ``opened`` (a remote
+    folder already logged into), which it closes."""
+    if opened is not None:
+        box, path, name, system = opened, opened.path, "", False
+    else:
+        path, name, system = resolve_mailbox(cfg, folder, user)
+        if system and not os.path.exists(path):
+            if not check_only:
+                print(f"No mail for {name}", file=sys.stderr)
+            return EX_NOMAIL
+        box = mailfolder.load(path, cfg)
     try:
         if check_only:
             return EX_OK if box.entries else EX_NOMAIL

@@ -5,18 +5,21 @@ their index fetched once, summaries in batches, bodies on demand."""
 from __future__ import annotations
 
 import io
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from pymailtools.config import Config
-from pymailtools.errors import EX_OK
 from pymailtools.local import mbox
 from pymailtools.mua import reader, remote
 from pymailtools.mua.folder import (
+    DELETED,
     OLD,
+    READ,
     SEEN,
     WAS_OLD,
     WAS_SEEN,
     Entry,
+    EntryList,
     Folder,
     FolderError,
     Headers,
@@ -25,15 +28,23 @@ from pymailtools.mua.imap import BATCH, ImapSession
 from pymailtools.mua.pop3 import Pop3Session
 
 
-class RemoteEntry(Entry):
-    """A remote message: its lasting id (IMAP UID, POP3 UIDL) and number in this session."""
+class RemoteFolder(Folder):
+    """What IMAP and POP3 folders share: the index (sizes, flags, each message's lasting id
+    and number in this session) as arrays, entries as views of it."""
 
-    __slots__ = ("uid", "number")
+    # a message's lasting id: IMAP UID, POP3 UIDL ("" when the server gives none)
+    uids: list[str]
+    # its number in this session (POP3 message number, IMAP sequence number when listed)
+    numbers: array[int]
 
-    def __init__(self, box: Folder, uid: str, number: int, size: int, flags: int) -> None:
-        super().__init__(box, size, 0, flags)
-        self.uid = uid
-        self.number = number
+    def _index(self, rows: list[tuple[str, int, int, int]]) -> None:
+        """(lasting id, number, size, flag bits) of each message, in folder order."""
+        self.uids = [uid for uid, _, _, _ in rows]
+        self.numbers = array("q", [n for _, n, _, _ in rows])
+        self.sizes = array("q", [size for _, _, size, _ in rows])
+        self.lines = array("q", [0]) * len(rows)
+        self.flags = array("H", [f for _, _, _, f in rows])
+        self.entries = EntryList(self, Entry)
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -52,7 +63,7 @@ def _frame(message: bytes) -> bytes:
     return mbox.frame(message, sender)
 
 
-class ImapFolder(Folder):
+class ImapFolder(RemoteFolder):
     """One IMAP folder, selected read-write: the session's marks become \\Seen and \\Deleted
     on quit, deleted messages are expunged (by UID where the server can)."""
 
@@ -61,18 +72,18 @@ class ImapFolder(Folder):
         self.path = str(url)
         self.limit = limit
         session.select(url.folder)
-        self.entries = []
+        rows = []
         for att in session.index():
             flags = 0
             if "\\Seen" in att.flags:
                 flags |= SEEN | OLD | WAS_SEEN | WAS_OLD
             elif "\\Recent" not in att.flags:
                 flags |= OLD | WAS_OLD
-            self.entries.append(RemoteEntry(self, str(att.uid), att.number, att.size, flags))
+            rows.append((str(att.uid), att.number, att.size, flags))
+        self._index(rows)
 
     def _uid(self, e: Entry) -> int:
-        assert isinstance(e, RemoteEntry)
-        return int(e.uid)
+        return int(self.uids[e.index])
 
     def header_block(self, e: Entry) -> bytes:
         return next(self.header_blocks([e]))
@@ -94,15 +105,16 @@ class ImapFolder(Folder):
         return _frame(self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.deleted or (e.read and not e.seen) for e in self.entries)
+        return any(f & DELETED or (f & READ and not f & SEEN) for f in self.flags)
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         if before_write is not None:
             before_write()
-        kept = {id(e) for e in keep}
-        seen = [self._uid(e) for e in self.entries if e.read and not e.seen and id(e) in kept]
-        gone = [self._uid(e) for e in self.entries if id(e) not in kept]
+        kept = set(keep)
+        uids, flags = self.uids, self.flags
+        seen = [int(uids[i]) for i in kept if flags[i] & READ and not flags[i] & SEEN]
+        gone = [int(uids[i]) for i in range(len(uids)) if i not in kept]
         if seen:
             self.session.store(seen, ["\\Seen"])
         if gone:
@@ -114,7 +126,7 @@ class ImapFolder(Folder):
         self.session.close()
 
 
-class Pop3Folder(Folder):
+class Pop3Folder(RemoteFolder):
     """A POP3 mailbox: no flags on the server; deleted messages are DELEted on quit and gone
     only once QUIT succeeds."""
 
@@ -124,12 +136,10 @@ class Pop3Folder(Folder):
         self.limit = limit
         uids = session.uidl()
         sizes = session.sizes()
-        self.entries = [RemoteEntry(self, uids.get(n, ""), n, sizes.get(n, 0), 0)
-                        for n in sorted(sizes)]
+        self._index([(uids.get(n, ""), n, sizes.get(n, 0), 0) for n in sorted(sizes)])
 
     def _number(self, e: Entry) -> int:
-        assert isinstance(e, RemoteEntry)
-        return e.number
+        return self.numbers[e.index]
 
     def header_block(self, e: Entry) -> bytes:
         n = self._number(e)
@@ -145,14 +155,14 @@ class Pop3Folder(Folder):
         return _frame(self.message_bytes(e))
 
     def changed(self) -> bool:
-        return any(e.deleted for e in self.entries)
+        return any(f & DELETED for f in self.flags)
 
-    def save(self, config: Config, keep: list[Entry],
+    def save(self, config: Config, keep: list[int],
              before_write: Callable[[], None] | None = None) -> int:
         if before_write is not None:
             before_write()
-        kept = {id(e) for e in keep}
-        gone = [self._number(e) for e in self.entries if id(e) not in kept]
+        kept = set(keep)
+        gone = [self.numbers[i] for i in range(len(self.numbers)) if i not in kept]
         try:
             for n in gone:
                 self.session.dele(n)
@@ -190,19 +200,9 @@ def start(cfg: Config, url_text: str, *, headers_only: bool, check_only: bool,
     exits, ``-e`` says whether there is mail)."""
     url, creds, conn = remote.account_settings(cfg, url_text, variables, login=login, warn=warn)
     box = open_folder(cfg, url, creds, conn)
-    try:
-        if check_only:
-            return EX_OK if box.entries else reader.EX_NOMAIL
-        if not box.entries:
-            print(f'"{box.path}": 0 messages')
-            return reader.EX_NOMAIL
-        session = reader.Session(cfg, box, system=False, variables=variables, prog=prog)
-        if headers_only:
-            session.emit_summaries(range(len(box.entries)))
-            return EX_OK
-        return session.loop(show_headers)
-    finally:
-        box.close()
+    return reader.start(cfg, folder=None, user=None, headers_only=headers_only,
+                        check_only=check_only, show_headers=show_headers,
+                        variables=variables, prog=prog, opened=box)
 
 
 def append_copy(cfg: Config, url_text: str, variables: Mapping[str, str],
