@@ -22,9 +22,9 @@ from pymailtools.mua.remote import (
     RemoteError,
     RemoteProtocolError,
     parse_url,
-    sasl_oauthbearer,
 )
-from tests.conftest import need_tool
+from pymailtools.smtp import sasl
+from tests.conftest import need_tool, script
 from tests.support import dovecot
 from tests.support.mail import mail_env, run_mail
 from tests.support.smtp import Certs, FaultServer, Step
@@ -178,8 +178,11 @@ def test_mailbox_names_urls_and_uid_sets() -> None:
     assert parse_url("imap://imap.example.com").folder == "INBOX"
     assert parse_url("pop3s://me@pop.example.com").port == 995
     assert str(parse_url("pop3s://me:secret@pop.example.com")) == "pop3s://me@pop.example.com"
-    assert sasl_oauthbearer("a,b=c", "h", 993, "t") == (
+    assert sasl.oauthbearer("a,b=c", "t", "h", 993) == (
         b"n,a=a=2Cb=3Dc,\x01host=h\x01port=993\x01auth=Bearer t\x01\x01")
+    assert sasl.oauthbearer("a,b=c", "t") == b"n,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01"
+    assert sasl.plain("u", "p") == b"\0u\0p"
+    assert sasl.xoauth2("u", "t") == b"user=u\x01auth=Bearer t\x01\x01"
 
 
 # -- mail -f URL: remote folders in read mode ------------------------------------------------
@@ -244,20 +247,26 @@ def test_pop3_delete_on_quit(config_file: Path, tmp_path: Path,
 
 
 @pytest.mark.interop
-def test_snail_sees_the_same_imap_folder(config_file: Path, tmp_path: Path,
-                                         server: dovecot.Dovecot) -> None:
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_snail_sees_the_same_folder(config_file: Path, tmp_path: Path,
+                                    server: dovecot.Dovecot, which: str) -> None:
+    """The same Dovecot mailbox through s-nail and through our mail -H: the same number of
+    messages, the same subjects in the same order."""
     snail = need_tool("s-nail", "s-nail")
     env = _read_env(config_file, tmp_path)
-    ours = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    ours = _read(env, server, url, "-H").stdout.decode().splitlines()
+    user = next(iter(server.accounts))
     theirs = subprocess.run(
         [snail, "-:/", "-Sv15-compat", "-Sheadline-plain",
-         f"-Spassword={PASSWORD}", f"-Stls-ca-file={server.certs.ca_file}",
+         f"-Spassword-{user}@localhost:{url.rsplit(':', 1)[1].split('/')[0]}={PASSWORD}",
+         f"-Stls-ca-file={server.certs.ca_file}",
          # s-nail matches the certificate by name only (not by IP address)
-         "-Stls-ca-no-defaults", "-H", "-f", _imap_url(server).replace("127.0.0.1", "localhost")],
+         "-Stls-ca-no-defaults", "-H", "-f", url.replace("127.0.0.1", "localhost")],
         capture_output=True, timeout=60, env=env)
     lines = theirs.stdout.decode().splitlines()
     assert len(lines) == len(ours) == 7, theirs.stderr
-    assert [ln.split()[-1] for ln in lines] == [ln.split()[-1] for ln in ours]
+    assert [ln.split()[-2:] for ln in lines] == [ln.split()[-2:] for ln in ours]
 
 
 def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
@@ -275,3 +284,68 @@ def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
     assert len(lines) == 1 and lines[0].endswith("kept a copy") and lines[0][1] == "O"
     bad = run_mail(env, "-s", "x", "-S", "record=pop3s://me@127.0.0.1", "root", input=b"x\n")
     assert bad.returncode == 64 and b"IMAP folder" in bad.stderr
+
+
+def test_imap_delete_by_uid_after_another_client_expunged(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """Another client expunges message 1 while mail has the folder open: "d 2" then deletes
+    the message listed as 2 (by its UID), not the one the server now numbers 2."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    proc = subprocess.Popen(
+        [script("mail"), "-S",
+         f"password-{user}@127.0.0.1={PASSWORD}", "-S", f"tls-ca-file={server.certs.ca_file}",
+         "-f", _imap_url(server)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        listed = b""
+        while b"number 7" not in listed:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else b""
+            listed += line
+        with server.imap_client(user) as other:
+            other.select("INBOX")
+            other.store("1", "+FLAGS.SILENT", r"(\Deleted)")
+            other.expunge()
+            other.logout()
+        out, err = proc.communicate(b"d 2\nq\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["3", "4", "5", "6", "7"]
+
+
+@pytest.mark.interop
+def test_dovecot_pseudo_message_hidden_and_kept_by_local_reading(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """An mbox Dovecot rewrote starts with its folder-internal message: mail -H -f on the
+    file does not show it, and d 1 + q neither deletes nor rewrites it away; Dovecot reads
+    the file afterwards without complaint."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    path = server.make_pseudo_message(user, append=(
+        b"From: a@example.test\nSubject: kept 1\n\none\n",
+        b"From: b@example.test\nSubject: kept 2\n\ntwo\n"))
+    r = run_mail(env, "-H", "-f", str(path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [ln.split()[-2:] for ln in lines] == [["kept", "1"], ["kept", "2"]]
+    assert dovecot.PSEUDO_SUBJECT.encode() not in r.stdout
+    r = run_mail(env, "-f", str(path), input=b"d 1\nq\n")
+    assert r.returncode == 0, r.stderr
+    data = path.read_bytes()
+    first = data.split(b"\n\n", 1)[0]
+    assert data.startswith(b"From ") and b"\nX-IMAP: " in first
+    assert f"Subject: {dovecot.PSEUDO_SUBJECT}".encode() in first
+    assert b"Subject: kept 1" not in data and b"Subject: kept 2" in data
+    with server.imap_client(user) as client:
+        typ, count = client.select("INBOX")
+        assert typ == "OK" and count == [b"1"]
+        typ, got = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert b"kept 2" in got[0][1]
+        client.logout()
+    assert server.trouble() == []
