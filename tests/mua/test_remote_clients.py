@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import pwd
+import select
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,37 +289,135 @@ def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
     assert bad.returncode == 64 and b"IMAP folder" in bad.stderr
 
 
+class _Reading:
+    """mail -f URL on pipes: wait for its output, send commands, between them let another
+    client change the server."""
+
+    def __init__(self, env: dict[str, str], server: dovecot.Dovecot, url: str) -> None:
+        user = next(iter(server.accounts))
+        self.proc = subprocess.Popen(
+            [script("mail"), "-S", f"password-{user}@127.0.0.1={PASSWORD}", "-S",
+             f"tls-ca-file={server.certs.ca_file}", "-f", url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.seen = b""
+
+    def wait_for(self, text: bytes) -> bytes:
+        out = self.proc.stdout
+        assert out is not None
+        deadline = time.monotonic() + 60
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([out], [], [], max(left, 0))
+            assert ready, f"waited for {text!r}; mail said {self.seen!r}"
+            data = os.read(out.fileno(), 65536)
+            assert data, self.seen
+            self.seen += data
+        return self.seen
+
+    def send(self, text: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def finish(self, text: bytes) -> tuple[int, bytes, bytes]:
+        try:
+            out, err = self.proc.communicate(text, timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, self.seen + out, err
+
+
+def _subjects(env: dict[str, str], server: dovecot.Dovecot, url: str) -> list[str]:
+    r = _read(env, server, url, "-H")
+    assert r.returncode in (0, 1), r.stderr
+    return [" ".join(ln.split()[-2:]) for ln in r.stdout.decode().splitlines()]
+
+
 def test_imap_delete_by_uid_after_another_client_expunged(
         config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
     """Another client expunges message 1 while mail has the folder open: "d 2" then deletes
     the message listed as 2 (by its UID), not the one the server now numbers 2."""
     env = _read_env(config_file, tmp_path)
     user = next(iter(server.accounts))
-    proc = subprocess.Popen(
-        [script("mail"), "-S",
-         f"password-{user}@127.0.0.1={PASSWORD}", "-S", f"tls-ca-file={server.certs.ca_file}",
-         "-f", _imap_url(server)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        listed = b""
-        while b"number 7" not in listed:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read() if proc.stderr else b""
-            listed += line
-        with server.imap_client(user) as other:
-            other.select("INBOX")
-            other.store("1", "+FLAGS.SILENT", r"(\Deleted)")
-            other.expunge()
-            other.logout()
-        out, err = proc.communicate(b"d 2\nq\n", timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    lines = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
-    assert [ln.split()[-1] for ln in lines] == ["3", "4", "5", "6", "7"]
+    reading = _Reading(env, server, _imap_url(server))
+    reading.wait_for(b"number 7")
+    with server.imap_client(user) as other:
+        other.select("INBOX")
+        other.store("1", "+FLAGS.SILENT", r"(\Deleted)")
+        other.expunge()
+        other.logout()
+    code, _, err = reading.finish(b"d 2\nq\n")
+    assert code == 0, err
+    assert _subjects(env, server, _imap_url(server)) == [f"number {i}" for i in range(3, 8)]
+
+
+def test_imap_copy_move_folders_newmail_and_switching(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """c/mv to +name copy on the server (the folder created), s to a local file fetches,
+    folders lists, newmail shows what another client appended, folder +name stores this
+    folder's changes and opens the other; the line count is blank until a message is read."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    saved = tmp_path / "saved"
+    url = _imap_url(server)
+    reading = _Reading(env, server, url)
+    listed = reading.wait_for(b"number 7").decode().splitlines()
+    assert all(" " * 5 + "/" in ln for ln in listed[1:])  # lines not known: blank
+    with server.imap_client(user) as other:
+        other.append("INBOX", None, None, b"From: late@example.test\r\nSubject: late one"
+                     b"\r\n\r\nlate\r\n")
+        other.logout()
+    archive = f"imaps://{user}@127.0.0.1:{server.imaps}/Archive"
+    code, out, err = reading.finish(
+        f"newmail\nc 1 +Archive\nmv 2 {archive}\ns 3 {saved}\nfolders\np 4\nf 4\n"
+        "folder +Archive\nd 1\nq\n".encode())
+    text = out.decode()
+    assert code == 0, err
+    assert "1 new message" in text and "late one" in text
+    assert '"+Archive" [Copied on the server] 1 message' in text
+    assert "\nArchive\n" in text and "\nINBOX\n" in text
+    assert f'"{archive}": 2 messages' in text
+    four = [ln for ln in text.splitlines() if ln.endswith("number 4")][-1]
+    assert " " * 5 + "/" not in four  # read: its lines are known now
+    assert b"Subject: number 3" in saved.read_bytes()
+    # INBOX: mv removed 2 when switching away; Archive: its first message deleted on q
+    assert _subjects(env, server, url) == [
+        "number 1", "number 3", "number 4", "number 5", "number 6", "number 7", "late one"]
+    assert _subjects(env, server, archive) == ["number 2"]
+
+
+def test_pop3_has_no_folders_and_no_newmail(config_file: Path, tmp_path: Path,
+                                            server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    r = _read(env, server, _pop3_url(server), input=b"folders\nnewmail\nc 1 +x\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(b"POP3") == 3 and b"Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_a_dropped_connection_is_made_again(config_file: Path, tmp_path: Path,
+                                            server: dovecot.Dovecot, which: str) -> None:
+    """The server drops mail's connection: the next command says so, the one after works on
+    a new connection, and deletions pending at that point are stored once, on the messages
+    they were made on."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    reading = _Reading(env, server, url)
+    reading.wait_for(b"number 7")
+    reading.send(b"d 2\n")
+    server.kick(user)
+    reading.send(b"p 1\n")
+    reading.wait_for(b"connects again at the next command")
+    reading.send(b"p 3\n")
+    reading.wait_for(b"body 3")
+    server.kick(user)
+    code, out, err = reading.finish(b"d 4\nq\n")
+    assert code == 0, (out, err)
+    assert _subjects(env, server, url) == [
+        "number 1", "number 3", "number 5", "number 6", "number 7"]
 
 
 @pytest.mark.interop

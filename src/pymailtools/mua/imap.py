@@ -354,11 +354,13 @@ class ImapSession:
             out.append((att.uid, att.size))
         return out
 
-    def index(self) -> list[FetchData]:
-        """UID, size and flags of every message in the selected folder, in folder order."""
+    def index(self, after: int = 0) -> list[FetchData]:
+        """UID, size and flags of every message in the selected folder (with UIDs above
+        ``after``), in folder order."""
         if not self._need_selected().exists:
             return []
-        return self._fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+        return [a for a in self._fetch(f"{after + 1}:*", "(UID RFC822.SIZE FLAGS)")
+                if a.uid > after]
 
     def summaries(self, uids: list[int], fields: tuple[str, ...] = SUMMARY_FIELDS,
                   batch: int = BATCH) -> Iterator[MessageInfo]:
