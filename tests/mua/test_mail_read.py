@@ -578,3 +578,17 @@ def test_date_column_without_the_email_package_agrees_with_it() -> None:
         quick = _plain_date(value)
         assert quick in ("", _parsed_date(value)), value
         assert quick or not value.startswith(("Tue", "1 Jan", "Thu", "Sat")), value
+
+
+def test_header_window_without_a_terminal_is_snails(env: dict[str, str], tmp_path: Path,
+                                                     config: Config) -> None:
+    """Opened from a script, a big folder shows one window of 22 lines, as s-nail does, not a
+    line per message; z shows the next window."""
+    path = tmp_path / "thirty"
+    for n in range(1, 31):
+        deliver(config, path, message(n, subject=f"number {n}"))
+    out = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
+    assert out[0].startswith(f'"{path}": 30 messages') and len(out) == 1 + 22
+    assert out[-1].endswith("number 22")
+    out = run_mail(env, "-f", str(path), input=b"z\nx\n").stdout.decode().splitlines()
+    assert len(out) == 1 + 22 + 8 and out[-1].endswith("number 30")
