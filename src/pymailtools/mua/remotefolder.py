@@ -9,7 +9,7 @@ import io
 import shlex
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_TEMPFAIL, UsageError
@@ -33,18 +33,21 @@ from pymailtools.mua.imap import BATCH, FetchData, ImapSession
 from pymailtools.mua.pop3 import Pop3Session
 
 T = TypeVar("T")
+S = TypeVar("S", ImapSession, Pop3Session)
 # How a folder opens another remote folder by URL (the same login, variables and warnings).
-Opener = Callable[[str], "RemoteFolder"]
+Opener = Callable[[str], "RemoteFolder[Any]"]
 
 
 def _lost(e: remote.RemoteError) -> FolderError:
     return FolderError(f"{e}; mail connects again at the next command", EX_TEMPFAIL)
 
 
-class RemoteFolder(Folder):
+class RemoteFolder(Folder, Generic[S]):
     """What IMAP and POP3 folders share: the index (sizes, flags, each message's lasting id
     and number in this session) as arrays, entries as views of it, and what it takes to
     connect again."""
+
+    session: S
 
     # a message's lasting id: IMAP UID, POP3 UIDL ("" when the server gives none)
     uids: list[str]
@@ -88,6 +91,35 @@ class RemoteFolder(Folder):
     def mbox_bytes(self, e: Entry) -> bytes:
         return _frame(self.message_bytes(e))
 
+    def _live(self) -> S:
+        """The session, made again when it was lost."""
+        raise NotImplementedError
+
+    def _call(self, op: Callable[[S], T]) -> T:
+        """``op`` on a live session; a lost connection is reported as such (the next call
+        connects again)."""
+        session = self._live()
+        try:
+            return op(session)
+        except remote.RemoteError as e:
+            if "[SYS/" in str(e):  # RFC 3206: the server is going away (Dovecot on shutdown)
+                session.close()
+            if session.dead:
+                raise _lost(e) from None
+            raise
+
+    def _retried(self, op: Callable[[S], None]) -> None:
+        """``op``, and once more on a new connection when the connection was lost."""
+        try:
+            self._call(op)
+        except FolderError:
+            if not self.session.dead:
+                raise
+            self._call(op)
+
+    def close(self) -> None:
+        self.session.close()
+
 
 def _header_block(raw: bytes) -> bytes:
     """A fetched header (CRLF, ending in a blank line) as a folder's header block."""
@@ -111,7 +143,7 @@ def _flag_bits(att: FetchData) -> int:
     return 0 if "\\Recent" in att.flags else OLD | WAS_OLD
 
 
-class ImapFolder(RemoteFolder):
+class ImapFolder(RemoteFolder[ImapSession]):
     """One IMAP folder, selected read-write: the session's marks become \\Seen and \\Deleted
     on quit, deleted messages are expunged (by UID where the server can). Messages are named
     by UID only, so a message another client expunged is never taken for another."""
@@ -142,15 +174,6 @@ class ImapFolder(RemoteFolder):
                               "and open it again")
         self.session = session
         return session
-
-    def _call(self, op: Callable[[ImapSession], T]) -> T:
-        session = self._live()
-        try:
-            return op(session)
-        except remote.RemoteError as e:
-            if session.dead:
-                raise _lost(e) from None
-            raise
 
     def _uid(self, e: Entry) -> int:
         return int(self.uids[e.index])
@@ -226,14 +249,8 @@ class ImapFolder(RemoteFolder):
                 session.expunge(gone)
 
         try:
-            try:
-                self._call(apply)
-            except FolderError:
-                if not self.session.dead:
-                    raise
-                # once more on a new connection: by UID, so nothing the lost one did is done
-                # twice or to another message
-                self._call(apply)
+            # by UID: nothing a lost connection did is done twice or to another message
+            self._retried(apply)
         except (FolderError, remote.RemoteError) as e:
             raise FolderError(f"{e}; not stored on the server: {len(gone)} deletion(s), "
                               f"{len(seen)} read mark(s)", EX_TEMPFAIL) from None
@@ -249,11 +266,8 @@ class ImapFolder(RemoteFolder):
         box.opener = self.opener
         return box
 
-    def close(self) -> None:
-        self.session.close()
 
-
-class Pop3Folder(RemoteFolder):
+class Pop3Folder(RemoteFolder[Pop3Session]):
     """A POP3 mailbox: no flags on the server; deleted messages are DELEted on quit and gone
     only once QUIT succeeds. Messages are matched by UIDL when the connection is made again."""
 
@@ -282,17 +296,6 @@ class Pop3Folder(RemoteFolder):
         self.numbers = array("q", [numbers.get(uid, 0) for uid in self.uids])
         self.session = session
         return session
-
-    def _call(self, op: Callable[[Pop3Session], T]) -> T:
-        session = self._live()
-        try:
-            return op(session)
-        except remote.RemoteError as e:
-            if "[SYS/" in str(e):  # RFC 3206: the server is going away (Dovecot on shutdown)
-                session.close()
-            if session.dead:
-                raise _lost(e) from None
-            raise
 
     def _number(self, i: int) -> int:
         n = self.numbers[i]
@@ -326,14 +329,9 @@ class Pop3Folder(RemoteFolder):
             session.quit()
 
         try:
-            try:
-                self._call(apply)
-            except FolderError:
-                if not self.session.dead:
-                    raise
-                # once more on a new connection: DELE counts only after QUIT, and a message
-                # a lost QUIT did delete is no longer listed, so none is deleted twice
-                self._call(apply)
+            # DELE counts only after QUIT, and a message a lost QUIT did delete is no longer
+            # listed on the new connection: none is deleted twice
+            self._retried(apply)
         except remote.RemoteError as e:
             raise FolderError(f"{e}: nothing was deleted on the server",
                               e.exit_code) from None
@@ -342,12 +340,9 @@ class Pop3Folder(RemoteFolder):
                               "deletion(s) not done)", e.exit_code) from None
         return 0
 
-    def close(self) -> None:
-        self.session.close()
-
 
 def open_folder(config: Config, url: remote.RemoteURL, creds: remote.Credentials,
-                conn: remote.Connection) -> RemoteFolder:
+                conn: remote.Connection) -> RemoteFolder[Any]:
     """Log in and load the index of the remote folder ``url``."""
     session: Pop3Session | ImapSession
     limit = remote.message_limit(config)
@@ -369,7 +364,7 @@ class RemoteSession(reader.Session):
     copies within it (COPY), its folders (LIST), new mail (NOOP), switching to another of
     its folders or to another account."""
 
-    box: RemoteFolder
+    box: RemoteFolder[Any]
 
     COMMANDS = {**reader.Session.COMMANDS, "folders": "c_folders", "newmail": "c_newmail",
                 "newm": "c_newmail"}
@@ -444,7 +439,7 @@ class RemoteSession(reader.Session):
         self.quit()  # this folder's changes stored first, as s-nail does
         if folder is not None:
             assert isinstance(old, ImapFolder)
-            box: RemoteFolder = old.switch(folder)
+            box: RemoteFolder[Any] = old.switch(folder)
         else:
             box = old.opener(target)
             old.close()
@@ -458,7 +453,7 @@ def start(cfg: Config, url_text: str, *, headers_only: bool, check_only: bool,
     """mail -f URL: read a remote folder as a local one (``-H`` prints the summary and
     exits, ``-e`` says whether there is mail)."""
 
-    def opener(text: str) -> RemoteFolder:
+    def opener(text: str) -> RemoteFolder[Any]:
         url, creds, conn = remote.account_settings(cfg, text, variables, login=login,
                                                    warn=warn)
         box = open_folder(cfg, url, creds, conn)
