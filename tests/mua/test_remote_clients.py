@@ -396,6 +396,24 @@ def test_pop3_has_no_folders_and_no_newmail(config_file: Path, tmp_path: Path,
     assert r.stdout.count(b"POP3") == 3 and b"Traceback" not in r.stdout + r.stderr
 
 
+def test_save_to_an_imap_folder_by_append(config_file: Path, tmp_path: Path,
+                                          server: dovecot.Dovecot) -> None:
+    """From a POP3 mailbox and from a local mbox, c/s to an imaps:// URL APPENDs the
+    messages there (the folder created on TRYCREATE)."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    target = f"imaps://{user}@127.0.0.1:{server.imaps}/Kept"
+    r = _read(env, server, _pop3_url(server), input=f"c 2 {target}\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert f'"{target}" [Appended] 1 message' in r.stdout.decode()
+    local = tmp_path / "local.mbox"
+    local.write_bytes(b"From a@example.test Mon Nov 16 10:00:00 2026\nFrom: a@example.test\n"
+                      b"Subject: local one\n\nhi\n")
+    r = _read(env, server, str(local), input=f"s 1 {target}\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert _subjects(env, server, target) == ["number 2", "local one"]
+
+
 @pytest.mark.parametrize("which", ["imaps", "pop3s"])
 def test_a_dropped_connection_is_made_again(config_file: Path, tmp_path: Path,
                                             server: dovecot.Dovecot, which: str) -> None:

@@ -773,15 +773,29 @@ class Session:
         self.save_to(args, mark=True)
 
     def save_to(self, args: str, mark: bool) -> list[int]:
-        """Append the listed messages to the file ``args`` ends with (marked saved with
-        ``mark``); the indices of the messages."""
+        """Append the listed messages to the file (or IMAP folder URL) ``args`` ends with
+        (marked saved with ``mark``); the indices of the messages."""
         picked, path = self._list_and_file(args)
-        data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
-        self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
+        if "://" in path:
+            self._append_remote(shlex.split(args)[-1], picked)
+        else:
+            data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
+            self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
         if mark:
             for i in picked:
                 self.box.entries[i].saved = True
         return picked
+
+    def _append_remote(self, url: str, picked: list[int]) -> None:
+        """APPEND messages to an IMAP folder (another account's, or from a local folder)."""
+        from pymailtools.mua import remotefolder  # the IMAP client only when asked for
+
+        entries = self.box.entries
+        remotefolder.append_messages(self.cfg, url, self.vars, [
+            (entries[i].message_bytes, ["\\Seen"] if entries[i].seen or entries[i].read else [])
+            for i in picked])
+        n = len(picked)
+        self.say(f'"{clean(url)}" [Appended] {n} message{"" if n == 1 else "s"}')
 
     def c_copy(self, args: str) -> None:
         self.save_to(args, mark=False)

@@ -390,9 +390,6 @@ class RemoteSession(reader.Session):
         words = shlex.split(args)
         folder = self._server_folder(words[-1]) if words else None
         if folder is None:
-            if words and remote.is_remote(words[-1]):
-                raise UsageError(f"{words[-1]}: messages are copied only to folders of the "
-                                 "same IMAP account (or to local files)")
             return super().save_to(args, mark)
         assert isinstance(self.box, ImapFolder)
         picked = self.select(" ".join(words[:-1]))
@@ -470,6 +467,13 @@ def append_copy(cfg: Config, url_text: str, variables: Mapping[str, str],
                 message: bytes) -> None:
     """record=imaps://…/Sent: APPEND ``message`` (marked \\Seen) to that folder, creating
     it when the server says it does not exist (TRYCREATE)."""
+    append_messages(cfg, url_text, variables, [(message, ["\\Seen"])])
+
+
+def append_messages(cfg: Config, url_text: str, variables: Mapping[str, str],
+                    messages: list[tuple[bytes, list[str]]]) -> None:
+    """APPEND ``messages`` (each with its flags) to the IMAP folder ``url_text``, creating
+    it when the server says it does not exist (TRYCREATE)."""
     import os
     import sys
 
@@ -480,14 +484,17 @@ def append_copy(cfg: Config, url_text: str, variables: Mapping[str, str],
 
     url, creds, conn = remote.account_settings(
         cfg, url_text, variables, login=submission.login_name(os.getuid())[0], warn=warn)
+    if url.protocol != "imap":
+        raise UsageError(f"{url}: messages can be stored only in an IMAP folder")
     session = ImapSession.open(conn, creds)
     try:
-        try:
-            session.append(url.folder, message, ["\\Seen"])
-        except remote.RemoteError as e:
-            if "TRYCREATE" not in str(e) or session.dead:
-                raise
-            session.create(url.folder)
-            session.append(url.folder, message, ["\\Seen"])
+        for n, (message, flags) in enumerate(messages):
+            try:
+                session.append(url.folder, message, flags)
+            except remote.RemoteError as e:
+                if n or "TRYCREATE" not in str(e) or session.dead:
+                    raise
+                session.create(url.folder)
+                session.append(url.folder, message, flags)
     finally:
         session.close()
