@@ -372,10 +372,11 @@ def test_imap_copy_move_folders_newmail_and_switching(
     archive = f"imaps://{user}@127.0.0.1:{server.imaps}/Archive"
     code, out, err = reading.finish(
         f"newmail\nc 1 +Archive\nmv 2 {archive}\ns 3 {saved}\nfolders\np 4\nf 4\n"
-        "folder +Archive\nd 1\nq\n".encode())
+        "folder +NoSuch\nfolder +Archive\nd 1\nq\n".encode())
     text = out.decode()
     assert code == 0, err
     assert "1 new message" in text and "late one" in text
+    assert "SELECT failed" in text  # +NoSuch: INBOX stays open
     assert '"+Archive" [Copied on the server] 1 message' in text
     assert "\nArchive\n" in text and "\nINBOX\n" in text
     assert f'"{archive}": 2 messages' in text

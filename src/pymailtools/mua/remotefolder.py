@@ -260,9 +260,16 @@ class ImapFolder(RemoteFolder[ImapSession]):
         return 0
 
     def switch(self, folder: str) -> ImapFolder:
-        """Another folder of this account, on the same connection."""
-        box = ImapFolder(self._live(), self.url._replace(folder=folder), self.creds,
-                         self.conn, self.limit)
+        """Another folder of this account, on the same connection; this one stays selected
+        when the other cannot be."""
+        session = self._live()
+        try:
+            box = ImapFolder(session, self.url._replace(folder=folder), self.creds,
+                             self.conn, self.limit)
+        except remote.RemoteError:
+            if not session.dead:
+                session.select(self.url.folder)
+            raise
         box.opener = self.opener
         return box
 
