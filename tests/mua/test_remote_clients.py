@@ -389,6 +389,21 @@ def test_imap_copy_move_folders_newmail_and_switching(
     assert _subjects(env, server, archive) == ["number 2"]
 
 
+def test_imap_message_shown_with_all_its_header(config_file: Path, tmp_path: Path,
+                                                server: dovecot.Dovecot) -> None:
+    """p shows Reply-To and P every field of an IMAP message, not only the summary's."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    with server.imap_client(user) as other:
+        other.append("INBOX", None, None, b"From: a@example.test\r\nReply-To: r@example.test"
+                     b"\r\nX-Extra: yes\r\nSubject: full\r\n\r\nbody\r\n")
+        other.logout()
+    r = _read(env, server, _imap_url(server), input=b"p 8\nP 8\nx\n")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert "Reply-To: r@example.test" in text and "X-Extra: yes" in text
+
+
 def test_pop3_has_no_folders_and_no_newmail(config_file: Path, tmp_path: Path,
                                             server: dovecot.Dovecot) -> None:
     env = _read_env(config_file, tmp_path)

@@ -64,6 +64,8 @@ class RemoteFolder(Folder, Generic[S]):
         self.conn = conn
         self.limit = limit
         self.opener: Opener | None = None
+        # the message fetched last: showing one asks for its header and its text
+        self._last: tuple[int, bytes] = (-1, b"")
 
     def _index(self, rows: list[tuple[str, int, int, int]]) -> None:
         """(lasting id, number, size, flag bits) of each message, in folder order."""
@@ -86,7 +88,12 @@ class RemoteFolder(Folder, Generic[S]):
     def _text(self, e: Entry, raw: bytes) -> bytes:
         """A message's text as fetched (LF line ends); its lines are known from now on."""
         self.lines[e.index] = raw.count(b"\n")
+        self._last = (e.index, raw)
         return raw
+
+    def _cached(self, e: Entry) -> bytes | None:
+        index, raw = self._last
+        return raw if index == e.index else None
 
     def mbox_bytes(self, e: Entry) -> bytes:
         return _frame(self.message_bytes(e))
@@ -179,7 +186,11 @@ class ImapFolder(RemoteFolder[ImapSession]):
         return int(self.uids[e.index])
 
     def header_block(self, e: Entry) -> bytes:
-        return next(self.header_blocks([e]))
+        # all of the header (a summary fetches only the fields it shows): p shows Reply-To,
+        # P every field, and a reply follows Reply-To and References
+        raw = self.message_bytes(e)
+        cut = raw.find(b"\n\n")
+        return raw if cut < 0 else raw[:cut]
 
     def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
         picked = list(entries)
@@ -194,6 +205,9 @@ class ImapFolder(RemoteFolder[ImapSession]):
         return self._call(lambda s: list(s.summaries(uids)))
 
     def message_bytes(self, e: Entry) -> bytes:
+        cached = self._cached(e)
+        if cached is not None:
+            return cached
         uid = self._uid(e)
         return self._text(e, remote.crlf_to_lf(self._call(lambda s: s.body(uid, self.limit))))
 
@@ -315,6 +329,9 @@ class Pop3Folder(RemoteFolder[Pop3Session]):
         return _header_block(info.header)
 
     def message_bytes(self, e: Entry) -> bytes:
+        cached = self._cached(e)
+        if cached is not None:
+            return cached
         out = io.BytesIO()
         self._call(lambda s: s.retr(self._number(e.index), out, self.limit))
         return self._text(e, out.getvalue())
