@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import pwd
+import re
 import select
 import ssl
 import subprocess
@@ -270,6 +271,10 @@ def test_snail_sees_the_same_folder(config_file: Path, tmp_path: Path,
     lines = theirs.stdout.decode().splitlines()
     assert len(lines) == len(ours) == 7, theirs.stderr
     assert [ln.split()[-2:] for ln in lines] == [ln.split()[-2:] for ln in ours]
+    if which == "imaps":  # the date column: when the message arrived (no Date: field)
+        date = re.compile(r"\w{3} \w{3} [ \d]\d \d\d:\d\d")
+        assert [date.findall(ln) for ln in lines] == [date.findall(ln) for ln in ours]
+        assert all(date.findall(ln) for ln in ours)
 
 
 def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,

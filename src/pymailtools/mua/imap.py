@@ -364,16 +364,18 @@ class ImapSession:
 
     def summaries(self, uids: list[int], fields: tuple[str, ...] = SUMMARY_FIELDS,
                   batch: int = BATCH) -> Iterator[MessageInfo]:
-        """The summary of each of ``uids`` (header fields, flags, size), fetched ``batch``
-        at a time; a UID no longer on the server is skipped."""
-        items = f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({' '.join(fields)})])"
+        """The summary of each of ``uids`` (header fields, flags, size, arrival date),
+        fetched ``batch`` at a time; a UID no longer on the server is skipped."""
+        items = (f"(UID RFC822.SIZE FLAGS INTERNALDATE "
+                 f"BODY.PEEK[HEADER.FIELDS ({' '.join(fields)})])")
         for start in range(0, len(uids), batch):
             chunk = uids[start:start + batch]
             got = {a.uid: a for a in self._fetch(uid_set(chunk), items)}
             for u in chunk:
                 a = got.get(u)
                 if a is not None:
-                    yield MessageInfo(str(u), a.number, a.size, a.flags, a.section or b"")
+                    yield MessageInfo(str(u), a.number, a.size, a.flags, a.section or b"",
+                                      a.internaldate)
 
     def body(self, uid: int, limit: int, *, peek: bool = True) -> bytes:
         """The whole message ``uid`` (CRLF as on the wire); ``peek`` leaves \\Seen alone.
@@ -456,6 +458,7 @@ class FetchData(NamedTuple):
     size: int
     flags: frozenset[str]
     section: bytes | None  # the one BODY[...] returned, if any
+    internaldate: str = ""  # as the server gives it: "06-Dec-2026 12:38:00 +0000"
 
 
 class _Literal(bytes):
@@ -550,6 +553,7 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
     uid = size = 0
     flags: frozenset[str] = frozenset()
     section: bytes | None = None
+    internaldate = ""
     for name, value in zip(atts[0::2], atts[1::2], strict=True):
         if not isinstance(name, bytes) or isinstance(name, _Literal):
             raise RemoteProtocolError("malformed FETCH response (item name)")
@@ -563,6 +567,10 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
                 if not isinstance(value, list):
                     raise ValueError
                 flags = frozenset(f.decode("ascii", "replace") for f in value)
+            elif key == b"INTERNALDATE":
+                if isinstance(value, list):
+                    raise ValueError
+                internaldate = value.decode("ascii", "replace")
             elif key.startswith(b"BODY["):
                 if isinstance(value, list):
                     raise ValueError
@@ -571,7 +579,7 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
         except (ValueError, AttributeError):
             raise RemoteProtocolError(
                 f"malformed FETCH response ({key.decode('ascii', 'replace')})") from None
-    return FetchData(number, uid, size, flags, section)
+    return FetchData(number, uid, size, flags, section, internaldate)
 
 
 def _number(value: Any) -> int:

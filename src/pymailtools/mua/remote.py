@@ -190,6 +190,7 @@ class MessageInfo(NamedTuple):
     size: int
     flags: frozenset[str]
     header: bytes
+    arrived: str = ""  # IMAP INTERNALDATE ("06-Dec-2026 12:38:00 +0000"); "" when not given
 
 
 def message_limit(config: Config) -> int:

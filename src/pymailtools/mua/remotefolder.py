@@ -144,6 +144,18 @@ def _frame(message: bytes) -> bytes:
     return mbox.frame(message, sender)
 
 
+def _from_line(arrived: str) -> bytes:
+    """A From_ line dated when the message arrived (INTERNALDATE): the summary's date column
+    shows it, as for an mbox and as s-nail shows it; b"" when the date does not parse."""
+    import datetime
+
+    try:
+        when = datetime.datetime.strptime(arrived.strip(), "%d-%b-%Y %H:%M:%S %z")
+    except ValueError:
+        return b""
+    return f"From MAILER-DAEMON {when.strftime('%a %b %e %H:%M:%S %Y')}\r\n".encode()
+
+
 def _flag_bits(att: FetchData) -> int:
     if "\\Seen" in att.flags:
         return SEEN | OLD | WAS_SEEN | WAS_OLD
@@ -196,7 +208,7 @@ class ImapFolder(RemoteFolder[ImapSession]):
         picked = list(entries)
         for start in range(0, len(picked), BATCH):
             uids = [self._uid(e) for e in picked[start:start + BATCH]]
-            got = {int(i.uid): i.header for i in self._summaries(uids)}
+            got = {int(i.uid): _from_line(i.arrived) + i.header for i in self._summaries(uids)}
             for u in uids:
                 # a message expunged by another client meanwhile shows with empty headers
                 yield _header_block(got.get(u, b""))
