@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import pwd
+import re
+import select
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +26,9 @@ from pymailtools.mua.remote import (
     RemoteError,
     RemoteProtocolError,
     parse_url,
-    sasl_oauthbearer,
 )
-from tests.conftest import need_tool
+from pymailtools.smtp import sasl
+from tests.conftest import need_tool, script
 from tests.support import dovecot
 from tests.support.mail import mail_env, run_mail
 from tests.support.smtp import Certs, FaultServer, Step
@@ -178,8 +182,11 @@ def test_mailbox_names_urls_and_uid_sets() -> None:
     assert parse_url("imap://imap.example.com").folder == "INBOX"
     assert parse_url("pop3s://me@pop.example.com").port == 995
     assert str(parse_url("pop3s://me:secret@pop.example.com")) == "pop3s://me@pop.example.com"
-    assert sasl_oauthbearer("a,b=c", "h", 993, "t") == (
+    assert sasl.oauthbearer("a,b=c", "t", "h", 993) == (
         b"n,a=a=2Cb=3Dc,\x01host=h\x01port=993\x01auth=Bearer t\x01\x01")
+    assert sasl.oauthbearer("a,b=c", "t") == b"n,a=a=2Cb=3Dc,\x01auth=Bearer t\x01\x01"
+    assert sasl.plain("u", "p") == b"\0u\0p"
+    assert sasl.xoauth2("u", "t") == b"user=u\x01auth=Bearer t\x01\x01"
 
 
 # -- mail -f URL: remote folders in read mode ------------------------------------------------
@@ -244,20 +251,30 @@ def test_pop3_delete_on_quit(config_file: Path, tmp_path: Path,
 
 
 @pytest.mark.interop
-def test_snail_sees_the_same_imap_folder(config_file: Path, tmp_path: Path,
-                                         server: dovecot.Dovecot) -> None:
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_snail_sees_the_same_folder(config_file: Path, tmp_path: Path,
+                                    server: dovecot.Dovecot, which: str) -> None:
+    """The same Dovecot mailbox through s-nail and through our mail -H: the same number of
+    messages, the same subjects in the same order."""
     snail = need_tool("s-nail", "s-nail")
     env = _read_env(config_file, tmp_path)
-    ours = _read(env, server, _imap_url(server), "-H").stdout.decode().splitlines()
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    ours = _read(env, server, url, "-H").stdout.decode().splitlines()
+    user = next(iter(server.accounts))
     theirs = subprocess.run(
         [snail, "-:/", "-Sv15-compat", "-Sheadline-plain",
-         f"-Spassword={PASSWORD}", f"-Stls-ca-file={server.certs.ca_file}",
+         f"-Spassword-{user}@localhost:{url.rsplit(':', 1)[1].split('/')[0]}={PASSWORD}",
+         f"-Stls-ca-file={server.certs.ca_file}",
          # s-nail matches the certificate by name only (not by IP address)
-         "-Stls-ca-no-defaults", "-H", "-f", _imap_url(server).replace("127.0.0.1", "localhost")],
+         "-Stls-ca-no-defaults", "-H", "-f", url.replace("127.0.0.1", "localhost")],
         capture_output=True, timeout=60, env=env)
     lines = theirs.stdout.decode().splitlines()
     assert len(lines) == len(ours) == 7, theirs.stderr
-    assert [ln.split()[-1] for ln in lines] == [ln.split()[-1] for ln in ours]
+    assert [ln.split()[-2:] for ln in lines] == [ln.split()[-2:] for ln in ours]
+    if which == "imaps":  # the date column: when the message arrived (no Date: field)
+        date = re.compile(r"\w{3} \w{3} [ \d]\d \d\d:\d\d")
+        assert [date.findall(ln) for ln in lines] == [date.findall(ln) for ln in ours]
+        assert all(date.findall(ln) for ln in ours)
 
 
 def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
@@ -275,3 +292,200 @@ def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
     assert len(lines) == 1 and lines[0].endswith("kept a copy") and lines[0][1] == "O"
     bad = run_mail(env, "-s", "x", "-S", "record=pop3s://me@127.0.0.1", "root", input=b"x\n")
     assert bad.returncode == 64 and b"IMAP folder" in bad.stderr
+
+
+class _Reading:
+    """mail -f URL on pipes: wait for its output, send commands, between them let another
+    client change the server."""
+
+    def __init__(self, env: dict[str, str], server: dovecot.Dovecot, url: str) -> None:
+        user = next(iter(server.accounts))
+        self.proc = subprocess.Popen(
+            [script("mail"), "-S", f"password-{user}@127.0.0.1={PASSWORD}", "-S",
+             f"tls-ca-file={server.certs.ca_file}", "-f", url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.seen = b""
+
+    def wait_for(self, text: bytes) -> bytes:
+        out = self.proc.stdout
+        assert out is not None
+        deadline = time.monotonic() + 60
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([out], [], [], max(left, 0))
+            assert ready, f"waited for {text!r}; mail said {self.seen!r}"
+            data = os.read(out.fileno(), 65536)
+            assert data, self.seen
+            self.seen += data
+        return self.seen
+
+    def send(self, text: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def finish(self, text: bytes) -> tuple[int, bytes, bytes]:
+        try:
+            out, err = self.proc.communicate(text, timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, self.seen + out, err
+
+
+def _subjects(env: dict[str, str], server: dovecot.Dovecot, url: str) -> list[str]:
+    r = _read(env, server, url, "-H")
+    assert r.returncode in (0, 1), r.stderr
+    return [" ".join(ln.split()[-2:]) for ln in r.stdout.decode().splitlines()]
+
+
+def test_imap_delete_by_uid_after_another_client_expunged(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """Another client expunges message 1 while mail has the folder open: "d 2" then deletes
+    the message listed as 2 (by its UID), not the one the server now numbers 2."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    reading = _Reading(env, server, _imap_url(server))
+    reading.wait_for(b"number 7")
+    with server.imap_client(user) as other:
+        other.select("INBOX")
+        other.store("1", "+FLAGS.SILENT", r"(\Deleted)")
+        other.expunge()
+        other.logout()
+    code, _, err = reading.finish(b"d 2\nq\n")
+    assert code == 0, err
+    assert _subjects(env, server, _imap_url(server)) == [f"number {i}" for i in range(3, 8)]
+
+
+def test_imap_copy_move_folders_newmail_and_switching(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """c/mv to +name copy on the server (the folder created), s to a local file fetches,
+    folders lists, newmail shows what another client appended, folder +name stores this
+    folder's changes and opens the other; the line count is blank until a message is read."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    saved = tmp_path / "saved"
+    url = _imap_url(server)
+    reading = _Reading(env, server, url)
+    listed = reading.wait_for(b"number 7").decode().splitlines()
+    assert all(" " * 5 + "/" in ln for ln in listed[1:])  # lines not known: blank
+    with server.imap_client(user) as other:
+        other.append("INBOX", None, None, b"From: late@example.test\r\nSubject: late one"
+                     b"\r\n\r\nlate\r\n")
+        other.logout()
+    archive = f"imaps://{user}@127.0.0.1:{server.imaps}/Archive"
+    code, out, err = reading.finish(
+        f"newmail\nc 1 +Archive\nmv 2 {archive}\ns 3 {saved}\nfolders\np 4\nf 4\n"
+        "folder +NoSuch\nfolder +Archive\nd 1\nq\n".encode())
+    text = out.decode()
+    assert code == 0, err
+    assert "1 new message" in text and "late one" in text
+    assert "SELECT failed" in text  # +NoSuch: INBOX stays open
+    assert '"+Archive" [Copied on the server] 1 message' in text
+    assert "\nArchive\n" in text and "\nINBOX\n" in text
+    assert f'"{archive}": 2 messages' in text
+    four = [ln for ln in text.splitlines() if ln.endswith("number 4")][-1]
+    assert " " * 5 + "/" not in four  # read: its lines are known now
+    assert b"Subject: number 3" in saved.read_bytes()
+    # INBOX: mv removed 2 when switching away; Archive: its first message deleted on q
+    assert _subjects(env, server, url) == [
+        "number 1", "number 3", "number 4", "number 5", "number 6", "number 7", "late one"]
+    assert _subjects(env, server, archive) == ["number 2"]
+
+
+def test_imap_message_shown_with_all_its_header(config_file: Path, tmp_path: Path,
+                                                server: dovecot.Dovecot) -> None:
+    """p shows Reply-To and P every field of an IMAP message, not only the summary's."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    with server.imap_client(user) as other:
+        other.append("INBOX", None, None, b"From: a@example.test\r\nReply-To: r@example.test"
+                     b"\r\nX-Extra: yes\r\nSubject: full\r\n\r\nbody\r\n")
+        other.logout()
+    r = _read(env, server, _imap_url(server), input=b"p 8\nP 8\nx\n")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert "Reply-To: r@example.test" in text and "X-Extra: yes" in text
+
+
+def test_pop3_has_no_folders_and_no_newmail(config_file: Path, tmp_path: Path,
+                                            server: dovecot.Dovecot) -> None:
+    env = _read_env(config_file, tmp_path)
+    r = _read(env, server, _pop3_url(server), input=b"folders\nnewmail\nc 1 +x\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(b"POP3") == 3 and b"Traceback" not in r.stdout + r.stderr
+
+
+def test_save_to_an_imap_folder_by_append(config_file: Path, tmp_path: Path,
+                                          server: dovecot.Dovecot) -> None:
+    """From a POP3 mailbox and from a local mbox, c/s to an imaps:// URL APPENDs the
+    messages there (the folder created on TRYCREATE)."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    target = f"imaps://{user}@127.0.0.1:{server.imaps}/Kept"
+    r = _read(env, server, _pop3_url(server), input=f"c 2 {target}\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert f'"{target}" [Appended] 1 message' in r.stdout.decode()
+    local = tmp_path / "local.mbox"
+    local.write_bytes(b"From a@example.test Mon Nov 16 10:00:00 2026\nFrom: a@example.test\n"
+                      b"Subject: local one\n\nhi\n")
+    r = _read(env, server, str(local), input=f"s 1 {target}\nx\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert _subjects(env, server, target) == ["number 2", "local one"]
+
+
+@pytest.mark.parametrize("which", ["imaps", "pop3s"])
+def test_a_dropped_connection_is_made_again(config_file: Path, tmp_path: Path,
+                                            server: dovecot.Dovecot, which: str) -> None:
+    """The server drops mail's connection: the next command says so, the one after works on
+    a new connection, and deletions pending at that point are stored once, on the messages
+    they were made on."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    url = _imap_url(server) if which == "imaps" else _pop3_url(server)
+    reading = _Reading(env, server, url)
+    reading.wait_for(b"number 7")
+    reading.send(b"d 2\n")
+    server.kick(user)
+    reading.send(b"p 1\n")
+    reading.wait_for(b"connects again at the next command")
+    reading.send(b"p 3\n")
+    reading.wait_for(b"body 3")
+    server.kick(user)
+    code, out, err = reading.finish(b"d 4\nq\n")
+    assert code == 0, (out, err)
+    assert _subjects(env, server, url) == [
+        "number 1", "number 3", "number 5", "number 6", "number 7"]
+
+
+@pytest.mark.interop
+def test_dovecot_pseudo_message_hidden_and_kept_by_local_reading(
+        config_file: Path, tmp_path: Path, server: dovecot.Dovecot) -> None:
+    """An mbox Dovecot rewrote starts with its folder-internal message: mail -H -f on the
+    file does not show it, and d 1 + q neither deletes nor rewrites it away; Dovecot reads
+    the file afterwards without complaint."""
+    env = _read_env(config_file, tmp_path)
+    user = next(iter(server.accounts))
+    path = server.make_pseudo_message(user, append=(
+        b"From: a@example.test\nSubject: kept 1\n\none\n",
+        b"From: b@example.test\nSubject: kept 2\n\ntwo\n"))
+    r = run_mail(env, "-H", "-f", str(path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [ln.split()[-2:] for ln in lines] == [["kept", "1"], ["kept", "2"]]
+    assert dovecot.PSEUDO_SUBJECT.encode() not in r.stdout
+    r = run_mail(env, "-f", str(path), input=b"d 1\nq\n")
+    assert r.returncode == 0, r.stderr
+    data = path.read_bytes()
+    first = data.split(b"\n\n", 1)[0]
+    assert data.startswith(b"From ") and b"\nX-IMAP: " in first
+    assert f"Subject: {dovecot.PSEUDO_SUBJECT}".encode() in first
+    assert b"Subject: kept 1" not in data and b"Subject: kept 2" in data
+    with server.imap_client(user) as client:
+        typ, count = client.select("INBOX")
+        assert typ == "OK" and count == [b"1"]
+        typ, got = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert b"kept 2" in got[0][1]
+        client.logout()
+    assert server.trouble() == []

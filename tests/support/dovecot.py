@@ -82,6 +82,14 @@ class Dovecot:
         client.login(user, self.accounts[user].password)
         return client
 
+    def kick(self, user: str) -> None:
+        """Drop every connection ``user`` has (doveadm kick): a client sees the server go
+        away in the middle of its session."""
+        r = subprocess.run(["doveadm", "-c", str(self.directory / "dovecot.conf"), "kick",
+                            user], capture_output=True, timeout=TIMEOUT)
+        if r.returncode != 0:
+            raise AssertionError(f"doveadm kick: {r.stderr.decode(errors='replace')}")
+
     def make_pseudo_message(self, user: str, append: tuple[bytes, ...] = ()) -> Path:
         """Have Dovecot rewrite ``user``'s mbox INBOX so it starts with its folder-internal
         pseudo message (PSEUDO_SUBJECT), as it does on a real server; returns the mbox path.

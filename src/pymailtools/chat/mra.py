@@ -13,6 +13,7 @@ from pymailtools.chat.console import Console
 from pymailtools.chat.errors import ChatError, ProtocolError
 from pymailtools.chat.session import Options, Session, Stop
 from pymailtools.chat.transcript import MASK, Transcript
+from pymailtools.smtp import sasl
 from pymailtools.smtp.reply import Reply
 
 POP3, IMAP = "pop3", "imap"
@@ -88,13 +89,11 @@ def quote(text: str) -> str:
 
 def xoauth2(user: str, token: str) -> str:
     """The XOAUTH2 initial client response (Google's and Microsoft's SASL mechanism)."""
-    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-    return base64.b64encode(raw).decode("ascii")
+    return base64.b64encode(sasl.xoauth2(user, token)).decode("ascii")
 
 
 def plain(user: str, password: str) -> str:
-    raw = b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8")
-    return base64.b64encode(raw).decode("ascii")
+    return base64.b64encode(sasl.plain(user, password)).decode("ascii")
 
 
 class MraSession(Session):

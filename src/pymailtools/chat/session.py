@@ -14,6 +14,7 @@ from pymailtools.chat.compose import lines_of
 from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
+from pymailtools.smtp import sasl
 from pymailtools.smtp.reply import Reply, extensions
 
 # --quit-after names (swaks' and ours) -> the point after which the session stops.
@@ -493,7 +494,7 @@ def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
 
     u, p = user.encode("utf-8"), password.encode("utf-8")
     if mech == "PLAIN":
-        initial = b64(b"\0" + u + b"\0" + p)
+        initial = b64(sasl.plain(user, password))
         reply = cmd(f"AUTH PLAIN {initial}", f"AUTH PLAIN {MASK}")
     elif mech == "LOGIN":
         reply = cmd("AUTH LOGIN", None)

@@ -24,10 +24,8 @@ from pymailtools.mua.remote import (
     RemoteLost,
     RemoteProtocolError,
     connection_error,
-    sasl_oauthbearer,
-    sasl_plain,
-    sasl_xoauth2,
 )
+from pymailtools.smtp import sasl
 
 # UIDs per FETCH/STORE command: short enough for any server's line limit.
 BATCH = 200
@@ -193,16 +191,16 @@ class ImapSession:
         secret = creds.secret()
         if creds.token:
             if "AUTH=OAUTHBEARER" in caps:
-                initial = sasl_oauthbearer(creds.user, self.conn.host, self.conn.port, secret)
+                initial = sasl.oauthbearer(creds.user, secret, self.conn.host, self.conn.port)
                 mech = "OAUTHBEARER"
             elif "AUTH=XOAUTH2" in caps:
-                initial, mech = sasl_xoauth2(creds.user, secret), "XOAUTH2"
+                initial, mech = sasl.xoauth2(creds.user, secret), "XOAUTH2"
             else:
                 raise RemoteError(f"{self.conn.host}: server offers neither XOAUTH2 nor "
                                   "OAUTHBEARER for the OAuth2 token")
             self._authenticate(mech, initial)
         elif "AUTH=PLAIN" in caps:
-            self._authenticate("PLAIN", sasl_plain(creds.user, secret))
+            self._authenticate("PLAIN", sasl.plain(creds.user, secret))
         elif "LOGINDISABLED" in caps:
             raise RemoteError(f"{self.conn.host}: server disabled LOGIN and offers no PLAIN")
         else:
@@ -356,24 +354,28 @@ class ImapSession:
             out.append((att.uid, att.size))
         return out
 
-    def index(self) -> list[FetchData]:
-        """UID, size and flags of every message in the selected folder, in folder order."""
+    def index(self, after: int = 0) -> list[FetchData]:
+        """UID, size and flags of every message in the selected folder (with UIDs above
+        ``after``), in folder order."""
         if not self._need_selected().exists:
             return []
-        return self._fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+        return [a for a in self._fetch(f"{after + 1}:*", "(UID RFC822.SIZE FLAGS)")
+                if a.uid > after]
 
     def summaries(self, uids: list[int], fields: tuple[str, ...] = SUMMARY_FIELDS,
                   batch: int = BATCH) -> Iterator[MessageInfo]:
-        """The summary of each of ``uids`` (header fields, flags, size), fetched ``batch``
-        at a time; a UID no longer on the server is skipped."""
-        items = f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({' '.join(fields)})])"
+        """The summary of each of ``uids`` (header fields, flags, size, arrival date),
+        fetched ``batch`` at a time; a UID no longer on the server is skipped."""
+        items = (f"(UID RFC822.SIZE FLAGS INTERNALDATE "
+                 f"BODY.PEEK[HEADER.FIELDS ({' '.join(fields)})])")
         for start in range(0, len(uids), batch):
             chunk = uids[start:start + batch]
             got = {a.uid: a for a in self._fetch(uid_set(chunk), items)}
             for u in chunk:
                 a = got.get(u)
                 if a is not None:
-                    yield MessageInfo(str(u), a.number, a.size, a.flags, a.section or b"")
+                    yield MessageInfo(str(u), a.number, a.size, a.flags, a.section or b"",
+                                      a.internaldate)
 
     def body(self, uid: int, limit: int, *, peek: bool = True) -> bytes:
         """The whole message ``uid`` (CRLF as on the wire); ``peek`` leaves \\Seen alone.
@@ -456,6 +458,7 @@ class FetchData(NamedTuple):
     size: int
     flags: frozenset[str]
     section: bytes | None  # the one BODY[...] returned, if any
+    internaldate: str = ""  # as the server gives it: "06-Dec-2026 12:38:00 +0000"
 
 
 class _Literal(bytes):
@@ -550,6 +553,7 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
     uid = size = 0
     flags: frozenset[str] = frozenset()
     section: bytes | None = None
+    internaldate = ""
     for name, value in zip(atts[0::2], atts[1::2], strict=True):
         if not isinstance(name, bytes) or isinstance(name, _Literal):
             raise RemoteProtocolError("malformed FETCH response (item name)")
@@ -563,6 +567,10 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
                 if not isinstance(value, list):
                     raise ValueError
                 flags = frozenset(f.decode("ascii", "replace") for f in value)
+            elif key == b"INTERNALDATE":
+                if isinstance(value, list):
+                    raise ValueError
+                internaldate = value.decode("ascii", "replace")
             elif key.startswith(b"BODY["):
                 if isinstance(value, list):
                     raise ValueError
@@ -571,7 +579,7 @@ def _one_fetch(pieces: list[Any]) -> FetchData:
         except (ValueError, AttributeError):
             raise RemoteProtocolError(
                 f"malformed FETCH response ({key.decode('ascii', 'replace')})") from None
-    return FetchData(number, uid, size, flags, section)
+    return FetchData(number, uid, size, flags, section, internaldate)
 
 
 def _number(value: Any) -> int:

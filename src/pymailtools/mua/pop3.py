@@ -14,6 +14,7 @@ import ssl
 from typing import BinaryIO, NamedTuple
 
 from pymailtools.mua import remote
+from pymailtools.smtp import sasl
 
 # The longest line we accept from the server (RFC 1939 allows 512 for responses; message
 # lines may run to RFC 5322's 998 and beyond in real mail).
@@ -103,9 +104,9 @@ class Pop3Session:
             if "AUTH=XOAUTH2" not in self.capabilities:
                 raise remote.RemoteError(f"{self.host}: server offers no AUTH XOAUTH2 for the "
                                   "OAuth2 token")
-            self._auth("XOAUTH2", remote.sasl_xoauth2(creds.user, secret))
+            self._auth("XOAUTH2", sasl.xoauth2(creds.user, secret))
         elif "AUTH=PLAIN" in self.capabilities:
-            self._auth("PLAIN", remote.sasl_plain(creds.user, secret))
+            self._auth("PLAIN", sasl.plain(creds.user, secret))
         else:
             self.command(f"USER {_arg(creds.user)}")
             self.command(f"PASS {_arg(secret)}", secret=True)

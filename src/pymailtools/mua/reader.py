@@ -56,6 +56,7 @@ preserve|hold [list]     keep messages in the system mailbox
 mbox|mb [list]           mark messages to go to ~/mbox
 save|s [list] file       append messages to a file
 copy|c [list] file       like save, without marking them saved
+move|mv [list] file      like copy, then delete them
 write|w [list] file      append message bodies (without headers) to a file
 reply|r [list]           reply to the sender
 Reply|R [list]           reply to the sender and all recipients
@@ -306,8 +307,10 @@ def summary(e: Entry, h: Headers, num: int, current: bool, width: int) -> str:
     sender = None if value is None else _sender_column(value)
     if sender is None:
         sender = fit(sender_name(h), 18, pad=True)
+    lines = e.lines  # -1: not known (a remote message not read yet): blank, as s-nail
     line = (f"{'>' if current else ' '}{e.letter()}{num:3d} {sender} "
-            f"{date_of(h)[:16]:<16} {e.lines:4d}/{e.size:<5d} {subject}")
+            f"{date_of(h)[:16]:<16} {f'{lines:4d}' if lines >= 0 else '    '}/{e.size:<5d} "
+            f"{subject}")
     # One column short of the width, as s-nail: a full last column makes terminals wrap.
     return fit(line, width - 1).rstrip()
 
@@ -352,13 +355,21 @@ def _has_passwd() -> bool:
 
 
 def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bool,
-          check_only: bool, show_headers: bool, variables: dict[str, str], prog: str) -> int:
-    path, name, system = resolve_mailbox(cfg, folder, user)
-    if system and not os.path.exists(path):
-        if not check_only:
-            print(f"No mail for {name}", file=sys.stderr)
-        return EX_NOMAIL
-    box = mailfolder.load(path, cfg)
+          check_only: bool, show_headers: bool, variables: dict[str, str], prog: str,
+          opened: Folder | None = None, session_class: type[Session] | None = None) -> int:
+    """Read mode on the folder -f / -u / the default names, or on ``opened`` (a remote
+    folder already logged into) with the commands of ``session_class``. The folder the
+    session ends on is closed."""
+    if opened is not None:
+        box, path, name, system = opened, opened.path, "", False
+    else:
+        path, name, system = resolve_mailbox(cfg, folder, user)
+        if system and not os.path.exists(path):
+            if not check_only:
+                print(f"No mail for {name}", file=sys.stderr)
+            return EX_NOMAIL
+        box = mailfolder.load(path, cfg)
+    session: Session | None = None
     try:
         if check_only:
             return EX_OK if box.entries else EX_NOMAIL
@@ -368,13 +379,14 @@ def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bo
             else:
                 print(f'"{path}": 0 messages')
             return EX_NOMAIL
-        session = Session(cfg, box, system=system, variables=variables, prog=prog)
+        session = (session_class or Session)(cfg, box, system=system, variables=variables,
+                                             prog=prog)
         if headers_only:
             session.emit_summaries(range(len(box.entries)))
             return EX_OK
         return session.loop(show_headers)
     finally:
-        box.close()
+        (box if session is None else session.box).close()
 
 
 class Session:
@@ -383,13 +395,23 @@ class Session:
     def __init__(self, cfg: Config, box: Folder, *, system: bool, variables: dict[str, str],
                  prog: str, inp: TextIO | None = None, out: TextIO | None = None) -> None:
         self.cfg = cfg
-        self.box = box
         self.system = system
         self.vars = variables
         self.prog = prog
         self.inp = inp or sys.stdin
         self.out = out or sys.stdout
         self.tty = self.inp.isatty() and self.out.isatty()
+        self.reset(box)
+        self._console = None
+        if self.out.isatty() and not os.environ.get("NO_COLOR"):
+            # rich only for a colour terminal
+            from rich.console import Console
+
+            self._console = Console(file=self.out, highlight=False, soft_wrap=True)
+
+    def reset(self, box: Folder) -> None:
+        """Read ``box`` from now on: its first new message current, else its first unread."""
+        self.box = box
         # flag bits rather than entries: the loops over every message run at C speed mostly
         flags = box.flags
         first = next((i for i, f in enumerate(flags) if not f & (OLD | SEEN | READ)), None)
@@ -398,12 +420,6 @@ class Session:
         self.dot = first
         self.dot_shown = False
         self.window = 0
-        self._console = None
-        if self.out.isatty() and not os.environ.get("NO_COLOR"):
-            # rich only for a colour terminal
-            from rich.console import Console
-
-            self._console = Console(file=self.out, highlight=False, soft_wrap=True)
 
     # --- output ---------------------------------------------------------------------------
 
@@ -646,6 +662,7 @@ class Session:
         "folder": "c_folder", "=": "c_dot", "size": "c_size", "si": "c_size", "top": "c_top",
         "to": "c_top", "q": "c_quit", "quit": "c_quit", "x": "c_exit", "ex": "c_exit",
         "exit": "c_exit", "xit": "c_exit", "?": "c_help", "help": "c_help", "list": "c_help",
+        "mv": "c_move", "move": "c_move",
     }
 
     def next(self) -> None:
@@ -752,16 +769,42 @@ class Session:
         created = mailfolder.append_mbox(path, chunks, self.cfg)
         self.say(f'"{clean(path)}" [{"New file" if created else "Appended"}] {lines}/{size}')
 
-    def c_save(self, args: str, mark: bool = True) -> None:
+    def c_save(self, args: str) -> None:
+        self.save_to(args, mark=True)
+
+    def save_to(self, args: str, mark: bool) -> list[int]:
+        """Append the listed messages to the file (or IMAP folder URL) ``args`` ends with
+        (marked saved with ``mark``); the indices of the messages."""
         picked, path = self._list_and_file(args)
-        data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
-        self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
+        if "://" in path:
+            self._append_remote(shlex.split(args)[-1], picked)
+        else:
+            data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
+            self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))
         if mark:
             for i in picked:
                 self.box.entries[i].saved = True
+        return picked
+
+    def _append_remote(self, url: str, picked: list[int]) -> None:
+        """APPEND messages to an IMAP folder (another account's, or from a local folder)."""
+        from pymailtools.mua import remotefolder  # the IMAP client only when asked for
+
+        entries = self.box.entries
+        remotefolder.append_messages(self.cfg, url, self.vars, [
+            (entries[i].message_bytes, ["\\Seen"] if entries[i].seen or entries[i].read else [])
+            for i in picked])
+        n = len(picked)
+        self.say(f'"{clean(url)}" [Appended] {n} message{"" if n == 1 else "s"}')
 
     def c_copy(self, args: str) -> None:
-        self.c_save(args, mark=False)
+        self.save_to(args, mark=False)
+
+    def c_move(self, args: str) -> None:
+        """s-nail's mv: copy, then mark deleted."""
+        for i in self.save_to(args, mark=False):
+            self.box.entries[i].deleted = True
+        self._advance()
 
     def c_write(self, args: str) -> None:
         picked, path = self._list_and_file(args)

@@ -190,6 +190,7 @@ class MessageInfo(NamedTuple):
     size: int
     flags: frozenset[str]
     header: bytes
+    arrived: str = ""  # IMAP INTERNALDATE ("06-Dec-2026 12:38:00 +0000"); "" when not given
 
 
 def message_limit(config: Config) -> int:
@@ -201,23 +202,6 @@ def message_limit(config: Config) -> int:
 def crlf_to_lf(data: bytes) -> bytes:
     """Wire text (CRLF) as the local mailbox stores it (LF)."""
     return data.replace(b"\r\n", b"\n")
-
-
-def sasl_plain(user: str, password: str) -> bytes:
-    """The RFC 4616 PLAIN initial response (no authorization identity)."""
-    return b"\0" + user.encode() + b"\0" + password.encode()
-
-
-def sasl_xoauth2(user: str, token: str) -> bytes:
-    """Google's and Microsoft's XOAUTH2 initial response."""
-    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def sasl_oauthbearer(user: str, host: str, port: int, token: str) -> bytes:
-    """The RFC 7628 OAUTHBEARER initial response."""
-    # the GS2 header's saslname escapes "=" and ","
-    name = user.replace("=", "=3D").replace(",", "=2C")
-    return f"n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
 
 
 def describe_tls_error(host: str, e: ssl.SSLError | ssl.CertificateError) -> str:

@@ -29,7 +29,7 @@ from aiosmtplib.errors import (
 
 from pymailtools.errors import ConfigError, HopError, Lost, ProtocolError, SMTPError
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
-from pymailtools.smtp import secret
+from pymailtools.smtp import sasl, secret
 from pymailtools.smtp.mx import Hop
 from pymailtools.smtp.policy import Policy
 from pymailtools.smtp.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code
@@ -599,23 +599,21 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: st
             credential = await asyncio.to_thread(policy.read_password)
     except (ConfigError, SecretError) as e:
         raise HopError(str(e), "4.7.0") from None
-    user = policy.username.encode("utf-8", "surrogateescape")
-    key = credential.encode("utf-8", "surrogateescape")
+    user, key = policy.username, credential
     timeout = policy.timeouts.helo
     try:
         if mech == "plain":
-            reply = await _sasl(smtp, b"PLAIN", [b"\0" + user + b"\0" + key], timeout)
+            reply = await _sasl(smtp, b"PLAIN", [sasl.plain(user, key)], timeout)
         elif mech == "login":
-            reply = await _sasl(smtp, b"LOGIN", [user, key], timeout)
+            reply = await _sasl(smtp, b"LOGIN", [user.encode("utf-8", "surrogateescape"),
+                                                 key.encode("utf-8", "surrogateescape")],
+                                timeout)
         elif mech == "xoauth2":
-            reply = await _sasl(smtp, b"XOAUTH2",
-                                [b"user=" + user + b"\x01auth=Bearer " + key + b"\x01\x01"],
-                                timeout, after_error=b"")
+            reply = await _sasl(smtp, b"XOAUTH2", [sasl.xoauth2(user, key)], timeout,
+                                after_error=b"")
         else:
-            # RFC 7628 3.1: gs2 header (no channel binding, authzid = user), then the kvpairs
-            reply = await _sasl(smtp, b"OAUTHBEARER",
-                                [b"n,a=" + _saslname(user) + b",\x01auth=Bearer " + key
-                                 + b"\x01\x01"], timeout, after_error=b"\x01")
+            reply = await _sasl(smtp, b"OAUTHBEARER", [sasl.oauthbearer(user, key)], timeout,
+                                after_error=b"\x01")
     except (SMTPTimeoutError, TimeoutError):
         raise HopError(f"conversation with {relay} timed out during AUTH") from None
     except SMTPResponseException as e:
@@ -631,11 +629,6 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: st
         status = "4.7.8" if reply.code in (535, 435) or reply.oauth2 else "4.7.0"
         raise HopError(f"SASL authentication failed; server {relay} said: {reply.code} "
                        f"{reply.message} (mechanism {mech.upper()}{why})", status)
-
-
-def _saslname(user: bytes) -> bytes:
-    """RFC 5801's saslname: "," and "=" escaped."""
-    return user.replace(b"=", b"=3D").replace(b",", b"=2C")
 
 
 class _SASLReply(NamedTuple):
