@@ -530,3 +530,17 @@ def test_many_local_entries_are_shared_by_mailbox_among_worker_processes(
         assert len(pids) == 24 and str(os.getpid()) not in pids
         # one address, one worker: at most one process per address form
         assert len(set(pids)) <= 3
+
+
+def test_home_maildir_failure_gives_the_runner_its_ids_back(
+        config_values: dict[str, object], system_user: User) -> None:
+    # The delivery fails while the runner has the user's effective ids: root's come back.
+    need_root()
+    cfg = Config({**config_values, "home_mailbox": "Maildir/"})
+    maildir = Path(system_user.pw_dir) / "Maildir"
+    maildir.mkdir(mode=0o700)  # root's: the user cannot write in it
+    groups = os.getgroups()
+    support_queue.queue(cfg, system_user.pw_name)
+    stats = support_queue.run(cfg)
+    assert stats.delivered == 0 and stats.deferred + stats.bounced == 1
+    assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)

@@ -329,12 +329,14 @@ def _as_effective(uid: int, gid: int, func: Callable[[], bytes]) -> bytes:
     """``func()`` with effective ids ``uid``/``gid`` and no supplementary groups; root's ids
     and groups come back however ``func`` ends (the saved uid is root's: seteuid(0) works)."""
     groups, egid = os.getgroups(), os.getegid()
-    os.setgroups([])
+    # Each switch is inside its try: an exception raised by a signal handler just after one
+    # (KeyboardInterrupt) must not leave this process with the user's ids.
     try:
-        os.setegid(gid)
+        os.setgroups([])
         try:
-            os.seteuid(uid)
+            os.setegid(gid)
             try:
+                os.seteuid(uid)
                 return func()
             finally:
                 os.seteuid(0)

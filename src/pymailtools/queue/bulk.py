@@ -275,17 +275,14 @@ def _settle_trash(queue: Queue, name: str) -> None:
                 remove_file(f"{t}/{qid}")  # the message is gone: delivered, or debris
                 continue
             try:
-                if _live(queue, qid):
-                    pass  # written back by a runner: that is the entry now
-                elif keep is None or qid in keep:
+                # every name here goes back (the deleted ones went in _remove_deleted),
+                # unless a runner wrote the entry back: that is the entry now
+                if not _live(queue, qid):
                     try:
                         os.link(f"{t}/{qid}", f"{root}/{state}/{qid}")
                         restored = True
                     except FileExistsError:
                         pass
-                else:
-                    remove_file(queue.path("messages", qid))
-                    remove_file(queue.path(HISTORY, qid))
                 remove_file(f"{t}/{qid}")
             finally:
                 os.close(fd)
@@ -324,10 +321,7 @@ def _remove_deleted(queue: Queue, tfd: int, keep: set[str]) -> None:
     def remove(chunk: list[str]) -> None:
         for qid in chunk:
             for d in (msgs, hist, tfd):
-                try:
-                    os.unlink(qid, dir_fd=d)
-                except FileNotFoundError:
-                    pass
+                remove_file(qid, d)
 
     def remover() -> None:
         while (chunk := work.get()) is not None:

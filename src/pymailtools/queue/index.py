@@ -14,7 +14,7 @@ itself for any entry that has no line. The index is never the authority: the run
 postsuper never read it, and a missing, foreign or stale index only costs speed.
 
 Trust rules: the first line names the boot, file system and queue directory it was written
-for (``pymailtools-summaries 1 BOOT_ID DEV INO``); a crash (lines not on disk) or a restored or
+for (``pymailtools-summaries 2 BOOT_ID DEV INO``); a crash (lines not on disk) or a restored or
 copied queue (new inodes) makes it distrusted until ``rebuild`` writes a new one. A failed
 append deletes the index, so a line can never be missing while an older one for a reused
 inode survives. Appenders hold a shared flock; ``rebuild`` holds the exclusive one.

@@ -62,7 +62,7 @@ from pymailtools.queue.intake import QueueNotSetUp as QueueNotSetUp
 from pymailtools.queue.intake import Submission as Submission
 from pymailtools.queue.intake import crash_point as crash_point
 
-TYPE_CHECKING = False  # typing costs ~10 ms of start-up on sendmail's hot path
+TYPE_CHECKING = False  # typing stays unloaded: these names only annotate
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from typing import BinaryIO
