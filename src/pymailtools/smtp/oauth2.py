@@ -308,20 +308,19 @@ def request_device_code(account: Account) -> DeviceCode:
                       expires, max(interval, 0.0))
 
 
-def poll(account: Account, device: DeviceCode, *, sleep: Any = time.sleep,
-         clock: Any = time.monotonic) -> None:
+def poll(account: Account, device: DeviceCode) -> None:
     """Step two: poll the token endpoint until the user has approved (the tokens go into
     ``account``), honouring interval and slow_down; OAuthError when the user refused
     (77), the code expired (75) or the server failed (69)."""
     interval = device.interval
-    deadline = clock() + device.expires_in
+    deadline = time.monotonic() + device.expires_in
     form = {**_credentials(account), "grant_type": DEVICE_GRANT,
             "device_code": device.device_code}
     while True:
-        if clock() + interval > deadline:
+        if time.monotonic() + interval > deadline:
             raise OAuthError("the device code expired before the sign-in was approved; "
                              "run authorize again", EX_TEMPFAIL)
-        sleep(interval)
+        time.sleep(interval)
         status, data = post(account.token_endpoint, form, account.ca_file)
         if status == 200 and "access_token" in data:
             _take_tokens(account, data, time.time())
