@@ -1,4 +1,4 @@
-"""File primitives: write a whole buffer to a descriptor, fsync a directory, read a secret."""
+"""File primitives: write a whole buffer, fsync a directory, replace a file, read a secret."""
 
 # On sendmail's submission path (the queue writes through it): os-level imports only.
 import errno
