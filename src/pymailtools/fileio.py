@@ -43,7 +43,13 @@ def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
     temporary name beside it, fsynced, renamed over it, the directory fsynced."""
     directory = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:
+        # left by a dead process of the same pid: reused, it would keep its own mode
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, mode)
     try:
         write_all(fd, data)
         os.fsync(fd)
