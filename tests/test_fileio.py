@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.fileio import fsync_dir, write_all
+from pymailtools.fileio import fsync_dir, replace_file, write_all
 from tests.conftest import tmpfs
 
 
@@ -37,3 +37,16 @@ def test_fsync_dir(tmp_path: Path) -> None:
     fsync_dir(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         fsync_dir(str(tmp_path / "missing"))
+
+
+def test_replace_file_never_writes_into_a_leftover_temporary_file(tmp_path: Path) -> None:
+    """A temporary file left by an earlier process with the same pid (and a looser mode)
+    is not reused: the secret would take that file's mode with it."""
+    path = tmp_path / "store.json"
+    leftover = tmp_path / f"store.json.tmp{os.getpid()}"
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)
+    replace_file(str(path), b"secret")
+    assert path.read_bytes() == b"secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not leftover.exists()

@@ -1,4 +1,4 @@
-"""File primitives: write a whole buffer to a descriptor, fsync a directory, read a secret."""
+"""File primitives: write a whole buffer, fsync a directory, replace a file, read a secret."""
 
 # On sendmail's submission path (the queue writes through it): os-level imports only.
 import errno
@@ -43,7 +43,13 @@ def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
     temporary name beside it, fsynced, renamed over it, the directory fsynced."""
     directory = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:
+        # left by a dead process of the same pid: reused, it would keep its own mode
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, mode)
     try:
         write_all(fd, data)
         os.fsync(fd)
@@ -56,22 +62,28 @@ def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(directory)
 
 
+def not_private(st: os.stat_result) -> str:
+    """Why a file with this status may not hold a secret, in a few words ("" when it may):
+    it must be a regular file owned by root or by us that neither group nor others may use."""
+    if st.st_mode & 0o170000 != 0o100000:  # S_ISREG without importing stat
+        return "not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
+        return f"owned by uid {st.st_uid}, not by {owners}"
+    if st.st_mode & 0o077:
+        return f"mode {st.st_mode & 0o7777:04o} gives group or others access (chmod 600)"
+    return ""
+
+
 def read_private(path: str, limit: int) -> bytes:
     """The content of a file holding a secret (a key, a token store), at most ``limit`` bytes:
-    it must be a regular file owned by root or by us that neither group nor others may use,
-    else ValueError says what is wrong with it in a few words. OSError when unreadable."""
+    ValueError says what ``not_private`` finds wrong with it; OSError when unreadable."""
     # O_NONBLOCK: a FIFO put in the key's place must not hang the caller
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o170000 != 0o100000:  # S_ISREG without importing stat
-            raise ValueError("not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
-            raise ValueError(f"owned by uid {st.st_uid}, not by {owners}")
-        if st.st_mode & 0o077:
-            raise ValueError(f"mode {st.st_mode & 0o7777:04o} gives group or others access "
-                             "(chmod 600)")
+        why = not_private(os.fstat(fd))
+        if why:
+            raise ValueError(why)
         data = b""
         while len(data) <= limit:
             chunk = os.read(fd, limit + 1 - len(data))

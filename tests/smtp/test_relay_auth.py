@@ -233,6 +233,13 @@ def test_command_syntax_errors() -> None:
         secret.password("  ")
 
 
+def test_unsplittable_command_is_not_echoed() -> None:
+    # a password_maps {command} entry is as secret as the map's value: never in a reason
+    with pytest.raises(secret.SecretError) as e:
+        secret.password("sh -c 'echo hunter2")
+    assert "hunter2" not in str(e.value) and "cannot split" in str(e.value)
+
+
 # -- per next hop: smtp_sasl_password_maps ----------------------------------------------------
 
 def test_map_entries_with_a_command_or_a_token_command(send: Run, certs: Certs,

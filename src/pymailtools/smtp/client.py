@@ -492,8 +492,7 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
         raise HopError(f"lost connection with {relay} while receiving the initial server "
                        f"greeting: {e}") from None
     if policy.implicit_tls:
-        _check_fingerprint(smtp, policy, relay)
-        tls = "Verified" if policy.verify or policy.level == "fingerprint" else "Anonymous"
+        tls = _tls_established(smtp, policy, relay)
     await _hello(smtp, relay, t.helo)
     want_tls = policy.level != "none" and not policy.implicit_tls and not plaintext
     if want_tls and smtp.supports_extension("starttls"):
@@ -508,8 +507,7 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
                 e, ssl.SSLCertVerificationError) else "TLS handshake failed"
             raise HopError(f"{what} with {relay}: {getattr(e, 'reason', None) or e}",
                            "4.7.5", tls=True) from None
-        _check_fingerprint(smtp, policy, relay)
-        tls = "Verified" if policy.verify or policy.level == "fingerprint" else "Anonymous"
+        tls = _tls_established(smtp, policy, relay)
         await _hello(smtp, relay, t.helo)
     elif policy.tls_required and not policy.implicit_tls:
         raise HopError(f"TLS is required, but was not offered by host {relay}", "4.7.4")
@@ -526,15 +524,17 @@ async def _setup(smtp: aiosmtplib.SMTP, hop: Hop, policy: Policy, plaintext: boo
     return Session(hop, smtp, policy, tls)
 
 
-def _check_fingerprint(smtp: aiosmtplib.SMTP, policy: Policy, relay: str) -> None:
-    """Level ``fingerprint``: the certificate just received must be a pinned one, before
-    anything else is said (no AUTH, no MAIL FROM to an impostor)."""
+def _tls_established(smtp: aiosmtplib.SMTP, policy: Policy, relay: str) -> str:
+    """How the TLS session just set up is trusted ("Verified" or "Anonymous"). At level
+    ``fingerprint`` the certificate must be a pinned one, checked before anything else is
+    said (no AUTH, no MAIL FROM to an impostor)."""
     if policy.level != "fingerprint":
-        return
+        return "Verified" if policy.verify else "Anonymous"
     transport = smtp.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     policy.check_fingerprint(der, relay)
+    return "Verified"
 
 
 async def _hello(smtp: aiosmtplib.SMTP, relay: str, timeout: float) -> None:

@@ -28,7 +28,7 @@ from pymailtools.errors import (
     MailError,
     UsageError,
 )
-from pymailtools.fileio import fsync_dir, read_private, write_all
+from pymailtools.fileio import read_private, replace_file
 from pymailtools.smtp import secret
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -157,18 +157,9 @@ def load(path: str) -> Account:
 
 def save(path: str, account: Account) -> None:
     """Write the store atomically, mode 0600, in a directory created 0700."""
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, json.dumps(asdict(account), indent=1).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(directory)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        replace_file(path, json.dumps(asdict(account), indent=1).encode() + b"\n")
     except OSError as e:
         raise OAuthError(f"cannot write {e.filename or path}: {e.strerror or e}",
                          EX_CONFIG) from None
@@ -317,20 +308,19 @@ def request_device_code(account: Account) -> DeviceCode:
                       expires, max(interval, 0.0))
 
 
-def poll(account: Account, device: DeviceCode, *, sleep: Any = time.sleep,
-         clock: Any = time.monotonic) -> None:
+def poll(account: Account, device: DeviceCode) -> None:
     """Step two: poll the token endpoint until the user has approved (the tokens go into
     ``account``), honouring interval and slow_down; OAuthError when the user refused
     (77), the code expired (75) or the server failed (69)."""
     interval = device.interval
-    deadline = clock() + device.expires_in
+    deadline = time.monotonic() + device.expires_in
     form = {**_credentials(account), "grant_type": DEVICE_GRANT,
             "device_code": device.device_code}
     while True:
-        if clock() + interval > deadline:
+        if time.monotonic() + interval > deadline:
             raise OAuthError("the device code expired before the sign-in was approved; "
                              "run authorize again", EX_TEMPFAIL)
-        sleep(interval)
+        time.sleep(interval)
         status, data = post(account.token_endpoint, form, account.ca_file)
         if status == 200 and "access_token" in data:
             _take_tokens(account, data, time.time())

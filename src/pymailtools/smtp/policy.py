@@ -11,11 +11,11 @@ import dataclasses
 import hashlib
 import os
 import ssl
-import stat
 from typing import Any, NamedTuple
 
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, HopError
+from pymailtools.fileio import not_private
 from pymailtools.smtp import secret
 
 # Postfix's smtp_tls_security_level words
@@ -150,9 +150,7 @@ class Policy:
             raise ConfigError(
                 f"cannot open smtp_sasl_password_file {path}: {e.strerror}") from None
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or \
-                    st.st_uid not in (0, os.geteuid()):
+            if not_private(os.fstat(f.fileno())):
                 raise ConfigError(
                     f"smtp_sasl_password_file {path} must be a regular file owned by root "
                     "(or the runner's user) with mode 0600 or stricter")
@@ -200,8 +198,7 @@ class Policy:
             st = os.stat(key)
         except OSError as e:
             raise HopError(f"cannot use the client key {key}: {e.strerror}", "4.7.5") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or \
-                st.st_uid not in (0, os.geteuid()):
+        if not_private(st):
             raise HopError(f"the client key {key} must be a regular file owned by root "
                            "(or the runner's user) with mode 0600 or stricter", "4.7.5")
         try:

@@ -52,7 +52,8 @@ def split(command: str, what: str = "command") -> list[str]:
     try:
         argv = shlex.split(command)
     except ValueError as e:
-        raise SecretError(f"{what}: cannot split {command!r}: {e}") from None
+        # not the command's text: a password_maps entry holds it, as secret as a password
+        raise SecretError(f"{what}: cannot split the command: {e}") from None
     if not argv:
         raise SecretError(f"{what} is empty")
     return argv
