@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pymailtools.errors import (
@@ -113,8 +113,8 @@ class Account:
     token_endpoint: str
     scope: str
     refresh_scope: bool
-    refresh_token: str = ""
-    access_token: str = ""
+    refresh_token: str = field(default="", repr=False)  # secrets: never in a printed form
+    access_token: str = field(default="", repr=False)
     expires_at: float = 0.0
     client_secret_command: str = ""
     ca_file: str = ""
