@@ -177,3 +177,11 @@ def test_presets() -> None:
                                "offline_access"]
     assert lib.provider("microsoft").device_endpoint.startswith(
         "https://login.microsoftonline.com/common/")
+
+
+def test_an_accounts_printed_form_shows_no_token() -> None:
+    from pymailtools.smtp import oauth2 as lib
+
+    account = lib.Account("custom", "client", "https://d.test/", "https://t.test/", "scope",
+                          False, refresh_token="RT-never-shown", access_token="AT-never-shown")
+    assert "never-shown" not in repr(account) and "never-shown" not in str(account)
