@@ -54,7 +54,7 @@ def _conn(server: dovecot.Dovecot, port: int, implicit: bool) -> Connection:
     return Connection("127.0.0.1", port, implicit, ctx, timeout=30)
 
 
-def test_imap_session_summaries_bodies_flags_copy_move_append(server: dovecot.Dovecot) -> None:
+def test_imap_session_summaries_bodies_flags_copy_expunge_append(server: dovecot.Dovecot) -> None:
     imap = ImapSession.open(_conn(server, server.imaps, True), _creds(server))
     try:
         sel = imap.select("INBOX")
@@ -71,7 +71,9 @@ def test_imap_session_summaries_bodies_flags_copy_move_append(server: dovecot.Do
         assert "\\Seen" in next(imap.summaries([uids[0]])).flags
         imap.create("Archive")
         imap.copy([uids[0]], "Archive")
-        imap.move([uids[1], uids[2]], "Archive")
+        imap.copy([uids[1], uids[2]], "Archive")
+        imap.store([uids[1], uids[2]], ["\\Deleted"])
+        imap.expunge([uids[1], uids[2]])
         assert imap.noop() == 5
         imap.append("Archive", b"From: a@example.test\nSubject: appended\n\nhi\n", ["\\Seen"])
         assert {"INBOX", "Archive"} <= set(imap.list_folders())

@@ -1,5 +1,5 @@
 """An IMAP4rev1 client session for mail: login, folders, summaries by UID, bodies on demand,
-flags, copy/move, append and expunge, over verified TLS; the server's bytes are held to limits.
+flags, copy, append and expunge, over verified TLS; the server's bytes are held to limits.
 
 Built on the standard library's imaplib (tags, literals, continuation requests, STARTTLS);
 this module adds what imaplib leaves to its callers: parsing FETCH responses, a size limit on
@@ -429,19 +429,6 @@ class ImapSession:
         for start in range(0, len(ordered), BATCH):
             chunk = uid_set(ordered[start:start + BATCH])
             self._call("UID COPY", functools.partial(self.wire.uid, "COPY", chunk, target))
-
-    def move(self, uids: Iterable[int], folder: str) -> None:
-        """MOVE ``uids`` to ``folder`` (COPY, \\Deleted and expunge where MOVE is missing)."""
-        ordered = sorted(set(uids))
-        if "MOVE" not in self.capabilities:
-            self.copy(ordered, folder)
-            self.store(ordered, ["\\Deleted"])
-            self.expunge(ordered)
-            return
-        target = quote_mailbox(folder)
-        for start in range(0, len(ordered), BATCH):
-            chunk = uid_set(ordered[start:start + BATCH])
-            self._call("UID MOVE", functools.partial(self.wire.uid, "MOVE", chunk, target))
 
     def append(self, folder: str, message: bytes, flags: Iterable[str] = ()) -> None:
         """APPEND ``message`` (LF or CRLF line ends) to ``folder``."""
