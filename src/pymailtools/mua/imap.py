@@ -345,15 +345,6 @@ class ImapSession:
 
     # -- messages --------------------------------------------------------------------------
 
-    def uids(self) -> list[tuple[int, int]]:
-        """(UID, RFC822.SIZE) of every message in the selected folder, in folder order."""
-        if not self._need_selected().exists:
-            return []
-        out = []
-        for att in self._fetch("1:*", "(UID RFC822.SIZE)"):
-            out.append((att.uid, att.size))
-        return out
-
     def index(self, after: int = 0) -> list[FetchData]:
         """UID, size and flags of every message in the selected folder (with UIDs above
         ``after``), in folder order."""

@@ -330,8 +330,7 @@ class Pop3Folder(RemoteFolder[Pop3Session]):
         return n
 
     def header_block(self, e: Entry) -> bytes:
-        info = self._call(lambda s: s.summaries([self._number(e.index)], {}, {})[0])
-        return _header_block(info.header)
+        return _header_block(self._call(lambda s: s.header(self._number(e.index))))
 
     def message_bytes(self, e: Entry) -> bytes:
         cached = self._cached(e)
