@@ -592,6 +592,6 @@ def _mapped(host: str, e: BaseException) -> RemoteError:
         return RemoteLost(f"{host}: server closed the session: {_tail(text)}")
     if isinstance(e, ValueError):
         return RemoteProtocolError(f"{host}: malformed response: {text[:200]}")
-    if isinstance(e, imaplib.IMAP4.error) and ("more than" in text or "not IMAP4" in text):
+    if "more than" in text or "not IMAP4" in text:  # an imaplib.IMAP4.error by now
         return RemoteProtocolError(f"{host}: not IMAP: {_tail(text)}")
     return RemoteError(f"{host}: {_tail(text)}")
