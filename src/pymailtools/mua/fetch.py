@@ -228,18 +228,18 @@ class Fetcher:
                 state.uidvalidity = selected.uidvalidity
                 state.uids = set()
                 state.save()
-            listing = session.uids()
-            state.keep_only({str(u) for u, _ in listing})
+            listing = session.index()
+            state.keep_only({str(a.uid) for a in listing})
             stored: list[int] = []
             try:
-                for uid, size in listing:
-                    key = str(uid)
+                for a in listing:
+                    key = str(a.uid)
                     if key not in state.uids:
-                        if self._too_big(key, size):
+                        if self._too_big(key, a.size):
                             continue
-                        data = session.body(uid, self.limit)
+                        data = session.body(a.uid, self.limit)
                         self._store(io.BytesIO(crlf_to_lf(data)), state, key)
-                    stored.append(uid)
+                    stored.append(a.uid)
             finally:
                 # Whatever happened, what is recorded may go (it is stored here).
                 if not self.keep and stored and not session.dead:

@@ -559,7 +559,7 @@ class MboxFolder(Folder):
 
         if raw.startswith(b"From "):
             return mbox.end_entry(raw)
-        return _frame(Headers(self.header_block(e)), raw)
+        return frame_message(Headers(self.header_block(e)), raw)
 
     def changed(self) -> bool:
         return any(f & (DELETED | TO_MBOX) or _needs_status(f) for f in self.flags)
@@ -870,7 +870,7 @@ class MaildirFolder(Folder):
             raise FolderError(f"{self._file(e)}: {err.strerror}") from None
 
     def mbox_bytes(self, e: Entry) -> bytes:
-        return _frame(e.headers, self.message_bytes(e))
+        return frame_message(e.headers, self.message_bytes(e))
 
     def changed(self) -> bool:
         return any(f & (DELETED | TO_MBOX) or (f & READ and not f & SEEN) for f in self.flags) \
@@ -903,7 +903,7 @@ class MaildirFolder(Folder):
         return 0
 
 
-def _frame(h: Headers, message: bytes) -> bytes:
+def frame_message(h: Headers, message: bytes) -> bytes:
     """A message without a From_ line, framed as our deliverer frames it (sender from its
     Return-Path)."""
     from pymailtools.local import mbox

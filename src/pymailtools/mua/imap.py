@@ -1,5 +1,5 @@
 """An IMAP4rev1 client session for mail: login, folders, summaries by UID, bodies on demand,
-flags, copy/move, append and expunge, over verified TLS; the server's bytes are held to limits.
+flags, copy, append and expunge, over verified TLS; the server's bytes are held to limits.
 
 Built on the standard library's imaplib (tags, literals, continuation requests, STARTTLS);
 this module adds what imaplib leaves to its callers: parsing FETCH responses, a size limit on
@@ -345,15 +345,6 @@ class ImapSession:
 
     # -- messages --------------------------------------------------------------------------
 
-    def uids(self) -> list[tuple[int, int]]:
-        """(UID, RFC822.SIZE) of every message in the selected folder, in folder order."""
-        if not self._need_selected().exists:
-            return []
-        out = []
-        for att in self._fetch("1:*", "(UID RFC822.SIZE)"):
-            out.append((att.uid, att.size))
-        return out
-
     def index(self, after: int = 0) -> list[FetchData]:
         """UID, size and flags of every message in the selected folder (with UIDs above
         ``after``), in folder order."""
@@ -429,19 +420,6 @@ class ImapSession:
         for start in range(0, len(ordered), BATCH):
             chunk = uid_set(ordered[start:start + BATCH])
             self._call("UID COPY", functools.partial(self.wire.uid, "COPY", chunk, target))
-
-    def move(self, uids: Iterable[int], folder: str) -> None:
-        """MOVE ``uids`` to ``folder`` (COPY, \\Deleted and expunge where MOVE is missing)."""
-        ordered = sorted(set(uids))
-        if "MOVE" not in self.capabilities:
-            self.copy(ordered, folder)
-            self.store(ordered, ["\\Deleted"])
-            self.expunge(ordered)
-            return
-        target = quote_mailbox(folder)
-        for start in range(0, len(ordered), BATCH):
-            chunk = uid_set(ordered[start:start + BATCH])
-            self._call("UID MOVE", functools.partial(self.wire.uid, "MOVE", chunk, target))
 
     def append(self, folder: str, message: bytes, flags: Iterable[str] = ()) -> None:
         """APPEND ``message`` (LF or CRLF line ends) to ``folder``."""
@@ -614,6 +592,6 @@ def _mapped(host: str, e: BaseException) -> RemoteError:
         return RemoteLost(f"{host}: server closed the session: {_tail(text)}")
     if isinstance(e, ValueError):
         return RemoteProtocolError(f"{host}: malformed response: {text[:200]}")
-    if isinstance(e, imaplib.IMAP4.error) and ("more than" in text or "not IMAP4" in text):
+    if "more than" in text or "not IMAP4" in text:  # an imaplib.IMAP4.error by now
         return RemoteProtocolError(f"{host}: not IMAP: {_tail(text)}")
     return RemoteError(f"{host}: {_tail(text)}")

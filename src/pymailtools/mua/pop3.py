@@ -1,4 +1,4 @@
-"""A POP3 client session for mail: STLS or TLS, USER/PASS or AUTH PLAIN/XOAUTH2, STAT, UIDL,
+"""A POP3 client session for mail: STLS or TLS, USER/PASS or AUTH PLAIN/XOAUTH2, LIST, UIDL,
 TOP for summaries, RETR streamed to a file under a size limit, DELE committed only by QUIT.
 
 Written on a socket rather than poplib: poplib refuses lines over 2048 bytes (real mail has
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import base64
 import socket
-import ssl
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 from pymailtools.mua import remote
 from pymailtools.smtp import sasl
@@ -19,13 +18,6 @@ from pymailtools.smtp import sasl
 # The longest line we accept from the server (RFC 1939 allows 512 for responses; message
 # lines may run to RFC 5322's 998 and beyond in real mail).
 LINE_LIMIT = 1 << 16
-
-
-class Stat(NamedTuple):
-    """STAT: how many messages, and their total size."""
-
-    messages: int
-    size: int
 
 
 class Pop3Session:
@@ -154,10 +146,7 @@ class Pop3Session:
     def _line(self, limit: int = LINE_LIMIT) -> bytes:
         try:
             line = self.file.readline(limit + 1)
-        except TimeoutError:
-            self.dead = True
-            raise remote.RemoteLost(f"{self.host}: timed out waiting for the server") from None
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:  # a timeout and ssl.SSLError among them
             self.dead = True
             raise remote.connection_error(self.host, e) from None
         if not line:
@@ -216,14 +205,6 @@ class Pop3Session:
 
     # -- messages --------------------------------------------------------------------------
 
-    def stat(self) -> Stat:
-        text = self.command("STAT").split()
-        try:
-            return Stat(int(text[0]), int(text[1]))
-        except (IndexError, ValueError):
-            self.dead = True
-            raise remote.RemoteProtocolError(f"{self.host}: malformed STAT reply") from None
-
     def sizes(self) -> dict[int, int]:
         """LIST: message number -> size in octets, as the server claims it."""
         self.command("LIST")
@@ -257,15 +238,10 @@ class Pop3Session:
                                           f"{_text(line)}") from None
         return out
 
-    def summaries(self, numbers: list[int], uids: dict[int, str],
-                  sizes: dict[int, int]) -> list[remote.MessageInfo]:
-        """TOP n 0 of each of ``numbers``: the header as a summary (POP3 keeps no flags)."""
-        out = []
-        for n in numbers:
-            self.command(f"TOP {n} 0")
-            head = b"\r\n".join(self._lines(remote.HEADER_LIMIT, f"TOP {n}")) + b"\r\n"
-            out.append(remote.MessageInfo(uids.get(n, ""), n, sizes.get(n, 0), frozenset(), head))
-        return out
+    def header(self, number: int) -> bytes:
+        """TOP ``number`` 0: the message's header (CRLF line ends)."""
+        self.command(f"TOP {number} 0")
+        return b"\r\n".join(self._lines(remote.HEADER_LIMIT, f"TOP {number}")) + b"\r\n"
 
     def retr(self, number: int, out: BinaryIO, limit: int) -> int:
         """RETR message ``number`` into ``out`` (LF line ends); its size. remote.RemoteProtocolError

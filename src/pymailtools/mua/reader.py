@@ -777,7 +777,7 @@ class Session:
         (marked saved with ``mark``); the indices of the messages."""
         picked, path = self._list_and_file(args)
         if "://" in path:
-            self._append_remote(shlex.split(args)[-1], picked)
+            self._append_remote(path, picked)
         else:
             data = [self.box.mbox_bytes(self.box.entries[i]) for i in picked]
             self._append(path, data, sum(d.count(b"\n") for d in data), sum(map(len, data)))

@@ -19,8 +19,11 @@ from pymailtools.errors import (
     MailError,
     UsageError,
 )
+from pymailtools.mua import account
+from pymailtools.mua.account import SCHEMES
 
-DEFAULT_PORTS = {"imap": 143, "imaps": 993, "pop3": 110, "pop3s": 995}
+# The remote-folder schemes among mua.account's SCHEMES (which give port, protocol, TLS).
+FOLDER_SCHEMES = ("imap", "imaps", "pop3", "pop3s")
 # Seconds to wait for any single read or write before calling the connection lost.
 DEFAULT_TIMEOUT = 60.0
 # The header fields a one-line summary (``h``, ``-H``) shows or sorts by.
@@ -63,11 +66,11 @@ class RemoteURL(NamedTuple):
 
     @property
     def implicit_tls(self) -> bool:
-        return self.scheme.endswith("s")
+        return SCHEMES[self.scheme].implicit_tls
 
     @property
     def protocol(self) -> str:
-        return self.scheme.rstrip("s") if self.scheme != "imaps" else "imap"
+        return SCHEMES[self.scheme].protocol
 
     def account(self) -> str:
         """``user@host:port``: how s-nail names the account (password-USER@HOST:PORT)."""
@@ -75,7 +78,7 @@ class RemoteURL(NamedTuple):
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        port = "" if DEFAULT_PORTS[self.scheme] == self.port else f":{self.port}"
+        port = "" if SCHEMES[self.scheme].port == self.port else f":{self.port}"
         user = urllib.parse.quote(self.user, safe="") + "@" if self.user else ""
         folder = "/" + urllib.parse.quote(self.folder, safe="/") if self.folder else ""
         return f"{self.scheme}://{user}{host}{port}{folder}"
@@ -83,7 +86,7 @@ class RemoteURL(NamedTuple):
 
 def is_remote(name: str) -> bool:
     """Whether a folder name is one of our remote URLs."""
-    return name.split("://", 1)[0].lower() in DEFAULT_PORTS and "://" in name
+    return name.split("://", 1)[0].lower() in FOLDER_SCHEMES and "://" in name
 
 
 def parse_url(text: str) -> RemoteURL:
@@ -92,9 +95,7 @@ def parse_url(text: str) -> RemoteURL:
 
     Raises UsageError for anything else (unknown scheme, no host, a bad port, a folder in a
     POP3 URL), never quoting a password."""
-    from pymailtools.mua import account
-
-    url = account.parse_url(text, schemes=tuple(DEFAULT_PORTS))
+    url = account.parse_url(text, schemes=FOLDER_SCHEMES)
     folder = urllib.parse.unquote(url.path)
     if url.scheme.startswith("pop3") and folder:
         raise UsageError(f"bad mailbox URL {url.shown}/...: a POP3 server has one mailbox, "
@@ -114,8 +115,6 @@ def account_settings(config: Config, url_text: str, variables: Mapping[str, str]
     TLS context of a Policy). ``login`` is the user when neither the URL nor the variables
     name one. A password in the URL and unchecked certificates are reported through
     ``warn``."""
-    from pymailtools.mua import account
-
     url = parse_url(url_text)
     if url.password:
         warn(f"the password in {url} is visible to every user in ps(1); "

@@ -13,7 +13,6 @@ from typing import Any, Generic, TypeVar
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_TEMPFAIL, UsageError
-from pymailtools.local import mbox
 from pymailtools.mua import reader, remote
 from pymailtools.mua.folder import (
     DELETED,
@@ -28,6 +27,7 @@ from pymailtools.mua.folder import (
     Folder,
     FolderError,
     Headers,
+    frame_message,
 )
 from pymailtools.mua.imap import BATCH, FetchData, ImapSession
 from pymailtools.mua.pop3 import Pop3Session
@@ -96,7 +96,8 @@ class RemoteFolder(Folder, Generic[S]):
         return raw if index == e.index else None
 
     def mbox_bytes(self, e: Entry) -> bytes:
-        return _frame(self.message_bytes(e))
+        message = self.message_bytes(e)
+        return frame_message(Headers(message.partition(b"\n\n")[0]), message)
 
     def _live(self) -> S:
         """The session, made again when it was lost."""
@@ -134,14 +135,6 @@ def _header_block(raw: bytes) -> bytes:
     while block.endswith(b"\n"):
         block = block[:-1]
     return block
-
-
-def _frame(message: bytes) -> bytes:
-    sender = "MAILER-DAEMON"
-    rp = Headers(message.partition(b"\n\n")[0]).get("Return-Path")
-    if rp:
-        sender = " ".join(rp.split()).strip().strip("<>") or sender
-    return mbox.frame(message, sender)
 
 
 def _from_line(arrived: str) -> bytes:
@@ -337,8 +330,7 @@ class Pop3Folder(RemoteFolder[Pop3Session]):
         return n
 
     def header_block(self, e: Entry) -> bytes:
-        info = self._call(lambda s: s.summaries([self._number(e.index)], {}, {})[0])
-        return _header_block(info.header)
+        return _header_block(self._call(lambda s: s.header(self._number(e.index))))
 
     def message_bytes(self, e: Entry) -> bytes:
         cached = self._cached(e)
