@@ -497,11 +497,12 @@ def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
         initial = b64(sasl.plain(user, password))
         reply = cmd(f"AUTH PLAIN {initial}", f"AUTH PLAIN {MASK}")
     elif mech == "LOGIN":
+        answers = sasl.login(user, password)
         reply = cmd("AUTH LOGIN", None)
         if reply.code == 334:
-            reply = cmd(b64(u), None)
+            reply = cmd(b64(answers[0]), None)
         if reply.code == 334:
-            reply = cmd(b64(p), MASK)
+            reply = cmd(b64(answers[1]), MASK)
     elif mech == "CRAM-MD5":
         reply = cmd("AUTH CRAM-MD5", None)
         if reply.code == 334:
