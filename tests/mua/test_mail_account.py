@@ -13,7 +13,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
-from tests.conftest import need_tool
+from tests.conftest import need_tool, write_toml
 from tests.support.mail import mail_env, mbox_messages, run_mail
 from tests.support.net import TIMEOUT, free_port
 from tests.support.smtp import Authenticator, Certs, Handler, Server
@@ -453,3 +453,29 @@ def test_xoauth2_with_a_token_command(env: dict[str, str], home: Path, certs: Ce
     assert r.returncode == 0, r.stderr
     assert handler.tokens == [True] and len(handler.messages) == 1
     assert token.encode() not in r.stdout + r.stderr
+
+
+@needs_secret_commands
+def test_the_site_token_command_is_never_offered_to_a_server_the_user_names(
+        env: dict[str, str], home: Path, certs: Certs, config_values: dict[str, object],
+        tmp_path: Path) -> None:
+    """smtp_sasl_oauth2_token_command is the relayhost's account, like smtp_sasl_username:
+    mail -S mta= to another server runs no token command and sends no AUTH."""
+    token = "ya29.a0-site-token"
+    handler = TokenHandler(token)
+    port = free_port()
+    server = Server("127.0.0.1", port, handler, ssl_context=certs.server_context(),
+                    auth_require_tls=False, authenticator=Authenticator(USER, PASSWORD))
+    script = home / "token.sh"
+    script.write_text(f"#!/bin/sh\necho {token}\n")
+    script.chmod(0o700)
+    conf = write_toml(tmp_path / "site.toml", {
+        **config_values, "smtp_sasl_oauth2_token_command": str(script)})
+    try:
+        r = ours(dict(env, PYMAILTOOLS_CONFIG=str(conf)), "-S",
+                 f"mta=smtps://localhost:{port}", "-S", f"tls-ca-file={certs.ca_file}")
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stderr
+    assert handler.tokens == [] and len(handler.messages) == 1
+    assert not any(c.upper().startswith("AUTH") for c in handler.commands)

@@ -311,7 +311,7 @@ def server_policy(cfg: Config, variables: Mapping[str, str], *, scheme: str, use
     if not site_credentials:
         # The site's relay credentials are for the relayhost only: never offered to a server
         # the user names (as Postfix keys them by next hop).
-        changes.update(username="", password="", password_file="")
+        policy = policy.without_credentials()
     if info.implicit_tls or (proto == "smtp" and port == 465):
         changes["implicit_tls"] = True
     mechanisms = _mechanisms(chain(variables, f"{proto}-auth", user, host, port) or "")
