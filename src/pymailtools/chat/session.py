@@ -11,7 +11,13 @@ from typing import Any
 
 from pymailtools.chat import status, target
 from pymailtools.chat.compose import lines_of
-from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
+from pymailtools.chat.errors import (
+    ChatError,
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolError,
+    ReplyTimeout,
+)
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
 from pymailtools.smtp import sasl
@@ -515,6 +521,8 @@ def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
     else:
         return False
     if reply.code == 334:  # the server wants more than we have: cancel the exchange
-        reply = cmd("*", None)
+        if cmd("*", None).code == 334:
+            # not cancelled: whatever we sent next (another AUTH, QUIT) would be an answer
+            raise ProtocolError(f"The server went on with AUTH {mech} after it was cancelled")
         return False
     return reply.positive
