@@ -445,6 +445,9 @@ def test_save_to_an_imap_folder_by_append(config_file: Path, tmp_path: Path,
     assert r.returncode == 0, r.stderr
     (line,) = r.stderr.decode().splitlines()
     assert line.startswith("mail: warning: the password in imaps://") and PASSWORD not in line
+    # the confirmation names the folder without the password the URL carried
+    assert f'"{target}" [Appended] 1 message' in r.stdout.decode()
+    assert PASSWORD not in r.stdout.decode()
     assert _subjects(env, server, target) == ["number 2", "local one"]
 
 

@@ -791,14 +791,15 @@ class Session:
 
     def _append_remote(self, url: str, picked: list[int]) -> None:
         """APPEND messages to an IMAP folder (another account's, or from a local folder)."""
-        from pymailtools.mua import remotefolder  # the IMAP client only when asked for
+        from pymailtools.mua import remote, remotefolder  # the IMAP client only when asked for
 
         entries = self.box.entries
         remotefolder.append_messages(self.cfg, url, self.vars, [
             (entries[i].message_bytes, ["\\Seen"] if entries[i].seen or entries[i].read else [])
             for i in picked], warn=self.warn)
         n = len(picked)
-        self.say(f'"{clean(url)}" [Appended] {n} message{"" if n == 1 else "s"}')
+        shown = str(remote.parse_url(url))  # without a password the URL may carry
+        self.say(f'"{clean(shown)}" [Appended] {n} message{"" if n == 1 else "s"}')
 
     def c_copy(self, args: str) -> None:
         self.save_to(args, mark=False)
