@@ -7,8 +7,10 @@ import json
 import re
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import MISSING, AuthResult
 
 from pymailtools.chat import certinfo, compose, status
 from pymailtools.chat.transcript import Transcript, escape
@@ -229,6 +231,49 @@ def test_auth_login_and_failed_auth(certs: Certs) -> None:
     assert doc["tls"]["version"].startswith("TLSv1.") and doc["tls"]["verified"] is False
     assert doc["tls"]["certificate"]["subject"].endswith("/CN=mx.example.test")
     _assert_no_secret(bad.stdout + bad.stderr)
+
+
+class OneMoreStep(Sink):
+    """AUTH LOGIN that asks for a third thing after the password (aiosmtpd answers the
+    client's "*" to it with 501)."""
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        for prompt in ("Username:", "Password:", "And one more thing:"):
+            if await server.challenge_auth(prompt) is MISSING:
+                break
+        return AuthResult(success=False, handled=True)
+
+
+def test_a_cancelled_auth_exchange_has_its_reply_read(certs: Certs) -> None:
+    """A 334 smtpchat has no answer for is cancelled with "*"; the 501 that answers the cancel
+    is read, so the next mechanism's AUTH gets its own reply (and the mail goes)."""
+    with aiosmtpd_server(OneMoreStep(), certs=certs, auth=True) as (port, sink):
+        r = smtpchat("-s", f"127.0.0.1:{port}", "-t", "bob@example.test", "--tls",
+                     "-a", "LOGIN,PLAIN", "-au", "alice", "-ap", PASSWORD)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    i = lines.index(" ~> *")
+    assert lines[i + 1] == "<~* 501 5.7.0 Auth aborted"
+    assert lines[i + 2] == " ~> AUTH PLAIN ********"
+    assert lines[i + 3] == "<~  235 2.7.0 Authentication successful"
+    assert len(sink.messages) == 1
+
+
+def test_a_server_that_goes_on_after_the_cancel_gets_nothing_more() -> None:
+    """A server that answers "*" with another 334 is out of step: anything sent next (another
+    AUTH, QUIT) would be taken as an answer, so smtpchat says so and hangs up."""
+    steps = [("send", b"220 fault.test ESMTP\r\n"), ("expect", b"EHLO"),
+             ("send", b"250-fault.test\r\n250 AUTH LOGIN PLAIN\r\n"),
+             ("expect", b"AUTH LOGIN"), ("send", b"334 VXNlcm5hbWU6\r\n"),
+             ("expect", b"YWxpY2U="), ("send", b"334 UGFzc3dvcmQ6\r\n"),
+             ("expect", b""), ("send", b"334 bW9yZQ==\r\n"),
+             ("expect", b"*"), ("send", b"334 bW9yZQ==\r\n"), ("sleep", 5)]
+    with FaultServer(steps) as srv:
+        r = smtpchat("-s", f"127.0.0.1:{srv.port}", "-t", "bob@example.test",
+                     "--auth-plaintext", "-a", "LOGIN,PLAIN", "-au", "alice", "-ap", PASSWORD)
+        assert r.returncode == status.CONNECTION_LOST, r.stdout + r.stderr
+        assert "The server went on with AUTH LOGIN after it was cancelled" in r.stderr
+        assert srv.errors == [] and srv.received[0].endswith(b"*\r\n"), srv.received
 
 
 def test_auth_refused_without_tls() -> None:

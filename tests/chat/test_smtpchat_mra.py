@@ -203,6 +203,27 @@ def test_refusals_give_the_step_exit_codes(served: Served) -> None:
     assert [ln for ln in out.splitlines() if "->" in ln] == [" -> a001 LOGOUT"]
 
 
+@pytest.mark.parametrize("proto", ["imap", "pop3"])
+def test_a_scripted_command_the_server_continues_is_cancelled_and_its_answer_read(
+        served: Served, proto: str) -> None:
+    """--command "AUTHENTICATE LOGIN" (AUTH LOGIN): the server's continuation is cancelled with
+    "*", which both protocols define, and the refusal that answers it is read as that
+    command's; LOGOUT (QUIT) then gets its own response, not a stale one."""
+    s = served
+    verb, logout = ("AUTHENTICATE", "LOGOUT") if proto == "imap" else ("AUTH", "QUIT")
+    port = s.server.imaps if proto == "imap" else s.server.pop3s
+    code, out, err = chat(*s.base(proto, port, "--tls-on-connect", "--tls-verify",
+                                  "--tls-ca-path", s.ca, "--command", f"{verb} LOGIN"))
+    lines = out.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.endswith(f" {verb} LOGIN"))
+    assert lines[i + 1].startswith("<~  +") and lines[i + 2] == " ~> *", out
+    assert lines[i + 3].startswith("<~* " + ("a002 BAD" if proto == "imap" else "-ERR")), out
+    assert lines[i + 4].endswith(f" {logout}")
+    bye = "<~  * BYE Logging out" if proto == "imap" else "<~  +OK Logging out"
+    assert any(ln.startswith(bye) for ln in lines[i + 5:]), out
+    assert code == status.COMMAND and f"*** The server refused {verb}" in err, out + err
+
+
 def test_wrong_certificate_is_one_clear_line(served: Served) -> None:
     s = served
     for proto, port, extra in (("pop3", s.server.pop3s, ["--tls-on-connect"]),
@@ -306,6 +327,14 @@ def test_hostile_pop3_list_without_its_end() -> None:
         r = smtpchat("--pop3", "127.0.0.1", str(srv.port), "--command", "STAT")
     assert r.returncode == status.COMMAND, r.stdout + r.stderr
     assert srv.errors == [] and srv.received[0].endswith(b"QUIT\r\n")
+    # a server that goes on after "*": QUIT now would be taken as an answer, so none is sent
+    steps = POP3_START + [("expect", b"AUTH LOGIN"), ("send", b"+ VXNlcm5hbWU6\r\n"),
+                          ("expect", b"*"), ("send", b"+ VXNlcm5hbWU6\r\n"), ("sleep", 5)]
+    with FaultServer(steps) as srv:
+        r = smtpchat("--pop3", "127.0.0.1", str(srv.port), "--command", "AUTH LOGIN")
+        assert r.returncode == status.CONNECTION_LOST, r.stdout + r.stderr
+        assert "went on with AUTH after it was cancelled" in one_line_error(r.stderr)
+        assert srv.errors == [] and srv.received[0].endswith(b"*\r\n")
 
 
 def test_xoauth2_sends_the_token_once_and_reads_the_refusal() -> None:

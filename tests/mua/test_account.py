@@ -1,6 +1,7 @@
 """mua.account: s-nail's URL, variable chains, .netrc and the Policy they make (no network)."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from pymailtools import config as configmod
 from pymailtools.errors import ConfigError, UsageError
 from pymailtools.mua import account
+from tests.conftest import need_root
 
 HOST, PORT = "smtp.provider.test", 587
 
@@ -84,6 +86,33 @@ def test_a_netrc_others_may_read_is_refused(netrc: Path, mode: int) -> None:
         account.password({"netrc-lookup": ""}, "me", HOST, PORT)
     assert "chmod 600" in str(e.value) and "secret-pw" not in str(e.value)
     assert e.value.exit_code == 78
+
+
+def test_a_netrc_someone_else_owns_is_refused(netrc: Path) -> None:
+    need_root()  # only root can give a file away, and only root could read it at mode 0600
+    netrc.write_text(f"machine {HOST} login me password secret-pw\n")
+    netrc.chmod(0o600)
+    os.chown(netrc, 65534, 65534)
+    with pytest.raises(ConfigError) as e:
+        account.password({"netrc-lookup": ""}, "me", HOST, PORT)
+    assert "owned by uid 65534" in str(e.value) and "secret-pw" not in str(e.value)
+    assert e.value.exit_code == 78
+
+
+def test_a_fifo_in_place_of_the_netrc_is_refused_without_waiting(netrc: Path) -> None:
+    os.mkfifo(netrc, 0o600)
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("still waiting to open the FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(ConfigError, match="not a regular file"):
+            account.password({"netrc-lookup": ""}, "me", HOST, PORT)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_no_netrc_is_no_password(netrc: Path) -> None:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
-from tests.conftest import need_tool
+from tests.conftest import need_tool, write_toml
 from tests.support.mail import mail_env, mbox_messages, run_mail
 from tests.support.net import TIMEOUT, free_port
 from tests.support.smtp import Authenticator, Certs, Handler, Server
@@ -434,9 +435,10 @@ class TokenHandler(Handler):
         return AuthResult(success=ok, handled=False)
 
 
-@needs_secret_commands
-def test_xoauth2_with_a_token_command(env: dict[str, str], home: Path, certs: Certs) -> None:
-    token = "ya29.a0-test-token"  # long tokens are the client's business (tests/smtp)
+@contextmanager
+def token_peer(home: Path, certs: Certs, token: str) -> Iterator[tuple[TokenHandler, int, Path]]:
+    """aiosmtpd over implicit TLS taking XOAUTH2 with ``token``, its port, and a command that
+    prints the token."""
     handler = TokenHandler(token)
     port = free_port()
     server = Server("127.0.0.1", port, handler, ssl_context=certs.server_context(),
@@ -445,11 +447,34 @@ def test_xoauth2_with_a_token_command(env: dict[str, str], home: Path, certs: Ce
     script.write_text(f"#!/bin/sh\necho {token}\n")
     script.chmod(0o700)
     try:
+        yield handler, port, script
+    finally:
+        server.stop()
+
+
+@needs_secret_commands
+def test_xoauth2_with_a_token_command(env: dict[str, str], home: Path, certs: Certs) -> None:
+    token = "ya29.a0-test-token"  # long tokens are the client's business (tests/smtp)
+    with token_peer(home, certs, token) as (handler, port, script):
         r = ours(env, "-S", f"mta=smtps://{URL_USER}@localhost:{port}",
                  "-S", f"tls-ca-file={certs.ca_file}", "-S", "smtp-auth=xoauth2",
                  "-S", f"smtp-auth-oauth2-token-command={script}")
-    finally:
-        server.stop()
     assert r.returncode == 0, r.stderr
     assert handler.tokens == [True] and len(handler.messages) == 1
     assert token.encode() not in r.stdout + r.stderr
+
+
+@needs_secret_commands
+def test_the_site_token_command_is_never_offered_to_a_server_the_user_names(
+        env: dict[str, str], home: Path, certs: Certs, config_values: dict[str, object],
+        tmp_path: Path) -> None:
+    """smtp_sasl_oauth2_token_command is the relayhost's account, like smtp_sasl_username:
+    mail -S mta= to another server runs no token command and sends no AUTH."""
+    with token_peer(home, certs, "ya29.a0-site-token") as (handler, port, script):
+        conf = write_toml(tmp_path / "site.toml", {
+            **config_values, "smtp_sasl_oauth2_token_command": str(script)})
+        r = ours(dict(env, PYMAILTOOLS_CONFIG=str(conf)), "-S",
+                 f"mta=smtps://localhost:{port}", "-S", f"tls-ca-file={certs.ca_file}")
+    assert r.returncode == 0, r.stderr
+    assert handler.tokens == [] and len(handler.messages) == 1
+    assert not any(c.upper().startswith("AUTH") for c in handler.commands)

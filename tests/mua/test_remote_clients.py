@@ -293,6 +293,13 @@ def test_record_to_an_imap_folder(config_file: Path, tmp_path: Path,
     assert r.returncode == 0, r.stderr
     lines = _read(env, server, sent, "-H").stdout.decode().splitlines()
     assert len(lines) == 1 and lines[0].endswith("kept a copy") and lines[0][1] == "O"
+    # the account's warnings reach the user as mail's own, the password never shown
+    in_url = sent.replace(f"{user}@", f"{user}:{PASSWORD}@")
+    r = run_mail(env, "-s", "again", "-S", f"tls-ca-file={server.certs.ca_file}", "-S",
+                 f"record={in_url}", "root", input=b"hello\n")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stderr.decode().splitlines()
+    assert line.startswith("mail: warning: the password in imaps://") and PASSWORD not in line
     bad = run_mail(env, "-s", "x", "-S", "record=pop3s://me@127.0.0.1", "root", input=b"x\n")
     assert bad.returncode == 64 and b"IMAP folder" in bad.stderr
 
@@ -433,8 +440,14 @@ def test_save_to_an_imap_folder_by_append(config_file: Path, tmp_path: Path,
     local = tmp_path / "local.mbox"
     local.write_bytes(b"From a@example.test Mon Nov 16 10:00:00 2026\nFrom: a@example.test\n"
                       b"Subject: local one\n\nhi\n")
-    r = _read(env, server, str(local), input=f"s 1 {target}\nx\n".encode())
+    in_url = target.replace(f"{user}@", f"{user}:{PASSWORD}@")
+    r = _read(env, server, str(local), input=f"s 1 {in_url}\nx\n".encode())
     assert r.returncode == 0, r.stderr
+    (line,) = r.stderr.decode().splitlines()
+    assert line.startswith("mail: warning: the password in imaps://") and PASSWORD not in line
+    # the confirmation names the folder without the password the URL carried
+    assert f'"{target}" [Appended] 1 message' in r.stdout.decode()
+    assert PASSWORD not in r.stdout.decode()
     assert _subjects(env, server, target) == ["number 2", "local one"]
 
 

@@ -224,18 +224,22 @@ def test_missing_password_table_defers_naming_it(tmp_path: Path, config_values: 
 
 
 def test_the_site_account_is_offered_to_the_relayhost_only(config_values: dict) -> None:
-    """smtp_sasl_username/password belong to the relayhost: a transport_maps or
-    sender-dependent next hop, or an MX host, never gets them (only a map entry for it)."""
+    """smtp_sasl_username/password/password_command/oauth2_token_command belong to the
+    relayhost: a transport_maps or sender-dependent next hop, or an MX host, never gets them
+    (only a map entry for it)."""
     from pymailtools.config import Config
     from pymailtools.log import Logger
     from pymailtools.qmgr.dispatch import Dispatcher
     from pymailtools.smtp.nexthop import parse
 
     cfg = Config({**config_values, "relayhost": "[127.0.0.1]:2525",
-                  "smtp_sasl_username": "site", "smtp_sasl_password": "site-secret"})
+                  "smtp_sasl_username": "site", "smtp_sasl_password": "site-secret",
+                  "smtp_sasl_password_command": "pass show site",
+                  "smtp_sasl_oauth2_token_command": "site-token"})
     d = Dispatcher(cfg, Logger("sendmail", to_syslog=False, verbose=False))
     assert d.destination(parse("[127.0.0.1]:2525"), "a@b.test", "s@x.test").policy.username \
         == "site"
     for hop in (parse("[127.0.0.2]:2525"), parse("partner.example"), None):
         policy = d.destination(hop, "a@b.test", "s@x.test").policy
-        assert (policy.username, policy.password, policy.password_file) == ("", "", "")
+        assert (policy.username, policy.password, policy.password_file,
+                policy.password_command, policy.token_command) == ("", "", "", "", "")

@@ -321,7 +321,13 @@ class MraSession(Session):
             self.stage = "command"
             reply = self.command(line, mask(line.encode("utf-8")))
             if reply.code == CONTINUE:
-                self.answer("*" if self.protocol == POP3 else "", None)
+                # a script has nothing to answer with: "*" cancels in both protocols (an
+                # empty line would be an answer), and what the server says to it ends the
+                # command
+                reply = self.answer("*", None)
+                if reply.code == CONTINUE:  # not cancelled: a LOGOUT now would be an answer
+                    raise ProtocolError(f"The server went on with {line.split(' ', 1)[0]} "
+                                        "after it was cancelled")
             if not reply.positive:
                 raise self._fail(status.COMMAND, f"The server refused {line.split(' ', 1)[0]}")
         self.stage = "quit"

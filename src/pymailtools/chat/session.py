@@ -11,7 +11,13 @@ from typing import Any
 
 from pymailtools.chat import status, target
 from pymailtools.chat.compose import lines_of
-from pymailtools.chat.errors import ChatError, ConnectFailed, ConnectionLost, ReplyTimeout
+from pymailtools.chat.errors import (
+    ChatError,
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolError,
+    ReplyTimeout,
+)
 from pymailtools.chat.transcript import MASK, Transcript
 from pymailtools.chat.wire import Wire, tls_context
 from pymailtools.smtp import sasl
@@ -497,11 +503,12 @@ def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
         initial = b64(sasl.plain(user, password))
         reply = cmd(f"AUTH PLAIN {initial}", f"AUTH PLAIN {MASK}")
     elif mech == "LOGIN":
+        answers = sasl.login(user, password)
         reply = cmd("AUTH LOGIN", None)
         if reply.code == 334:
-            reply = cmd(b64(u), None)
+            reply = cmd(b64(answers[0]), None)
         if reply.code == 334:
-            reply = cmd(b64(p), MASK)
+            reply = cmd(b64(answers[1]), MASK)
     elif mech == "CRAM-MD5":
         reply = cmd("AUTH CRAM-MD5", None)
         if reply.code == 334:
@@ -514,6 +521,8 @@ def authenticate(cmd: Callable[[str, str | None], Reply], mech: str, user: str,
     else:
         return False
     if reply.code == 334:  # the server wants more than we have: cancel the exchange
-        reply = cmd("*", None)
+        if cmd("*", None).code == 334:
+            # not cancelled: whatever we sent next (another AUTH, QUIT) would be an answer
+            raise ProtocolError(f"The server went on with AUTH {mech} after it was cancelled")
         return False
     return reply.positive

@@ -288,7 +288,7 @@ def run(req: Request) -> int:
                                   warn=warn)
     return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
                           check_only=req.check_only, show_headers=not req.no_header,
-                          variables=req.variables, prog=PROG)
+                          variables=req.variables, prog=PROG, warn=warn)
 
 
 def fetch(req: Request) -> int:
@@ -383,7 +383,7 @@ def send(cfg: Config, req: Request) -> int:
         print("Null message body; hope that's ok", file=sys.stderr)
     try:
         return outbox.send_draft(cfg, draft, sender, server=server, variables=req.variables,
-                                 verbose=req.verbose, prog=PROG)
+                                 verbose=req.verbose, prog=PROG, warn=warn)
     except MailError:
         if interactive:
             # only an interactive session saves dead.letter (tilde: editor, subprocess)

@@ -27,12 +27,12 @@ appear in a message.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 from typing import NamedTuple
 
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, UsageError
+from pymailtools.fileio import read_private
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -138,6 +138,9 @@ class NetrcEntry(NamedTuple):
     password: str
 
 
+NETRC_LIMIT = 1 << 20  # bytes; a .netrc is a few lines
+
+
 def netrc_path() -> str:
     return os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
 
@@ -145,24 +148,19 @@ def netrc_path() -> str:
 def read_netrc(path: str | None = None) -> list[NetrcEntry]:
     """The machine entries of a .netrc (``default`` is not used, as in s-nail); [] if absent.
 
-    Raises ConfigError when the file is not a regular file or others may read or write it
-    (s-nail and curl refuse such a file: the passwords in it are not private)."""
+    Raises ConfigError when the file may not hold a secret by fileio.not_private's rule, the
+    one for every secret we read: a regular file, owned by root or by us, closed to group and
+    others (s-nail too refuses one that others may use)."""
     path = path or netrc_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        data = read_private(path, NETRC_LIMIT)
     except FileNotFoundError:
         return []
     except OSError as e:
         raise ConfigError(f"cannot open {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(f"{path}: others may read it (mode {stat.S_IMODE(st.st_mode):04o})"
-                              f"; chmod 600 {path}")
-        text = f.read(1 << 20).decode("utf-8", "surrogateescape")
-    return _parse_netrc(text)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return _parse_netrc(data.decode("utf-8", "surrogateescape"))
 
 
 def _parse_netrc(text: str) -> list[NetrcEntry]:
@@ -313,7 +311,7 @@ def server_policy(cfg: Config, variables: Mapping[str, str], *, scheme: str, use
     if not site_credentials:
         # The site's relay credentials are for the relayhost only: never offered to a server
         # the user names (as Postfix keys them by next hop).
-        changes.update(username="", password="", password_file="")
+        policy = policy.without_credentials()
     if info.implicit_tls or (proto == "smtp" and port == 465):
         changes["implicit_tls"] = True
     mechanisms = _mechanisms(chain(variables, f"{proto}-auth", user, host, port) or "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from pymailtools.config import Config
@@ -163,9 +163,10 @@ def check_record(record: Record) -> None:
 
 
 def keep_copy(cfg: Config, record: Record, message: bytes, sender: str,
-              variables: Mapping[str, str] | None = None) -> None:
+              variables: Mapping[str, str] | None = None, *,
+              warn: Callable[[str], None]) -> None:
     """Append the sent ``message`` to the record folder; MailError (73) saying it was sent.
-    ``variables`` give a remote folder's account."""
+    ``variables`` give a remote folder's account, whose warnings go to ``warn``."""
     from pymailtools.errors import DeliveryError
 
     try:
@@ -173,7 +174,7 @@ def keep_copy(cfg: Config, record: Record, message: bytes, sender: str,
             # only with an IMAP record: the IMAP client stays off every other path
             from pymailtools.mua import remotefolder
 
-            remotefolder.append_copy(cfg, record.path, variables or {}, message)
+            remotefolder.append_copy(cfg, record.path, variables or {}, message, warn=warn)
         elif record.maildir:
             from pymailtools.local import maildir
 
@@ -197,7 +198,7 @@ def keep_copy(cfg: Config, record: Record, message: bytes, sender: str,
 
 def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *,
               server: str | None, variables: Mapping[str, str], verbose: bool,
-              prog: str) -> int:
+              prog: str, warn: Callable[[str], None]) -> int:
     """Queue ``message`` (then wake or run delivery) or send it to ``server``; exit status.
 
     The queue path is the sendmail front end's: the same submit() checks and exit codes, the
@@ -216,14 +217,14 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
         if verbose:
             print(f"{prog}: sent to {relay} for {', '.join(recipients)}", file=sys.stderr)
         if record is not None:
-            keep_copy(cfg, record, message, sender, variables)
+            keep_copy(cfg, record, message, sender, variables, warn=warn)
         return EX_OK
 
     # ignore_dots: a "." line is part of a mail(1) body, never the end of it.
     opts = submit.Options(recipients, sender, None, False, True)
     qid = submit.submit(cfg, io.BytesIO(message), opts)
     if record is not None:
-        keep_copy(cfg, record, message, sender, variables)
+        keep_copy(cfg, record, message, sender, variables, warn=warn)
     if verbose:
         print(f"{prog}: queued as {qid}", file=sys.stderr)
         return wake.deliver_now(cfg, qid, verbose=True, prog=prog)
@@ -236,7 +237,8 @@ def hand_over(cfg: Config, message: bytes, sender: str, recipients: list[str], *
 
 
 def send_draft(cfg: Config, draft: Draft, sender: str, *, server: str | None,
-               variables: Mapping[str, str], verbose: bool, prog: str) -> int:
+               variables: Mapping[str, str], verbose: bool, prog: str,
+               warn: Callable[[str], None]) -> int:
     """Build ``draft`` (From from ``sender`` or the user) and hand it over; exit status."""
     login, gecos = submit.login_name(os.getuid())
     ident = compose.identity(draft.sender or sender, login, gecos, cfg.myorigin)
@@ -245,4 +247,4 @@ def send_draft(cfg: Config, draft: Draft, sender: str, *, server: str | None,
         raise UsageError("no recipients specified")
     message = compose.build(draft, ident, origin=cfg.myorigin, hostname=cfg.myhostname)
     return hand_over(cfg, message, ident.envelope, recipients, server=server,
-                     variables=variables, verbose=verbose, prog=prog)
+                     variables=variables, verbose=verbose, prog=prog, warn=warn)

@@ -356,7 +356,8 @@ def _has_passwd() -> bool:
 
 def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bool,
           check_only: bool, show_headers: bool, variables: dict[str, str], prog: str,
-          opened: Folder | None = None, session_class: type[Session] | None = None) -> int:
+          warn: Callable[[str], None], opened: Folder | None = None,
+          session_class: type[Session] | None = None) -> int:
     """Read mode on the folder -f / -u / the default names, or on ``opened`` (a remote
     folder already logged into) with the commands of ``session_class``. The folder the
     session ends on is closed."""
@@ -380,7 +381,7 @@ def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bo
                 print(f'"{path}": 0 messages')
             return EX_NOMAIL
         session = (session_class or Session)(cfg, box, system=system, variables=variables,
-                                             prog=prog)
+                                             prog=prog, warn=warn)
         if headers_only:
             session.emit_summaries(range(len(box.entries)))
             return EX_OK
@@ -393,11 +394,13 @@ class Session:
     """One reading session over a folder: the current message, marks, and the command loop."""
 
     def __init__(self, cfg: Config, box: Folder, *, system: bool, variables: dict[str, str],
-                 prog: str, inp: TextIO | None = None, out: TextIO | None = None) -> None:
+                 prog: str, warn: Callable[[str], None], inp: TextIO | None = None,
+                 out: TextIO | None = None) -> None:
         self.cfg = cfg
         self.system = system
         self.vars = variables
         self.prog = prog
+        self.warn = warn  # the front end's: "prog: warning: …" on stderr
         self.inp = inp or sys.stdin
         self.out = out or sys.stdout
         self.tty = self.inp.isatty() and self.out.isatty()
@@ -788,14 +791,15 @@ class Session:
 
     def _append_remote(self, url: str, picked: list[int]) -> None:
         """APPEND messages to an IMAP folder (another account's, or from a local folder)."""
-        from pymailtools.mua import remotefolder  # the IMAP client only when asked for
+        from pymailtools.mua import remote, remotefolder  # the IMAP client only when asked for
 
         entries = self.box.entries
         remotefolder.append_messages(self.cfg, url, self.vars, [
             (entries[i].message_bytes, ["\\Seen"] if entries[i].seen or entries[i].read else [])
-            for i in picked])
+            for i in picked], warn=self.warn)
         n = len(picked)
-        self.say(f'"{clean(url)}" [Appended] {n} message{"" if n == 1 else "s"}')
+        shown = str(remote.parse_url(url))  # without a password the URL may carry
+        self.say(f'"{clean(shown)}" [Appended] {n} message{"" if n == 1 else "s"}')
 
     def c_copy(self, args: str) -> None:
         self.save_to(args, mark=False)
@@ -875,7 +879,7 @@ class Session:
         server = self.vars.get("smtp") or (self.vars.get("mta") if "://" in
                                            self.vars.get("mta", "") else None)
         outbox.send_draft(self.cfg, draft, sender, server=server, variables=self.vars,
-                          verbose=False, prog=self.prog)
+                          verbose=False, prog=self.prog, warn=self.warn)
 
     def c_folder(self, args: str) -> None:
         if args:

@@ -487,28 +487,26 @@ def start(cfg: Config, url_text: str, *, headers_only: bool, check_only: bool,
 
     return reader.start(cfg, folder=None, user=None, headers_only=headers_only,
                         check_only=check_only, show_headers=show_headers,
-                        variables=variables, prog=prog, opened=opener(url_text),
+                        variables=variables, prog=prog, warn=warn, opened=opener(url_text),
                         session_class=RemoteSession)
 
 
 def append_copy(cfg: Config, url_text: str, variables: Mapping[str, str],
-                message: bytes) -> None:
+                message: bytes, *, warn: Callable[[str], None]) -> None:
     """record=imaps://…/Sent: APPEND ``message`` (marked \\Seen) to that folder, creating
     it when the server says it does not exist (TRYCREATE)."""
-    append_messages(cfg, url_text, variables, [(message, ["\\Seen"])])
+    append_messages(cfg, url_text, variables, [(message, ["\\Seen"])], warn=warn)
 
 
 def append_messages(cfg: Config, url_text: str, variables: Mapping[str, str],
-                    messages: list[tuple[bytes, list[str]]]) -> None:
+                    messages: list[tuple[bytes, list[str]]], *,
+                    warn: Callable[[str], None]) -> None:
     """APPEND ``messages`` (each with its flags) to the IMAP folder ``url_text``, creating
-    it when the server says it does not exist (TRYCREATE)."""
+    it when the server says it does not exist (TRYCREATE); the account's warnings go to
+    ``warn``."""
     import os
-    import sys
 
     from pymailtools.submit import submission
-
-    def warn(text: str) -> None:
-        print(f"mail: warning: {text}", file=sys.stderr)
 
     url, creds, conn = remote.account_settings(
         cfg, url_text, variables, login=submission.login_name(os.getuid())[0], warn=warn)

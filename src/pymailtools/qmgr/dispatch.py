@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 BACKLOG_PER_SESSION = 4  # queued messages per open session before another one is opened
 
-NO_CREDENTIALS = {"username": "", "password": "", "password_file": "", "password_command": "",
-                  "token_command": ""}
 # smtp_sasl_password_maps values: user:password, or user:{scheme}rest with these schemes
 # (Dovecot's way of marking what a password field holds; {plain} escapes a "{")
 MAP_SCHEMES = {"{plain}": "password", "{command}": "password_command",
@@ -155,11 +153,11 @@ class Dispatcher:
                                                    self.cfg.smtp_port):
             # the site's single account is the relayhost's: never offered to an MX host or
             # another next hop (smtp_sasl_password_maps names accounts for those)
-            policy = policy.clone(**NO_CREDENTIALS)
+            policy = policy.without_credentials()
         if self.password_maps is not None:
             found = self._credentials(hop, name, sender)
             if found is not None:
-                policy = policy.clone(**{**NO_CREDENTIALS, **map_credentials(found)})
+                policy = policy.without_credentials().clone(**map_credentials(found))
         return Destination(name, hop, policy)
 
     def _credentials(self, hop: NextHop | None, name: str, sender: str) -> str | None:

@@ -605,9 +605,7 @@ async def _auth(smtp: aiosmtplib.SMTP, relay: str, policy: Policy, plain_why: st
         if mech == "plain":
             reply = await _sasl(smtp, b"PLAIN", [sasl.plain(user, key)], timeout)
         elif mech == "login":
-            reply = await _sasl(smtp, b"LOGIN", [user.encode("utf-8", "surrogateescape"),
-                                                 key.encode("utf-8", "surrogateescape")],
-                                timeout)
+            reply = await _sasl(smtp, b"LOGIN", list(sasl.login(user, key)), timeout)
         elif mech == "xoauth2":
             reply = await _sasl(smtp, b"XOAUTH2", [sasl.xoauth2(user, key)], timeout,
                                 after_error=b"")

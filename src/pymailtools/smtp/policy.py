@@ -121,6 +121,12 @@ class Policy:
         """A copy with ``changes`` applied (unknown names raise TypeError)."""
         return dataclasses.replace(self, **changes)
 
+    def without_credentials(self) -> Policy:
+        """A copy with no account: no user, password (given, file or command), token command;
+        the site's relay account is never offered to a server it is not for."""
+        return dataclasses.replace(self, username="", password="", password_file="",
+                                   password_command="", token_command="")
+
     @property
     def verify(self) -> bool:
         """Whether the server's certificate must verify against the CAs."""

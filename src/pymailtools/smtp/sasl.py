@@ -1,4 +1,4 @@
-"""SASL initial client responses (PLAIN, XOAUTH2, OAUTHBEARER) as raw bytes, before base64:
+"""SASL client responses (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER) as raw bytes, before base64:
 the one encoding of each that the SMTP client, mail's IMAP/POP3 sessions and smtpchat send."""
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ def _b(text: str) -> bytes:
 def plain(user: str, password: str) -> bytes:
     """RFC 4616 PLAIN: no authorization identity, then the user and the password."""
     return b"\0" + _b(user) + b"\0" + _b(password)
+
+
+def login(user: str, password: str) -> tuple[bytes, bytes]:
+    """LOGIN (draft-murchison-sasl-login): the user, then the password, each the answer to
+    one server challenge."""
+    return _b(user), _b(password)
 
 
 def xoauth2(user: str, token: str) -> bytes:
