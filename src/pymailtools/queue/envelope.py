@@ -21,11 +21,6 @@ DEFERRED = "deferred"
 BOUNCED = "bounced"
 RCPT_STATES = (PENDING, SENT, DEFERRED, BOUNCED)
 
-_SAFE = frozenset(
-    chr(c) for c in range(0x21, 0x7F) if chr(c) != "%"
-)
-
-
 _HEX = frozenset("0123456789ABCDEFabcdef")
 
 
@@ -74,7 +69,7 @@ def quote(s: str) -> str:
         return ":" + s  # the usual case (addresses, ids), in C
     out = [":"]
     for ch in s:
-        if ch in _SAFE or ord(ch) > 0x7F:
+        if ch > " " and ch != "%" and ch != "\x7f":  # printable ASCII but %, or non-ASCII
             out.append(ch)
         else:
             out.append(f"%{ord(ch):02X}")
