@@ -1,4 +1,4 @@
-"""A queue's tree (layout, set-up, access) and a new entry written into it durably.
+"""A queue's tree (layout, set-up, access, runner lock) and a new entry written into it durably.
 
 The part of the queue a submission needs, split from store.py (every other operation on
 entries, built on ``QueueDir``), so that sendmail's hot path loads only this: os-level calls,
