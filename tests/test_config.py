@@ -104,7 +104,8 @@ def test_fast_reader_never_disagrees_with_tomllib() -> None:
     pieces = ['"a"', "'b'", '"x\\\\y"', "12", "-3", "007", "1_000", "true", "false", "1.5",
               '["a", "b"]', "['a',]", "[]", '[ "a" , \'b\' ]', '["a" "b"]', '"""m"""', "''",
               '""', '"é ü"', '"a#b"', "# c", "#", "=", "[t]", "x.y", '"k"', "\t", " ", "\r",
-              "1979-05-27", "inf", "0x1F", '"\x01"', "[1, 2]", '"unterminated', "tru"]
+              "1979-05-27", "inf", "0x1F", '"\x01"', "[1, 2]", '"unterminated', "tru",
+              '"a\x7fb"', "# c\x7f", "#\tc\t", "# \x01", '"\u00a0\u2028"']
     rng = random.Random(7)
     agreed = deferred = 0
     for _ in range(20000):

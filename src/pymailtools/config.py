@@ -431,7 +431,13 @@ def default_queue_directory() -> str:
     return os.path.join(state, "pymailtools")
 
 
-_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_BARE_KEY = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+
+def _controls(text: str) -> bool:
+    """Does ``text`` hold a control character (C0 or DEL)? A printable text cannot, and that
+    check is one C call: the character loop runs only for the rest (tabs, rare characters)."""
+    return not text.isprintable() and any(ord(c) < 0x20 or c == "\x7f" for c in text)
 
 
 def _fast_string(text: str, i: int) -> tuple[str, int] | None:
@@ -441,7 +447,7 @@ def _fast_string(text: str, i: int) -> tuple[str, int] | None:
     if end < 0:
         return None
     value = text[i + 1 : end]
-    if "\\" in value or any(ord(c) < 0x20 or c == "\x7f" for c in value):
+    if "\\" in value or _controls(value):
         return None
     if text.startswith(quote * 2, i):  # '' / "" could open a multi-line string
         return None
@@ -502,17 +508,18 @@ def fast_toml(text: str) -> dict[str, object] | None:
             return None
         line = raw.strip(" \t")
         if not line or line.startswith("#"):
+            if _controls(line.replace("\t", " ")):
+                return None  # TOML allows no control character in a comment either
             continue
         key, eq, value = line.partition("=")
         key = key.strip(" \t")
-        if not eq or not key or not all(c in _BARE_KEY for c in key) or key in out:
+        if not eq or not key or key.strip(_BARE_KEY) or key in out:
             return None
         got = _fast_value(value.strip(" \t"))
         if got is None:
             return None
         rest = got[1].strip(" \t")
-        if rest and (not rest.startswith("#") or any(
-                ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in rest)):
+        if rest and (not rest.startswith("#") or _controls(rest.replace("\t", " "))):
             return None
         out[key] = got[0]
     return out
@@ -572,13 +579,15 @@ def load(path: str | None = None, environ: "Mapping[str, str] | None" = None) ->
     for f in files:
         if os.path.exists(f):
             values.update(_read_toml(f, check_owner=root))
-    # Environment names are upper case; smtp_tls_CAfile keeps Postfix's mixed case.
-    by_lower = {k.lower(): k for k in SCHEMA}
-    for name, raw in env.items():
-        if name.startswith("PYMAILTOOLS_") and name != "PYMAILTOOLS_CONFIG":
+    # Environment names are upper case; smtp_tls_CAfile keeps Postfix's mixed case. The names
+    # alone are looked at first: decoding every variable's value costs more than the rest.
+    names = [name for name in env if name.startswith("PYMAILTOOLS_")]
+    if names and names != ["PYMAILTOOLS_CONFIG"]:
+        by_lower = {k.lower(): k for k in SCHEMA}
+        for name in names:
             key = by_lower.get(name[len("PYMAILTOOLS_") :].lower())
-            if key is not None:
-                values[key] = raw
+            if key is not None and name != "PYMAILTOOLS_CONFIG":
+                values[key] = env[name]
     return Config(values)
 
 

@@ -15,7 +15,7 @@ so generic OS-level handlers recognise them.
      +-- ConfigError                   78  (smtpd.passwd.PasswordFileError)
      +-- PermissionDenied              77
      +-- DeliveryError                 69/75 by ``status``
-     +-- SMTPError                     75  the SMTP client's session failures
+     +-- smtp.errors.SMTPError         75  the SMTP client's session failures
      |    +-- HopError                 before any transaction: try the next address
      |    +-- Lost (ConnectionError)   mid-transaction
      |    +-- ProtocolError            the server's bytes are not SMTP
@@ -24,7 +24,8 @@ so generic OS-level handlers recognise them.
          local.lock.MailboxBusy, mua.compose.AttachmentError, mua.folder.FolderError,
          tables.TableError (75: a lookup that cannot be answered now)
 
-No imports here: sendmail's submission path loads this module.
+No imports here: sendmail's submission path loads this module, and each class costs its
+start-up time, so the branches only one package raises live in that package.
 """
 
 EX_OK = 0
@@ -110,33 +111,3 @@ class DeliveryError(MailError):
     @property
     def permanent(self) -> bool:
         return self.status.startswith("5")
-
-
-class SMTPError(MailError):
-    """The SMTP client's session with a next hop failed; its recipients are deferred with
-    ``status``."""
-
-    exit_code = EX_TEMPFAIL
-    status = "4.4.2"
-
-
-class HopError(SMTPError):
-    """Connecting, the greeting, EHLO, STARTTLS or AUTH failed at one address, before any
-    transaction: the caller tries the next address. ``tls``: a TLS handshake failed (level
-    ``may`` retries the address in plaintext)."""
-
-    def __init__(self, reason: str, status: str = "4.4.2", *, tls: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.tls = tls
-
-
-class Lost(SMTPError, ConnectionError):
-    """The connection closed or timed out in the middle of a transaction."""
-
-
-class ProtocolError(SMTPError):
-    """The server sent something that is not an SMTP reply, or a reply over the size limits."""
-
-    status = "4.5.0"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pymailtools.queue.envelope import Attempt, Recipient
-from pymailtools.queue.store import Queue
+from pymailtools.queue.envelope import Recipient
+from pymailtools.queue.store import Attempt, Queue
 from tests.conftest import Sendmail, run_as, script
 from tests.support.cli import run
 from tests.support.queue import deferred, put

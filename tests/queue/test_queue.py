@@ -201,7 +201,7 @@ def test_attempt_history_is_recorded_and_removed_with_the_entry(
 
 
 def test_history_lines_survive_hostile_text(queue: Queue) -> None:
-    from pymailtools.queue.envelope import Attempt
+    from pymailtools.queue.store import Attempt
 
     qid = make_entry(queue)
     queue.add_history(qid, Attempt(1.5, "a b\r\nc", "h[1.2.3.4]:25", "deferred", "4.0.0",

@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
 
     from pymailtools.admin.listing import Item
-    from pymailtools.queue.envelope import Attempt
+    from pymailtools.queue.store import Attempt
 
 PROG = "mailq"
 def explain(cfg: Config, qid: str, as_json: bool = False) -> int:

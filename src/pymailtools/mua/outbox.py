@@ -14,7 +14,6 @@ from pymailtools.errors import (
     EX_NOHOST,
     EX_OK,
     EX_UNAVAILABLE,
-    HopError,
     MailError,
     UsageError,
 )
@@ -84,6 +83,7 @@ def send_smtp(server: Server, message: bytes, sender: str, recipients: list[str]
     import socket
 
     from pymailtools.smtp import client, nexthop
+    from pymailtools.smtp.errors import HopError
     from pymailtools.smtp.mx import Hop
 
     try:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError, DeliveryError, HopError, MailError
+from pymailtools.errors import ConfigError, DeliveryError, MailError
 from pymailtools.log import Logger
 from pymailtools.queue.envelope import BOUNCED, DEFERRED
 from pymailtools.smtp import client as smtp
 from pymailtools.smtp import generic, mx, nexthop, signing
 from pymailtools.smtp.client import Outcome, Session
+from pymailtools.smtp.errors import HopError
 from pymailtools.smtp.nexthop import NextHop
 from pymailtools.smtp.policy import Policy
 

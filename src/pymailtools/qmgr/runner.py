@@ -15,14 +15,12 @@ from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import agent, route
 from pymailtools.local.targets import Remote
 from pymailtools.log import Logger, make_line
-from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.qmgr.transport import DISCARD, ERROR, LOCAL, RETRY, Route, Router
 from pymailtools.queue import index as qindex
 from pymailtools.queue.envelope import (
     BOUNCED,
     DEFERRED,
     SENT,
-    Attempt,
     CorruptEnvelope,
     Envelope,
     Recipient,
@@ -32,6 +30,7 @@ from pymailtools.queue.store import (
 )
 from pymailtools.queue.store import (
     INCOMING,
+    Attempt,
     EntryBusy,
     EntryNotFound,
     Queue,
@@ -219,10 +218,10 @@ class Runner:
             fresh = [q for q in self.queue.ids(INCOMING) if q not in self.seen]
             if not fresh:
                 return
-            lock_fd = open_run_lock(self.cfg)
-            if not try_lock(lock_fd):
-                os.close(lock_fd)
+            again = self.queue.try_run_lock()
+            if again is None:
                 return  # another runner took over and will deliver them
+            lock_fd = again
 
     # -- entries --------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import os
 import sys
 
 from pymailtools.config import Config
-from pymailtools.qmgr.runlock import open_run_lock, try_lock
 from pymailtools.queue.intake import QueueDir
 
 # The detached runner _spawn_runner() starts: a fresh interpreter that reads the configuration
@@ -34,11 +33,10 @@ def kick(cfg: Config, config_path: str | None = None, *, spawn: bool = False) ->
     if not queue.direct_access():
         return  # maildrop submission: the root runner (cron `sendmail -q`, -bd) picks it up
     try:
-        fd = open_run_lock(cfg)
+        fd = queue.try_run_lock()
     except OSError:
         return
-    if not try_lock(fd):
-        os.close(fd)
+    if fd is None:
         return
     if spawn:
         try:

@@ -21,11 +21,6 @@ DEFERRED = "deferred"
 BOUNCED = "bounced"
 RCPT_STATES = (PENDING, SENT, DEFERRED, BOUNCED)
 
-_SAFE = frozenset(
-    chr(c) for c in range(0x21, 0x7F) if chr(c) != "%"
-)
-
-
 _HEX = frozenset("0123456789ABCDEFabcdef")
 
 
@@ -74,7 +69,7 @@ def quote(s: str) -> str:
         return ":" + s  # the usual case (addresses, ids), in C
     out = [":"]
     for ch in s:
-        if ch in _SAFE or ord(ch) > 0x7F:
+        if ch > " " and ch != "%" and ch != "\x7f":  # printable ASCII but %, or non-ASCII
             out.append(ch)
         else:
             out.append(f"%{ord(ch):02X}")
@@ -134,36 +129,6 @@ class Recipient:
         return isinstance(other, Recipient) and all(
             getattr(self, a) == getattr(other, a) for a in self.__slots__
         )
-
-
-class Attempt:
-    """One delivery attempt of one recipient, as kept in the entry's history file."""
-
-    __slots__ = ("when", "recipient", "relay", "status", "dsn", "reason")
-
-    def __init__(self, when: float, recipient: str, relay: str, status: str, dsn: str,
-                 reason: str) -> None:
-        self.when = when
-        self.recipient = recipient
-        self.relay = relay
-        self.status = status  # sent, deferred, bounced, expired
-        self.dsn = dsn
-        self.reason = reason
-
-    def to_line(self) -> bytes:
-        fields = [repr(float(self.when)), quote(self.recipient), quote(self.relay),
-                  quote(self.status), quote(self.dsn), quote(self.reason)]
-        return (" ".join(fields) + "\n").encode("utf-8", "surrogateescape")
-
-    @classmethod
-    def from_line(cls, line: bytes) -> "Attempt":
-        p = line.decode("utf-8", "surrogateescape").split(" ")
-        if len(p) != 6:
-            raise CorruptEnvelope("bad history line")
-        return cls(float(p[0]), *(unquote(x) for x in p[1:]))
-
-    def __repr__(self) -> str:
-        return f"Attempt({self.recipient!r}, {self.status!r}, {self.reason!r})"
 
 
 class Envelope:

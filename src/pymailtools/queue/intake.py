@@ -1,4 +1,4 @@
-"""A queue's tree (layout, set-up, access) and a new entry written into it durably.
+"""A queue's tree (layout, set-up, access, runner lock) and a new entry written into it durably.
 
 The part of the queue a submission needs, split from store.py (every other operation on
 entries, built on ``QueueDir``), so that sendmail's hot path loads only this: os-level calls,
@@ -31,6 +31,7 @@ STATES = (INCOMING, DEFERRED, HOLD)
 MAILDROP = "maildrop"
 MAILDROP_TRAILER = b"pymailtools-maildrop "
 HISTORY = "history"
+RUN_LOCK = "run.lock"
 _DIR_MODES = {"tmp": 0o700, "messages": 0o700, HISTORY: 0o700, INCOMING: 0o700, DEFERRED: 0o700,
               HOLD: 0o700,
               CORRUPT: 0o700, MAILDROP: 0o1733}
@@ -289,6 +290,18 @@ class QueueDir:
         queue runner at a time), ``postsuper.lock`` (one bulk change at a time)."""
         return os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC,
                        0o600)
+
+    def try_run_lock(self) -> int | None:
+        """Take the runner lock (``run.lock``) without waiting: its descriptor, which holds
+        the lock until every copy of it is closed, or None while another process holds it.
+        Here rather than in qmgr: a submission that wakes the runner loads no module more."""
+        fd = self.open_lock_file(RUN_LOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def direct_access(self) -> bool:
         """Can this process write entries itself (root or the queue's owner)? A yes is

@@ -41,11 +41,12 @@ from pymailtools.queue import ids as queueid
 from pymailtools.queue import index as qindex
 from pymailtools.queue.envelope import (
     ENTRY_TRAILER,
-    Attempt,
     CorruptEnvelope,
     Envelope,
+    quote,
     read_envelope,
     trailer,
+    unquote,
 )
 from pymailtools.queue.intake import _O_CLOEXEC, QueueDir
 
@@ -135,6 +136,36 @@ class _Part(io.RawIOBase):
         if not self.closed:
             os.close(self.fd)
         super().close()
+
+
+class Attempt:
+    """One delivery attempt of one recipient, as kept in the entry's history file."""
+
+    __slots__ = ("when", "recipient", "relay", "status", "dsn", "reason")
+
+    def __init__(self, when: float, recipient: str, relay: str, status: str, dsn: str,
+                 reason: str) -> None:
+        self.when = when
+        self.recipient = recipient
+        self.relay = relay
+        self.status = status  # sent, deferred, bounced, expired
+        self.dsn = dsn
+        self.reason = reason
+
+    def to_line(self) -> bytes:
+        fields = [repr(float(self.when)), quote(self.recipient), quote(self.relay),
+                  quote(self.status), quote(self.dsn), quote(self.reason)]
+        return (" ".join(fields) + "\n").encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Attempt:
+        p = line.decode("utf-8", "surrogateescape").split(" ")
+        if len(p) != 6:
+            raise CorruptEnvelope("bad history line")
+        return cls(float(p[0]), *(unquote(x) for x in p[1:]))
+
+    def __repr__(self) -> str:
+        return f"Attempt({self.recipient!r}, {self.status!r}, {self.reason!r})"
 
 
 class Queue(QueueDir):

@@ -27,9 +27,10 @@ from aiosmtplib.errors import (
     SMTPTimeoutError,
 )
 
-from pymailtools.errors import ConfigError, HopError, Lost, ProtocolError, SMTPError
+from pymailtools.errors import ConfigError
 from pymailtools.queue.envelope import BOUNCED, DEFERRED, SENT
 from pymailtools.smtp import sasl, secret
+from pymailtools.smtp.errors import HopError, Lost, ProtocolError, SMTPError
 from pymailtools.smtp.mx import Hop
 from pymailtools.smtp.policy import Policy
 from pymailtools.smtp.reply import MAX_LINE, MAX_LINES, MAX_REPLY, Reply, line_code

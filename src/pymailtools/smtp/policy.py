@@ -14,9 +14,10 @@ import ssl
 from typing import Any, NamedTuple
 
 from pymailtools.config import Config
-from pymailtools.errors import ConfigError, HopError
+from pymailtools.errors import ConfigError
 from pymailtools.fileio import not_private
 from pymailtools.smtp import secret
+from pymailtools.smtp.errors import HopError
 
 # Postfix's smtp_tls_security_level words
 LEVELS = ("none", "may", "encrypt", "verify", "fingerprint")
