@@ -9,8 +9,11 @@ import re
 import stat
 import zlib
 from array import array
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
-from itertools import accumulate, repeat
+from itertools import compress, repeat
+from operator import add
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
@@ -327,18 +330,23 @@ class MboxEntry(Entry):
     @property
     def head(self) -> int:
         """From_ line and header fields, without the blank line that ends them."""
-        return self.box.heads[self.index]  # type: ignore[attr-defined, no-any-return]
+        return self.box.head(self.index)  # type: ignore[attr-defined, no-any-return]
+
+
+# A message starts after each of these; the one at the start of a block is looked for apart.
+_FROM_SEP = re.compile(rb"\nFrom ")
+_match_start = re.Match.start
+_match_group = re.Match.group
 
 
 class _Index:
     """The index of an mbox file, built in one pass over it in large blocks (cut at message
-    starts, so that no block is read twice), with the CRC of the whole."""
+    starts, so that no block is read twice), with the CRC of the whole: where each message
+    starts and its stored Status: flags. Sizes follow from the starts; header lengths and
+    line counts are found when a message is shown."""
 
     def __init__(self) -> None:
         self.starts = array("q")
-        self.heads = array("q")  # -1: longer than the block that held it (looked up later)
-        self.sizes = array("q")
-        self.lines = array("q")
         self.flags = array("H")
         self.first = -1  # where the first message starts
         self.crc = 0
@@ -363,41 +371,36 @@ class _Index:
 
     def _add(self, data: bytes, pos: int) -> None:
         """Index ``data``: whole messages starting at file offset ``pos`` (or the text before
-        the first message at offset 0). Lists do the work message by message, in C."""
-        parts = (b"\n" + data).split(b"\nFrom ")
-        first = parts[0]
-        del parts[0]
-        if not parts:
+        the first message at offset 0). The work per message is done by C loops (``map``
+        and the regular expression engine), never by Python code."""
+        starts = [0] if data.startswith(b"From ") else []
+        starts += map(add, map(_match_start, _FROM_SEP.finditer(data)), repeat(1))
+        if not starts:
             return
-        start = pos + len(first)  # the joined newline makes up for the one split off
         if self.first < 0:
-            self.first = start
-        # each part: a message less its "From " and the newline the next separator took
-        sizes = [len(p) + 6 for p in parts]
-        sizes[-1] -= 1
-        lines = [p.count(b"\n") + 1 for p in parts]
-        lines[-1] -= 1
-        starts = list(accumulate(sizes[:-1], initial=start))
-        cuts = [p.find(b"\n\n") for p in parts]  # where the header block ends, less 5
-        if -1 in cuts:  # rare: no blank line; the header block is the whole message
-            for k, c in enumerate(cuts):
-                if c < 0:
-                    cuts[k] = len(parts[k]) - parts[k].endswith(b"\n")
-        heads = [c + 6 for c in cuts]
-        heads[-1] = min(heads[-1], sizes[-1])
-        search, value = _STATUS_FIELD.search, _STATUS_VALUES.get
-        # the usual Status: values looked up (-1: anything else, parsed below)
-        flags = [0 if m is None else value(m.group(1), -1)
-                 for m in map(search, parts, repeat(0), cuts)]
-        if -1 in flags:
-            for k, f in enumerate(flags):
-                if f < 0:
-                    p = parts[k]
-                    flags[k] = _status_flags(b"From " + p, p.find(b"\n") + 6, heads[k])
-        self.starts.extend(starts)
-        self.sizes.extend(sizes)
-        self.lines.extend(lines)
-        self.heads.extend(heads)
+            self.first = pos + starts[0]
+        flags = [0] * len(starts)
+        found = list(_STATUS_FIELD.finditer(data, starts[0]))
+        if found:
+            at = list(map(_match_start, found))
+            # the message of each field, and whether the field comes before the blank line
+            # that ends that message's header block (the first one counts, as s-nail reads it)
+            msg = list(map(add, map(bisect_right, repeat(starts), at), repeat(-1)))
+            body = list(map(data.find, repeat(b"\n\n"), map(starts.__getitem__, msg),
+                            map(add, at, repeat(1))))
+            values = map(_STATUS_VALUES.get, map(_match_group, found, repeat(1)),
+                         repeat(-1))
+            keep = list(map((-1).__eq__, body))
+            deque(map(flags.__setitem__, reversed(list(compress(msg, keep))),
+                      reversed(list(compress(values, keep)))), 0)
+            if -1 in flags:  # an unusual value: parsed as the slow path does
+                ends = starts[1:] + [len(data)]
+                for k, f in enumerate(flags):
+                    if f < 0:
+                        s = starts[k]
+                        flags[k] = _status_flags(data, data.find(b"\n", s) + 1,
+                                                 s + _head_length(data[s : ends[k]]))
+        self.starts.extend(map(add, starts, repeat(pos)))
         self.flags.extend(flags)
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
@@ -407,27 +410,19 @@ class _Index:
             if not window.startswith(b"From "):  # text before the first message: no entry
                 return self._skip(fd, pos, window)
             self.first = pos
-        cut = window.find(b"\n\n")
-        head = -1 if cut < 0 else cut + 1
-        flags = 0 if cut < 0 else _status_flags(window, window.find(b"\n") + 1, head)
-        end, nl = self._through(fd, pos)
+        end = self._through(fd, pos)
         self.starts.append(pos)
-        self.sizes.append(end - pos)
-        self.lines.append(nl)
-        self.heads.append(head)
-        self.flags.append(flags)
+        self.flags.append(_find_head(fd, pos, end)[1])
         return end
 
     def _skip(self, fd: int, pos: int, window: bytes) -> int:
-        end, _ = self._through(fd, pos)
-        return end
+        return self._through(fd, pos)
 
-    def _through(self, fd: int, pos: int) -> tuple[int, int]:
-        """(where the next message starts or the file ends, newlines before it) from ``pos``,
-        the CRC taken of everything up to there, once."""
+    def _through(self, fd: int, pos: int) -> int:
+        """Where the next message starts (or the file ends) from ``pos``, the CRC taken of
+        everything up to there, once."""
         off = pos
         held = b""  # the previous block's last bytes: a separator may straddle two
-        nl = 0
         while True:
             chunk = os.pread(fd, BLOCK, off)
             data = held + chunk
@@ -436,12 +431,47 @@ class _Index:
             if q >= 0 or not chunk:
                 done = data if q < 0 else data[: q + 1]
                 self.crc = zlib.crc32(done, self.crc)
-                return base + len(done), nl + done.count(b"\n")
+                return base + len(done)
             held = data[-5:]
-            done = data[:-5]
-            self.crc = zlib.crc32(done, self.crc)
-            nl += done.count(b"\n")
+            self.crc = zlib.crc32(data[:-5], self.crc)
             off += len(chunk)
+
+
+def _head_length(data: bytes) -> int:
+    """Length of the header block (From_ line and fields, without the blank line ending
+    them) of the whole message ``data``: a message without a blank line is all header."""
+    cut = data.find(b"\n\n")
+    return cut + 1 if cut >= 0 else len(data)
+
+
+def _find_head(fd: int, start: int, end: int) -> tuple[int, int]:
+    """(header length, stored Status: flags) of the message at ``start``..``end``."""
+    size = HEAD_BLOCK
+    while True:
+        data = os.pread(fd, min(size, end - start), start)
+        hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
+        cut = data.find(b"\n\n", max(0, hstart - 1))
+        if cut >= 0 or len(data) >= end - start:
+            head = len(data) if cut < 0 else cut + 1
+            return head, _status_flags(data, hstart, head)
+        size *= 4
+
+
+class _Sizes(Sequence[int]):
+    """Message sizes of an mbox folder, from where each message and the next start."""
+
+    def __init__(self, box: MboxFolder) -> None:
+        self.box = box
+
+    def __len__(self) -> int:
+        return len(self.box.starts)
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        starts = self.box.starts
+        if i < 0:
+            i += len(starts)
+        end = starts[i + 1] if i + 1 < len(starts) else self.box.size
+        return end - starts[i]
 
 
 def _pseudo(block: bytes) -> bool:
@@ -465,32 +495,36 @@ class MboxFolder(Folder):
         self.size = index.size
         # What was loaded, to notice another program's rewrite before ours replaces it.
         self.crc = index.crc
-        self.starts, self.heads, self.sizes = index.starts, index.heads, index.sizes
-        self.lines, self.flags = index.lines, index.flags
-        if -1 in self.heads:  # a header block longer than the block that held it
-            for i, head in enumerate(self.heads):
-                if head < 0:
-                    start = self.starts[i]
-                    self.heads[i], self.flags[i] = self._find_head(start, start + self.sizes[i])
+        self.starts, self.flags = index.starts, index.flags
+        self.sizes = _Sizes(self)
+        # Header lengths and line counts when first wanted (-1: not yet).
+        self.heads = array("q", [-1]) * len(self.starts)
+        self.lines = array("q", [-1]) * len(self.starts)
         # Bytes kept as they are before the first message: text before any From_ line, and
         # the folder-internal message, which nobody reading locally may see or remove.
         self.prefix = index.first if self.starts else index.size
         self.entries = EntryList(self, MboxEntry)
         if self.starts and _pseudo(self.header_block(self.entries[0])):
             self.prefix += self.sizes[0]
-            for column in (self.starts, self.heads, self.sizes, self.lines, self.flags):
+            for column in (self.starts, self.heads, self.lines, self.flags):
                 del column[0]
 
-    def _find_head(self, start: int, end: int) -> tuple[int, int]:
-        size = HEAD_BLOCK
-        while True:
-            data = os.pread(self.fd, min(size, end - start), start)
-            hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
-            cut = data.find(b"\n\n", max(0, hstart - 1))
-            if cut >= 0 or len(data) >= end - start:
-                head = len(data) if cut < 0 else cut + 1
-                return head, _status_flags(data, hstart, head)
-            size *= 4
+    def head(self, i: int) -> int:
+        """Length of message ``i``'s header block (From_ line and fields, without the blank
+        line that ends them)."""
+        if self.heads[i] < 0:
+            start = self.starts[i]
+            self.heads[i] = _find_head(self.fd, start, start + self.sizes[i])[0]
+        return self.heads[i]
+
+    def line_count(self, i: int) -> int:
+        if self.lines[i] < 0:
+            start, n = self.starts[i], self.sizes[i]
+            count = 0
+            for off in range(start, start + n, BLOCK):
+                count += os.pread(self.fd, min(BLOCK, start + n - off), off).count(b"\n")
+            self.lines[i] = count
+        return self.lines[i]
 
     @classmethod
     def load(cls, path: str, config: Config) -> MboxFolder:
@@ -518,18 +552,33 @@ class MboxFolder(Folder):
             self.fd = -1
 
     def header_block(self, e: Entry) -> bytes:
-        return os.pread(self.fd, self.heads[e.index], self.starts[e.index])
+        return os.pread(self.fd, self.head(e.index), self.starts[e.index])
 
     def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
+        """Read in large blocks; header lengths and line counts of the messages a block
+        holds whole are taken from it."""
         buf = b""
         base = 0
-        starts, heads = self.starts, self.heads
+        starts, heads, lines, sizes = self.starts, self.heads, self.lines, self.sizes
         for e in entries:
-            start, head = starts[e.index], heads[e.index]
-            if start < base or start + head > base + len(buf):
+            i = e.index
+            start, size, head = starts[i], sizes[i], heads[i]
+            if start < base or start + (size if head < 0 else head) > base + len(buf):
                 base = start
                 buf = os.pread(self.fd, max(BLOCK, head), base)
-            yield buf[start - base : start - base + head]
+            s = start - base
+            if s + size <= len(buf):
+                if head < 0:
+                    heads[i] = head = _head_length(buf[s : s + size])
+                if lines[i] < 0:
+                    lines[i] = buf.count(b"\n", s, s + size)
+            elif head < 0:
+                head = self.head(i)
+                if s + head > len(buf):
+                    base = start
+                    buf = os.pread(self.fd, max(BLOCK, head), base)
+                    s = 0
+            yield buf[s : s + head]
 
     def stored_bytes(self, e: Entry) -> bytes:
         """The entry as stored: From_ line, headers, quoted body."""
@@ -549,7 +598,7 @@ class MboxFolder(Folder):
         flags = self.flags[i]
         if not _needs_status(flags):
             return raw
-        head = self.heads[i]
+        head = self.head(i)
         hstart = raw.find(b"\n") + 1 if raw.startswith(b"From ") else 0
         return raw[:hstart] + _with_status(raw[hstart:head], flags) + raw[head:]
 
@@ -589,8 +638,12 @@ class MboxFolder(Folder):
             if same < 0 and (start != pos or changed):
                 same = writer.offset
             if changed:
-                writer.write(self._status_entry(i, reader.read(start, heads[i])))
-                writer.copy(reader, start + heads[i], size_i - heads[i])
+                head = heads[i]
+                if head < 0:  # from the reader's buffer when the message is short
+                    raw = reader.read(start, min(size_i, HEAD_BLOCK))
+                    head = _head_length(raw) if len(raw) == size_i else self.head(i)
+                writer.write(self._status_entry(i, reader.read(start, head)))
+                writer.copy(reader, start + head, size_i - head)
             else:
                 writer.copy(reader, start, size_i)
             pos = start + size_i
