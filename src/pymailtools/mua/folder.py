@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
+import sys
 import zlib
 from array import array
-from bisect import bisect_right
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
-from itertools import compress, repeat
+from itertools import accumulate, compress, repeat
 from operator import add
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
 from pymailtools.fileio import write_all
 from pymailtools.local.lock import MailboxLock
+
+# Opening a folder imports neither re nor collections (a big share of a small folder's time).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
+    from typing import Protocol
+
+    class Sizes(Protocol):
+        def __len__(self) -> int: ...
+        def __getitem__(self, i: int, /) -> int: ...
 
 # pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
 # saved or rewritten: listing a folder does without it and its imports.
@@ -34,6 +41,17 @@ PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
 # Entry.flags bits: the first two as stored and changeable by the session, then the session's
 # marks, then the stored Status: letters as loaded (never changed).
 SEEN, OLD, READ, DELETED, SAVED, PRESERVED, TO_MBOX, WAS_SEEN, WAS_OLD = (1 << n for n in range(9))
+
+
+def clear_of(flags: Sequence[int], mask: int) -> bytes:
+    """A byte per message: 1 where its flags have none of ``mask``'s bits (all in the low
+    byte), else 0; made by C loops from an ``array`` of flags, for counts and searches over
+    every message."""
+    if not (isinstance(flags, array) and flags.itemsize == 2):
+        return bytes(not f & mask for f in flags)
+    raw = flags.tobytes()
+    low = raw[0::2] if sys.byteorder == "little" else raw[1::2]
+    return low.translate(bytes(not b & mask for b in range(256)))
 
 
 class FolderError(MailError):
@@ -237,7 +255,7 @@ class Folder:
 
     path: str
     entries: EntryList
-    sizes: Sequence[int]
+    sizes: Sizes
     lines: Sequence[int]
     flags: MutableSequence[int]
 
@@ -279,10 +297,27 @@ class Folder:
         """Let go of what the folder holds open."""
 
 
-_STATUS_FIELD = re.compile(rb"\nstatus:[ \t]*([a-z]*)", re.IGNORECASE)
 _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
                   | (OLD | WAS_OLD if "O" in letters else 0)
                   for letters in ("", "R", "O", "RO", "OR")}
+# The usual Status: lines, from after the colon to the end of the line.
+_STATUS_LINES = {b" " + k: v for k, v in _STATUS_VALUES.items()} | _STATUS_VALUES
+
+
+def _field_flags(data: bytes, at: int, start: int, end: int) -> int:
+    """Flags of the message at ``data[start:end]`` whose first Status: field (any case)
+    starts at ``at`` (its newline): the letters after blanks, when they are one of the usual
+    values; otherwise as ``_status_flags`` reads the header block."""
+    value = data[at + 8 : data.find(b"\n", at + 8, end)].lstrip(b" \t")
+    letters = value[: len(value) - len(value.lstrip(_LETTERS))]
+    flags = _STATUS_VALUES.get(letters, -1)
+    if flags < 0:
+        hstart = data.find(b"\n", start) + 1
+        flags = _status_flags(data, hstart, start + _head_length(data[start:end]))
+    return flags
+
+
+_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 
 
 def _status_flags(data: bytes, start: int, end: int) -> int:
@@ -333,12 +368,6 @@ class MboxEntry(Entry):
         return self.box.head(self.index)  # type: ignore[attr-defined, no-any-return]
 
 
-# A message starts after each of these; the one at the start of a block is looked for apart.
-_FROM_SEP = re.compile(rb"\nFrom ")
-_match_start = re.Match.start
-_match_group = re.Match.group
-
-
 class _Index:
     """The index of an mbox file, built in one pass over it in large blocks (cut at message
     starts, so that no block is read twice), with the CRC of the whole: where each message
@@ -358,50 +387,57 @@ class _Index:
             window = os.pread(fd, BLOCK, pos)
             if not window:
                 break
-            if len(window) == BLOCK:
-                cut = window.rfind(b"\nFrom ") + 1
-                if not cut:  # one message longer than the block
+            parts = window.split(b"\nFrom ")
+            end = len(window)
+            if end == BLOCK:  # more may follow: the block ends where its last message starts
+                if len(parts) == 1:  # one message longer than the block
                     pos = self._long(fd, pos, window)
                     continue
-                window = window[:cut]
-            self.crc = zlib.crc32(window, self.crc)
-            self._add(window, pos)
-            pos += len(window)
+                end -= len(parts.pop()) + 5
+            self.crc = zlib.crc32(memoryview(window)[:end], self.crc)
+            self._add(window, parts, end, pos)
+            pos += end
         self.size = pos
 
-    def _add(self, data: bytes, pos: int) -> None:
-        """Index ``data``: whole messages starting at file offset ``pos`` (or the text before
-        the first message at offset 0). The work per message is done by C loops (``map``
-        and the regular expression engine), never by Python code."""
-        starts = [0] if data.startswith(b"From ") else []
-        starts += map(add, map(_match_start, _FROM_SEP.finditer(data)), repeat(1))
-        if not starts:
+    def _add(self, data: bytes, parts: list[bytes], end: int, pos: int) -> None:
+        """Index ``data[:end]``, split at "\\nFrom " into ``parts``: whole messages starting
+        at file offset ``pos`` (or the text before the first message at offset 0). The work
+        per message is done by C loops (``map`` over lists, searches with bounds), never by
+        Python code, and no copy is made of the block but one lowercased."""
+        # where each message starts in data, then where the last one ends
+        starts = list(accumulate(map(add, map(len, parts), repeat(6)), initial=-5))
+        del parts
+        if data.startswith(b"From "):
+            starts[0] = 0
+        else:  # text before the first message (the first block only)
+            del starts[0]
+        n = len(starts) - 1
+        if not n:
             return
+        self.starts.fromlist(list(map(add, starts[:n], repeat(pos))))
         if self.first < 0:
             self.first = pos + starts[0]
-        flags = [0] * len(starts)
-        found = list(_STATUS_FIELD.finditer(data, starts[0]))
-        if found:
-            at = list(map(_match_start, found))
-            # the message of each field, and whether the field comes before the blank line
-            # that ends that message's header block (the first one counts, as s-nail reads it)
-            msg = list(map(add, map(bisect_right, repeat(starts), at), repeat(-1)))
-            body = list(map(data.find, repeat(b"\n\n"), map(starts.__getitem__, msg),
-                            map(add, at, repeat(1))))
-            values = map(_STATUS_VALUES.get, map(_match_group, found, repeat(1)),
-                         repeat(-1))
-            keep = list(map((-1).__eq__, body))
-            deque(map(flags.__setitem__, reversed(list(compress(msg, keep))),
-                      reversed(list(compress(values, keep)))), 0)
-            if -1 in flags:  # an unusual value: parsed as the slow path does
-                ends = starts[1:] + [len(data)]
-                for k, f in enumerate(flags):
-                    if f < 0:
-                        s = starts[k]
-                        flags[k] = _status_flags(data, data.find(b"\n", s) + 1,
-                                                 s + _head_length(data[s : ends[k]]))
-        self.starts.extend(map(add, starts, repeat(pos)))
-        self.flags.extend(flags)
+        if end == len(data) and not data.endswith(b"\n"):  # the file's last line
+            data += b"\n"  # so that every line of the block ends in a newline
+        flags = [0] * n
+        # The first Status: field of each message (the name in any case)...
+        at = list(map(data.lower().find, repeat(b"\nstatus:"), starts[:n], starts[1:]))
+        found = bytes(map((-1).__lt__, at))
+        hits, at = list(compress(range(n), found)), list(compress(at, found))
+        # ... when it comes before the blank line that ends the header block
+        head = bytes(map((-1).__eq__, map(data.find, repeat(b"\n\n"),
+                                          map(starts.__getitem__, hits),
+                                          map(add, at, repeat(1)))))
+        if 0 in head:
+            hits, at = list(compress(hits, head)), list(compress(at, head))
+        value = list(map(add, at, repeat(8)))
+        lines = map(data.__getitem__, map(slice, value, map(data.find, repeat(b"\n"), value)))
+        any(map(flags.__setitem__, hits, map(_STATUS_LINES.get, lines, repeat(-1))))
+        if -1 in flags:  # anything else: as the field is read one by one
+            for k, f in enumerate(flags):
+                if f < 0:
+                    flags[k] = _field_flags(data, at[hits.index(k)], starts[k], starts[k + 1])
+        self.flags.fromlist(flags)
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
         """Index the message at ``pos``, longer than a block (``window`` its first); returns
@@ -457,7 +493,7 @@ def _find_head(fd: int, start: int, end: int) -> tuple[int, int]:
         size *= 4
 
 
-class _Sizes(Sequence[int]):
+class _Sizes:
     """Message sizes of an mbox folder, from where each message and the next start."""
 
     def __init__(self, box: MboxFolder) -> None:
@@ -466,7 +502,7 @@ class _Sizes(Sequence[int]):
     def __len__(self) -> int:
         return len(self.box.starts)
 
-    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+    def __getitem__(self, i: int) -> int:
         starts = self.box.starts
         if i < 0:
             i += len(starts)
@@ -485,6 +521,8 @@ def _pseudo(block: bytes) -> bool:
 class MboxFolder(Folder):
     """An mbox file, indexed under a shared lock and read on demand; rewritten under the
     delivery locks by copying the unchanged bytes."""
+
+    lines: array[int]  # -1: not counted yet
 
     def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
         self.path = path
