@@ -325,14 +325,12 @@ def _status_flags(data: bytes, start: int, end: int) -> int:
     in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
     if not start:
         return _status_flags(b"\n" + data[:end], 1, end + 1)
-    pos = data.find(b"\nStatus:", start - 1, end)
-    if pos < 0:  # not as usually spelled: any case
-        data = data[start - 1 : end].lower()
-        pos, end = data.find(b"\nstatus:"), len(data)
-        if pos < 0:
-            return 0
-    nl = data.find(b"\n", pos + 8, end)
-    value = data[pos + 8 : end if nl < 0 else nl].lstrip(b" \t").upper()
+    data = data[start - 1 : end].lower()  # the first field, its name in any case
+    pos = data.find(b"\nstatus:")
+    if pos < 0:
+        return 0
+    nl = data.find(b"\n", pos + 8)
+    value = data[pos + 8 : len(data) if nl < 0 else nl].lstrip(b" \t").upper()
     letters = value[: len(value) - len(value.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
     flags = (SEEN | WAS_SEEN) if b"R" in letters else 0
     return flags | (OLD | WAS_OLD) if b"O" in letters else flags
