@@ -666,18 +666,23 @@ class MboxFolder(Folder):
         if self.prefix:
             writer.write(reader.read(0, self.prefix))
         pos = self.prefix
-        starts, heads, sizes, flags = self.starts, self.heads, self.sizes, self.flags
-        for i in range(len(kept)):
+        starts, heads, flags, n = self.starts, self.heads, self.flags, len(kept)
+        for i in range(n):
             if not kept[i]:
                 continue
-            start, size_i, changed = starts[i], sizes[i], _needs_status(flags[i])
+            start, changed = starts[i], _needs_status(flags[i])
+            size_i = (starts[i + 1] if i + 1 < n else self.size) - start
             if same < 0 and (start != pos or changed):
                 same = writer.offset
-            if changed:
-                head = heads[i]
-                if head < 0:  # from the reader's buffer when the message is short
-                    raw = reader.read(start, min(size_i, HEAD_BLOCK))
-                    head = _head_length(raw) if len(raw) == size_i else self.head(i)
+            if changed and size_i <= HEAD_BLOCK:  # whole, from the buffer: its header block too
+                raw = reader.read(start, size_i)
+                if len(raw) != size_i:
+                    raise OSError(errno.EIO, "mailbox shorter than indexed")
+                if heads[i] < 0:
+                    heads[i] = _head_length(raw)
+                writer.write(self._status_entry(i, raw))
+            elif changed:
+                head = self.head(i)
                 writer.write(self._status_entry(i, reader.read(start, head)))
                 writer.copy(reader, start + head, size_i - head)
             else:
