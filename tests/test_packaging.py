@@ -110,13 +110,21 @@ def test_fish_loads_the_mailx_completion(venv: Path) -> None:
     assert "-s\tSubject" in out, out
 
 
-def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> None:
-    """The launcher runs the venv's Python with -I -S (no `site`: a third of its start-up) and
-    puts site-packages on sys.path itself; called through a symlink too (/usr/sbin/sendmail)."""
+def _site_marker(venv: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(marker, sitecustomize.py): the venv's sitecustomize leaves the marker when `site` runs."""
     site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    for stale in (site_packages / "__pycache__").glob("sitecustomize.*"):
+        stale.unlink()  # another test's, perhaps of the same size and second: not ours
     marker = tmp_path / "site-ran"
     custom = site_packages / "sitecustomize.py"
     custom.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return marker, custom
+
+
+def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> None:
+    """The launcher runs the venv's Python with -I -S (no `site`: a third of its start-up) and
+    puts site-packages on sys.path itself; called through a symlink too (/usr/sbin/sendmail)."""
+    marker, custom = _site_marker(venv, tmp_path)
     link = tmp_path / "sbin" / "sendmail"
     link.parent.mkdir()
     link.symlink_to(venv / "bin" / "sendmail")
@@ -145,12 +153,7 @@ def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> N
 def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
     """mail and mailx are the same launcher: reading a mailbox from a script starts without
     `site`; sending gets the standard set-up. A symlink of another name still runs mail."""
-    site_packages = next((venv / "lib").glob("python3*/site-packages"))
-    marker = tmp_path / "site-ran"
-    custom = site_packages / "sitecustomize.py"
-    for stale in (site_packages / "__pycache__").glob("sitecustomize.*"):
-        stale.unlink()  # the test above's, perhaps of the same size and second
-    custom.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    marker, custom = _site_marker(venv, tmp_path)
     box = tmp_path / "box"
     box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
     link = tmp_path / "bin" / "Mail"
