@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import sys
 import zlib
-from array import array
 from itertools import accumulate, compress, repeat
 from operator import add
 
@@ -17,15 +17,31 @@ from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
 from pymailtools.fileio import write_all
 from pymailtools.local.lock import MailboxLock
 
-# Opening a folder imports neither re nor collections (a big share of a small folder's time).
+# Opening a folder imports neither re nor collections (a big share of a small folder's time):
+# an mbox file's index is kept in memoryviews, not arrays, whose module imports collections.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
-    from typing import Protocol
+    from array import array
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Literal, Protocol
 
     class Sizes(Protocol):
         def __len__(self) -> int: ...
         def __getitem__(self, i: int, /) -> int: ...
+
+    class Column(Sizes, Protocol):
+        """A column of the index: an array or a memoryview of machine integers."""
+
+        def __setitem__(self, i: int, value: int, /) -> None: ...
+        def __iter__(self) -> Iterator[int]: ...
+        def tobytes(self) -> bytes: ...
+        @property
+        def itemsize(self) -> int: ...
+
+
+def _column(code: Literal["q", "H"], data: bytes | bytearray) -> memoryview[int]:
+    """A column of machine integers (struct format ``code``) over a copy of ``data``."""
+    return memoryview(bytearray(data)).cast(code)
 
 # pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
 # saved or rewritten: listing a folder does without it and its imports.
@@ -43,11 +59,11 @@ PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
 SEEN, OLD, READ, DELETED, SAVED, PRESERVED, TO_MBOX, WAS_SEEN, WAS_OLD = (1 << n for n in range(9))
 
 
-def clear_of(flags: Sequence[int], mask: int) -> bytes:
+def clear_of(flags: Column, mask: int) -> bytes:
     """A byte per message: 1 where its flags have none of ``mask``'s bits (all in the low
-    byte), else 0; made by C loops from an ``array`` of flags, for counts and searches over
+    byte), else 0; made by C loops from the flags' bytes, for counts and searches over
     every message."""
-    if not (isinstance(flags, array) and flags.itemsize == 2):
+    if flags.itemsize != 2:
         return bytes(not f & mask for f in flags)
     raw = flags.tobytes()
     low = raw[0::2] if sys.byteorder == "little" else raw[1::2]
@@ -257,7 +273,7 @@ class Folder:
     entries: EntryList
     sizes: Sizes
     lines: Sequence[int]
-    flags: MutableSequence[int]
+    flags: Column
 
     def line_count(self, i: int) -> int:
         """Lines of message ``i`` as stored."""
@@ -373,8 +389,8 @@ class _Index:
     line counts are found when a message is shown."""
 
     def __init__(self) -> None:
-        self.starts = array("q")
-        self.flags = array("H")
+        self.starts = bytearray()  # native 8-byte integers
+        self.flags = bytearray()  # native 2-byte integers
         self.first = -1  # where the first message starts
         self.crc = 0
         self.size = 0
@@ -412,7 +428,7 @@ class _Index:
         n = len(starts) - 1
         if not n:
             return
-        self.starts.fromlist(list(map(add, starts[:n], repeat(pos))))
+        self.starts += struct.pack(f"{n}q", *map(add, starts[:n], repeat(pos)))
         if self.first < 0:
             self.first = pos + starts[0]
         if end == len(data) and not data.endswith(b"\n"):  # the file's last line
@@ -435,7 +451,7 @@ class _Index:
             for k, f in enumerate(flags):
                 if f < 0:
                     flags[k] = _field_flags(data, at[hits.index(k)], starts[k], starts[k + 1])
-        self.flags.fromlist(flags)
+        self.flags += struct.pack(f"{n}H", *flags)
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
         """Index the message at ``pos``, longer than a block (``window`` its first); returns
@@ -445,8 +461,8 @@ class _Index:
                 return self._skip(fd, pos, window)
             self.first = pos
         end = self._through(fd, pos)
-        self.starts.append(pos)
-        self.flags.append(_find_head(fd, pos, end)[1])
+        self.starts += struct.pack("q", pos)
+        self.flags += struct.pack("H", _find_head(fd, pos, end)[1])
         return end
 
     def _skip(self, fd: int, pos: int, window: bytes) -> int:
@@ -520,7 +536,7 @@ class MboxFolder(Folder):
     """An mbox file, indexed under a shared lock and read on demand; rewritten under the
     delivery locks by copying the unchanged bytes."""
 
-    lines: array[int]  # -1: not counted yet
+    lines: memoryview[int]  # -1: not counted yet
 
     def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
         self.path = path
@@ -531,19 +547,19 @@ class MboxFolder(Folder):
         self.size = index.size
         # What was loaded, to notice another program's rewrite before ours replaces it.
         self.crc = index.crc
-        self.starts, self.flags = index.starts, index.flags
+        self.starts, self.flags = _column("q", index.starts), _column("H", index.flags)
         self.sizes = _Sizes(self)
         # Header lengths and line counts when first wanted (-1: not yet).
-        self.heads = array("q", [-1]) * len(self.starts)
-        self.lines = array("q", [-1]) * len(self.starts)
+        self.heads = _column("q", b"\xff" * len(index.starts))
+        self.lines = _column("q", b"\xff" * len(index.starts))
         # Bytes kept as they are before the first message: text before any From_ line, and
         # the folder-internal message, which nobody reading locally may see or remove.
         self.prefix = index.first if self.starts else index.size
         self.entries = EntryList(self, MboxEntry)
         if self.starts and _pseudo(self.header_block(self.entries[0])):
             self.prefix += self.sizes[0]
-            for column in (self.starts, self.heads, self.lines, self.flags):
-                del column[0]
+            self.starts, self.heads = self.starts[1:], self.heads[1:]
+            self.lines, self.flags = self.lines[1:], self.flags[1:]
 
     def head(self, i: int) -> int:
         """Length of message ``i``'s header block (From_ line and fields, without the blank
@@ -909,6 +925,8 @@ class MaildirFolder(Folder):
         found.sort()
         self.keys = [name for _, name, _, _ in found]
         self.subdirs = [sub for _, _, sub, _ in found]
+        from array import array  # a Maildir's index only: an mbox file's does without
+
         self.sizes = array("q", [size for _, _, _, size in found])
         self.lines = array("q", [-1]) * len(found)
         self.flags = array("H", [(SEEN | WAS_SEEN if "S" in name.rpartition(":2,")[2]
