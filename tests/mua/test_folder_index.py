@@ -42,6 +42,7 @@ def plain_reading(data: bytes) -> list[tuple[int, int, bytes, int, bool, bool]]:
 
 PIECES = [b"Subject: x\n", b"Status: RO\n", b"STATUS: R\n", b"status:O\n", b"Status:\tOR x\n",
           b"Status: X\n", b"Status: \n", b"sTaTuS: RO\n", b"X-Status: R\n", b">From here\n",
+          b"Status: RO\r\n", b"Status: R\r\n", b"Status: O\rx\n",
           b"From inside a line\n", b"Status: R", b"\n", b"text\n",
           b"X-Long: " + b"h" * 3000 + b"\n"]
 
@@ -50,7 +51,7 @@ def random_mbox(rnd: random.Random) -> bytes:
     out = [b"text before the first message\n"] if rnd.random() < 0.2 else []
     for _ in range(rnd.randrange(0, 40)):
         head = [FROM]
-        fields = [rnd.choice(PIECES[:10] + PIECES[14:]) for _ in range(rnd.randrange(0, 5))]
+        fields = [rnd.choice(PIECES[:13] + PIECES[17:]) for _ in range(rnd.randrange(0, 5))]
         status = [f for f in fields if f[:7].lower() == b"status:"]
         head += [f for f in fields if f not in status[1:]]  # one Status: field at most
         body = [rnd.choice(PIECES) for _ in range(rnd.randrange(0, 6))]

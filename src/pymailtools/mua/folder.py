@@ -316,8 +316,21 @@ class Folder:
 _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
                   | (OLD | WAS_OLD if "O" in letters else 0)
                   for letters in ("", "R", "O", "RO", "OR")}
-# The usual Status: lines, from after the colon to the end of the line.
-_STATUS_LINES = {b" " + k: v for k, v in _STATUS_VALUES.items()} | _STATUS_VALUES
+
+
+def _status_windows() -> dict[bytes, int]:
+    """The usual Status: values by the four bytes after the colon: " RO\\n", " R\\n" and the
+    next line's first byte, and so on (CRLF too)."""
+    table = {}
+    for letters in (b"R", b"O", b"RO", b"OR"):
+        for eol in (b"\n", b"\r\n"):
+            key = b" " + letters + eol
+            for c in range(256) if len(key) < 4 else (-1,):
+                table[key + bytes((c,)) if c >= 0 else key[:4]] = _STATUS_VALUES[letters]
+    return table
+
+
+_STATUS_WINDOWS = _status_windows()
 
 
 def _field_flags(data: bytes, at: int, start: int, end: int) -> int:
@@ -444,13 +457,14 @@ class _Index:
                                           map(add, at, repeat(1)))))
         if 0 in head:
             hits, at = list(compress(hits, head)), list(compress(at, head))
-        value = list(map(add, at, repeat(8)))
-        lines = map(data.__getitem__, map(slice, value, map(data.find, repeat(b"\n"), value)))
-        any(map(flags.__setitem__, hits, map(_STATUS_LINES.get, lines, repeat(-1))))
+        windows = map(data.__getitem__, map(slice, map(add, at, repeat(8)),
+                                            map(add, at, repeat(12))))
+        any(map(flags.__setitem__, hits, map(_STATUS_WINDOWS.get, windows, repeat(-1))))
         if -1 in flags:  # anything else: as the field is read one by one
+            field = dict(zip(hits, at, strict=True))
             for k, f in enumerate(flags):
                 if f < 0:
-                    flags[k] = _field_flags(data, at[hits.index(k)], starts[k], starts[k + 1])
+                    flags[k] = _field_flags(data, field[k], starts[k], starts[k + 1])
         self.flags += struct.pack(f"{n}H", *flags)
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
