@@ -110,13 +110,21 @@ def test_fish_loads_the_mailx_completion(venv: Path) -> None:
     assert "-s\tSubject" in out, out
 
 
-def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> None:
-    """The launcher runs the venv's Python with -I -S (no `site`: a third of its start-up) and
-    puts site-packages on sys.path itself; called through a symlink too (/usr/sbin/sendmail)."""
+def _site_marker(venv: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(marker, sitecustomize.py): the venv's sitecustomize leaves the marker when `site` runs."""
     site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    for stale in (site_packages / "__pycache__").glob("sitecustomize.*"):
+        stale.unlink()  # another test's, perhaps of the same size and second: not ours
     marker = tmp_path / "site-ran"
     custom = site_packages / "sitecustomize.py"
     custom.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return marker, custom
+
+
+def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> None:
+    """The launcher runs the venv's Python with -I -S (no `site`: a third of its start-up) and
+    puts site-packages on sys.path itself; called through a symlink too (/usr/sbin/sendmail)."""
+    marker, custom = _site_marker(venv, tmp_path)
     link = tmp_path / "sbin" / "sendmail"
     link.parent.mkdir()
     link.symlink_to(venv / "bin" / "sendmail")
@@ -137,6 +145,38 @@ def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> N
         p = subprocess.run([str(link), "-bp"], capture_output=True, env=env, timeout=60)
         assert p.returncode == 0, p.stderr
         assert b"2 Requests" in p.stdout
+        assert marker.exists()
+    finally:
+        custom.unlink()
+
+
+def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
+    """mail and mailx are the same launcher: reading a mailbox from a script starts without
+    `site`; sending gets the standard set-up. A symlink of another name still runs mail."""
+    marker, custom = _site_marker(venv, tmp_path)
+    box = tmp_path / "box"
+    box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
+    link = tmp_path / "bin" / "Mail"
+    link.parent.mkdir()
+    link.symlink_to(venv / "bin" / "mail")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYMAILTOOLS_", "PYTHON")) and k not in ("MAIL", "MAILRC")}
+    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), PATH="/usr/bin:/bin",
+               HOME=str(home), PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
+               PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no")
+    (tmp_path / "none.toml").write_text("")
+    try:
+        for cmd in (venv / "bin" / "mail", venv / "bin" / "mailx", link):
+            p = subprocess.run([str(cmd), "-f", str(box)], input=b"x\n", capture_output=True,
+                               env=env, timeout=60)
+            assert p.returncode == 0, p.stderr
+            assert p.stdout.startswith(f'"{box}": 1 message 1 new 1 unread\n'.encode())
+        assert not marker.exists()  # site (which imports sitecustomize) never ran
+        p = subprocess.run([str(venv / "bin" / "mail"), "-s", "hi", "user"], input=b"body\n",
+                           capture_output=True, env=env, timeout=60)
+        assert p.returncode == 0, p.stderr
         assert marker.exists()
     finally:
         custom.unlink()

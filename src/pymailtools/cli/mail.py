@@ -6,7 +6,7 @@ import os
 import sys
 
 from pymailtools import config as configmod
-from pymailtools.cli.common import run_main
+from pymailtools.cli.common import complete_site, run_launched, run_main
 from pymailtools.config import Config
 from pymailtools.errors import EX_OK, EX_USAGE, MailError, UsageError
 
@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, lambda: _main(args[1:]), interrupted=(130, "\ninterrupted"))
 
 
+def script() -> None:
+    """The installed launcher's entry point: main() without the interpreter's tear-down."""
+    run_launched(main)
+
+
 def _main(args: list[str]) -> int:
     try:
         req = parse(args)
@@ -255,6 +260,11 @@ def load_resources(req: Request) -> None:
 
 def run(req: Request) -> int:
     sending = bool(req.operands) and req.folder is None and req.user is None
+    if sending or req.fetch is not None or req.keep or req.read_recipients or sys.stdout.isatty() \
+            or any("://" in f for f in (req.folder or "", *req.operands)):
+        # Reading a local mailbox from a script needs nothing beyond this package; anything
+        # else (sending, remote folders, rich on a terminal) may need the whole installation.
+        complete_site()
     load_resources(req)
     if req.fetch is not None or req.keep:
         return fetch(req)

@@ -9,7 +9,7 @@ import sys
 
 from pymailtools import address
 from pymailtools import config as configmod
-from pymailtools.cli.common import authorize, getopt, run_main
+from pymailtools.cli.common import authorize, complete_site, getopt, run_launched, run_main
 from pymailtools.errors import (
     EX_IOERR,
     EX_OK,
@@ -146,23 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def script() -> None:
-    """The installed launcher's entry point: main(), then exit without the interpreter's
-    tear-down (a third of a short submission's run), unless threads or exit handlers exist.
-    The launcher has disabled the garbage collector while the modules loaded."""
-    import gc  # built in: nothing is read from disk
-
-    gc.freeze()  # the modules' objects live until exit: no collection needs to walk them
-    gc.enable()
-    code = main()
-    if "threading" in sys.modules or "atexit" in sys.modules:
-        sys.exit(code)  # a queue run or a listener: let threads and exit handlers finish
-    for stream in (sys.stdout, sys.stderr):  # None when the caller closed fd 1 or 2
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)  # the queue file is durable and closed by now
+    """The installed launcher's entry point: main() without the interpreter's tear-down."""
+    run_launched(main)
 
 
 def run(req: Request) -> int:
@@ -184,7 +169,7 @@ def run(req: Request) -> int:
     configmod.warn(cfg, req.prog)
     if mode == "deliver":
         return _deliver(cfg, req)
-    _complete_site()
+    complete_site()
     if mode == "queue":
         return _queue_run(cfg, req)
     if mode == "list":
@@ -231,23 +216,11 @@ def _deliver(cfg: configmod.Config, req: Request) -> int:
     from pymailtools.qmgr import trigger as wake
 
     if mode == "foreground":
-        _complete_site()
+        complete_site()
         return wake.deliver_now(cfg, qid, verbose=bool(req.verbose), prog=PROG)
     # A fresh runner process rather than a fork of this one: the caller waits less.
     wake.kick(cfg, os.path.abspath(req.config_path) if req.config_path else None, spawn=True)
     return EX_OK
-
-
-def _complete_site() -> None:
-    """The launcher starts Python without ``site`` and puts only this package's directories
-    on sys.path: enough to queue a message. Every other mode may need the rest of the
-    installation (dependencies in the system's site-packages, .pth import hooks), so it gets
-    the standard set-up, as Python would have made it."""
-    if sys.flags.no_site and "site" not in sys.modules:
-        # not on the submission path: only the other modes set up site
-        import site
-
-        site.main()
 
 
 def _interval(arg: str | None) -> int | None:

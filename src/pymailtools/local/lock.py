@@ -3,13 +3,15 @@
 import errno
 import fcntl
 import os
-import random
 import stat
 import time
-from types import TracebackType
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_TEMPFAIL, MailError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
 
 
 class MailboxBusy(MailError):
@@ -59,7 +61,7 @@ class MailboxLock:
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
-        tb: TracebackType | None,
+        tb: "TracebackType | None",
     ) -> None:
         self.release()
 
@@ -115,6 +117,8 @@ class MailboxLock:
     def _sleep(self) -> None:
         # Jitter keeps competing deliverers from retrying in lock step; with a delay of 0
         # (tests, busy servers) still yield a few milliseconds so the holder can finish.
+        import random  # only when the lock is busy: mail opening a folder does without it
+
         if self.delay:
             time.sleep(self.delay * random.uniform(1.0, 1.2))
         else:

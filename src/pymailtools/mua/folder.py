@@ -5,17 +5,43 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
+import struct
+import sys
 import zlib
-from array import array
-from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
-from itertools import accumulate, repeat
+from itertools import accumulate, compress, repeat
+from operator import add
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
 from pymailtools.fileio import write_all
 from pymailtools.local.lock import MailboxLock
+
+# Opening a folder imports neither re nor collections (a big share of a small folder's time):
+# an mbox file's index is kept in memoryviews, not arrays, whose module imports collections.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from array import array
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Literal, Protocol
+
+    class Sizes(Protocol):
+        def __len__(self) -> int: ...
+        def __getitem__(self, i: int, /) -> int: ...
+
+    class Column(Sizes, Protocol):
+        """A column of the index: an array or a memoryview of machine integers."""
+
+        def __setitem__(self, i: int, value: int, /) -> None: ...
+        def __iter__(self) -> Iterator[int]: ...
+        def tobytes(self) -> bytes: ...
+        @property
+        def itemsize(self) -> int: ...
+
+
+def _column(code: Literal["q", "H"], data: bytes | bytearray) -> memoryview[int]:
+    """A column of machine integers (struct format ``code``) over a copy of ``data``."""
+    return memoryview(bytearray(data)).cast(code)
 
 # pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
 # saved or rewritten: listing a folder does without it and its imports.
@@ -31,6 +57,17 @@ PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
 # Entry.flags bits: the first two as stored and changeable by the session, then the session's
 # marks, then the stored Status: letters as loaded (never changed).
 SEEN, OLD, READ, DELETED, SAVED, PRESERVED, TO_MBOX, WAS_SEEN, WAS_OLD = (1 << n for n in range(9))
+
+
+def clear_of(flags: Column, mask: int) -> bytes:
+    """A byte per message: 1 where its flags have none of ``mask``'s bits (all in the low
+    byte), else 0; made by C loops from the flags' bytes, for counts and searches over
+    every message."""
+    if flags.itemsize != 2:
+        return bytes(not f & mask for f in flags)
+    raw = flags.tobytes()
+    low = raw[0::2] if sys.byteorder == "little" else raw[1::2]
+    return low.translate(bytes(not b & mask for b in range(256)))
 
 
 class FolderError(MailError):
@@ -234,9 +271,9 @@ class Folder:
 
     path: str
     entries: EntryList
-    sizes: Sequence[int]
+    sizes: Sizes
     lines: Sequence[int]
-    flags: MutableSequence[int]
+    flags: Column
 
     def line_count(self, i: int) -> int:
         """Lines of message ``i`` as stored."""
@@ -276,10 +313,40 @@ class Folder:
         """Let go of what the folder holds open."""
 
 
-_STATUS_FIELD = re.compile(rb"\nstatus:[ \t]*([a-z]*)", re.IGNORECASE)
 _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
                   | (OLD | WAS_OLD if "O" in letters else 0)
                   for letters in ("", "R", "O", "RO", "OR")}
+
+
+def _status_windows() -> dict[bytes, int]:
+    """The usual Status: values by the four bytes after the colon: " RO\\n", " R\\n" and the
+    next line's first byte, and so on (CRLF too)."""
+    table = {}
+    for letters in (b"R", b"O", b"RO", b"OR"):
+        for eol in (b"\n", b"\r\n"):
+            key = b" " + letters + eol
+            for c in range(256) if len(key) < 4 else (-1,):
+                table[key + bytes((c,)) if c >= 0 else key[:4]] = _STATUS_VALUES[letters]
+    return table
+
+
+_STATUS_WINDOWS = _status_windows()
+
+
+def _field_flags(data: bytes, at: int, start: int, end: int) -> int:
+    """Flags of the message at ``data[start:end]`` whose first Status: field (any case)
+    starts at ``at`` (its newline): the letters after blanks, when they are one of the usual
+    values; otherwise as ``_status_flags`` reads the header block."""
+    value = data[at + 8 : data.find(b"\n", at + 8, end)].lstrip(b" \t")
+    letters = value[: len(value) - len(value.lstrip(_LETTERS))]
+    flags = _STATUS_VALUES.get(letters, -1)
+    if flags < 0:
+        hstart = data.find(b"\n", start) + 1
+        flags = _status_flags(data, hstart, start + _head_length(data[start:end]))
+    return flags
+
+
+_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 
 
 def _status_flags(data: bytes, start: int, end: int) -> int:
@@ -287,14 +354,12 @@ def _status_flags(data: bytes, start: int, end: int) -> int:
     in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
     if not start:
         return _status_flags(b"\n" + data[:end], 1, end + 1)
-    pos = data.find(b"\nStatus:", start - 1, end)
-    if pos < 0:  # not as usually spelled: any case
-        data = data[start - 1 : end].lower()
-        pos, end = data.find(b"\nstatus:"), len(data)
-        if pos < 0:
-            return 0
-    nl = data.find(b"\n", pos + 8, end)
-    value = data[pos + 8 : end if nl < 0 else nl].lstrip(b" \t").upper()
+    data = data[start - 1 : end].lower()  # the first field, its name in any case
+    pos = data.find(b"\nstatus:")
+    if pos < 0:
+        return 0
+    nl = data.find(b"\n", pos + 8)
+    value = data[pos + 8 : len(data) if nl < 0 else nl].lstrip(b" \t").upper()
     letters = value[: len(value) - len(value.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
     flags = (SEEN | WAS_SEEN) if b"R" in letters else 0
     return flags | (OLD | WAS_OLD) if b"O" in letters else flags
@@ -327,19 +392,18 @@ class MboxEntry(Entry):
     @property
     def head(self) -> int:
         """From_ line and header fields, without the blank line that ends them."""
-        return self.box.heads[self.index]  # type: ignore[attr-defined, no-any-return]
+        return self.box.head(self.index)  # type: ignore[attr-defined, no-any-return]
 
 
 class _Index:
     """The index of an mbox file, built in one pass over it in large blocks (cut at message
-    starts, so that no block is read twice), with the CRC of the whole."""
+    starts, so that no block is read twice), with the CRC of the whole: where each message
+    starts and its stored Status: flags. Sizes follow from the starts; header lengths and
+    line counts are found when a message is shown."""
 
     def __init__(self) -> None:
-        self.starts = array("q")
-        self.heads = array("q")  # -1: longer than the block that held it (looked up later)
-        self.sizes = array("q")
-        self.lines = array("q")
-        self.flags = array("H")
+        self.starts = bytearray()  # native 8-byte integers
+        self.flags = bytearray()  # native 2-byte integers
         self.first = -1  # where the first message starts
         self.crc = 0
         self.size = 0
@@ -350,55 +414,58 @@ class _Index:
             window = os.pread(fd, BLOCK, pos)
             if not window:
                 break
-            if len(window) == BLOCK:
-                cut = window.rfind(b"\nFrom ") + 1
-                if not cut:  # one message longer than the block
+            parts = window.split(b"\nFrom ")
+            end = len(window)
+            if end == BLOCK:  # more may follow: the block ends where its last message starts
+                if len(parts) == 1:  # one message longer than the block
                     pos = self._long(fd, pos, window)
                     continue
-                window = window[:cut]
-            self.crc = zlib.crc32(window, self.crc)
-            self._add(window, pos)
-            pos += len(window)
+                end -= len(parts.pop()) + 5
+            self.crc = zlib.crc32(memoryview(window)[:end], self.crc)
+            self._add(window, parts, end, pos)
+            pos += end
         self.size = pos
 
-    def _add(self, data: bytes, pos: int) -> None:
-        """Index ``data``: whole messages starting at file offset ``pos`` (or the text before
-        the first message at offset 0). Lists do the work message by message, in C."""
-        parts = (b"\n" + data).split(b"\nFrom ")
-        first = parts[0]
-        del parts[0]
-        if not parts:
+    def _add(self, data: bytes, parts: list[bytes], end: int, pos: int) -> None:
+        """Index ``data[:end]``, split at "\\nFrom " into ``parts``: whole messages starting
+        at file offset ``pos`` (or the text before the first message at offset 0). The work
+        per message is done by C loops (``map`` over lists, searches with bounds), never by
+        Python code, and no copy is made of the block but one lowercased."""
+        # where each message starts in data, then where the last one ends
+        starts = list(accumulate(map(add, map(len, parts), repeat(6)), initial=-5))
+        del parts
+        if data.startswith(b"From "):
+            starts[0] = 0
+        else:  # text before the first message (the first block only)
+            del starts[0]
+        n = len(starts) - 1
+        if not n:
             return
-        start = pos + len(first)  # the joined newline makes up for the one split off
+        self.starts += struct.pack(f"{n}q", *map(add, starts[:n], repeat(pos)))
         if self.first < 0:
-            self.first = start
-        # each part: a message less its "From " and the newline the next separator took
-        sizes = [len(p) + 6 for p in parts]
-        sizes[-1] -= 1
-        lines = [p.count(b"\n") + 1 for p in parts]
-        lines[-1] -= 1
-        starts = list(accumulate(sizes[:-1], initial=start))
-        cuts = [p.find(b"\n\n") for p in parts]  # where the header block ends, less 5
-        if -1 in cuts:  # rare: no blank line; the header block is the whole message
-            for k, c in enumerate(cuts):
-                if c < 0:
-                    cuts[k] = len(parts[k]) - parts[k].endswith(b"\n")
-        heads = [c + 6 for c in cuts]
-        heads[-1] = min(heads[-1], sizes[-1])
-        search, value = _STATUS_FIELD.search, _STATUS_VALUES.get
-        # the usual Status: values looked up (-1: anything else, parsed below)
-        flags = [0 if m is None else value(m.group(1), -1)
-                 for m in map(search, parts, repeat(0), cuts)]
-        if -1 in flags:
+            self.first = pos + starts[0]
+        if end == len(data) and not data.endswith(b"\n"):  # the file's last line
+            data += b"\n"  # so that every line of the block ends in a newline
+        flags = [0] * n
+        # The first Status: field of each message (the name in any case)...
+        at = list(map(data.lower().find, repeat(b"\nstatus:"), starts[:n], starts[1:]))
+        found = bytes(map((-1).__lt__, at))
+        hits, at = list(compress(range(n), found)), list(compress(at, found))
+        # ... when it comes before the blank line that ends the header block
+        head = bytes(map((-1).__eq__, map(data.find, repeat(b"\n\n"),
+                                          map(starts.__getitem__, hits),
+                                          map(add, at, repeat(1)))))
+        if 0 in head:
+            hits, at = list(compress(hits, head)), list(compress(at, head))
+        windows = map(data.__getitem__, map(slice, map(add, at, repeat(8)),
+                                            map(add, at, repeat(12))))
+        any(map(flags.__setitem__, hits, map(_STATUS_WINDOWS.get, windows, repeat(-1))))
+        if -1 in flags:  # anything else: as the field is read one by one
+            field = dict(zip(hits, at, strict=True))
             for k, f in enumerate(flags):
                 if f < 0:
-                    p = parts[k]
-                    flags[k] = _status_flags(b"From " + p, p.find(b"\n") + 6, heads[k])
-        self.starts.extend(starts)
-        self.sizes.extend(sizes)
-        self.lines.extend(lines)
-        self.heads.extend(heads)
-        self.flags.extend(flags)
+                    flags[k] = _field_flags(data, field[k], starts[k], starts[k + 1])
+        self.flags += struct.pack(f"{n}H", *flags)
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
         """Index the message at ``pos``, longer than a block (``window`` its first); returns
@@ -407,27 +474,19 @@ class _Index:
             if not window.startswith(b"From "):  # text before the first message: no entry
                 return self._skip(fd, pos, window)
             self.first = pos
-        cut = window.find(b"\n\n")
-        head = -1 if cut < 0 else cut + 1
-        flags = 0 if cut < 0 else _status_flags(window, window.find(b"\n") + 1, head)
-        end, nl = self._through(fd, pos)
-        self.starts.append(pos)
-        self.sizes.append(end - pos)
-        self.lines.append(nl)
-        self.heads.append(head)
-        self.flags.append(flags)
+        end = self._through(fd, pos)
+        self.starts += struct.pack("q", pos)
+        self.flags += struct.pack("H", _find_head(fd, pos, end)[1])
         return end
 
     def _skip(self, fd: int, pos: int, window: bytes) -> int:
-        end, _ = self._through(fd, pos)
-        return end
+        return self._through(fd, pos)
 
-    def _through(self, fd: int, pos: int) -> tuple[int, int]:
-        """(where the next message starts or the file ends, newlines before it) from ``pos``,
-        the CRC taken of everything up to there, once."""
+    def _through(self, fd: int, pos: int) -> int:
+        """Where the next message starts (or the file ends) from ``pos``, the CRC taken of
+        everything up to there, once."""
         off = pos
         held = b""  # the previous block's last bytes: a separator may straddle two
-        nl = 0
         while True:
             chunk = os.pread(fd, BLOCK, off)
             data = held + chunk
@@ -436,12 +495,47 @@ class _Index:
             if q >= 0 or not chunk:
                 done = data if q < 0 else data[: q + 1]
                 self.crc = zlib.crc32(done, self.crc)
-                return base + len(done), nl + done.count(b"\n")
+                return base + len(done)
             held = data[-5:]
-            done = data[:-5]
-            self.crc = zlib.crc32(done, self.crc)
-            nl += done.count(b"\n")
+            self.crc = zlib.crc32(data[:-5], self.crc)
             off += len(chunk)
+
+
+def _head_length(data: bytes) -> int:
+    """Length of the header block (From_ line and fields, without the blank line ending
+    them) of the whole message ``data``: a message without a blank line is all header."""
+    cut = data.find(b"\n\n")
+    return cut + 1 if cut >= 0 else len(data)
+
+
+def _find_head(fd: int, start: int, end: int) -> tuple[int, int]:
+    """(header length, stored Status: flags) of the message at ``start``..``end``."""
+    size = HEAD_BLOCK
+    while True:
+        data = os.pread(fd, min(size, end - start), start)
+        hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
+        cut = data.find(b"\n\n", max(0, hstart - 1))
+        if cut >= 0 or len(data) >= end - start:
+            head = len(data) if cut < 0 else cut + 1
+            return head, _status_flags(data, hstart, head)
+        size *= 4
+
+
+class _Sizes:
+    """Message sizes of an mbox folder, from where each message and the next start."""
+
+    def __init__(self, box: MboxFolder) -> None:
+        self.box = box
+
+    def __len__(self) -> int:
+        return len(self.box.starts)
+
+    def __getitem__(self, i: int) -> int:
+        starts = self.box.starts
+        if i < 0:
+            i += len(starts)
+        end = starts[i + 1] if i + 1 < len(starts) else self.box.size
+        return end - starts[i]
 
 
 def _pseudo(block: bytes) -> bool:
@@ -456,6 +550,8 @@ class MboxFolder(Folder):
     """An mbox file, indexed under a shared lock and read on demand; rewritten under the
     delivery locks by copying the unchanged bytes."""
 
+    lines: memoryview[int]  # -1: not counted yet
+
     def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
         self.path = path
         self.fd = fd  # kept open: message text is read through it, even if renamed over
@@ -465,32 +561,36 @@ class MboxFolder(Folder):
         self.size = index.size
         # What was loaded, to notice another program's rewrite before ours replaces it.
         self.crc = index.crc
-        self.starts, self.heads, self.sizes = index.starts, index.heads, index.sizes
-        self.lines, self.flags = index.lines, index.flags
-        if -1 in self.heads:  # a header block longer than the block that held it
-            for i, head in enumerate(self.heads):
-                if head < 0:
-                    start = self.starts[i]
-                    self.heads[i], self.flags[i] = self._find_head(start, start + self.sizes[i])
+        self.starts, self.flags = _column("q", index.starts), _column("H", index.flags)
+        self.sizes = _Sizes(self)
+        # Header lengths and line counts when first wanted (-1: not yet).
+        self.heads = _column("q", b"\xff" * len(index.starts))
+        self.lines = _column("q", b"\xff" * len(index.starts))
         # Bytes kept as they are before the first message: text before any From_ line, and
         # the folder-internal message, which nobody reading locally may see or remove.
         self.prefix = index.first if self.starts else index.size
         self.entries = EntryList(self, MboxEntry)
         if self.starts and _pseudo(self.header_block(self.entries[0])):
             self.prefix += self.sizes[0]
-            for column in (self.starts, self.heads, self.sizes, self.lines, self.flags):
-                del column[0]
+            self.starts, self.heads = self.starts[1:], self.heads[1:]
+            self.lines, self.flags = self.lines[1:], self.flags[1:]
 
-    def _find_head(self, start: int, end: int) -> tuple[int, int]:
-        size = HEAD_BLOCK
-        while True:
-            data = os.pread(self.fd, min(size, end - start), start)
-            hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
-            cut = data.find(b"\n\n", max(0, hstart - 1))
-            if cut >= 0 or len(data) >= end - start:
-                head = len(data) if cut < 0 else cut + 1
-                return head, _status_flags(data, hstart, head)
-            size *= 4
+    def head(self, i: int) -> int:
+        """Length of message ``i``'s header block (From_ line and fields, without the blank
+        line that ends them)."""
+        if self.heads[i] < 0:
+            start = self.starts[i]
+            self.heads[i] = _find_head(self.fd, start, start + self.sizes[i])[0]
+        return self.heads[i]
+
+    def line_count(self, i: int) -> int:
+        if self.lines[i] < 0:
+            start, n = self.starts[i], self.sizes[i]
+            count = 0
+            for off in range(start, start + n, BLOCK):
+                count += os.pread(self.fd, min(BLOCK, start + n - off), off).count(b"\n")
+            self.lines[i] = count
+        return self.lines[i]
 
     @classmethod
     def load(cls, path: str, config: Config) -> MboxFolder:
@@ -518,18 +618,33 @@ class MboxFolder(Folder):
             self.fd = -1
 
     def header_block(self, e: Entry) -> bytes:
-        return os.pread(self.fd, self.heads[e.index], self.starts[e.index])
+        return os.pread(self.fd, self.head(e.index), self.starts[e.index])
 
     def header_blocks(self, entries: Iterable[Entry]) -> Iterator[bytes]:
+        """Read in large blocks; header lengths and line counts of the messages a block
+        holds whole are taken from it."""
         buf = b""
         base = 0
-        starts, heads = self.starts, self.heads
+        starts, heads, lines, sizes = self.starts, self.heads, self.lines, self.sizes
         for e in entries:
-            start, head = starts[e.index], heads[e.index]
-            if start < base or start + head > base + len(buf):
+            i = e.index
+            start, size, head = starts[i], sizes[i], heads[i]
+            if start < base or start + (size if head < 0 else head) > base + len(buf):
                 base = start
                 buf = os.pread(self.fd, max(BLOCK, head), base)
-            yield buf[start - base : start - base + head]
+            s = start - base
+            if s + size <= len(buf):
+                if head < 0:
+                    heads[i] = head = _head_length(buf[s : s + size])
+                if lines[i] < 0:
+                    lines[i] = buf.count(b"\n", s, s + size)
+            elif head < 0:
+                head = self.head(i)
+                if s + head > len(buf):
+                    base = start
+                    buf = os.pread(self.fd, max(BLOCK, head), base)
+                    s = 0
+            yield buf[s : s + head]
 
     def stored_bytes(self, e: Entry) -> bytes:
         """The entry as stored: From_ line, headers, quoted body."""
@@ -549,7 +664,7 @@ class MboxFolder(Folder):
         flags = self.flags[i]
         if not _needs_status(flags):
             return raw
-        head = self.heads[i]
+        head = self.head(i)
         hstart = raw.find(b"\n") + 1 if raw.startswith(b"From ") else 0
         return raw[:hstart] + _with_status(raw[hstart:head], flags) + raw[head:]
 
@@ -581,16 +696,25 @@ class MboxFolder(Folder):
         if self.prefix:
             writer.write(reader.read(0, self.prefix))
         pos = self.prefix
-        starts, heads, sizes, flags = self.starts, self.heads, self.sizes, self.flags
-        for i in range(len(kept)):
+        starts, heads, flags, n = self.starts, self.heads, self.flags, len(kept)
+        for i in range(n):
             if not kept[i]:
                 continue
-            start, size_i, changed = starts[i], sizes[i], _needs_status(flags[i])
+            start, changed = starts[i], _needs_status(flags[i])
+            size_i = (starts[i + 1] if i + 1 < n else self.size) - start
             if same < 0 and (start != pos or changed):
                 same = writer.offset
-            if changed:
-                writer.write(self._status_entry(i, reader.read(start, heads[i])))
-                writer.copy(reader, start + heads[i], size_i - heads[i])
+            if changed and size_i <= HEAD_BLOCK:  # whole, from the buffer: its header block too
+                raw = reader.read(start, size_i)
+                if len(raw) != size_i:
+                    raise OSError(errno.EIO, "mailbox shorter than indexed")
+                if heads[i] < 0:
+                    heads[i] = _head_length(raw)
+                writer.write(self._status_entry(i, raw))
+            elif changed:
+                head = self.head(i)
+                writer.write(self._status_entry(i, reader.read(start, head)))
+                writer.copy(reader, start + head, size_i - head)
             else:
                 writer.copy(reader, start, size_i)
             pos = start + size_i
@@ -815,6 +939,8 @@ class MaildirFolder(Folder):
         found.sort()
         self.keys = [name for _, name, _, _ in found]
         self.subdirs = [sub for _, _, sub, _ in found]
+        from array import array  # a Maildir's index only: an mbox file's does without
+
         self.sizes = array("q", [size for _, _, _, size in found])
         self.lines = array("q", [-1]) * len(found)
         self.flags = array("H", [(SEEN | WAS_SEEN if "S" in name.rpartition(":2,")[2]

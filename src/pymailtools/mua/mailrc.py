@@ -10,9 +10,12 @@ are skipped, with one warning, so a setting inside never applies by accident.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 
 from pymailtools.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # at run time, collections would cost mail's start-up its import
+    from collections.abc import Callable, Mapping
 
 SYSTEM_MAILRC = "/etc/mail.rc"
 # command modifiers s-nail accepts before a command (wysh: shell-style quoting)

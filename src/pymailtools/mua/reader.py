@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import binascii
-import functools
+import bisect
 import itertools
 import os
 import pwd
-import re
-import shlex
 import sys
 
 from pymailtools import address
@@ -26,13 +23,18 @@ from pymailtools.mua.folder import (
     Entry,
     Folder,
     Headers,
+    clear_of,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
     from email.message import Message
-    from typing import TextIO
+    from re import Match
+    from typing import TextIO, TypeVar
+
+    _K = TypeVar("_K")
+    _V = TypeVar("_V")
 
     from pymailtools.mua.compose import Draft
 
@@ -95,7 +97,7 @@ def clean(text: str) -> str:
     return "".join(out)
 
 
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+_ENCODED_WORD = r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?="
 
 
 def raw_value(msg: Headers, name: str) -> str | None:
@@ -116,8 +118,10 @@ def _unescaped(value: str) -> str:
     return _bytes_text(value.encode("utf-8", "surrogateescape"))
 
 
-def _word(m: re.Match[str]) -> tuple[str, bytes] | None:
+def _word(m: Match[str]) -> tuple[str, bytes] | None:
     """(charset, bytes) of one RFC 2047 encoded word; None when it does not decode."""
+    import binascii  # only for encoded words
+
     charset, kind, data = m.group(1).split("*", 1)[0].lower(), m.group(2), m.group(3)
     try:
         if kind in "Bb":
@@ -140,7 +144,9 @@ def decode_words(text: str) -> str:
     out: list[str] = []
     run: list[tuple[str, bytes]] = []
     pos = 0
-    for m in _ENCODED_WORD.finditer(text):
+    import re  # only for text with encoded words: opening a folder does without it
+
+    for m in re.finditer(_ENCODED_WORD, text):
         word = _word(m)
         if word is None:
             continue  # stays in the text as it is
@@ -185,11 +191,26 @@ def header_addresses(msg: Headers, name: str) -> list[tuple[str, str]]:
     return list(_addresses(value))
 
 
-@functools.lru_cache(maxsize=4096)
 def _addresses(value: str) -> tuple[tuple[str, str], ...]:
     # Cached: a big mailbox's summary meets the same few senders again and again.
-    return tuple((display_text(n), clean(a)) for n, a in address.parse_list(_unescaped(value))
-                 if a)
+    found = _ADDRESSES.get(value)
+    if found is None:
+        found = tuple((display_text(n), clean(a))
+                      for n, a in address.parse_list(_unescaped(value)) if a)
+        _remember(_ADDRESSES, value, found)
+    return found
+
+
+# Caches of the summary's columns, as plain dicts (functools would cost its import at start).
+_ADDRESSES: dict[str, tuple[tuple[str, str], ...]] = {}
+_DAY_COLUMNS: dict[tuple[int, str, int], str] = {}
+_SENDER_COLUMNS: dict[str, str | None] = {}
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[key] = value
 
 
 def mailbox_text(name: str, addr: str) -> str:
@@ -270,11 +291,14 @@ def _plain_date(value: str) -> str:
     if not (clock[2:3] == ":" and len(clock) >= 5 and (clock[:2] + clock[3:5]).isdigit()
             and day.isdigit() and len(year) == 4 and year.isdigit()):
         return ""
-    column = _day_column(int(year), mon.lower(), int(day))
+    key = (int(year), mon.lower(), int(day))
+    column = _DAY_COLUMNS.get(key)
+    if column is None:
+        column = _day_column(*key)
+        _remember(_DAY_COLUMNS, key, column)
     return f"{column} {clock[:5]}" if column else ""
 
 
-@functools.lru_cache(maxsize=1024)
 def _day_column(year: int, mon: str, day: int) -> str:
     """"Tue Nov 14" for a date; '' when there is no such day."""
     month = _MONTHS.get(mon)
@@ -315,12 +339,15 @@ def summary(e: Entry, h: Headers, num: int, current: bool, width: int) -> str:
     return fit(line, width - 1).rstrip()
 
 
-@functools.lru_cache(maxsize=4096)
 def _sender_column(value: str) -> str | None:
     """``sender_name``'s column for a From: field's value; None when it has no address."""
     # Cached: a big mailbox's summary meets the same few senders again and again.
+    if value in _SENDER_COLUMNS:
+        return _SENDER_COLUMNS[value]
     found = _addresses(value)
-    return fit(found[0][0] or found[0][1], 18, pad=True) if found else None
+    column = fit(found[0][0] or found[0][1], 18, pad=True) if found else None
+    _remember(_SENDER_COLUMNS, value, column)
+    return column
 
 
 def resolve_mailbox(cfg: Config, folder: str | None, user: str | None) -> tuple[str, str, bool]:
@@ -416,10 +443,9 @@ class Session:
         """Read ``box`` from now on: its first new message current, else its first unread."""
         self.box = box
         # flag bits rather than entries: the loops over every message run at C speed mostly
-        flags = box.flags
-        first = next((i for i, f in enumerate(flags) if not f & (OLD | SEEN | READ)), None)
-        if first is None:
-            first = next((i for i, f in enumerate(flags) if not f & SEEN), 0)
+        first = clear_of(box.flags, OLD | SEEN | READ).find(1)
+        if first < 0:
+            first = max(0, clear_of(box.flags, SEEN).find(1))
         self.dot = first
         self.dot_shown = False
         self.window = 0
@@ -473,8 +499,8 @@ class Session:
         entries = self.box.entries
         n = len(entries)
         flags = self.box.flags
-        new = sum(1 for f in flags if not f & (OLD | SEEN | READ))
-        unread = sum(1 for f in flags if not f & (SEEN | READ))
+        new = clear_of(flags, OLD | SEEN | READ).count(1)
+        unread = clear_of(flags, SEEN | READ).count(1)
         text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
         if new:
             text += f" {new} new"
@@ -493,23 +519,30 @@ class Session:
         return max(5, shutil.get_terminal_size((80, 24)).lines - 4)
 
     def headers(self, start: int | None = None) -> None:
-        visible = [i for i, f in enumerate(self.box.flags) if not f & DELETED]
+        visible = self._undeleted()
         if not visible:
             self.say("No more mail.")
             return
         size = self.screen()
         if start is None:
-            pos = next((k for k, i in enumerate(visible) if i >= self.dot), 0)
-            start = (pos // size) * size
+            pos = bisect.bisect_left(visible, self.dot)  # the first at or after dot, else 0
+            start = (0 if pos == len(visible) else pos // size) * size
         self.window = max(0, min(start, len(visible) - 1))
         self.emit_summaries(visible[self.window : self.window + size])
+
+    def _undeleted(self) -> Sequence[int]:
+        """Indices of the messages not deleted, in order."""
+        keep = clear_of(self.box.flags, DELETED)
+        if keep.find(0) < 0:
+            return range(len(keep))
+        return list(itertools.compress(itertools.count(), keep))
 
     # --- message lists --------------------------------------------------------------------
 
     def select(self, spec: str, *, deleted: bool = False) -> list[int]:
         """Indices for a mailx message list; the current message when ``spec`` is empty."""
         entries, flags = self.box.entries, self.box.flags
-        usable = [i for i, f in enumerate(flags) if deleted or not f & DELETED]
+        usable = range(len(flags)) if deleted else self._undeleted()
         if not spec.strip():
             if deleted or not flags[self.dot] & DELETED:
                 return [self.dot]
@@ -587,6 +620,7 @@ class Session:
     def page(self, text: str) -> None:
         if self.out.isatty() and text.count("\n") > self.screen():
             pager = os.environ.get("PAGER") or "more"
+            import shlex
             import subprocess
 
             try:
@@ -761,6 +795,8 @@ class Session:
             self.box.entries[i].to_mbox = True
 
     def _list_and_file(self, args: str) -> tuple[list[int], str]:
+        import shlex  # only for commands that name a file
+
         words = shlex.split(args)
         if not words:
             raise UsageError("No file specified.")

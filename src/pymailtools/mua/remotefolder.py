@@ -55,6 +55,7 @@ class RemoteFolder(Folder, Generic[S]):
     numbers: array[int]
     sizes: array[int]
     lines: array[int]  # -1: not known (shown blank, as s-nail does) until the text is read
+    flags: array[int]
 
     def __init__(self, url: remote.RemoteURL, creds: remote.Credentials,
                  conn: remote.Connection, limit: int) -> None:

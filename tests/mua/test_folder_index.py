@@ -1,0 +1,119 @@
+"""The mbox index of mail's folders: what it finds per message (start, size, header block,
+lines, stored Status:) agrees with a plain reading of the file, across read blocks."""
+
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pymailtools.config import Config
+from pymailtools.mua import folder
+from tests.conftest import need_tool
+from tests.support.mail import mail_env, run_mail
+
+FROM = b"From a@example.org Thu Jan  1 00:00:00 1970\n"
+LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+
+
+def plain_reading(data: bytes) -> list[tuple[int, int, bytes, int, bool, bool]]:
+    """(start, size, header block, lines, R, O) of each message: split at every "\\nFrom ",
+    the header block up to the first blank line, the first Status: field of it (the name in
+    any case), R and O among the letters that start its value."""
+    starts = [0] if data.startswith(b"From ") else []
+    pos = data.find(b"\nFrom ")
+    while pos >= 0:
+        starts.append(pos + 1)
+        pos = data.find(b"\nFrom ", pos + 1)
+    out = []
+    for start, end in zip(starts, starts[1:] + [len(data)]):  # noqa: B905 (one more end)
+        msg = data[start:end]
+        cut = msg.find(b"\n\n")
+        head = msg[: cut + 1] if cut >= 0 else msg
+        letters = b""
+        for line in head.split(b"\n")[1:]:
+            if line[:7].lower() == b"status:":
+                value = line[7:].lstrip(b" \t")
+                letters = value[: len(value) - len(value.lstrip(LETTERS))].upper()
+                break
+        out.append((start, len(msg), head, msg.count(b"\n"), b"R" in letters, b"O" in letters))
+    return out
+
+
+PIECES = [b"Subject: x\n", b"Status: RO\n", b"STATUS: R\n", b"status:O\n", b"Status:\tOR x\n",
+          b"Status: X\n", b"Status: \n", b"sTaTuS: RO\n", b"X-Status: R\n", b">From here\n",
+          b"Status: RO\r\n", b"Status: R\r\n", b"Status: O\rx\n",
+          b"From inside a line\n", b"Status: R", b"\n", b"text\n",
+          b"X-Long: " + b"h" * 3000 + b"\n"]
+
+
+def random_mbox(rnd: random.Random) -> bytes:
+    out = [b"text before the first message\n"] if rnd.random() < 0.2 else []
+    for _ in range(rnd.randrange(0, 40)):
+        head = [FROM]
+        fields = [rnd.choice(PIECES[:13] + PIECES[17:]) for _ in range(rnd.randrange(0, 5))]
+        status = [f for f in fields if f[:7].lower() == b"status:"]
+        head += [f for f in fields if f not in status[1:]]  # one Status: field at most
+        body = [rnd.choice(PIECES) for _ in range(rnd.randrange(0, 6))]
+        if rnd.random() < 0.05:
+            body.append(b"y" * rnd.randrange(1, 20_000) + b"\n")
+        blank = [b"\n"] if rnd.random() < 0.85 else []  # else: no blank line, all header
+        out.append(b"".join(head + blank + body) + (b"\n" if rnd.random() < 0.9 else b""))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("block", [300, 1024, 4096, folder.BLOCK])
+def test_index_agrees_with_a_plain_reading(tmp_path: Path, config: Config, block: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages and header blocks longer than a read block, Status: fields in any case, in
+    the body, after a message without a blank line, at the end of a file without a newline;
+    header blocks and line counts both as a summary batch and one by one."""
+    monkeypatch.setattr(folder, "BLOCK", block)
+    monkeypatch.setattr(folder, "HEAD_BLOCK", max(64, block // 4))
+    rnd = random.Random(block)
+    path = tmp_path / "box"
+    for round_ in range(60):
+        data = random_mbox(rnd)
+        path.write_bytes(data)
+        want = plain_reading(data)
+        box = folder.load(str(path), config)
+        try:
+            assert isinstance(box, folder.MboxFolder)
+            assert box.prefix == (want[0][0] if want else len(data))
+            entries = list(box.entries)
+            assert len(entries) == len(want)
+            if round_ % 2:
+                heads = list(box.header_blocks(entries))
+            else:
+                heads = [box.header_block(e) for e in entries]
+            got = [(box.starts[i], e.size, heads[i], e.lines, e.seen, e.old)
+                   for i, e in enumerate(entries)]
+            assert got == want, data
+        finally:
+            box.close()
+
+
+def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path: Path) -> None:
+    """The banner's counts and the window's letters of a folder whose Status: fields sit in
+    odd places agree with s-nail's."""
+    snail = need_tool("s-nail", "s-nail")
+    msgs = [
+        b"STATUS: RO\nSubject: one\n\nbody\n",  # read, the field name in capitals
+        b"Subject: two\n\nStatus: RO\n",  # a Status: line in the body: new
+        b"Subject: three\nstatus: O\n\nbody\n",  # old, lower-case name
+        b"Subject: four\nStatus: O\nno blank line follows\n",  # all header
+        b"Subject: five\n\n\nStatus: R\n",
+        b"Subject: six\nX-Status: RO\n\n>From the body\n",
+        b"Subject: seven\nStatus:\tRO junk\n\nbody\n",
+        b"Subject: eight\nStatus: O",  # the file's last line, no newline
+    ]
+    path = tmp_path / "odd"
+    path.write_bytes(b"\n".join(FROM + m for m in msgs))
+    env = mail_env(config_file, tmp_path)
+    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
+    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
+                            input=b"x\n", capture_output=True, timeout=60,
+                            env=env).stdout.decode().splitlines()
+    theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+    assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1] == "8 messages 3 new 6 unread"
+    assert [ln[1] for ln in ours[1:]] == [ln[1] for ln in theirs[1:]] == list("ONUUNNOU")
