@@ -1,5 +1,5 @@
 """Group commit for a queue run: consecutive deliveries into one mbox share its locks and one
-fsync, and Maildir deliveries share one fsync of each new/ directory.
+fsync, and consecutive deliveries into one Maildir its open directories and one fsync of new/.
 
 The queue runner removes (or rewrites) the queue entries of a group only after ``sync``: a
 crash before it delivers the group's messages again at the next run (a duplicate, as after any
@@ -26,7 +26,7 @@ from pymailtools.queue.store import crash_point
 GROUP_MESSAGES = 32
 GROUP_BYTES = 4 << 20
 GROUP_SECONDS = 0.5
-# Maildir new/ directories waiting for their fsync (a descriptor each) before they are synced.
+# Maildirs kept open (four descriptors each) and waiting for the fsync of new/.
 GROUP_DIRECTORIES = 64
 
 # Runs a function with the ids the held mailbox was opened with (pipe.call_as): its dotlock is
@@ -59,13 +59,13 @@ class Group:
 
     def __init__(self) -> None:
         self._held: _Held | None = None
-        self._dirs: dict[tuple[int, int], int] = {}
+        self._maildirs: dict[tuple[str, int], list[int]] = {}
         self.failure: DeliveryError | None = None
 
     @property
     def pending(self) -> bool:
         """Writes (or a held lock) waiting for ``sync``."""
-        return self._held is not None or bool(self._dirs)
+        return self._held is not None or bool(self._maildirs)
 
     def full(self) -> bool:
         """The held mailbox's group has reached a bound: sync it before the next delivery."""
@@ -108,22 +108,17 @@ class Group:
         h.count += 1
         h.bytes += added
 
-    def add_directory(self, fd: int) -> None:
-        """A Maildir new/ directory (open as ``fd``) a message was just linked into: fsynced
-        at ``sync``, once for all its messages."""
-        try:
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino)
-            if key in self._dirs:
-                return
-            if len(self._dirs) >= GROUP_DIRECTORIES:
-                self._sync_dirs()
-            self._dirs[key] = os.dup(fd)
-        except OSError:  # out of descriptors: sync it now (the message is delivered already)
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
+    def maildir(self, top: str, uid: int) -> list[int] | None:
+        """The open directories (top, tmp, new, cur) of the Maildir ``top`` as ``uid`` opened
+        them earlier in the group, or None."""
+        return self._maildirs.get((top, uid))
+
+    def keep_maildir(self, top: str, uid: int, fds: list[int]) -> None:
+        """Keep a Maildir's open directories (top, tmp, new, cur) for the group's next
+        messages to it; they are closed, new/ fsynced first, at ``sync``."""
+        if len(self._maildirs) >= GROUP_DIRECTORIES:
+            self._sync_dirs()
+        self._maildirs[(top, uid)] = fds
 
     def sync(self) -> None:
         """Make every write of the group durable and release the held mailbox."""
@@ -135,15 +130,16 @@ class Group:
         self._sync_dirs()
 
     def _sync_dirs(self) -> None:
-        dirs, self._dirs = self._dirs, {}
-        for fd in dirs.values():
+        maildirs, self._maildirs = self._maildirs, {}
+        for fds in maildirs.values():
             try:
-                # Ignored as a single Maildir delivery ignores it: the message is in new/.
-                os.fsync(fd)
+                # Ignored as a single Maildir delivery ignores it: the messages are in new/.
+                os.fsync(fds[2])
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
 
     def _sync_held(self) -> None:
         h, self._held = self._held, None

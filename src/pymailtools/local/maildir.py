@@ -38,24 +38,33 @@ def deliver(
     Every directory is opened once without following symlinks and used through its descriptor,
     so swapping ``new/`` for a symlink after the checks changes nothing. Raises DeliveryError
     (4.x.x) on any refusal or failure, leaving no file behind in tmp/ or new/. With ``group``
-    the fsync of new/ is left to it (one for the group's messages in that directory).
+    the directories stay open in it for the group's next messages to the same Maildir, and the
+    fsync of new/ is left to it (one for all of them).
     """
     check_envelope(sender, recipient)
     top = directory.rstrip("/") or "/"
+    held = group.maildir(top, uid) if group is not None else None
+    if held is not None:
+        _deliver(held[1], held[2], message, sender, recipient, uid, gid, config, top)
+        return
     fds: list[int] = []
     try:
         top_fd = _open_dir(top, None, uid, gid, "maildir")
         fds.append(top_fd)
         for sub in SUBDIRS:
             fds.append(_open_dir(sub, top_fd, uid, gid, f"maildir {sub}/"))
-        _deliver(fds[1], fds[2], message, sender, recipient, uid, gid, config, top)
         if group is not None:
-            group.add_directory(fds[2])
-        else:
-            try:
-                os.fsync(fds[2])
-            except OSError:
-                pass  # delivered: the message is in new/ either way
+            group.keep_maildir(top, uid, fds)  # the group closes them from now on
+            fds = []
+            held = group.maildir(top, uid)
+            assert held is not None
+            _deliver(held[1], held[2], message, sender, recipient, uid, gid, config, top)
+            return
+        _deliver(fds[1], fds[2], message, sender, recipient, uid, gid, config, top)
+        try:
+            os.fsync(fds[2])
+        except OSError:
+            pass  # delivered: the message is in new/ either way
     finally:
         for fd in fds:
             os.close(fd)
