@@ -103,6 +103,10 @@ def imap_client(server: dovecot.Dovecot, user: str, tally: Tally, stop: threadin
         last = False
         while not last:
             last = stop.is_set()
+            # SEARCH answers from the session's view as of its last sync (the end of the
+            # previous command): NOOP syncs first, so the last pass sees all delivered mail.
+            typ, data = imap.noop()
+            assert typ == "OK", data
             typ, data = imap.uid("SEARCH", "ALL")
             assert typ == "OK", data
             uids = [u for u in data[0].split() if u not in done]

@@ -3,11 +3,13 @@ mailbox_command, home_mailbox, then the mail spool."""
 
 import os
 import pwd
+from collections.abc import Callable
 from typing import BinaryIO, NamedTuple
 
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import maildir, mbox, pipe, spool
+from pymailtools.local.group import Group
 from pymailtools.local.route import DEFAULT_PRIVS, local_name
 from pymailtools.tables import TableError, open_tables, split_extension
 
@@ -58,9 +60,11 @@ def describe(config: Config, user: str) -> str:
 def deliver(
     config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str,
     original_recipient: str = "", busy: dict[str, str] | None = None,
+    group: Group | None = None,
 ) -> str:
     """Deliver ``message`` to local ``user``'s mailbox wherever it is configured to be; return a
-    short note for the log.
+    short note for the log. With ``group`` an mbox or Maildir delivery may wait for the
+    group's fsync (see local.group); a mailbox command never does.
 
     Raises DeliveryError: 5.1.1 unknown user, 5.1.3 unusable name; a command's exit status as
     pipe.run maps it (a command that is missing or cannot be executed is deferred, 4.3.0); the
@@ -68,34 +72,53 @@ def deliver(
     pw = spool.passwd_entry(user)
     dest = destination(config, pw)
     if dest.kind == "command":
+        if group is not None:
+            group.prepare(None, -1)  # the command may lock the mailbox we hold
         _run_command(config, pw, dest.where, message, sender=sender, recipient=recipient,
                      original_recipient=original_recipient)
         return f"delivered to command: {dest.where}"
     if not config.home_mailbox:
         return spool.deliver_to_user(config, user, message, sender=sender, recipient=recipient,
-                                     busy=busy)
-    _deliver_home(config, pw, dest, message, sender=sender, recipient=recipient, busy=busy)
+                                     busy=busy, group=group)
+    _deliver_home(config, pw, dest, message, sender=sender, recipient=recipient, busy=busy,
+                  group=group)
     return f"delivered to {dest.kind} {dest.where}"
 
 
 def _deliver_home(config: Config, pw: pwd.struct_passwd, dest: Destination, message: BinaryIO,
-                  *, sender: str, recipient: str, busy: dict[str, str] | None) -> None:
+                  *, sender: str, recipient: str, busy: dict[str, str] | None,
+                  group: Group | None) -> None:
     """Write into the home directory as the user (effective ids, see pipe.call_as), so that
     the kernel judges every directory on the way: a symbolic link planted anywhere leads
     nowhere the user could not write already, and the writers refuse one as the mailbox
     itself or a file owned by anyone else."""
+    uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        # A group keeps descriptors open across deliveries: only where the write runs in this
+        # process (not in a child of call_as).
+        if not pipe.runs_here(uid, effective_only=True):
+            group.prepare(None, -1)
+            group = None
+        else:
+            group.prepare(dest.where if dest.kind == "mailbox" else None, uid)
+
+    def as_user(func: Callable[[], bytes]) -> bytes:
+        return pipe.call_as(uid, gid, func, effective_only=True)
 
     def write() -> bytes:
         if dest.kind == "maildir":
             maildir.deliver(dest.where, message, sender=sender, recipient=recipient,
-                            uid=pw.pw_uid, gid=pw.pw_gid, config=config)
+                            uid=uid, gid=gid, config=config, group=group)
+        elif group is not None:
+            group.append(dest.where, message, sender=sender, recipient=recipient, uid=uid,
+                         gid=gid, config=config, busy=busy, wrap=as_user)
         else:
             mbox.append(dest.where, message, sender=sender, recipient=recipient,
-                        uid=pw.pw_uid, gid=pw.pw_gid, config=config, busy=busy)
+                        uid=uid, gid=gid, config=config, busy=busy)
         return b""
 
     try:
-        pipe.call_as(pw.pw_uid, pw.pw_gid, write, effective_only=True)
+        as_user(write)
     except OSError as e:
         raise mbox.os_error(f"cannot deliver to {dest.where}", e) from None
 

@@ -5,12 +5,15 @@ import itertools
 import os
 import stat
 import time
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pymailtools.config import Config
 from pymailtools.errors import DeliveryError
 from pymailtools.fileio import write_all
 from pymailtools.local.mbox import BLOCK, check_envelope, os_error
+
+if TYPE_CHECKING:
+    from pymailtools.local.group import Group
 
 SUBDIRS = ("tmp", "new", "cur")
 NAME_ATTEMPTS = 5
@@ -28,22 +31,40 @@ def deliver(
     uid: int,
     gid: int,
     config: Config,
+    group: "Group | None" = None,
 ) -> None:
     """Deliver ``message`` to the Maildir ``directory`` (created with tmp/new/cur if missing).
 
     Every directory is opened once without following symlinks and used through its descriptor,
     so swapping ``new/`` for a symlink after the checks changes nothing. Raises DeliveryError
-    (4.x.x) on any refusal or failure, leaving no file behind in tmp/ or new/.
+    (4.x.x) on any refusal or failure, leaving no file behind in tmp/ or new/. With ``group``
+    the directories stay open in it for the group's next messages to the same Maildir, and the
+    fsync of new/ is left to it (one for all of them).
     """
     check_envelope(sender, recipient)
     top = directory.rstrip("/") or "/"
+    held = group.maildir(top, uid) if group is not None else None
+    if held is not None:
+        _deliver(held[1], held[2], message, sender, recipient, uid, gid, config, top)
+        return
     fds: list[int] = []
     try:
         top_fd = _open_dir(top, None, uid, gid, "maildir")
         fds.append(top_fd)
         for sub in SUBDIRS:
             fds.append(_open_dir(sub, top_fd, uid, gid, f"maildir {sub}/"))
+        if group is not None:
+            group.keep_maildir(top, uid, fds)  # the group closes them from now on
+            fds = []
+            held = group.maildir(top, uid)
+            assert held is not None
+            _deliver(held[1], held[2], message, sender, recipient, uid, gid, config, top)
+            return
         _deliver(fds[1], fds[2], message, sender, recipient, uid, gid, config, top)
+        try:
+            os.fsync(fds[2])
+        except OSError:
+            pass  # delivered: the message is in new/ either way
     finally:
         for fd in fds:
             os.close(fd)
@@ -148,10 +169,6 @@ def _deliver(
     # Delivered from here on: a failure now must not make the runner deliver it a second time.
     try:
         os.unlink(name, dir_fd=tmp_fd)
-    except OSError:
-        pass
-    try:
-        os.fsync(new_fd)
     except OSError:
         pass
 

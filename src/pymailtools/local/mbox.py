@@ -69,6 +69,19 @@ def append(
     busy mailbox costs the run a single wait rather than one per message.
     """
     check_envelope(sender, recipient)
+    fd, lock = open_locked(path, uid=uid, gid=gid, config=config, check_owner=check_owner,
+                            create=create, busy=busy)
+    try:
+        _write(fd, lock, message, sender, recipient, path)
+    finally:
+        lock.release()
+        os.close(fd)
+
+
+def open_locked(path: str, *, uid: int, gid: int, config: Config, check_owner: bool,
+                 create: bool, busy: dict[str, str] | None) -> tuple[int, MailboxLock]:
+    """Open the mailbox ``path`` safely and take both its locks; the caller releases the lock
+    and closes the descriptor. DeliveryError (4.x.x) when it cannot (see ``append``)."""
     if busy is not None and path in busy:
         raise DeliveryError(busy[path], "4.2.0")
     mail_gid = _mail_gid()
@@ -84,17 +97,20 @@ def append(
                 raise DeliveryError(str(e), "4.2.0") from None
             except OSError as e:
                 raise os_error(f"cannot lock mailbox {path}", e) from None
+            # Python's mailbox, mutt and mail(1) rewrite by rename: the inode we opened and
+            # locked may no longer be the mailbox, and appending to it would lose the mail.
             try:
-                # Python's mailbox, mutt and mail(1) rewrite by rename: the inode we opened and
-                # locked may no longer be the mailbox, and appending to it would lose the mail.
-                if not _still_current(path, fd):
-                    continue
-                _write(fd, lock, message, sender, recipient, path)
-            finally:
+                current = _still_current(path, fd)
+            except BaseException:
                 lock.release()
-        finally:
+                raise
+            if current:
+                return fd, lock
+            lock.release()
+        except BaseException:
             os.close(fd)
-        return
+            raise
+        os.close(fd)
     raise DeliveryError(f"mailbox {path} kept being replaced while locking it", "4.2.0")
 
 
@@ -262,6 +278,7 @@ class _Writer:
         self.lock = lock
         self.buf = bytearray()
         self.last = b""
+        self.total = 0  # bytes written so far
         self.refreshed = time.monotonic()
 
     def write(self, data: bytes) -> None:
@@ -273,6 +290,7 @@ class _Writer:
 
     def flush(self) -> None:
         write_all(self.fd, self.buf)
+        self.total += len(self.buf)
         self.buf.clear()
         # Test hook (PYMAILTOOLS_TEST_CRASH_AT): die with part of the message in the mailbox.
         crash_point("mbox_mid_append")
@@ -281,14 +299,18 @@ class _Writer:
             self.refreshed = time.monotonic()
 
 
-def _append_at(fd: int, size: int, lock: MailboxLock, body: Callable[[_Writer], None]) -> None:
+def _append_at(fd: int, size: int, lock: MailboxLock, body: Callable[[_Writer], None], *,
+               sync: bool = True) -> int:
     """With the locks held, add the separator the file needs and what ``body`` writes, then
-    fsync. The caller truncates back to ``size`` if this raises."""
+    fsync (unless ``sync`` is false: a group's fsync comes later). The caller truncates back
+    to ``size`` if this raises."""
     out = _Writer(fd, lock)
     out.write(_separator(fd, size))
     body(out)
     out.flush()
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
+    return out.total
 
 
 def append_framed(fd: int, lock: MailboxLock, data: bytes) -> None:
@@ -298,13 +320,15 @@ def append_framed(fd: int, lock: MailboxLock, data: bytes) -> None:
     try:
         _append_at(fd, size, lock, lambda out: out.write(data))
     except BaseException:
-        _truncate(fd, size)
+        truncate(fd, size)
         raise
 
 
 def _write(
-    fd: int, lock: MailboxLock, message: BinaryIO, sender: str, recipient: str, path: str
-) -> None:
+    fd: int, lock: MailboxLock, message: BinaryIO, sender: str, recipient: str, path: str,
+    *, sync: bool = True,
+) -> int:
+    """Append one message (all or nothing) and return how many bytes the file grew by."""
     size = os.fstat(fd).st_size
 
     def body(out: _Writer) -> None:
@@ -316,9 +340,9 @@ def _write(
         out.write(b"\n")
 
     try:
-        _append_at(fd, size, lock, body)
+        return _append_at(fd, size, lock, body, sync=sync)
     except BaseException as e:
-        truncated = _truncate(fd, size)
+        truncated = truncate(fd, size)
         if not isinstance(e, Exception):
             raise
         if isinstance(e, DeliveryError):
@@ -333,7 +357,18 @@ def _write(
         raise DeliveryError(f"cannot write mailbox {path}: {e!r}{note}", "4.3.0") from e
 
 
-def _truncate(fd: int, size: int) -> bool:
+def append_unsynced(fd: int, lock: MailboxLock, message: BinaryIO, *, sender: str,
+                    recipient: str, path: str) -> int:
+    """``append``'s write into a mailbox already open and locked (``open_locked``), without
+    the fsync, which the caller does later; returns the bytes added. A failure truncates back
+    to the size before this message only, and raises DeliveryError."""
+    check_envelope(sender, recipient)
+    return _write(fd, lock, message, sender, recipient, path, sync=False)
+
+
+def truncate(fd: int, size: int) -> bool:
+    """Cut the locked mailbox open as ``fd`` back to ``size`` bytes, fsynced; False when that
+    failed."""
     # Before unlocking (the caller's finally): a reader must never see half a message.
     try:
         os.ftruncate(fd, size)

@@ -256,6 +256,13 @@ def _pump(proc: subprocess.Popen[bytes], message: BinaryIO, deadline: float,
     return bytes(out), False
 
 
+def runs_here(uid: int, *, effective_only: bool = False) -> bool:
+    """Whether ``call_as(uid, ..., effective_only=...)`` runs its function in this process
+    (rather than in a forked child)."""
+    return (os.geteuid() != 0 or uid == 0
+            or (effective_only and threading.active_count() == 1))
+
+
 def call_as(uid: int, gid: int, func: Callable[[], bytes], *,
             effective_only: bool = False) -> bytes:
     """``func()`` with the privileges of ``uid``/``gid``: in a forked child that has dropped to
@@ -273,7 +280,7 @@ def call_as(uid: int, gid: int, func: Callable[[], bytes], *,
     if os.geteuid() != 0 or uid == 0:
         _require_identity(uid, "act")
         return func()
-    if effective_only and threading.active_count() == 1:
+    if runs_here(uid, effective_only=effective_only):
         return _as_effective(uid, gid, func)
     rfd, wfd = os.pipe()
     pid = os.fork()

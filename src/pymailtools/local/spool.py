@@ -4,11 +4,14 @@ import os
 import pwd
 import re
 import time
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pymailtools.config import Config
 from pymailtools.errors import DeliveryError
 from pymailtools.local import maildir, mbox
+
+if TYPE_CHECKING:
+    from pymailtools.local.group import Group
 
 # Debian's useradd default (NAME_REGEX) without upper case or '$': whatever matches can be
 # appended to the spool path as is, with no '/' and no '..'.
@@ -61,13 +64,14 @@ def passwd_entry(user: str) -> pwd.struct_passwd:
 
 def deliver_to_user(
     config: Config, user: str, message: BinaryIO, *, sender: str, recipient: str,
-    busy: dict[str, str] | None = None,
+    busy: dict[str, str] | None = None, group: "Group | None" = None,
 ) -> str:
     """Deliver ``message`` to local ``user``'s mailbox; return a short note for the log.
 
     Raises DeliveryError: 5.1.1 unknown user, 5.1.3 unusable name, 4.x.x for everything that
     may work later (locks, refusals of unsafe mailboxes, no permission when not root).
-    ``busy`` is the run's memory of mailboxes found locked (see mbox.append).
+    ``busy`` is the run's memory of mailboxes found locked (see mbox.append); with ``group``
+    the fsync is left to the group's (see local.group).
     """
     pw = passwd_entry(user)
     path, is_maildir = mailbox_path(config, pw.pw_name)
@@ -75,10 +79,14 @@ def deliver_to_user(
         _check_unprivileged(path, is_maildir, pw)
     if is_maildir:
         maildir.deliver(path + "/", message, sender=sender, recipient=recipient,
-                        uid=pw.pw_uid, gid=pw.pw_gid, config=config)
+                        uid=pw.pw_uid, gid=pw.pw_gid, config=config, group=group)
         return "delivered to maildir"
-    mbox.append(path, message, sender=sender, recipient=recipient, uid=pw.pw_uid,
-                gid=pw.pw_gid, config=config, busy=busy)
+    if group is not None:
+        group.append(path, message, sender=sender, recipient=recipient, uid=pw.pw_uid,
+                     gid=pw.pw_gid, config=config, busy=busy)
+    else:
+        mbox.append(path, message, sender=sender, recipient=recipient, uid=pw.pw_uid,
+                    gid=pw.pw_gid, config=config, busy=busy)
     return "delivered to mailbox"
 
 

@@ -13,6 +13,7 @@ from pymailtools import log
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, DeliveryError
 from pymailtools.local import agent, route
+from pymailtools.local.group import GROUP_MESSAGES, Group
 from pymailtools.local.targets import Remote
 from pymailtools.log import Logger, make_line
 from pymailtools.qmgr.transport import DISCARD, ERROR, LOCAL, RETRY, Route, Router
@@ -34,6 +35,7 @@ from pymailtools.queue.store import (
     EntryBusy,
     EntryNotFound,
     Queue,
+    crash_point,
 )
 from pymailtools.submit.pickup import pickup
 from pymailtools.submit.submission import Options, submit
@@ -51,7 +53,8 @@ BATCH = 256
 # Local deliveries wait for the disk (an fsync of the file and of the directory each): with
 # this many entries or more that have only local recipients, they are shared among up to
 # LOCAL_WORKERS forked processes, one mailbox's entries always in the same one (no two
-# workers ever wait for each other's mailbox lock).
+# workers ever wait for each other's mailbox lock), and one after the other there, so that
+# they share its lock and fsyncs (local.group).
 LOCAL_PARALLEL_MIN = 32
 LOCAL_WORKERS = 16
 # Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
@@ -159,6 +162,12 @@ class Runner:
         self._remote_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = False  # a forked local delivery worker (never forks its own)
+        # Group commit of local deliveries (local.group), during _run_entries: the entries
+        # whose deliveries wait for the group's fsync before their queue update, and the
+        # deliveries reported only then (envelope, recipient, detail, relay, time).
+        self._group: Group | None = None
+        self._pending: list[_Entry] = []
+        self._provisional: list[tuple[Envelope, Recipient, str, str, float]] = []
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -237,11 +246,15 @@ class Runner:
     def _run_entries(self, todo: list[tuple[str, str]], *, force: bool,
                      site: str | None) -> None:
         """Local recipients are delivered entry by entry; entries with remote recipients are
-        kept locked and sent in batches, so one destination's messages share sessions."""
+        kept locked and sent in batches, so one destination's messages share sessions.
+
+        Consecutive local deliveries into one mailbox share its lock and fsync (local.group):
+        their entries are kept locked and updated only once the group is synced."""
         if (len(todo) >= LOCAL_PARALLEL_MIN and not self._worker and self._loop is None
                 and self.progress is None and self.queue.direct_access()):
             todo = self._local_workers(todo, force=force, site=site)
         batch: list[_Entry] = []
+        group = self._group = Group()
         try:
             for state, qid in todo:
                 if self.stopping:
@@ -260,15 +273,66 @@ class Runner:
                     batch.append(entry)
                     if len(batch) >= BATCH:
                         todo_now, batch = batch, []
+                        self._commit()
                         self._remote_pass(todo_now)
+                elif group.pending:
+                    self._pending.append(entry)
+                    if group.full() or len(self._pending) >= GROUP_MESSAGES:
+                        self._commit()
                 else:
+                    self._commit()  # what is left of the group is durable already
                     self._finish_entry(entry)
+            self._commit()
             if batch:
                 todo_now, batch = batch, []
                 self._remote_pass(todo_now)
         finally:
             for entry in batch:  # only after an exception: they stay as they were
                 entry.close()
+            self._drop_group()
+
+    def _commit(self) -> None:
+        """Sync the group, report its deliveries (all deferred when its fsync failed), then
+        update the queue entries that waited for it."""
+        group = self._group
+        if group is None:
+            return
+        group.sync()
+        if not (self._provisional or self._pending):
+            group.failure = None
+            return
+        # Test hook (PYMAILTOOLS_TEST_CRASH_AT): die with the group synced, its entries not
+        # yet updated.
+        crash_point("group_synced")
+        failure, group.failure = group.failure, None
+        provisional, self._provisional = self._provisional, []
+        for env, r, detail, relay, now in provisional:
+            if failure is not None:
+                self._record(env, r, DEFERRED, failure.status, failure.reason, since=now)
+            else:
+                self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
+        pending, self._pending = self._pending, []
+        for n, entry in enumerate(pending):
+            try:
+                self._finish_entry(entry)
+            except BaseException:
+                for rest in pending[n + 1:]:
+                    rest.close()
+                raise
+
+    def _drop_group(self) -> None:
+        """After the run or an exception: release the group's mailboxes; entries still
+        waiting for it are left as they were (delivered again by the next run)."""
+        group, self._group = self._group, None
+        pending, self._pending = self._pending, []
+        self._provisional = []
+        for entry in pending:
+            entry.close()
+        if group is not None:
+            try:
+                group.sync()
+            except Exception as e:
+                self.log.warning(f"releasing mailboxes: {e}")
 
     def _local_workers(self, todo: list[tuple[str, str]], *, force: bool,
                        site: str | None) -> list[tuple[str, str]]:
@@ -278,7 +342,7 @@ class Runner:
         Each worker runs the ordinary entry loop (locks, fsyncs, notices) and sends its
         counts back."""
         now = time.time()
-        shares: dict[int, list[tuple[str, str]]] = {}
+        keyed: dict[int, list[tuple[str, str, str]]] = {}
         rest: list[tuple[str, str]] = []
         for n, (state, qid) in enumerate(todo):
             if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
@@ -287,13 +351,17 @@ class Runner:
             if key is None:
                 rest.append((state, qid))
             else:
-                shares.setdefault(hash(key) % LOCAL_WORKERS, []).append((state, qid))
-        if len(shares) < 2:
+                keyed.setdefault(hash(key) % LOCAL_WORKERS, []).append((key, state, qid))
+        if len(keyed) < 2:
             return todo
+        # One recipient's entries one after the other (in queue order among themselves), so
+        # that they share the mailbox's lock and fsyncs.
+        shares = [[(state, qid) for _, state, qid in sorted(share, key=lambda x: x[0])]
+                  for share in keyed.values()]
         sys.stdout.flush()
         sys.stderr.flush()
         children: list[tuple[int, int, list[tuple[str, str]]]] = []
-        for share in shares.values():
+        for share in shares:
             rfd, wfd = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -630,12 +698,18 @@ class Runner:
         except DeliveryError as e:
             self._record(env, r, BOUNCED if e.permanent else DEFERRED, e.status, e.reason,
                          since=now)
+            return
         except OSError as e:  # a file or directory delivery could not use: name it
             where = f"{e.filename}: " if e.filename else ""
             self._record(env, r, DEFERRED, "4.3.0", f"{where}{e.strerror or e}", since=now)
+            return
         except Exception as e:  # a bug must defer one recipient, not kill the whole run
             self._record(env, r, DEFERRED, "4.3.0",
                          f"internal error: {type(e).__name__}: {e}", since=now)
+            return
+        if self._group is not None and self._group.pending:
+            # Sent once the group's fsync has made it durable (_commit).
+            self._provisional.append((env, r, detail, relay, now))
         else:
             self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
 
@@ -657,7 +731,7 @@ class Runner:
             else:
                 done.append(agent.deliver(self.cfg, t, msg, sender=env.sender,
                                           recipient=r.address, original_recipient=r.orcpt,
-                                          busy=self._busy))
+                                          busy=self._busy, group=self._group))
         return "; ".join(done) or "discarded (empty alias)", "local"
 
     def backoff(self, age: float) -> float:
