@@ -29,9 +29,13 @@ from tests.support.smtpd import Client, listener
 def writes(writer: QueueWriter, cfg: Config, queue: Queue, n: int,
            between: Any = None) -> list[str | BaseException]:
     """``n`` sessions' messages ending in the same turn of the loop (as when the loop was busy
-    while their last bytes came in); ``between`` runs after they are written, before the
-    commit. The queue id, or the exception, of each."""
+    while their last bytes came in), each counted as receiving until then, as Server.smtp_DATA
+    counts it; ``between`` runs after they are written, before the commit. The queue id, or
+    the exception, of each."""
+    writer.receiving += n
+
     async def one(i: int) -> str:
+        writer.receiving -= 1
         opts = submit.Options(["root@localhost"], f"s{i}@x.test", fullname="")
         return await writer.submit(cfg, io.BytesIO(b"Subject: %d\n\nbody %d\n" % (i, i)), opts,
                                    queue)
@@ -72,6 +76,25 @@ def test_messages_ending_together_are_committed_as_one_group(
     assert sorted(ids) == sorted(entries)  # type: ignore[type-var]
     for i, qid in enumerate(ids):
         assert entries[qid].endswith(b"body %d\n" % i)  # type: ignore[index]
+
+
+def test_a_message_no_other_can_join_is_committed_at_once(
+        setup: tuple[Config, Queue, list[int]]) -> None:
+    """With no other session reading a message, the commit happens before submit returns:
+    the coroutine finishes without giving the loop a turn."""
+    cfg, queue, sizes = setup
+    writer = QueueWriter()
+
+    async def main() -> str:
+        opts = submit.Options(["root@localhost"], "a@x.test", fullname="")
+        coro = writer.submit(cfg, io.BytesIO(b"Subject: alone\n\nbody\n"), opts, queue)
+        with pytest.raises(StopIteration) as done:
+            coro.send(None)
+        return str(done.value.value)
+
+    qid = asyncio.run(main())
+    assert sizes == [1]
+    assert complete_entries(queue)[qid].endswith(b"body\n")
 
 
 def test_a_failing_directory_fsync_fails_every_message_of_the_group(

@@ -82,11 +82,12 @@ class QueueWriter:
     """Queues the listener's messages: on the event loop's own thread while queue writes are
     quick, as a group commit; in the default thread pool for a while after one was slow.
 
-    Group commit: a message is written in full (not yet fsynced) as soon as its data is in,
-    and committed at the start of the loop's next turn together with every other message of
-    this process that was written meanwhile (``intake.commit_group``): each file gets its own
-    fsync, but messages/ and incoming/ are fsynced once for the group. Each 250 reply waits
-    for its own message's commit, so none is sent before its entry is durable.
+    Group commit: a message is written in full (not yet fsynced) as soon as its data is in;
+    while another session of this process is reading its message's data, the commit waits
+    for the start of the loop's next turn and takes every other message of this process
+    written meanwhile (``intake.commit_group``): each file gets its own fsync, but messages/
+    and incoming/ are fsynced once for the group. Each 250 reply waits for its own message's
+    commit, so none is sent before its entry is durable.
 
     A thread hand-off costs more CPU than a fast disk's fsyncs take: the worker thread gives
     the GIL back and waits for it again at each of its twenty-odd system calls, and under
@@ -105,6 +106,7 @@ class QueueWriter:
         self.threaded = 0  # writes left to send to threads
         self.average = 0.0  # seconds per commit on the loop's thread
         self.group: list[tuple[Submission, QueueEnvelope, asyncio.Future[str]]] = []
+        self.receiving = 0  # sessions reading a message's data (Server.smtp_DATA counts them)
 
     async def submit(self, cfg: Config, src: io.BytesIO, opts: submit.Options,
                      queue: Queue | None) -> str:
@@ -122,6 +124,11 @@ class QueueWriter:
         done: asyncio.Future[str] = loop.create_future()
         self.group.append((sub, env, done))
         if len(self.group) == 1:
+            if not self.receiving:
+                # No other session is between its 354 and its final dot, so none could join
+                # this group: commit now rather than pay two more turns of the loop for it.
+                self.commit()
+                return done.result()
             loop.call_soon(self.commit)
         return await done
 
@@ -706,12 +713,16 @@ class Server(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        writer = self.pmt.writer
+        writer.receiving += 1  # a message that may join a group commit
         try:
             content, problem = await smtpd_data.read_data(
                 self._reader, self.data_size_limit or 0, self.line_length_limit,
                 self._reset_timeout)  # smtpd_timeout per read, as Postfix, not for all of DATA
         except asyncio.IncompleteReadError:  # the client went away in the middle of it
             raise ConnectionResetError("end of file during DATA") from None
+        finally:
+            writer.receiving -= 1
         assert self.session is not None  # (as the envelope: set at connect)
         _state(self.session).last = "END-OF-MESSAGE"
         if problem:
