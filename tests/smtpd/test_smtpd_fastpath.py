@@ -263,11 +263,12 @@ def test_a_message_of_exactly_the_size_limit_is_kept_however_it_arrives() -> Non
 def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """QueueWriter: real queue writes on the loop's thread; one slow write (a stand-in for a
-    slow disk: a write that sleeps) is not a slow disk, but once the average passes SLOW the
+    slow disk: a commit that sleeps) is not a slow disk, but once the average passes SLOW the
     next PROBE go to the thread pool, then one is tried on the loop's thread again."""
     import threading
     import time
 
+    from pymailtools.queue import intake
     from pymailtools.queue.store import Queue
     from pymailtools.smtpd.protocol import QueueWriter
     from pymailtools.submit import submission as submit
@@ -275,14 +276,18 @@ def test_queue_writes_leave_the_loop_thread_only_while_the_disk_is_slow(
     cfg = Config({"queue_directory": str(tmp_path / "q"), "syslog": False})
     queue = Queue(cfg.queue_directory)
     queue.ensure()
-    real, delay, where = submit.submit, [0.0], []
+    delay: list[float] = [0.0]
+    where: list[bool] = []
 
-    def recorded(*args: Any) -> str:
-        where.append(threading.current_thread() is threading.main_thread())
-        time.sleep(delay[0])
-        return real(*args)
+    def recorded(real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            where.append(threading.current_thread() is threading.main_thread())
+            time.sleep(delay[0])
+            return real(*args)
+        return call
 
-    monkeypatch.setattr(submit, "submit", recorded)
+    monkeypatch.setattr(submit, "submit", recorded(submit.submit))  # in a thread
+    monkeypatch.setattr(intake, "commit_group", recorded(intake.commit_group))  # on the loop's
     writer = QueueWriter()
     writer.PROBE = 3
 

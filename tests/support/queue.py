@@ -52,3 +52,15 @@ def states(cfg: Config, qid: str) -> dict[str, str]:
 def run(cfg: Config, *, force: bool = False) -> Stats:
     """One queue run; with ``force``, entries not yet due are tried too."""
     return Runner(cfg).run(force=force)
+
+
+def complete_entries(q: Queue) -> dict[str, bytes]:
+    """Every published entry's message; each must load and match its envelope's size."""
+    found = {}
+    for state in STATES:
+        for qid in q.ids(state):
+            _, env = q.load(qid, state)
+            data = q.read_message(qid)
+            assert len(data) == env.size
+            found[qid] = data
+    return found

@@ -127,15 +127,8 @@ class Submission:
     def commit(self, env: "Envelope") -> str:
         """Append the envelope, fsync, publish by a new name, fsync the directories; only then
         is the message queued."""
-        env.id = self.id
-        env.size = self.size
         try:
-            body = env.to_bytes()
-            mark = MAILDROP_TRAILER if self.maildrop else ENTRY_TRAILER
-            write_all(self.fd, body + mark + f"{self.size} {len(body)}\n".encode())
-            crash_point("before_fsync")
-            os.fsync(self.fd)
-            crash_point("before_rename")
+            self.seal(env)
             if self.maildrop:
                 os.close(self.fd)
                 self.fd = -1
@@ -150,13 +143,7 @@ class Submission:
                 crash_point("before_envelope")
                 # the index line goes first: once the entry is published, it must describe it
                 summaries.append(self.queue.root, env, os.fstat(self.fd).st_ino)
-                # Unlocked before it is published: a runner that found a new entry locked
-                # would pass it by until its next run. A purge of orphaned message files
-                # cannot take it meanwhile: the write above made it the newest file there.
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-                published = self.queue.path(INCOMING, self.id)
-                os.link(self.path, published)
-                self.published = published
+                self.publish()
                 fsync_dir(self.queue.path(INCOMING))
                 os.close(self.fd)
                 self.fd = -1
@@ -165,6 +152,80 @@ class Submission:
             self.abort()
             raise QueueWriteError(f"cannot queue message: {e.strerror}") from None
         return self.id
+
+    def seal(self, env: "Envelope") -> None:
+        """Append the envelope and the trailer and fsync the file: the first step of a commit."""
+        env.id = self.id
+        env.size = self.size
+        body = env.to_bytes()
+        mark = MAILDROP_TRAILER if self.maildrop else ENTRY_TRAILER
+        write_all(self.fd, body + mark + f"{self.size} {len(body)}\n".encode())
+        crash_point("before_fsync")
+        os.fsync(self.fd)
+        crash_point("before_rename")
+
+    def publish(self) -> None:
+        """Give a sealed direct submission, whose name in messages/ is durable and whose index
+        line is written, its name in incoming/ (durable once incoming/ is fsynced)."""
+        # Unlocked before it is published: a runner that found a new entry locked would pass
+        # it by until its next run. A purge of orphaned message files cannot take it
+        # meanwhile: the seal's write made it the newest file there.
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        published = self.queue.path(INCOMING, self.id)
+        os.link(self.path, published)
+        self.published = published
+
+
+def commit_group(queue: "QueueDir", group: "list[tuple[Submission, Envelope]]") \
+        -> "list[Exception | None]":
+    """Commit direct submissions into ``queue`` together, as ``Submission.commit`` does each,
+    in the same order of steps: every file sealed (fsynced), then one fsync of messages/ for
+    all of them, their index lines, their names in incoming/, and one fsync of incoming/.
+    Returns, in ``group``'s order, None for each message now queued and the error for each
+    that is not (aborted, nothing of it left: a QueueWriteError for a failing system call); a
+    failing directory fsync fails every message that was waiting for it."""
+    errors: list[Exception | None] = [None] * len(group)
+    live: list[int] = []
+    for i, (sub, env) in enumerate(group):
+        try:
+            sub.seal(env)
+            live.append(i)
+        except OSError as e:
+            sub.abort()
+            errors[i] = QueueWriteError(f"cannot queue message: {e.strerror}")
+        except Exception as e:  # (an envelope that cannot be written): this message only
+            sub.abort()
+            errors[i] = e
+    try:
+        if live:
+            # the messages' own names are durable before a state file names them
+            fsync_dir(queue.path("messages"))
+            crash_point("before_envelope")
+            # the index lines go first: once an entry is published, it must describe it
+            summaries.append_all(queue.root, [(group[i][1], os.fstat(group[i][0].fd).st_ino)
+                                              for i in live])
+            published = []
+            for i in live:
+                try:
+                    group[i][0].publish()
+                    published.append(i)
+                except OSError as e:
+                    group[i][0].abort()
+                    errors[i] = QueueWriteError(f"cannot queue message: {e.strerror}")
+            live = published
+            crash_point("before_dir_fsync")
+            if live:
+                fsync_dir(queue.path(INCOMING))
+    except OSError as e:
+        for i in live:
+            group[i][0].abort()
+            errors[i] = QueueWriteError(f"cannot queue message: {e.strerror}")
+        return errors
+    for i in live:
+        os.close(group[i][0].fd)
+        group[i][0].fd = -1
+    crash_point("after_commit")
+    return errors
 
 
 class QueueDir:

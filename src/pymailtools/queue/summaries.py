@@ -85,8 +85,14 @@ def header(root: str) -> bytes:
 def append(root: str, env: "Envelope", ino: int) -> None:
     """Add the line for an envelope file about to be published. Never raises: on any
     failure the index is removed, since a lost line could leave an older one looking current."""
+    append_all(root, [(env, ino)])
+
+
+def append_all(root: str, entries: "list[tuple[Envelope, int]]") -> None:
+    """``append`` for several envelope files at once (the listener's group commit): one
+    write of all their lines."""
     try:
-        _append(root, record(env, ino))
+        _append(root, b"".join([record(env, ino) for env, ino in entries]))
     except (OSError, UnicodeError):
         try:
             os.unlink(path(root))

@@ -32,6 +32,9 @@ from pymailtools.config import Config
 from pymailtools.errors import AddressError, DeliveryError, MailError, TooBigError
 from pymailtools.local import route
 from pymailtools.log import Logger, escape
+from pymailtools.queue import intake
+from pymailtools.queue.envelope import Envelope as QueueEnvelope
+from pymailtools.queue.intake import Submission
 from pymailtools.queue.store import Queue
 from pymailtools.smtpd import data as smtpd_data
 from pymailtools.smtpd import passwd as smtpd_passwd
@@ -76,43 +79,95 @@ def _quiet_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwar
 aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log
 
 class QueueWriter:
-    """Runs submit.submit for the listener: on the event loop's own thread while queue writes
-    are quick, in the default thread pool for a while after one was slow.
+    """Queues the listener's messages: on the event loop's own thread while queue writes are
+    quick, as a group commit; in the default thread pool for a while after one was slow.
+
+    Group commit: a message is written in full (not yet fsynced) as soon as its data is in;
+    while another session of this process is reading its message's data, the commit waits
+    for the start of the loop's next turn and takes every other message of this process
+    written meanwhile (``intake.commit_group``): each file gets its own fsync, but messages/
+    and incoming/ are fsynced once for the group. Each 250 reply waits for its own message's
+    commit, so none is sent before its entry is durable.
 
     A thread hand-off costs more CPU than a fast disk's fsyncs take: the worker thread gives
     the GIL back and waits for it again at each of its twenty-odd system calls, and under
     smtp-source that cost the listener about a third of its CPU. But on a slow disk a write
-    on the loop's thread stalls every session of the process, so once writes take more than
-    SLOW on average (a moving average: one slow fsync is not a slow disk) the next PROBE go
-    to threads, whose fsync waits overlap, and then one is tried inline again."""
+    on the loop's thread stalls every session of the process, so once commits take more than
+    SLOW on average (a moving average: one slow fsync is not a slow disk) the next PROBE
+    writes go to threads, whose fsync waits overlap, and then a commit on the loop's thread
+    is tried again."""
 
     SLOW = 0.010  # seconds
     PROBE = 1000  # writes
-    WEIGHT = 0.1  # of the newest write in the average
+    WEIGHT = 0.1  # of the newest commit in the average
 
     def __init__(self, logger: Logger | None = None) -> None:
         self.log = logger
         self.threaded = 0  # writes left to send to threads
-        self.average = 0.0  # seconds per inline write
+        self.average = 0.0  # seconds per commit on the loop's thread
+        self.group: list[tuple[Submission, QueueEnvelope, asyncio.Future[str]]] = []
+        self.receiving = 0  # sessions reading a message's data (Server.smtp_DATA counts them)
 
     async def submit(self, cfg: Config, src: io.BytesIO, opts: submit.Options,
                      queue: Queue | None) -> str:
+        loop = asyncio.get_running_loop()
         if self.threaded > 0:
             self.threaded -= 1
-            return await asyncio.get_running_loop().run_in_executor(
-                None, submit.submit, cfg, src, opts, queue)
-        probe, start = self.threaded == 0 and self.average > self.SLOW, time.monotonic()
-        try:
-            return submit.submit(cfg, src, opts, queue)
-        finally:
-            took = time.monotonic() - start
-            # after a spell in threads the probe alone decides; then the average goes on
-            self.average = took if probe else self.average + self.WEIGHT * (took - self.average)
-            if self.average > self.SLOW:
-                if self.log is not None and not probe:
-                    self.log.warning(f"queue writes take {self.average * 1000:.0f} ms: "
-                                     f"the next {self.PROBE} from threads")
-                self.threaded = self.PROBE
+            return await loop.run_in_executor(None, submit.submit, cfg, src, opts, queue)
+        sub, env = submit.stage(cfg, src, opts, queue)
+        if sub.maildrop:  # (a listener that may not write the queue itself: no group)
+            start = time.monotonic()
+            try:
+                return sub.commit(env)
+            finally:
+                self.measured(time.monotonic() - start)
+        done: asyncio.Future[str] = loop.create_future()
+        self.group.append((sub, env, done))
+        if len(self.group) == 1:
+            if not self.receiving:
+                # No other session is between its 354 and its final dot, so none could join
+                # this group: commit now rather than pay two more turns of the loop for it.
+                self.commit()
+                return done.result()
+            loop.call_soon(self.commit)
+        return await done
+
+    def commit(self) -> None:
+        """Commit the messages written since the last commit (one group per queue: a reload
+        may change the queue between two of them)."""
+        start = time.monotonic()
+        waiting, self.group = self.group, []
+        while waiting:
+            queue = waiting[0][0].queue
+            group = [w for w in waiting if w[0].queue is queue]
+            waiting = [w for w in waiting if w[0].queue is not queue]
+            try:
+                errors = intake.commit_group(queue, [(sub, env) for sub, env, _ in group])
+            except Exception as e:  # a bug: no session may wait for ever, nor get a 250
+                for sub, _, done in group:
+                    sub.abort()
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for (sub, _, done), error in zip(group, errors, strict=True):
+                if done.done():  # its session is gone (the message is queued all the same)
+                    continue
+                if error is None:
+                    done.set_result(sub.id)
+                else:
+                    done.set_exception(error)
+        self.measured(time.monotonic() - start)
+
+    def measured(self, took: float) -> None:
+        """Update the average with a commit on the loop's thread; after a spell in threads
+        this one (the probe) alone decides."""
+        probe = self.average > self.SLOW
+        self.average = took if probe else self.average + self.WEIGHT * (took - self.average)
+        if self.average > self.SLOW:
+            if self.log is not None and not probe:
+                self.log.warning(f"queue writes take {self.average * 1000:.0f} ms: "
+                                 f"the next {self.PROBE} from threads")
+            self.threaded = self.PROBE
 
 
 class State:
@@ -658,12 +713,16 @@ class Server(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        writer = self.pmt.writer
+        writer.receiving += 1  # a message that may join a group commit
         try:
             content, problem = await smtpd_data.read_data(
                 self._reader, self.data_size_limit or 0, self.line_length_limit,
                 self._reset_timeout)  # smtpd_timeout per read, as Postfix, not for all of DATA
         except asyncio.IncompleteReadError:  # the client went away in the middle of it
             raise ConnectionResetError("end of file during DATA") from None
+        finally:
+            writer.receiving -= 1
         assert self.session is not None  # (as the envelope: set at connect)
         _state(self.session).last = "END-OF-MESSAGE"
         if problem:

@@ -181,6 +181,15 @@ def submit(config: Config, src: "BinaryIO", opts: Options, queue: QueueDir | Non
     listener do once at their start; without it, the queue of ``config``, created as needed.
     Raises UsageError (no recipients), AddressError, TooBigError, QueueWriteError.
     """
+    sub, env = stage(config, src, opts, queue)
+    return sub.commit(env)
+
+
+def stage(config: Config, src: "BinaryIO", opts: Options,
+          queue: QueueDir | None = None) -> "tuple[Submission, Envelope]":
+    """``submit`` up to its commit: the message written (not yet fsynced) and its envelope.
+    The caller commits it (``Submission.commit``, or ``intake.commit_group`` with others) or
+    aborts it."""
     if not opts.recipients and not opts.extract:
         raise UsageError(
             "Recipient addresses must be specified on the command line or via the -t option")
@@ -234,7 +243,7 @@ def submit(config: Config, src: "BinaryIO", opts: Options, queue: QueueDir | Non
                                        status=refused.status, reason=refused.reason))
     env = Envelope(sub.id, sender, rcpts, arrival=time.time(), uid=opts.uid, user=user,
                    envid=opts.envid, ret=opts.ret)
-    return sub.commit(env)
+    return sub, env
 
 
 def _not_queued(e: MailError) -> MailError:
