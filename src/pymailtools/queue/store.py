@@ -447,9 +447,14 @@ class Queue(QueueDir):
             path = f"{self.root}/tmp/{name}"
             if _older(path, cutoff) and remove_file(path):
                 removed.append(f"tmp/{name}")
+        # The state directories read once (a listing per few hundred names) rather than an
+        # lstat per message file: an entry listed there is no debris. One missing from it is
+        # looked for again, under its lock, as before.
+        listed = {qid for state in STATES for qid in self.names(state)}
         for kind in ("messages", HISTORY):
             for qid in self.names(kind):
-                if self._listed(qid) or not _older(self.path(kind, qid), cutoff):
+                if qid in listed or self._listed(qid) or not _older(self.path(kind, qid),
+                                                                    cutoff):
                     continue
                 try:
                     fd = self.lock(qid) if kind == "messages" else -1
