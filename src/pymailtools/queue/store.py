@@ -117,7 +117,10 @@ class _Part(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         b = memoryview(buffer).cast("B")  # its bytes (io.BufferedReader passes a memoryview)
-        data = os.pread(self.fd, min(len(b), max(self.size - self.pos, 0)), self.pos)
+        want = min(len(b), self.size - self.pos)
+        if want <= 0:
+            return 0  # the end of the part: no system call to learn it
+        data = os.pread(self.fd, want, self.pos)
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
