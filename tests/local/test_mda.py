@@ -532,6 +532,56 @@ def test_many_local_entries_are_shared_by_mailbox_among_worker_processes(
         assert len(set(pids)) <= 3
 
 
+def test_a_worker_reads_no_envelope_the_look_before_the_fork_has_read(
+        config_values: dict[str, object], system_user: User, other_user: User,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner reads every envelope to choose its worker; a worker finding the same file
+    # under incoming/ once it holds the lock uses that reading instead of opening it again.
+    need_root()
+    cfg = Config({**config_values, "home_mailbox": "Maildir/"})
+    addresses = [f"{u.pw_name}@{d}" for u in (system_user, other_user)
+                 for d in ("host.example.test", "host", "localhost")]
+    ids = [support_queue.queue(cfg, addresses[i % len(addresses)]) for i in range(40)]
+    opened = tmp_path / "opened"
+    real_open = os.open
+
+    def counting_open(path: str, *args: object, **kwargs: object) -> int:
+        if "/incoming/" in str(path):  # from the workers too: appended to one file
+            fd = real_open(opened, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(fd, str(path).rpartition("/")[2].encode() + b"\n")
+            os.close(fd)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    stats = support_queue.run(cfg)
+    assert (stats.delivered, stats.deferred) == (40, 0)
+    assert sorted(opened.read_text().split()) == sorted(ids)
+
+
+def test_a_worker_reads_an_envelope_again_when_its_file_changed_since_the_look(
+        config_values: dict[str, object], system_user: User, other_user: User) -> None:
+    # Rewritten between the look at each entry and the lock (a new file under incoming/):
+    # the entry is delivered as the new envelope says, not as the look read it.
+    from pymailtools.qmgr.runner import Runner
+    from pymailtools.queue.envelope import SENT
+    from pymailtools.queue.store import INCOMING
+
+    cfg = Config(config_values)
+    qid = support_queue.queue(cfg, system_user.pw_name, other_user.pw_name)
+    runner = Runner(cfg)
+    assert runner._local_key(qid, INCOMING, force=False, site=None, now=0) is not None
+    state, env = runner.queue.load(qid, INCOMING)
+    env.recipients[0].state = SENT
+    runner.queue.write_envelope(env, INCOMING)
+    entry = runner._open(qid, INCOMING)
+    assert entry is not None
+    try:
+        assert [r.state for r in entry.env.recipients] == [SENT, "pending"]
+    finally:
+        entry.close()
+    assert runner._looked == {}
+
+
 def test_home_maildir_failure_gives_the_runner_its_ids_back(
         config_values: dict[str, object], system_user: User) -> None:
     # The delivery fails while the runner has the user's effective ids: root's come back.

@@ -409,6 +409,17 @@ def test_delivered_to_loop_last_header_and_long_lines() -> None:
     assert not route.delivered_to_loop(io.BytesIO(long), "a@b")
 
 
+def test_delivered_to_found_past_the_first_read_and_in_a_small_message() -> None:
+    # A header block longer than the quick first look is still searched line by line.
+    header = b"".join(b"X-Filler-%d: %s\n" % (i, b"z" * 200) for i in range(400))
+    assert route.delivered_to_loop(io.BytesIO(header + b"Delivered-To: a@b\n\nbody\n"), "a@b")
+    assert not route.delivered_to_loop(io.BytesIO(header + b"\nDelivered-To: a@b\n"), "a@b")
+    small = io.BytesIO(b"Subject: x\n\nDelivered-To: a@b\n")
+    small.seek(3)
+    assert not route.delivered_to_loop(small, "a@b")
+    assert small.tell() == 3
+
+
 def test_delivered_to_scan_is_bounded() -> None:
     header = b"".join(b"X-Filler-%d: %s\n" % (i, b"z" * 200) for i in range(10000))
     msg = io.BytesIO(header + b"Delivered-To: a@b\n\n")

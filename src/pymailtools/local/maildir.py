@@ -147,9 +147,11 @@ def _deliver(
                 os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o600)
             head = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
-            write_all(fd, head.encode("utf-8", "surrogateescape"))
             _rewind(message)
-            while block := _read(message):
+            block = _read(message)
+            # One write for the head lines and the first block (all of a small message).
+            write_all(fd, head.encode("utf-8", "surrogateescape") + block)
+            while block and (block := _read(message)):
                 write_all(fd, block)
             os.fsync(fd)
         finally:

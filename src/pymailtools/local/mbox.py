@@ -118,6 +118,8 @@ def check_envelope(sender: str, recipient: str) -> None:
     """Refuse addresses that would break the From_ line or inject headers (5.1.7 / 5.1.3)."""
     # The queue validates envelopes already; this guards the lines we write regardless.
     for address, what, status in ((sender, "sender", "5.1.7"), (recipient, "recipient", "5.1.3")):
+        if address.isprintable():  # the usual case, in C: no control character at all
+            continue
         if any(ord(c) < 32 or ord(c) == 127 for c in address):
             raise DeliveryError(f"{what} address contains control characters", status)
 

@@ -23,6 +23,7 @@ log = logging.getLogger("pymailtools.local.route")
 MAX_DEPTH = 20  # nested aliases, .forward files and includes before we call it a loop
 READ_LIMIT = 4 << 20  # largest .forward or :include: file we read
 HEADER_SCAN_LIMIT = 1 << 20  # bytes of header block searched for Delivered-To
+_QUICK_LOOK = 1 << 16  # bytes read at once before the header block is searched line by line
 DEFAULT_PRIVS = "nobody"  # Postfix's default_privs: who runs commands of root-owned aliases
 
 
@@ -382,6 +383,14 @@ def delivered_to_loop(message: BinaryIO, recipient: str) -> bool:
     pos = message.tell()
     message.seek(0)
     try:
+        # Most messages name no Delivered-To at all: when the first read holds the whole
+        # message, or an empty line (the end of the header block), without one, no need to
+        # look line by line.
+        head = message.read(_QUICK_LOOK)
+        if ((len(head) < _QUICK_LOOK or b"\n\n" in head)
+                and b"delivered-to" not in head.lower()):
+            return False
+        message.seek(0)
         seen, partial = 0, False
         current: list[bytes] | None = None  # the Delivered-To header being collected
 

@@ -57,6 +57,9 @@ BATCH = 256
 # they share its lock and fsyncs (local.group).
 LOCAL_PARALLEL_MIN = 32
 LOCAL_WORKERS = 16
+# Envelopes the look at each entry keeps for the workers (see Runner._open), at most: a
+# bound on the memory a long queue takes.
+LOCAL_LOOKED_MAX = 20000
 # Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
 # never causes another; the bound only keeps a future kind of notice from chaining without end.
 NOTICE_ROUNDS = 3
@@ -162,6 +165,8 @@ class Runner:
         self._remote_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = False  # a forked local delivery worker (never forks its own)
+        # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, envelope)
+        self._looked: dict[str, tuple[int, Envelope]] = {}
         # Group commit of local deliveries (local.group), during _run_entries: the entries
         # whose deliveries wait for the group's fsync before their queue update, and the
         # deliveries reported only then (envelope, recipient, detail, relay, time).
@@ -346,6 +351,7 @@ class Runner:
         rest: list[tuple[str, str]] = []
         for n, (state, qid) in enumerate(todo):
             if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
+                self._looked.clear()
                 return todo  # mostly remote (a relay's queue): not worth a look at each
             key = self._local_key(qid, state, force=force, site=site, now=now)
             if key is None:
@@ -353,6 +359,7 @@ class Runner:
             else:
                 keyed.setdefault(hash(key) % LOCAL_WORKERS, []).append((key, state, qid))
         if len(keyed) < 2:
+            self._looked.clear()
             return todo
         # One recipient's entries one after the other (in queue order among themselves), so
         # that they share the mailbox's lock and fsyncs.
@@ -369,6 +376,7 @@ class Runner:
                 self._run_worker(share, wfd, force=force, site=site)  # never returns
             os.close(wfd)
             children.append((pid, rfd, share))
+        self._looked.clear()  # the workers have their copies
         for pid, rfd, share in children:
             with os.fdopen(rfd, "rb") as r:
                 reply = r.read()
@@ -390,7 +398,12 @@ class Runner:
         """The first due recipient's address when every due recipient of the entry is
         routed locally (or to error, retry, discard); None otherwise."""
         try:
-            _, env = self.queue.load(qid, state)
+            if state == INCOMING:
+                env, ino = self.queue.load_file(qid, state)
+                if len(self._looked) < LOCAL_LOOKED_MAX:
+                    self._looked[qid] = (ino, env)
+            else:
+                _, env = self.queue.load(qid, state)
         except (EntryNotFound, CorruptEnvelope, OSError, UnicodeError):
             return None
         key = None
@@ -469,8 +482,15 @@ class Runner:
                 self.queue.quarantine(qid, state)
             return None
         try:
-            state = self.queue.find(qid)  # it may have moved while we waited for the lock
-            state, env = self.queue.load(qid, state)
+            looked = self._looked.pop(qid, None)
+            if looked is not None and self._incoming_file(qid, fd) == looked[0]:
+                # Still the message file published as incoming/ at submission (the lock's
+                # file under the state name): it is never changed, and so neither is the
+                # envelope the look at each entry read in it before the fork.
+                state, env = INCOMING, looked[1]
+            else:
+                state = self.queue.find(qid)  # it may have moved while we waited for the lock
+                state, env = self.queue.load(qid, state)
             msg = self.queue.message(fd, env)
         except EntryNotFound:
             os.close(fd)
@@ -486,6 +506,14 @@ class Runner:
             os.close(fd)
             return None
         return _Entry(qid, state, env, msg, fd, time.time())
+
+    def _incoming_file(self, qid: str, fd: int) -> int:
+        """The inode of incoming/``qid`` when it is the locked message file ``fd``, else -1."""
+        try:
+            ino = os.lstat(self.queue.path(INCOMING, qid)).st_ino
+        except OSError:
+            return -1
+        return ino if os.fstat(fd).st_ino == ino else -1
 
     def _local_pass(self, entry: "_Entry", *, force: bool, site: str | None) -> None:
         """Deliver the due local recipients; collect the due remote ones in entry.remote."""

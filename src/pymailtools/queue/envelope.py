@@ -32,7 +32,11 @@ def trailer(fd: int, size: int, magic: bytes) -> tuple[int, int]:
     """(message length, envelope length) from the last line of a file of ``size`` bytes: the
     message, the envelope, then ``magic M E``. CorruptEnvelope unless all three add up."""
     tail_len = min(size, 128)
-    tail = os.pread(fd, tail_len, size - tail_len)
+    return parse_trailer(os.pread(fd, tail_len, size - tail_len), size, magic)
+
+
+def parse_trailer(tail: bytes, size: int, magic: bytes) -> tuple[int, int]:
+    """``trailer`` of the last (up to 128) bytes ``tail`` of a file of ``size`` bytes."""
     line = tail[:-1].rpartition(b"\n")[2]
     if not tail.endswith(b"\n") or not line.startswith(magic):
         raise CorruptEnvelope("no trailer (incomplete file)")
@@ -59,6 +63,11 @@ def read_envelope(fd: int) -> bytes:
         # (a message that happens to begin with our magic line still ends in the trailer)
         if not data[:-1].rpartition(b"\n")[2].startswith(ENTRY_TRAILER):
             return data
+    if len(data) < _HEAD_READ:
+        # The whole file is in hand (a short read of a regular file is its end): take the
+        # envelope from it rather than reading the trailer and the envelope once more.
+        msg_len, env_len = parse_trailer(data[-128:], len(data), ENTRY_TRAILER)
+        return data[msg_len:msg_len + env_len]
     msg_len, env_len = trailer(fd, os.fstat(fd).st_size, ENTRY_TRAILER)
     return os.pread(fd, env_len, msg_len)
 

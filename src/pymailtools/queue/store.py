@@ -117,7 +117,10 @@ class _Part(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         b = memoryview(buffer).cast("B")  # its bytes (io.BufferedReader passes a memoryview)
-        data = os.pread(self.fd, min(len(b), max(self.size - self.pos, 0)), self.pos)
+        want = min(len(b), self.size - self.pos)
+        if want <= 0:
+            return 0  # the end of the part: no system call to learn it
+        data = os.pread(self.fd, want, self.pos)
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -246,6 +249,22 @@ class Queue(QueueDir):
         if env.id != qid:
             raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
         return where, env
+
+    def load_file(self, qid: str, state: str) -> tuple[Envelope, int]:
+        """The envelope of an entry in ``state`` and the inode of the file it was read from
+        (EntryNotFound when it is not there)."""
+        try:
+            fd = os.open(self.path(state, qid), _O_READ)
+        except FileNotFoundError:
+            raise EntryNotFound(f"{qid}: no such queue entry") from None
+        try:
+            ino = os.fstat(fd).st_ino
+            env = Envelope.from_bytes(read_envelope(fd))
+        finally:
+            os.close(fd)
+        if env.id != qid:
+            raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
+        return env, ino
 
     def names(self, directory: str, *, ids_only: bool = True) -> Iterator[str]:
         """Names in a directory of the queue, in directory order (Postfix does not sort
@@ -431,9 +450,14 @@ class Queue(QueueDir):
             path = f"{self.root}/tmp/{name}"
             if _older(path, cutoff) and remove_file(path):
                 removed.append(f"tmp/{name}")
+        # The state directories read once (a listing per few hundred names) rather than an
+        # lstat per message file: an entry listed there is no debris. One missing from it is
+        # looked for again, under its lock, as before.
+        listed = {qid for state in STATES for qid in self.names(state)}
         for kind in ("messages", HISTORY):
             for qid in self.names(kind):
-                if self._listed(qid) or not _older(self.path(kind, qid), cutoff):
+                if qid in listed or self._listed(qid) or not _older(self.path(kind, qid),
+                                                                    cutoff):
                     continue
                 try:
                     fd = self.lock(qid) if kind == "messages" else -1
