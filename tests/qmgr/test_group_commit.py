@@ -116,3 +116,38 @@ def test_crash_delivers_the_group_again_never_loses_it(
     if kind == "mbox":
         assert not Path(str(spool / name) + ".lock").exists()
         assert s_nail_messages(spool / name, tmp_path) == raw_messages(spool / name)
+
+
+def test_a_failed_group_fsync_defers_the_recipient_whose_next_target_synced_it(
+        config_values: dict[str, object], spool: Path, system_user: pwd.struct_passwd,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An alias to a mailbox and a command: the command's delivery syncs the mailbox's group
+    first. When that fsync fails the message is taken back out of the mailbox, so the
+    recipient is deferred (the command runs again next time), never reported sent."""
+    need_root()
+    from pymailtools.config import Config
+    from tests.support import queue as support_queue
+
+    cfg = Config(config_values)
+    name = system_user.pw_name
+    box = spool / name
+    aliases = Path(cfg.alias_maps[0])
+    aliases.write_text(f'pair: {name}, "|/bin/true"\n')
+    os.chmod(aliases, 0o644)
+    qid = support_queue.queue(cfg, "pair")
+    real_fsync = os.fsync
+    failed: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        # The mailbox's first fsync fails (an I/O error of the disk), as the group's would.
+        if not failed and os.readlink(f"/proc/self/fd/{fd}") == str(box):
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    stats = support_queue.run(cfg)
+    assert failed
+    assert (stats.delivered, stats.deferred) == (0, 1)
+    assert support_queue.states(cfg, qid) == {"pair": "deferred"}
+    assert box.read_bytes() == b""
