@@ -151,3 +151,36 @@ def test_a_failed_group_fsync_defers_the_recipient_whose_next_target_synced_it(
     assert (stats.delivered, stats.deferred) == (0, 1)
     assert support_queue.states(cfg, qid) == {"pair": "deferred"}
     assert box.read_bytes() == b""
+
+
+def test_a_failing_queue_update_of_the_group_leaves_no_entry_of_the_batch_locked(
+        config_values: dict[str, object], system_user: pwd.struct_passwd,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group is committed before a full batch of remote entries is sent: when a group
+    entry's update fails there, the batch's entries are closed (their locks released) too."""
+    from pymailtools.config import Config
+    from pymailtools.qmgr import runner as runner_module
+    from pymailtools.queue.store import EntryBusy, Queue
+    from tests.support import queue as support_queue
+
+    cfg = Config(config_values)
+    local = support_queue.queue(cfg, system_user.pw_name)
+    remote = support_queue.queue(cfg, "someone@remote.example.test")
+    monkeypatch.setattr(runner_module, "BATCH", 1)
+    real_finish = runner_module.Runner._finish
+
+    def failing_finish(self: runner_module.Runner, entry: runner_module._Entry) -> None:
+        if entry.qid == local:
+            raise OSError(28, "No space left on device")
+        real_finish(self, entry)
+
+    monkeypatch.setattr(runner_module.Runner, "_finish", failing_finish)
+    with pytest.raises(OSError):
+        support_queue.run(cfg)
+    q = Queue(cfg.queue_directory)
+    for qid in (local, remote):
+        try:
+            fd = q.lock(qid)
+        except EntryBusy:
+            pytest.fail(f"{qid} is still locked")
+        os.close(fd)

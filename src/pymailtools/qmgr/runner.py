@@ -277,8 +277,8 @@ class Runner:
                 if entry.remote:
                     batch.append(entry)
                     if len(batch) >= BATCH:
+                        self._commit()  # while the batch is ours to close if it raises
                         todo_now, batch = batch, []
-                        self._commit()
                         self._remote_pass(todo_now)
                 elif group.pending:
                     self._pending.append(entry)
