@@ -153,19 +153,26 @@ def test_a_failed_group_fsync_defers_the_recipient_whose_next_target_synced_it(
     assert box.read_bytes() == b""
 
 
-def test_a_failing_queue_update_of_the_group_leaves_no_entry_of_the_batch_locked(
+@pytest.mark.parametrize("other", ["someone@remote.example.test", "command"])
+def test_a_failing_queue_update_of_the_group_leaves_no_entry_locked(
         config_values: dict[str, object], system_user: pwd.struct_passwd,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The group is committed before a full batch of remote entries is sent: when a group
-    entry's update fails there, the batch's entries are closed (their locks released) too."""
+        monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    """The group is committed before a full batch of remote entries is sent, and before an
+    entry that waits for no group is updated: when a group entry's update fails there, the
+    entry after it (in the batch, or on its own) is closed, its lock released, too."""
     from pymailtools.config import Config
     from pymailtools.qmgr import runner as runner_module
     from pymailtools.queue.store import EntryBusy, Queue
     from tests.support import queue as support_queue
 
     cfg = Config(config_values)
+    if other == "command":  # its delivery syncs the group first: it waits for none
+        need_root()
+        aliases = Path(cfg.alias_maps[0])
+        aliases.write_text('command: "|/bin/true"\n')
+        os.chmod(aliases, 0o644)
     local = support_queue.queue(cfg, system_user.pw_name)
-    remote = support_queue.queue(cfg, "someone@remote.example.test")
+    remote = support_queue.queue(cfg, other)
     monkeypatch.setattr(runner_module, "BATCH", 1)
     real_finish = runner_module.Runner._finish
 

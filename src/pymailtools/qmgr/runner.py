@@ -285,7 +285,11 @@ class Runner:
                     if group.full() or len(self._pending) >= GROUP_MESSAGES:
                         self._commit()
                 else:
-                    self._commit()  # what is left of the group is durable already
+                    try:
+                        self._commit()  # what is left of the group is durable already
+                    except BaseException:
+                        entry.close()
+                        raise
                     self._finish_entry(entry)
             self._commit()
             if batch:
