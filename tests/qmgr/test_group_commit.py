@@ -116,3 +116,78 @@ def test_crash_delivers_the_group_again_never_loses_it(
     if kind == "mbox":
         assert not Path(str(spool / name) + ".lock").exists()
         assert s_nail_messages(spool / name, tmp_path) == raw_messages(spool / name)
+
+
+def test_a_failed_group_fsync_defers_the_recipient_whose_next_target_synced_it(
+        config_values: dict[str, object], spool: Path, system_user: pwd.struct_passwd,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An alias to a mailbox and a command: the command's delivery syncs the mailbox's group
+    first. When that fsync fails the message is taken back out of the mailbox, so the
+    recipient is deferred (the command runs again next time), never reported sent."""
+    need_root()
+    from pymailtools.config import Config
+    from tests.support import queue as support_queue
+
+    cfg = Config(config_values)
+    name = system_user.pw_name
+    box = spool / name
+    aliases = Path(cfg.alias_maps[0])
+    aliases.write_text(f'pair: {name}, "|/bin/true"\n')
+    os.chmod(aliases, 0o644)
+    qid = support_queue.queue(cfg, "pair")
+    real_fsync = os.fsync
+    failed: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        # The mailbox's first fsync fails (an I/O error of the disk), as the group's would.
+        if not failed and os.readlink(f"/proc/self/fd/{fd}") == str(box):
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    stats = support_queue.run(cfg)
+    assert failed
+    assert (stats.delivered, stats.deferred) == (0, 1)
+    assert support_queue.states(cfg, qid) == {"pair": "deferred"}
+    assert box.read_bytes() == b""
+
+
+@pytest.mark.parametrize("other", ["someone@remote.example.test", "command"])
+def test_a_failing_queue_update_of_the_group_leaves_no_entry_locked(
+        config_values: dict[str, object], system_user: pwd.struct_passwd,
+        monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    """The group is committed before a full batch of remote entries is sent, and before an
+    entry that waits for no group is updated: when a group entry's update fails there, the
+    entry after it (in the batch, or on its own) is closed, its lock released, too."""
+    from pymailtools.config import Config
+    from pymailtools.qmgr import runner as runner_module
+    from pymailtools.queue.store import EntryBusy, Queue
+    from tests.support import queue as support_queue
+
+    cfg = Config(config_values)
+    if other == "command":  # its delivery syncs the group first: it waits for none
+        need_root()
+        aliases = Path(cfg.alias_maps[0])
+        aliases.write_text('command: "|/bin/true"\n')
+        os.chmod(aliases, 0o644)
+    local = support_queue.queue(cfg, system_user.pw_name)
+    remote = support_queue.queue(cfg, other)
+    monkeypatch.setattr(runner_module, "BATCH", 1)
+    real_finish = runner_module.Runner._finish
+
+    def failing_finish(self: runner_module.Runner, entry: runner_module._Entry) -> None:
+        if entry.qid == local:
+            raise OSError(28, "No space left on device")
+        real_finish(self, entry)
+
+    monkeypatch.setattr(runner_module.Runner, "_finish", failing_finish)
+    with pytest.raises(OSError):
+        support_queue.run(cfg)
+    q = Queue(cfg.queue_directory)
+    for qid in (local, remote):
+        try:
+            fd = q.lock(qid)
+        except EntryBusy:
+            pytest.fail(f"{qid} is still locked")
+        os.close(fd)

@@ -277,15 +277,19 @@ class Runner:
                 if entry.remote:
                     batch.append(entry)
                     if len(batch) >= BATCH:
+                        self._commit()  # while the batch is ours to close if it raises
                         todo_now, batch = batch, []
-                        self._commit()
                         self._remote_pass(todo_now)
                 elif group.pending:
                     self._pending.append(entry)
                     if group.full() or len(self._pending) >= GROUP_MESSAGES:
                         self._commit()
                 else:
-                    self._commit()  # what is left of the group is durable already
+                    try:
+                        self._commit()  # what is left of the group is durable already
+                    except BaseException:
+                        entry.close()
+                        raise
                     self._finish_entry(entry)
             self._commit()
             if batch:
@@ -735,8 +739,11 @@ class Runner:
             self._record(env, r, DEFERRED, "4.3.0",
                          f"internal error: {type(e).__name__}: {e}", since=now)
             return
-        if self._group is not None and self._group.pending:
-            # Sent once the group's fsync has made it durable (_commit).
+        group = self._group
+        if group is not None and (group.pending or group.failure is not None):
+            # Sent once the group's fsync has made it durable (_commit). A failure: this
+            # delivery synced the group (a command or file after a mailbox) and that fsync
+            # took a message back out, maybe this recipient's: _commit defers it.
             self._provisional.append((env, r, detail, relay, now))
         else:
             self._record(env, r, SENT, "2.0.0", detail, since=now, relay=relay)
