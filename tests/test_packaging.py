@@ -180,3 +180,28 @@ def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
         assert marker.exists()
     finally:
         custom.unlink()
+
+
+def test_installed_mail_sends_from_a_read_session_with_site(venv: Path, tmp_path: Path) -> None:
+    """A read session started without `site` (from a script) that then sends a message gets
+    the standard set-up first, as `mail user` does: sending may need the whole installation."""
+    marker, custom = _site_marker(venv, tmp_path)
+    box = tmp_path / "box"
+    box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYMAILTOOLS_", "PYTHON")) and k not in ("MAIL", "MAILRC")}
+    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), PATH="/usr/bin:/bin",
+               HOME=str(home), PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
+               PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no")
+    (tmp_path / "none.toml").write_text("")
+    try:
+        p = subprocess.run([str(venv / "bin" / "mail"), "-f", str(box)],
+                           input=b"m user\nhi\nbody\n.\nx\n", capture_output=True, env=env,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert list((tmp_path / "queue").rglob("*")), p.stdout  # the message was queued
+        assert marker.exists()
+    finally:
+        custom.unlink()
