@@ -150,6 +150,19 @@ def test_installed_sendmail_starts_without_site(venv: Path, tmp_path: Path) -> N
         custom.unlink()
 
 
+def _mail_env(tmp_path: Path) -> dict[str, str]:
+    """mail's environment: no configuration, a queue of its own, a home without a .mailrc."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYMAILTOOLS_", "PYTHON")) and k not in ("MAIL", "MAILRC")}
+    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), PATH="/usr/bin:/bin",
+               HOME=str(home), PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
+               PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no")
+    (tmp_path / "none.toml").write_text("")
+    return env
+
+
 def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
     """mail and mailx are the same launcher: reading a mailbox from a script starts without
     `site`; sending gets the standard set-up. A symlink of another name still runs mail."""
@@ -159,14 +172,7 @@ def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
     link = tmp_path / "bin" / "Mail"
     link.parent.mkdir()
     link.symlink_to(venv / "bin" / "mail")
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYMAILTOOLS_", "PYTHON")) and k not in ("MAIL", "MAILRC")}
-    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), PATH="/usr/bin:/bin",
-               HOME=str(home), PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"),
-               PYMAILTOOLS_DELIVERY_MODE="queue", PYMAILTOOLS_SYSLOG="no")
-    (tmp_path / "none.toml").write_text("")
+    env = _mail_env(tmp_path)
     try:
         for cmd in (venv / "bin" / "mail", venv / "bin" / "mailx", link):
             p = subprocess.run([str(cmd), "-f", str(box)], input=b"x\n", capture_output=True,
@@ -177,6 +183,24 @@ def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
         p = subprocess.run([str(venv / "bin" / "mail"), "-s", "hi", "user"], input=b"body\n",
                            capture_output=True, env=env, timeout=60)
         assert p.returncode == 0, p.stderr
+        assert marker.exists()
+    finally:
+        custom.unlink()
+
+
+def test_installed_mail_sends_from_a_read_session_with_site(venv: Path, tmp_path: Path) -> None:
+    """A read session started without `site` (from a script) that then sends a message gets
+    the standard set-up first, as `mail user` does: sending may need the whole installation."""
+    marker, custom = _site_marker(venv, tmp_path)
+    box = tmp_path / "box"
+    box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
+    env = _mail_env(tmp_path)
+    try:
+        p = subprocess.run([str(venv / "bin" / "mail"), "-f", str(box)],
+                           input=b"m user\nhi\nbody\n.\nx\n", capture_output=True, env=env,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert list((tmp_path / "queue").rglob("*")), p.stdout  # the message was queued
         assert marker.exists()
     finally:
         custom.unlink()

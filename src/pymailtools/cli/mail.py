@@ -298,7 +298,8 @@ def run(req: Request) -> int:
                                   warn=warn)
     return mailread.start(cfg, folder=folder, user=req.user, headers_only=req.headers_only,
                           check_only=req.check_only, show_headers=not req.no_header,
-                          variables=req.variables, prog=PROG, warn=warn)
+                          variables=req.variables, prog=PROG, warn=warn,
+                          before_send=complete_site)
 
 
 def fetch(req: Request) -> int:

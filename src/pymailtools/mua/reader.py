@@ -384,10 +384,12 @@ def _has_passwd() -> bool:
 def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bool,
           check_only: bool, show_headers: bool, variables: dict[str, str], prog: str,
           warn: Callable[[str], None], opened: Folder | None = None,
-          session_class: type[Session] | None = None) -> int:
+          session_class: type[Session] | None = None,
+          before_send: Callable[[], None] | None = None) -> int:
     """Read mode on the folder -f / -u / the default names, or on ``opened`` (a remote
-    folder already logged into) with the commands of ``session_class``. The folder the
-    session ends on is closed."""
+    folder already logged into) with the commands of ``session_class``; ``before_send`` is
+    called before a message composed in the session is sent. The folder the session ends
+    on is closed."""
     if opened is not None:
         box, path, name, system = opened, opened.path, "", False
     else:
@@ -408,7 +410,7 @@ def start(cfg: Config, *, folder: str | None, user: str | None, headers_only: bo
                 print(f'"{path}": 0 messages')
             return EX_NOMAIL
         session = (session_class or Session)(cfg, box, system=system, variables=variables,
-                                             prog=prog, warn=warn)
+                                             prog=prog, warn=warn, before_send=before_send)
         if headers_only:
             session.emit_summaries(range(len(box.entries)))
             return EX_OK
@@ -422,12 +424,15 @@ class Session:
 
     def __init__(self, cfg: Config, box: Folder, *, system: bool, variables: dict[str, str],
                  prog: str, warn: Callable[[str], None], inp: TextIO | None = None,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None,
+                 before_send: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.system = system
         self.vars = variables
         self.prog = prog
         self.warn = warn  # the front end's: "prog: warning: …" on stderr
+        # the front end's too: what sending needs that reading does without
+        self.before_send = before_send
         self.inp = inp or sys.stdin
         self.out = out or sys.stdout
         self.tty = self.inp.isatty() and self.out.isatty()
@@ -911,6 +916,8 @@ class Session:
         outcome = composer.run(ask_subject=not draft.subject)
         if outcome != tilde.SEND:
             return
+        if self.before_send is not None:
+            self.before_send()
         sender = self.vars.get("from", "")
         server = self.vars.get("smtp") or (self.vars.get("mta") if "://" in
                                            self.vars.get("mta", "") else None)
