@@ -180,3 +180,24 @@ def test_installed_mail_reads_without_site(venv: Path, tmp_path: Path) -> None:
         assert marker.exists()
     finally:
         custom.unlink()
+
+
+def test_launcher_named_by_the_first_link_of_ours(tmp_path: Path) -> None:
+    """A link of another name to a link named mail (as scripts/mail is, to the launcher file
+    named sendmail; or a distribution's alternatives) runs mail, not sendmail: the links are
+    followed one at a time, and the first of our names on the way decides."""
+    box = tmp_path / "box"
+    box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
+    link = tmp_path / "Mail"
+    link.symlink_to(ROOT / "scripts" / "mail")
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "none.toml").write_text("")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYMAILTOOLS_") and k not in ("MAIL", "MAILRC")}
+    env.update(PYMAILTOOLS_CONFIG=str(tmp_path / "none.toml"), HOME=str(home),
+               PYMAILTOOLS_QUEUE_DIRECTORY=str(tmp_path / "queue"), PYMAILTOOLS_SYSLOG="no")
+    p = subprocess.run([sys.executable, str(link), "-f", str(box)], input=b"x\n",
+                       capture_output=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f'"{box}": 1 message 1 new 1 unread\n'.encode())
