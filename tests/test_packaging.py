@@ -204,3 +204,18 @@ def test_installed_mail_sends_from_a_read_session_with_site(venv: Path, tmp_path
         assert marker.exists()
     finally:
         custom.unlink()
+
+
+def test_launcher_named_by_the_first_link_of_ours(tmp_path: Path) -> None:
+    """A link of another name to a link named mail (as scripts/mail is, to the launcher file
+    named sendmail; or a distribution's alternatives) runs mail, not sendmail: the links are
+    followed one at a time, and the first of our names on the way decides."""
+    box = tmp_path / "box"
+    box.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: hello\n\nbody\n")
+    link = tmp_path / "Mail"
+    link.symlink_to(ROOT / "scripts" / "mail")
+    env = _mail_env(tmp_path)
+    p = subprocess.run([sys.executable, str(link), "-f", str(box)], input=b"x\n",
+                       capture_output=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f'"{box}": 1 message 1 new 1 unread\n'.encode())
