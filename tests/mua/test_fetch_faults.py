@@ -5,6 +5,7 @@ deleted on the server, nothing half-stored here, no traceback."""
 from __future__ import annotations
 
 import base64
+import os
 import ssl
 import time
 from pathlib import Path
@@ -235,3 +236,21 @@ def test_imap_token_command_gives_xoauth2(env: dict[str, str], certs: Certs) -> 
         assert b"tok-123" not in r.stderr
         line = server.received[0].split(b"\r\n")[2]
         assert base64.b64decode(line) == b"user=me\x01auth=Bearer tok-123\x01\x01"
+
+
+def test_a_failing_fetch_lock_leaves_no_descriptor_open(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    from pymailtools.mua.fetch import _Lock
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError):
+        _Lock(str(tmp_path / "state.lock"), "pop3://u@127.0.0.1")
+    monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -239,3 +239,25 @@ def test_a_new_entry_is_never_seen_locked(queue: Queue, monkeypatch: pytest.Monk
     monkeypatch.setattr(os, "link", link)
     sub.commit(Envelope("", "s@x.test", [Recipient("r@example.test")]))
     assert probes == ["free"]
+
+
+def test_a_failing_run_lock_leaves_no_descriptor_open(queue: Queue,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock failing otherwise than 'held by another' (ENOLCK, EINTR) must not leak the lock
+    file's descriptor into a long-running listener or runner."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    for _ in range(3):
+        with pytest.raises(OSError):
+            queue.try_run_lock()
+    monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == before
+    fd = queue.try_run_lock()  # and the lock still works afterwards
+    assert fd is not None
+    os.close(fd)

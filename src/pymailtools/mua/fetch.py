@@ -116,6 +116,9 @@ class _Lock:
         except BlockingIOError:
             os.close(self.fd)
             raise FetchBusy(f"another mail --fetch of {what} is running") from None
+        except OSError:
+            os.close(self.fd)
+            raise
 
     def release(self) -> None:
         os.close(self.fd)

@@ -362,6 +362,9 @@ class QueueDir:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError:  # ENOLCK and the like: the caller decides, the descriptor is not theirs
+            os.close(fd)
+            raise
         return fd
 
     def direct_access(self) -> bool:
