@@ -532,6 +532,29 @@ def test_many_local_entries_are_shared_by_mailbox_among_worker_processes(
         assert len(set(pids)) <= 3
 
 
+def test_local_worker_shares_are_even_and_keep_each_recipient_together() -> None:
+    # The run lasts as long as its largest share: whole recipients, largest first, each to
+    # the share with the fewest entries so far (a hash of the address left one worker with
+    # twice the average and the others idle at the end).
+    from pymailtools.qmgr.runner import LOCAL_WORKERS, _local_worker_count, _shares
+
+    keyed = {f"u{i:03d}@x": [("incoming", f"Q{i:03d}{n:03d}") for n in range(1 + i % 7)]
+             for i in range(100)}
+    shares = _shares(keyed, 8)
+    assert len(shares) == 8
+    sizes = sorted(len(s) for s in shares)
+    assert sizes[-1] - sizes[0] <= max(len(v) for v in keyed.values())
+    assert sum(sizes) == sum(len(v) for v in keyed.values())
+    for share in shares:  # one recipient's entries one after the other, in queue order
+        runs = [qid[:4] for _, qid in share]
+        firsts = [r for n, r in enumerate(runs) if n == 0 or runs[n - 1] != r]
+        assert len(firsts) == len(set(firsts))
+        assert all(share[n][1] < share[n + 1][1] for n in range(len(share) - 1)
+                   if runs[n] == runs[n + 1])
+    assert len(_shares({"a@x": [("incoming", "A")], "b@x": [("incoming", "B")]}, 8)) == 2
+    assert 2 <= _local_worker_count() <= LOCAL_WORKERS
+
+
 def test_a_worker_reads_no_envelope_the_look_before_the_fork_has_read(
         config_values: dict[str, object], system_user: User, other_user: User,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
