@@ -9,8 +9,9 @@ import stat
 import struct
 import sys
 import zlib
+from bisect import bisect_left, bisect_right
 from itertools import accumulate, compress, repeat
-from operator import add
+from operator import add, itemgetter
 
 from pymailtools.config import Config
 from pymailtools.errors import EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, MailError
@@ -319,18 +320,19 @@ _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
 
 
 def _status_windows() -> dict[bytes, int]:
-    """The usual Status: values by the four bytes after the colon: " RO\\n", " R\\n" and the
-    next line's first byte, and so on (CRLF too)."""
+    """The usual Status: values by the four bytes after the colon, lowercased: " ro\\n",
+    " r\\n" and the next line's first byte, and so on (CRLF too)."""
     table = {}
     for letters in (b"R", b"O", b"RO", b"OR"):
         for eol in (b"\n", b"\r\n"):
-            key = b" " + letters + eol
+            key = b" " + letters.lower() + eol
             for c in range(256) if len(key) < 4 else (-1,):
-                table[key + bytes((c,)) if c >= 0 else key[:4]] = _STATUS_VALUES[letters]
+                table[key + bytes((c,)).lower() if c >= 0 else key[:4]] = _STATUS_VALUES[letters]
     return table
 
 
 _STATUS_WINDOWS = _status_windows()
+_WINDOW = itemgetter(slice(0, 4))  # a Status: field's first bytes after the colon
 
 
 def _field_flags(data: bytes, at: int, start: int, end: int) -> int:
@@ -414,7 +416,7 @@ class _Index:
             window = os.pread(fd, BLOCK, pos)
             if not window:
                 break
-            parts = window.split(b"\nFrom ")
+            parts = window.rsplit(b"\nFrom ")  # backwards: faster than split here
             end = len(window)
             if end == BLOCK:  # more may follow: the block ends where its last message starts
                 if len(parts) == 1:  # one message longer than the block
@@ -429,8 +431,9 @@ class _Index:
     def _add(self, data: bytes, parts: list[bytes], end: int, pos: int) -> None:
         """Index ``data[:end]``, split at "\\nFrom " into ``parts``: whole messages starting
         at file offset ``pos`` (or the text before the first message at offset 0). The work
-        per message is done by C loops (``map`` over lists, searches with bounds), never by
-        Python code, and no copy is made of the block but one lowercased."""
+        per message is done by C loops (``map`` over lists, searches), never by Python code;
+        the Status: fields are found by one search over the block, and only the messages
+        that have one cost more."""
         # where each message starts in data, then where the last one ends
         starts = list(accumulate(map(add, map(len, parts), repeat(6)), initial=-5))
         del parts
@@ -446,26 +449,37 @@ class _Index:
             self.first = pos + starts[0]
         if end == len(data) and not data.endswith(b"\n"):  # the file's last line
             data += b"\n"  # so that every line of the block ends in a newline
-        flags = [0] * n
-        # The first Status: field of each message (the name in any case)...
-        at = list(map(data.lower().find, repeat(b"\nstatus:"), starts[:n], starts[1:]))
-        found = bytes(map((-1).__lt__, at))
-        hits, at = list(compress(range(n), found)), list(compress(at, found))
-        # ... when it comes before the blank line that ends the header block
-        head = bytes(map((-1).__eq__, map(data.find, repeat(b"\n\n"),
-                                          map(starts.__getitem__, hits),
-                                          map(add, at, repeat(1)))))
-        if 0 in head:
-            hits, at = list(compress(hits, head)), list(compress(at, head))
-        windows = map(data.__getitem__, map(slice, map(add, at, repeat(8)),
-                                            map(add, at, repeat(12))))
-        any(map(flags.__setitem__, hits, map(_STATUS_WINDOWS.get, windows, repeat(-1))))
-        if -1 in flags:  # anything else: as the field is read one by one
-            field = dict(zip(hits, at, strict=True))
-            for k, f in enumerate(flags):
-                if f < 0:
-                    flags[k] = _field_flags(data, field[k], starts[k], starts[k + 1])
-        self.flags += struct.pack(f"{n}H", *flags)
+        flags = bytearray(2 * n)
+        # Every "\nstatus:" (the name in any case) in the block: where each starts, and the
+        # four bytes after the colon, from the pieces between them.
+        pieces = data.lower().rsplit(b"\nstatus:")
+        if len(pieces) > 1:
+            hits = list(accumulate(map(add, map(len, pieces), repeat(8)), initial=-8))
+            del hits[0], hits[-1], pieces[0]
+            # only those of this block's messages (not the text before them, nor the
+            # partial message after them)...
+            first, last = bisect_left(hits, starts[0]), bisect_left(hits, end)
+            if first or last < len(hits):
+                hits, pieces = hits[first:last], pieces[first:last]
+            # ... in a header block: no blank line between the message's start and the field
+            ks = list(map(bisect_right, repeat(starts), hits))
+            head = bytes(map((-1).__eq__, map(data.find, repeat(b"\n\n"),
+                                              map(starts.__getitem__, map(add, ks, repeat(-1))),
+                                              map(add, hits, repeat(1)))))
+            if 0 in head:
+                hits, pieces = list(compress(hits, head)), list(compress(pieces, head))
+                ks = list(compress(ks, head))
+            values = list(map(_STATUS_WINDOWS.get, map(_WINDOW, pieces), repeat(-1)))
+            if -1 in values:  # anything else: as the field is read one by one
+                for j, v in enumerate(values):
+                    if v < 0:
+                        k = ks[j] - 1
+                        values[j] = _field_flags(data, hits[j], starts[k], starts[k + 1])
+            # the first field of a message wins: set last
+            column = memoryview(flags).cast("H")
+            any(map(column.__setitem__, map(add, reversed(ks), repeat(-1)), reversed(values)))
+            column.release()
+        self.flags += flags
 
     def _long(self, fd: int, pos: int, window: bytes) -> int:
         """Index the message at ``pos``, longer than a block (``window`` its first); returns
