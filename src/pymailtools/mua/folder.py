@@ -12,7 +12,7 @@ import zlib
 
 # operator.py only defines Python versions of these and then takes _operator's C ones:
 # importing it costs a third of a millisecond more than the C module alone.
-from _operator import add, itemgetter
+from _operator import add, eq, itemgetter, setitem
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, compress, repeat
 
@@ -470,8 +470,8 @@ class _Index:
                 names, pieces = names[first:last], pieces[first:last]
             # ... in a header block: no blank line between the message's start and the field
             ks = list(map(bisect_right, repeat(starts[1:]), names))
-            head = bytes(map((-1).__eq__, map(data.find, repeat(b"\n\n"),
-                                              map(starts.__getitem__, ks), names)))
+            head = bytes(map(eq, repeat(-1), map(data.find, repeat(b"\n\n"),
+                                                 map(starts.__getitem__, ks), names)))
             if 0 in head:
                 names, pieces = list(compress(names, head)), list(compress(pieces, head))
                 ks = list(compress(ks, head))
@@ -483,7 +483,7 @@ class _Index:
                         values[j] = _field_flags(data, names[j] - 1, starts[k], starts[k + 1])
             # the first field of a message wins: set last
             column = memoryview(flags).cast("H")
-            any(map(column.__setitem__, reversed(ks), reversed(values)))
+            any(map(setitem, repeat(column), reversed(ks), reversed(values)))
             column.release()
         self.flags += flags
 
