@@ -483,7 +483,8 @@ class _Index:
                         values[j] = _field_flags(data, names[j] - 1, starts[k], starts[k + 1])
             # the first field of a message wins: set last
             column = memoryview(flags).cast("H")
-            any(map(setitem, repeat(column), reversed(ks), reversed(values)))
+            # (typeshed's setitem takes sequences and mappings, not memoryviews)
+            any(map(setitem, repeat(column), reversed(ks), reversed(values)))  # type: ignore[arg-type]
             column.release()
         self.flags += flags
 
