@@ -324,15 +324,15 @@ _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
 
 def _status_windows() -> dict[bytes, int]:
     """The usual Status: values by the four bytes after the colon, lowercased: " ro\\n",
-    " r\\n" and the next line's first byte, and so on (CRLF too)."""
+    " r\\n" and the first byte of the next line (a field name, a continuation, the blank
+    line), and so on (CRLF too). Other windows are read as the whole field is."""
     table = {}
-    nexts = bytes(range(256)).lower()
+    nexts = [bytes((c,)) for c in b"abcdefghijklmnopqrstuvwxyz \t\n"]
     for letters in (b"R", b"O", b"RO", b"OR"):
         for eol in (b"\n", b"\r\n"):
             key = b" " + letters.lower() + eol
-            if len(key) < 4:  # and any next byte
-                table.update(dict.fromkeys(map(key.__add__, map(bytes, zip(nexts))),
-                                           _STATUS_VALUES[letters]))
+            if len(key) < 4:
+                table.update(dict.fromkeys(map(key.__add__, nexts), _STATUS_VALUES[letters]))
             else:
                 table[key[:4]] = _STATUS_VALUES[letters]
     return table
