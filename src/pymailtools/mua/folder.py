@@ -43,9 +43,9 @@ if TYPE_CHECKING:
         def itemsize(self) -> int: ...
 
 
-def _column(code: Literal["q", "H"], data: bytes | bytearray) -> memoryview[int]:
-    """A column of machine integers (struct format ``code``) over a copy of ``data``."""
-    return memoryview(bytearray(data)).cast(code)
+def _column(code: Literal["q", "H"], data: bytearray) -> memoryview[int]:
+    """A column of machine integers (struct format ``code``) over ``data``, not copied."""
+    return memoryview(data).cast(code)
 
 # pymailtools.local.mbox (framing, quoting, rewriting) is imported where a message is shown,
 # saved or rewritten: listing a folder does without it and its imports.
@@ -585,8 +585,8 @@ class MboxFolder(Folder):
         self.starts, self.flags = _column("q", index.starts), _column("H", index.flags)
         self.sizes = _Sizes(self)
         # Header lengths and line counts when first wanted (-1: not yet).
-        self.heads = _column("q", b"\xff" * len(index.starts))
-        self.lines = _column("q", b"\xff" * len(index.starts))
+        self.heads = _column("q", bytearray(b"\xff") * len(index.starts))
+        self.lines = _column("q", bytearray(b"\xff") * len(index.starts))
         # Bytes kept as they are before the first message: text before any From_ line, and
         # the folder-internal message, which nobody reading locally may see or remove.
         self.prefix = index.first if self.starts else index.size
