@@ -53,7 +53,9 @@ def random_mbox(rnd: random.Random) -> bytes:
         head = [FROM]
         fields = [rnd.choice(PIECES[:13] + PIECES[17:]) for _ in range(rnd.randrange(0, 5))]
         status = [f for f in fields if f[:7].lower() == b"status:"]
-        head += [f for f in fields if f not in status[1:]]  # one Status: field at most
+        if rnd.random() < 0.7:  # one Status: field at most; else the first one counts
+            fields = [f for f in fields if f not in status[1:]]
+        head += fields
         body = [rnd.choice(PIECES) for _ in range(rnd.randrange(0, 6))]
         if rnd.random() < 0.05:
             body.append(b"y" * rnd.randrange(1, 20_000) + b"\n")
