@@ -69,11 +69,14 @@ def _quiet_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwar
     # aiosmtpd sanitizes (a regex match per argument) every command line for its debug and
     # info lines before the logger looks at its level: ~2% of the listener's CPU, for
     # nothing at our level. Ask the logger first.
-    level = {"debug": logging.DEBUG, "info": logging.INFO}.get(getattr(func, "__name__", ""))
-    if level is not None and not _AIOSMTPD_LOG.isEnabledFor(level) and \
-            getattr(func, "__self__", None) is _AIOSMTPD_LOG:
-        return
+    if getattr(func, "__self__", None) is _AIOSMTPD_LOG:
+        level = _LEVELS.get(func.__name__)
+        if level is not None and not _AIOSMTPD_LOG.isEnabledFor(level):
+            return
     _sanitized_log(func, msg, *args, **kwargs)
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 
 
 aiosmtpd.smtp.sanitized_log = _quiet_sanitized_log
@@ -435,8 +438,12 @@ class Handler:
                         qid: str) -> str:
         """``Received: from HELO (name [ip]) by us (pymailtools) with ESMTPSA id QID for <r>``."""
         st = _state(session)
-        helo = "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?"
-                       for c in st.helo) or "unknown"
+        helo = st.helo
+        if not (helo.isascii() and helo.isprintable()) or "(" in helo or ")" in helo or \
+                "\\" in helo:  # (the usual plain name needs no loop over its characters)
+            helo = "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?"
+                           for c in helo)
+        helo = helo or "unknown"
         proto = st.proto
         if session.ssl is not None:
             proto += "S"
@@ -448,7 +455,7 @@ class Handler:
         else:
             origin = f"from {helo} (unknown [{st.ip}])\n\tby {self.cfg.myhostname} (pymailtools)"
         for_ = ""
-        if len(rcpts) == 1 and all(c.isprintable() for c in rcpts[0]):
+        if len(rcpts) == 1 and rcpts[0].isprintable():
             for_ = f"\n\tfor <{rcpts[0]}>"
         return f"Received: {origin} with {proto} id {qid}{for_};\n" \
                f"\t{submit.rfc5322_date(time.time())}\n"
@@ -511,6 +518,7 @@ class _Template:
         mine = self.OWN | set(bare.__dict__)
         self.attrs = {k: v for k, v in built.__dict__.items() if k not in mine}
         self.commands = tuple(built._smtp_methods)
+        self.known = frozenset(self.commands)
         self.mechanisms = dict(built._auth_methods)
 
 
@@ -519,17 +527,29 @@ class _Commands(Mapping[str, _Counted]):
     looked up: aiosmtpd asks for one command at a time, and binding all of them for every
     connection was ~5% of the listener's CPU."""
 
-    __slots__ = ("server", "names", "known")
+    __slots__ = ("server", "names", "known", "bound")
 
-    def __init__(self, server: Server, names: tuple[str, ...]) -> None:
+    def __init__(self, server: Server, names: tuple[str, ...],
+                 known: frozenset[str] | None = None) -> None:
         self.server = server
         self.names = names
-        self.known = frozenset(names)
+        self.known = frozenset(names) if known is None else known
+        self.bound: dict[str, _Counted] = {}  # (a reused connection asks for MAIL again)
 
     def __getitem__(self, name: str) -> _Counted:
-        if name not in self.known:
-            raise KeyError(name)
-        return _Counted(self.server, name, getattr(self.server, "smtp_" + name))
+        method = self.bound.get(name)
+        if method is None:
+            if name not in self.known:
+                raise KeyError(name)
+            method = self.bound[name] = _Counted(self.server, name,
+                                                 getattr(self.server, "smtp_" + name))
+        return method
+
+    def get(self, name: str, default: Any = None) -> Any:  # (Mapping's, without its try)
+        method = self.bound.get(name)
+        if method is not None:
+            return method
+        return self[name] if name in self.known else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -584,7 +604,7 @@ class Server(SMTP):
             self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self._held = []
-        self._smtp_methods = _Commands(self, t.commands)  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
+        self._smtp_methods = _Commands(self, t.commands, t.known)  # type: ignore[assignment]  # a Mapping: aiosmtpd only reads it
         self._auth_methods = {name: _AuthMechAttr(getattr(self, how.method.__name__), True)
                               if how.is_builtin else how for name, how in t.mechanisms.items()}
         return self
@@ -810,6 +830,22 @@ class Server(SMTP):
             h.log.info(f"disconnect from {st.client} {_tally(st)}")
         super().connection_lost(error)
 
+    async def _send(self, text: str) -> None:
+        """aiosmtpd's push, less its two coroutine calls per reply: the same bytes written,
+        and drain() awaited only when it has something to do (an error to raise, a closing
+        transport to yield to, a full send buffer to wait for)."""
+        writer = self._writer
+        assert writer is not None  # (set before the first reply, the greeting)
+        response = bytes(text, "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        writer.write(response + b"\r\n")
+        if _AIOSMTPD_LOG.isEnabledFor(logging.DEBUG):
+            assert self.session is not None
+            _AIOSMTPD_LOG.debug("%r << %r", self.session.peer, response)
+        flow = cast(Any, self)  # asyncio's FlowControlMixin state, private in typeshed
+        if flow._paused or flow._connection_lost or writer.transport.is_closing() or \
+                self._reader.exception() is not None:
+            await writer.drain()
+
     async def push(self, status: Any) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
         text = _REWORDED.get(text, text)
@@ -822,7 +858,7 @@ class Server(SMTP):
         if self._held:
             text = "\r\n".join((*self._held, text))
             self._held.clear()
-        await super().push(text)
+        await self._send(text)
         st = _state(self.session) if self.session is not None else None
         forgiven = st is not None and st.forgiven
         if st is not None:
@@ -836,7 +872,7 @@ class Server(SMTP):
             st.errors += 1
             if st.errors >= self.pmt.cfg.smtpd_error_limit:
                 self.pmt.log.warning(f"too many errors from {st.client}")
-                await super().push(f"421 4.7.0 {self.hostname} Error: too many errors")
+                await self._send(f"421 4.7.0 {self.hostname} Error: too many errors")
                 self.close_transport()
                 return
         if self._close_after:

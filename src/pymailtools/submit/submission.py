@@ -260,11 +260,26 @@ def _copy_message(config: Config, src: "BinaryIO", sub: Submission, opts: Option
     """Write the message into ``sub``: our headers, the caller's headers, then the body."""
     inp = _Input(src, opts.ignore_dots)
     limit = config.message_size_limit
+    # Pieces are gathered up to CHUNK and written together: a small message (our headers,
+    # the separator, the body) is one write system call instead of three.
+    pending: list[bytes] = []
+    held = 0
 
     def out(data: bytes) -> None:
-        if limit and sub.size + len(data) > limit:
+        nonlocal held
+        if limit and sub.size + held + len(data) > limit:
             raise TooBigError("message file too big")
-        sub.write(data)
+        pending.append(data)
+        held += len(data)
+        if held >= CHUNK:
+            flush()
+
+    def flush() -> None:
+        nonlocal held
+        if pending:
+            sub.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending.clear()
+            held = 0
 
     # Leading mbox From_ lines are envelope, not message (Postfix skips ^>*From ).
     mailbox_lines: list[bytes] = []
@@ -333,3 +348,4 @@ def _copy_message(config: Config, src: "BinaryIO", sub: Submission, opts: Option
     for chunk in inp.chunks(at_line_start):
         out(chunk)
         crash_point("mid_write")
+    flush()
