@@ -841,9 +841,10 @@ class Server(SMTP):
         if _AIOSMTPD_LOG.isEnabledFor(logging.DEBUG):
             assert self.session is not None
             _AIOSMTPD_LOG.debug("%r << %r", self.session.peer, response)
-        flow = cast(Any, self)  # asyncio's FlowControlMixin state, private in typeshed
-        if flow._paused or flow._connection_lost or writer.transport.is_closing() or \
-                self._reader.exception() is not None:
+        # asyncio's FlowControlMixin state (private): where a Python names it otherwise, the
+        # default is to drain, as push does
+        if getattr(self, "_paused", True) or getattr(self, "_connection_lost", True) or \
+                writer.transport.is_closing() or self._reader.exception() is not None:
             await writer.drain()
 
     async def push(self, status: Any) -> None:
