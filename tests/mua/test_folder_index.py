@@ -28,8 +28,9 @@ def plain_reading(data: bytes) -> list[tuple[int, int, bytes, int, bool, bool]]:
     out = []
     for start, end in zip(starts, starts[1:] + [len(data)]):  # noqa: B905 (one more end)
         msg = data[start:end]
-        cut = msg.find(b"\n\n")
-        head = msg[: cut + 1] if cut >= 0 else msg
+        lines = msg.split(b"\n")  # the header block ends before the first empty or CR line
+        blank = next((n for n, line in enumerate(lines[:-1]) if line in (b"", b"\r")), None)
+        head = msg if blank is None else b"\n".join(lines[:blank]) + b"\n"
         letters = b""
         for line in head.split(b"\n")[1:]:
             if line[:7].lower() == b"status:":
@@ -43,7 +44,7 @@ def plain_reading(data: bytes) -> list[tuple[int, int, bytes, int, bool, bool]]:
 PIECES = [b"Subject: x\n", b"Status: RO\n", b"STATUS: R\n", b"status:O\n", b"Status:\tOR x\n",
           b"Status: X\n", b"Status: \n", b"sTaTuS: RO\n", b"X-Status: R\n", b">From here\n",
           b"Status: RO\r\n", b"Status: R\r\n", b"Status: O\rx\n",
-          b"From inside a line\n", b"Status: R", b"\n", b"text\n",
+          b"From inside a line\n", b"Status: R", b"\n", b"text\n", b"\r\n",
           b"X-Long: " + b"h" * 3000 + b"\n"]
 
 
@@ -59,7 +60,8 @@ def random_mbox(rnd: random.Random) -> bytes:
         body = [rnd.choice(PIECES) for _ in range(rnd.randrange(0, 6))]
         if rnd.random() < 0.05:
             body.append(b"y" * rnd.randrange(1, 20_000) + b"\n")
-        blank = [b"\n"] if rnd.random() < 0.85 else []  # else: no blank line, all header
+        # a blank line (CRLF in some mailboxes) or none: all header
+        blank = [rnd.choice([b"\n", b"\n", b"\r\n"])] if rnd.random() < 0.85 else []
         out.append(b"".join(head + blank + body) + (b"\n" if rnd.random() < 0.9 else b""))
     return b"".join(out)
 
@@ -119,3 +121,32 @@ def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path:
     theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
     assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1] == "8 messages 3 new 6 unread"
     assert [ln[1] for ln in ours[1:]] == [ln[1] for ln in theirs[1:]] == list("ONUUNNOU")
+
+
+def test_a_crlf_mailbox_opens_as_snail_reads_it(config_file: Path, tmp_path: Path) -> None:
+    """A mailbox written with CRLF line ends: its header blocks end at the first "\\r\\n"
+    line, so a Status: line in a body is no flag (it was read as one)."""
+    snail = need_tool("s-nail", "s-nail")
+    msgs = [b"Subject: one\nStatus: RO\n\nbody\n",
+            b"Subject: two\n\nbody\nStatus: RO\n",  # in the body: new
+            b"Subject: three\nstatus: O\n\nStatus: R\n",
+            b"Subject: four\n\nStatus: O\n"]
+    path = tmp_path / "crlf"
+    path.write_bytes(b"\n".join(FROM + m for m in msgs).replace(b"\n", b"\r\n"))
+    env = mail_env(config_file, tmp_path)
+    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
+    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
+                            input=b"x\n", capture_output=True, timeout=60,
+                            env=env).stdout.decode().splitlines()
+    theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+    assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1]
+    assert [ln[1] for ln in ours[1:]] == [ln[1] for ln in theirs[1:]] == list("ONUN")
+    # w writes the body after the CRLF blank line, not the whole message
+    out = tmp_path / "bodies"
+    run_mail(env, "-f", str(path), input=f"w 2 {out}\nx\n".encode())
+    assert out.read_bytes() == b"body\r\nStatus: RO\r\n\r\n"
+    # reading message 2 and quitting writes its Status: field with the mailbox's line ends
+    run_mail(env, "-f", str(path), input=b"p 2\nq\n")
+    data = path.read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n")
+    assert b"Subject: two\r\nStatus: RO\r\n\r\nbody\r\n" in data

@@ -12,7 +12,7 @@ import zlib
 
 # operator.py only defines Python versions of these and then takes _operator's C ones:
 # importing it costs a third of a millisecond more than the C module alone.
-from _operator import add, eq, itemgetter, setitem
+from _operator import add, and_, eq, itemgetter, setitem
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, compress, repeat
 
@@ -380,9 +380,10 @@ def _with_status(head: bytes, flags: int) -> bytes:
     lines = head.split(b"\n")
     kept = [ln for ln in lines if not ln[:7].lower() == b"status:"]
     body = b"\n".join(kept)
+    eol = b"\r\n" if head.endswith(b"\r\n") else b"\n"
     if body and not body.endswith(b"\n"):
-        body += b"\n"
-    return body + f"Status: {_status_value(flags)}\n".encode()
+        body += eol
+    return body + f"Status: {_status_value(flags)}".encode() + eol
 
 
 def _needs_status(f: int) -> bool:
@@ -470,8 +471,11 @@ class _Index:
                 names, pieces = names[first:last], pieces[first:last]
             # ... in a header block: no blank line between the message's start and the field
             ks = list(map(bisect_right, repeat(starts[1:]), names))
-            head = bytes(map(eq, repeat(-1), map(data.find, repeat(b"\n\n"),
-                                                 map(starts.__getitem__, ks), names)))
+            fronts = list(map(starts.__getitem__, ks))
+            head = bytes(map(eq, repeat(-1), map(data.find, repeat(b"\n\n"), fronts, names)))
+            if b"\r" in data:  # (one memchr) CRLF lines: a blank line may be "\r\n"
+                head = bytes(map(and_, head, map(eq, repeat(-1), map(
+                    data.find, repeat(b"\n\r\n"), fronts, names))))
             if 0 in head:
                 names, pieces = list(compress(names, head)), list(compress(pieces, head))
                 ks = list(compress(ks, head))
@@ -522,10 +526,26 @@ class _Index:
             off += len(chunk)
 
 
+def _blank_line(data: bytes, start: int = 0, end: int | None = None) -> int:
+    """Where the line before the first blank line of ``data[start:end]`` ends (its newline),
+    or -1. A blank line is empty or a lone CR: a mailbox written with CRLF line ends (a
+    Windows tool, a copy from an IMAP server) ends its header blocks with "\r\n"."""
+    cut = data.find(b"\n\n", start, end)
+    crlf = data.find(b"\n\r\n", start, end if cut < 0 else cut + 2)  # (one starting before)
+    return cut if crlf < 0 else crlf
+
+
+def body_start(message: bytes) -> int:
+    """Where the body of ``message`` begins: after its first blank line (LF or CRLF), or at
+    its end when it has none."""
+    cut = _blank_line(message)
+    return len(message) if cut < 0 else cut + (2 if message[cut + 1] == 10 else 3)
+
+
 def _head_length(data: bytes) -> int:
     """Length of the header block (From_ line and fields, without the blank line ending
     them) of the whole message ``data``: a message without a blank line is all header."""
-    cut = data.find(b"\n\n")
+    cut = _blank_line(data)
     return cut + 1 if cut >= 0 else len(data)
 
 
@@ -535,7 +555,7 @@ def _find_head(fd: int, start: int, end: int) -> tuple[int, int]:
     while True:
         data = os.pread(fd, min(size, end - start), start)
         hstart = data.find(b"\n") + 1 if data.startswith(b"From ") else 0
-        cut = data.find(b"\n\n", max(0, hstart - 1))
+        cut = _blank_line(data, max(0, hstart - 1))
         if cut >= 0 or len(data) >= end - start:
             head = len(data) if cut < 0 else cut + 1
             return head, _status_flags(data, hstart, head)
@@ -996,13 +1016,13 @@ class MaildirFolder(Folder):
             data = os.read(fd, HEAD_BLOCK)
             if len(data) < HEAD_BLOCK:  # the whole file: its lines come for free
                 self.lines[e.index] = data.count(b"\n")
-            cut = data.find(b"\n\n")
+            cut = _blank_line(data)
             while cut < 0 and len(data) < e.size:
                 more = os.read(fd, BLOCK)
                 if not more:
                     break
                 data += more
-                cut = data.find(b"\n\n")
+                cut = _blank_line(data)
         except OSError:
             return b""
         finally:

@@ -856,8 +856,7 @@ class Session:
         bodies = []
         for i in picked:
             msg = self.box.entries[i].message_bytes
-            cut = msg.find(b"\n\n")
-            bodies.append(msg[cut + 2 :] if cut >= 0 else b"")
+            bodies.append(msg[mailfolder.body_start(msg) :])
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         created = os.fstat(fd).st_size == 0
         with os.fdopen(fd, "ab") as f:
