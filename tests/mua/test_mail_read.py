@@ -143,7 +143,7 @@ def test_print_delete_quit_on_a_folder(env: dict[str, str], box: Path) -> None:
     r = run_mail(env, "-f", str(box), input=b"p 1\nd 2\nq\n")
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
-    assert out.startswith(f'"{box}": 3 messages 3 new 3 unread\n')
+    assert out.startswith(f'"{box}": 3 messages 3 new\n')
     assert "Message 1:" in out and "body of message 1" in out and "Subject: Subject number 1" in out
     data = box.read_bytes()
     assert b"message 2" not in data and data.count(b"\nFrom ") + data.startswith(b"From ") == 2
@@ -392,7 +392,7 @@ def test_we_read_a_mailbox_snail_modified(env: dict[str, str], box: Path) -> Non
 def test_interactive_read_session(env: dict[str, str], box: Path, home: Path) -> None:
     t = Pty([script("mail")], env)
     try:
-        t.expect("3 messages 3 new 3 unread")
+        t.expect("3 messages 3 new")
         t.expect("& ")
         t.send("t 2")
         t.expect("body of message 2")
@@ -515,7 +515,7 @@ def test_imap_server_internal_message_is_hidden_and_kept_first(env: dict[str, st
     r = run_mail(env, "-f", str(box), input=b"p 1\nf *\nd *\nq\n")
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
-    assert out.startswith(f'"{box}": 3 messages 3 new 3 unread\n') and "INTERNAL" not in out
+    assert out.startswith(f'"{box}": 3 messages 3 new\n') and "INTERNAL" not in out
     assert "Subject number 1" in out
     assert box.read_bytes() == PSEUDO
     assert run_mail(env, "-e").returncode == 1

@@ -141,7 +141,9 @@ class Entry:
 
     @property
     def is_new(self) -> bool:
-        return not self.flags & (OLD | SEEN | READ)
+        """Not yet old (no O stored) nor read in this session: a message stored as read
+        but not old (Status: R) is new, as s-nail counts it."""
+        return not self.flags & (OLD | READ)
 
     def letter(self) -> str:
         f = self.flags
@@ -156,7 +158,7 @@ class Entry:
         if f & READ:
             return "R"
         if f & SEEN:
-            return "O"
+            return "O" if f & OLD else "R"  # read, still new: as if read in this session
         return "U" if f & OLD else "N"
 
     def status_value(self) -> str:
@@ -342,36 +344,30 @@ _STATUS_WINDOWS = _status_windows()
 _WINDOW = itemgetter(slice(0, 4))  # a Status: field's first bytes after the colon
 
 
-def _field_flags(data: bytes, at: int, start: int, end: int) -> int:
-    """Flags of the message at ``data[start:end]`` whose first Status: field (any case)
-    starts at ``at`` (its newline): the letters after blanks, when they are one of the usual
-    values; otherwise as ``_status_flags`` reads the header block."""
-    value = data[at + 8 : data.find(b"\n", at + 8, end)].lstrip(b" \t")
-    letters = value[: len(value) - len(value.lstrip(_LETTERS))]
-    flags = _STATUS_VALUES.get(letters, -1)
-    if flags < 0:
-        hstart = data.find(b"\n", start) + 1
-        flags = _status_flags(data, hstart, start + _head_length(data[start:end]))
-    return flags
-
-
-_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+def _field_flags(data: bytes, at: int, end: int) -> int:
+    """Flags of the one Status: field (its name in any case) whose line starts after the
+    newline at ``at``, in a message ending at ``end``: an R anywhere in its value makes
+    the message read, an O old (capitals only, as mailx reads them)."""
+    nl = data.find(b"\n", at + 8, end)
+    value = data[at + 8 : end if nl < 0 else nl]
+    flags = (SEEN | WAS_SEEN) if b"R" in value else 0
+    return flags | (OLD | WAS_OLD) if b"O" in value else flags
 
 
 def _status_flags(data: bytes, start: int, end: int) -> int:
-    """WAS_SEEN | WAS_OLD | SEEN | OLD as the first Status: field says, of the header fields
-    in ``data[start:end]`` (``data[start - 1]`` is the From_ line's newline when ``start``)."""
+    """WAS_SEEN | WAS_OLD | SEEN | OLD as the Status: fields of the header fields in
+    ``data[start:end]`` say together (``data[start - 1]`` is the From_ line's newline when
+    ``start``)."""
     if not start:
         return _status_flags(b"\n" + data[:end], 1, end + 1)
-    data = data[start - 1 : end].lower()  # the first field, its name in any case
-    pos = data.find(b"\nstatus:")
-    if pos < 0:
-        return 0
-    nl = data.find(b"\n", pos + 8)
-    value = data[pos + 8 : len(data) if nl < 0 else nl].lstrip(b" \t").upper()
-    letters = value[: len(value) - len(value.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
-    flags = (SEEN | WAS_SEEN) if b"R" in letters else 0
-    return flags | (OLD | WAS_OLD) if b"O" in letters else flags
+    data = data[start - 1 : end]
+    names = data.lower()  # field names in any case
+    flags = 0
+    pos = names.find(b"\nstatus:")
+    while pos >= 0:
+        flags |= _field_flags(data, pos, len(data))
+        pos = names.find(b"\nstatus:", pos + 8)
+    return flags
 
 
 def _with_status(head: bytes, flags: int) -> bytes:
@@ -483,12 +479,15 @@ class _Index:
             if -1 in values:  # anything else: as the field is read one by one
                 for j, v in enumerate(values):
                     if v < 0:
-                        k = ks[j]
-                        values[j] = _field_flags(data, names[j] - 1, starts[k], starts[k + 1])
-            # the first field of a message wins: set last
+                        values[j] = _field_flags(data, names[j] - 1, starts[ks[j] + 1])
+            if len(set(ks)) < len(ks):  # a message with several Status: fields: they add up
+                merged: dict[int, int] = {}
+                for k, v in zip(ks, values, strict=True):
+                    merged[k] = merged.get(k, 0) | v
+                ks, values = list(merged), list(merged.values())
             column = memoryview(flags).cast("H")
             # (typeshed's setitem takes sequences and mappings, not memoryviews)
-            any(map(setitem, repeat(column), reversed(ks), reversed(values)))  # type: ignore[arg-type]
+            any(map(setitem, repeat(column), ks, values))  # type: ignore[arg-type]
             column.release()
         self.flags += flags
 

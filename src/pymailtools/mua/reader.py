@@ -448,7 +448,7 @@ class Session:
         """Read ``box`` from now on: its first new message current, else its first unread."""
         self.box = box
         # flag bits rather than entries: the loops over every message run at C speed mostly
-        first = clear_of(box.flags, OLD | SEEN | READ).find(1)
+        first = clear_of(box.flags, OLD | READ).find(1)
         if first < 0:
             first = max(0, clear_of(box.flags, SEEN).find(1))
         self.dot = first
@@ -504,12 +504,12 @@ class Session:
         entries = self.box.entries
         n = len(entries)
         flags = self.box.flags
-        new = clear_of(flags, OLD | SEEN | READ).count(1)
+        new = clear_of(flags, OLD | READ).count(1)
         unread = clear_of(flags, SEEN | READ).count(1)
         text = f'"{self.box.path}": {n} message{"" if n == 1 else "s"}'
         if new:
             text += f" {new} new"
-        if unread:
+        if unread > new:  # (mailx's rule: not when they could all be the new ones)
             text += f" {unread} unread"
         self.say(clean(text))
 
@@ -564,7 +564,7 @@ class Session:
                 out.append(self.dot)
             elif tok.startswith(":") and len(tok) == 2:
                 tests: dict[str, Callable[[Entry], bool]] = {
-                    "n": lambda e: e.is_new, "o": lambda e: e.old or e.seen,
+                    "n": lambda e: e.is_new, "o": lambda e: e.old,
                     "r": lambda e: e.seen or e.read, "u": lambda e: not (e.seen or e.read),
                     "d": lambda e: e.deleted}
                 test = tests.get(tok[1])
