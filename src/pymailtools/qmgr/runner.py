@@ -23,6 +23,7 @@ from pymailtools.queue.envelope import (
     CorruptEnvelope,
     Envelope,
     Recipient,
+    peek,
 )
 from pymailtools.queue.store import (
     DEFERRED as Q_DEFERRED,
@@ -175,7 +176,7 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = False  # a forked local delivery worker (never forks its own)
         # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, envelope)
-        self._looked: dict[str, tuple[int, Envelope]] = {}
+        self._looked: dict[str, tuple[int, bytes]] = {}
         # Group commit of local deliveries (local.group), during _run_entries: the entries
         # whose deliveries wait for the group's fsync before their queue update, and the
         # deliveries reported only then (envelope, recipient, detail, relay, time).
@@ -354,19 +355,20 @@ class Runner:
 
     def _local_workers(self, todo: list[tuple[str, str]], *, force: bool,
                        site: str | None) -> list[tuple[str, str]]:
-        """Deliver the entries whose due recipients are all local in forked workers, an
-        entry's share chosen by its first due recipient (so one mailbox, one worker); return
-        the entries left to this process (remote recipients, unreadable, or too few shares).
+        """Deliver the entries whose due recipients are all local in forked workers, grouped
+        by their first due recipient (one group, one worker at a time); return the entries
+        left to this process (remote recipients, unreadable, or fewer than two groups).
         Each worker runs the ordinary entry loop (locks, fsyncs, notices) and sends its
         counts back."""
         now = time.time()
         keyed: dict[str, list[tuple[str, str]]] = {}
         rest: list[tuple[str, str]] = []
+        routes: dict[tuple[str, str], bool] = {}
         for n, (state, qid) in enumerate(todo):
             if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
                 self._looked.clear()
                 return todo  # mostly remote (a relay's queue): not worth a look at each
-            key = self._local_key(qid, state, force=force, site=site, now=now)
+            key = self._local_key(qid, state, force=force, site=site, now=now, routes=routes)
             if key is None:
                 rest.append((state, qid))
             else:
@@ -419,28 +421,40 @@ class Runner:
         return rest
 
     def _local_key(self, qid: str, state: str, *, force: bool, site: str | None,
-                   now: float) -> str | None:
+                   now: float, routes: dict[tuple[str, str], bool] | None = None) -> str | None:
         """The first due recipient's address when every due recipient of the entry is
-        routed locally (or to error, retry, discard); None otherwise."""
+        routed locally (or to error, retry, discard); None otherwise. ``routes`` keeps the
+        answers of earlier entries: (address, sender) -> routed locally."""
         try:
             if state == INCOMING:
-                env, ino = self.queue.load_file(qid, state)
+                # Only what the choice needs: the worker parses the whole envelope (see _open)
+                data, ino = self.queue.envelope_file(qid, state)
+                found, sender, rcpts = peek(data)
+                if found != qid:
+                    return None
                 if len(self._looked) < LOCAL_LOOKED_MAX:
-                    self._looked[qid] = (ino, env)
+                    self._looked[qid] = (ino, data)
             else:
                 _, env = self.queue.load(qid, state)
+                sender = env.sender
+                rcpts = [(r.state, r.next_try, r.address) for r in env.recipients]
         except (EntryNotFound, CorruptEnvelope, OSError, UnicodeError):
             return None
+        if routes is None:
+            routes = {}
         key = None
-        for r in env.recipients:
-            if r.done or (site and not _matches_site(r.address, site)):
+        for rstate, next_try, address in rcpts:
+            if rstate in (SENT, BOUNCED) or (site and not _matches_site(address, site)):
                 continue
-            if not force and r.next_try > now:
+            if not force and next_try > now:
                 continue
-            if self.router.route(r.address, env.sender).transport not in (
-                    LOCAL, ERROR, RETRY, DISCARD):
+            local = routes.get((address, sender))
+            if local is None:
+                local = routes[address, sender] = self.router.route(
+                    address, sender).transport in (LOCAL, ERROR, RETRY, DISCARD)
+            if not local:
                 return None
-            key = key or r.address.lower()
+            key = key or address.lower()
         return key
 
     def _run_worker(self, groups: list[list[tuple[str, str]]], work: int, wfd: int, *,
@@ -518,7 +532,9 @@ class Runner:
                 # Still the message file published as incoming/ at submission (the lock's
                 # file under the state name): it is never changed, and so neither is the
                 # envelope the look at each entry read in it before the fork.
-                state, env = INCOMING, looked[1]
+                state, env = INCOMING, Envelope.from_bytes(looked[1])
+                if env.id != qid:
+                    raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
             else:
                 state = self.queue.find(qid)  # it may have moved while we waited for the lock
                 state, env = self.queue.load(qid, state)
