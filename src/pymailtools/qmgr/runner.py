@@ -131,8 +131,9 @@ class Stats:
 
 def _capture_library_warnings(target: Logger) -> None:
     """Send the warnings of the routing modules (Python logging, logger "pymailtools") to
-    the runner's log. Called by log.library_warning before the first one: a queue run that
-    has none never loads logging (its traceback, threading, string... some 15 ms)."""
+    the runner's log. When logging is not loaded yet, log.library_warning calls this before
+    the first one: a queue run that has none never loads logging (its traceback, threading,
+    string... some 15 ms)."""
     import logging
 
     class ToLogger(logging.Handler):
@@ -175,7 +176,8 @@ class Runner:
         self._remote_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = False  # a forked local delivery worker (never forks its own)
-        # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, envelope)
+        # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, its
+        # envelope's bytes)
         self._looked: dict[str, tuple[int, bytes]] = {}
         # Group commit of local deliveries (local.group), during _run_entries: the entries
         # whose deliveries wait for the group's fsync before their queue update, and the
