@@ -5,7 +5,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only; importing these would cost the submission path ~5 ms
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import ModuleType
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\\": "\\\\"}
@@ -121,6 +121,24 @@ def held(qid: str) -> str:
 def released(qid: str) -> str:
     """``QID: released from hold`` (postsuper -H)."""
     return f"{escape(qid)}: released from hold"
+
+
+# Set by a queue runner: called once, before the routing modules' first warning goes to
+# Python logging, to send those warnings to the runner's log (so that a run with none never
+# loads logging).
+before_library_warning: "Callable[[], None] | None" = None
+
+
+def library_warning(name: str, text: str) -> None:
+    """A warning of the library module ``name`` (the routing of local recipients), through
+    Python logging's logger ``name``."""
+    global before_library_warning
+    import logging  # only when there is something to warn about
+
+    hook, before_library_warning = before_library_warning, None
+    if hook is not None:
+        hook()
+    logging.getLogger(name).warning("%s", text)
 
 
 class Logger:

@@ -532,27 +532,52 @@ def test_many_local_entries_are_shared_by_mailbox_among_worker_processes(
         assert len(set(pids)) <= 3
 
 
-def test_local_worker_shares_are_even_and_keep_each_recipient_together() -> None:
-    # The run lasts as long as its largest share: whole recipients, largest first, each to
-    # the share with the fewest entries so far (a hash of the address left one worker with
-    # twice the average and the others idle at the end).
-    from pymailtools.qmgr.runner import LOCAL_WORKERS, _local_worker_count, _shares
+def test_local_worker_groups_keep_each_recipient_together_largest_first() -> None:
+    # The workers take whole recipients, the largest first: the run lasts until the last
+    # group taken is done, and a small one ends it sooner.
+    from pymailtools.qmgr.runner import LOCAL_WORKERS, _groups, _local_worker_count
 
     keyed = {f"u{i:03d}@x": [("incoming", f"Q{i:03d}{n:03d}") for n in range(1 + i % 7)]
              for i in range(100)}
-    shares = _shares(keyed, 8)
-    assert len(shares) == 8
-    sizes = sorted(len(s) for s in shares)
-    assert sizes[-1] - sizes[0] <= max(len(v) for v in keyed.values())
-    assert sum(sizes) == sum(len(v) for v in keyed.values())
-    for share in shares:  # one recipient's entries one after the other, in queue order
-        runs = [qid[:4] for _, qid in share]
-        firsts = [r for n, r in enumerate(runs) if n == 0 or runs[n - 1] != r]
-        assert len(firsts) == len(set(firsts))
-        assert all(share[n][1] < share[n + 1][1] for n in range(len(share) - 1)
-                   if runs[n] == runs[n + 1])
-    assert len(_shares({"a@x": [("incoming", "A")], "b@x": [("incoming", "B")]}, 8)) == 2
+    groups = _groups(keyed)
+    assert sorted(map(tuple, groups)) == sorted(map(tuple, keyed.values()))
+    assert [len(g) for g in groups] == sorted((len(g) for g in groups), reverse=True)
     assert 2 <= _local_worker_count() <= LOCAL_WORKERS
+
+
+def test_local_workers_take_recipients_as_they_go(
+        config_values: dict[str, object], system_user: User, other_user: User,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two workers; one dies on its first group (the largest). The other takes every other
+    # recipient from the shared list: only the dead worker's group waits for the next run
+    # (with fixed shares, the dead worker's share held two more recipients).
+    need_root()
+    from pymailtools.qmgr import runner as runner_mod
+
+    cfg = Config({**config_values, "home_mailbox": "Maildir/"})
+    crash = f"{system_user.pw_name}@host.example.test"
+    others = [f"{u.pw_name}@{d}" for u in (system_user, other_user)
+              for d in ("host", "localhost", "host.example.test")]
+    others.remove(crash)
+    for _ in range(12):
+        support_queue.queue(cfg, crash)
+    for i in range(40):
+        support_queue.queue(cfg, others[i % len(others)])
+    parent = os.getpid()
+    real_deliver = runner_mod.Runner._deliver
+
+    def deliver(self: runner_mod.Runner, env: object, r: object, msg: object) -> object:
+        if os.getpid() != parent and r.address == crash:  # type: ignore[attr-defined]
+            os._exit(70)
+        return real_deliver(self, env, r, msg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner_mod.Runner, "_deliver", deliver)
+    monkeypatch.setattr(runner_mod, "LOCAL_WORKERS", 2)
+    stats = support_queue.run(cfg)
+    assert (stats.delivered, stats.deferred) == (40, 0)
+    left = support_queue.entries(cfg)
+    assert len(left) == 12
+    assert all(env.recipients[0].address == crash for _, env in left)
 
 
 def test_a_worker_reads_no_envelope_the_look_before_the_fork_has_read(

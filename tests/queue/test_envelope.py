@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pymailtools.queue.envelope import CorruptEnvelope, Envelope, Recipient
+from pymailtools.queue.envelope import CorruptEnvelope, Envelope, Recipient, peek
 
 
 def _random_text(rng: random.Random) -> str:
@@ -26,6 +26,9 @@ def test_round_trip_of_hostile_strings() -> None:
         assert back == env
         # No value can add a record: exactly one line per field plus one per recipient.
         assert data.count(b"\n") == 12 + len(rcpts)
+        # the runner's quick look reads the same id, sender and recipients
+        assert peek(data) == (env.id, env.sender,
+                              [(r.state, r.next_try, r.address) for r in rcpts])
 
 
 def test_every_truncation_is_detected() -> None:
@@ -41,6 +44,8 @@ def test_every_truncation_is_detected() -> None:
 def test_foreign_files_rejected(junk: bytes) -> None:
     with pytest.raises(CorruptEnvelope):
         Envelope.from_bytes(junk)
+    with pytest.raises(CorruptEnvelope):
+        peek(junk)
 
 
 def test_quote_short_cut_gives_the_escaping_loops_answer() -> None:

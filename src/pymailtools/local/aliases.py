@@ -1,14 +1,12 @@
 """aliases(5) files: parse names and values, remember whether each file is trusted, cache them."""
 
-import logging
 import os
 import shlex
 import stat
 from typing import Literal, NamedTuple
 
 from pymailtools.errors import DeliveryError
-
-log = logging.getLogger("pymailtools.local.aliases")
+from pymailtools.log import library_warning
 
 Kind = Literal["address", "file", "command", "include"]
 
@@ -280,7 +278,7 @@ def load(path: str) -> AliasMap:
     amap = parse(data.decode("utf-8", "surrogateescape"), path=path, trusted=is_trusted(st),
                  owner=st.st_uid)
     for w in amap.warnings:
-        log.warning(w)
+        library_warning(__name__, w)
     _cache[path] = (_key(st), amap)
     return amap
 

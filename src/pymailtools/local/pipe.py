@@ -1,15 +1,9 @@
 """Deliver to ``|command`` and ``/file`` destinations with the target's privileges, no shell."""
 
 import errno
-import json
 import os
 import pwd
-import re
-import selectors
-import shutil
-import signal
-import subprocess
-import threading
+import sys
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -19,6 +13,14 @@ from pymailtools.errors import DeliveryError
 from pymailtools.local import mbox
 from pymailtools.local.targets import Command, File
 from pymailtools.log import escape
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    # json, re, selectors, shutil, signal, subprocess and threading load where a command
+    # runs or a child replies: a queue run delivering into mailboxes (call_as in this
+    # process) does without them
+    import re
+    import subprocess
 
 PATH = "/usr/bin:/bin"
 SHELL = "/bin/sh"
@@ -45,7 +47,7 @@ SYS_EXITS: dict[int, tuple[str, str]] = {
     78: ("5.3.5", "local configuration error"),
 }
 
-_DSN_AT_START = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+_DSN_AT_START: "re.Pattern[str] | None" = None
 
 
 def exit_error(code: int, output: str = "", prog: str = "command") -> DeliveryError | None:
@@ -53,7 +55,12 @@ def exit_error(code: int, output: str = "", prog: str = "command") -> DeliveryEr
     status code at the start of the output replaces ours when its class (4 or 5) agrees."""
     if code == 0:
         return None
+    global _DSN_AT_START
     status, text = SYS_EXITS.get(code, ("5.3.0", f"unknown mail system error {code}"))
+    if _DSN_AT_START is None:
+        import re  # see TYPE_CHECKING above
+
+        _DSN_AT_START = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
     m = _DSN_AT_START.match(output)
     if m and m.group(1) == status[0]:
         status = ".".join(m.groups())
@@ -109,6 +116,8 @@ def command_argv(command: str) -> list[str]:
     words = command.split()
     if words and all(c in SAFE_CHARS or c in " \t" for c in command):
         if "/" not in words[0]:
+            import shutil  # see TYPE_CHECKING above
+
             found = shutil.which(words[0], path=PATH)
             if found is None:
                 return [SHELL, "-c", command]
@@ -150,6 +159,9 @@ def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[
     ``command_time_limit`` expires (the whole process group is killed); a program that cannot
     be executed at all gets the status ``unusable``. Messages call the command ``name``
     (default: the program run)."""
+    import signal  # see TYPE_CHECKING above
+    import subprocess
+
     _require_identity(uid, "run a command")
     prog = name or argv[0]
     root = os.geteuid() == 0
@@ -207,10 +219,13 @@ def run(argv: list[str], message: BinaryIO, *, uid: int, gid: int, groups: list[
         raise err
 
 
-def _pump(proc: subprocess.Popen[bytes], message: BinaryIO, deadline: float,
+def _pump(proc: "subprocess.Popen[bytes]", message: BinaryIO, deadline: float,
           head: bytes = b"") -> tuple[bytes, bool]:
     """Stream ``head`` and the message in and keep the first OUTPUT_LIMIT bytes of output, both
     at once so that neither side blocks the other. Returns (output, timed out)."""
+    import selectors  # see TYPE_CHECKING above
+    import subprocess
+
     assert proc.stdin is not None and proc.stdout is not None
     out = bytearray()
     stdin_fd, stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
@@ -259,8 +274,10 @@ def _pump(proc: subprocess.Popen[bytes], message: BinaryIO, deadline: float,
 def runs_here(uid: int, *, effective_only: bool = False) -> bool:
     """Whether ``call_as(uid, ..., effective_only=...)`` runs its function in this process
     (rather than in a forked child)."""
+    # threading not loaded: no thread was started through it (our code starts none otherwise)
+    threading = sys.modules.get("threading")
     return (os.geteuid() != 0 or uid == 0
-            or (effective_only and threading.active_count() == 1))
+            or (effective_only and (threading is None or threading.active_count() == 1)))
 
 
 def call_as(uid: int, gid: int, func: Callable[[], bytes], *,
@@ -282,6 +299,8 @@ def call_as(uid: int, gid: int, func: Callable[[], bytes], *,
         return func()
     if runs_here(uid, effective_only=effective_only):
         return _as_effective(uid, gid, func)
+    import json  # see TYPE_CHECKING above
+
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into the caller's code

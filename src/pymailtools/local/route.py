@@ -1,7 +1,6 @@
 """Local routing: addresses to delivery targets through aliases and ~/.forward, with loop checks."""
 
 import errno
-import logging
 import os
 import pwd
 import shlex
@@ -16,9 +15,8 @@ from pymailtools.local import aliases
 from pymailtools.local.aliases import AliasValue
 from pymailtools.local.spool import passwd_entry
 from pymailtools.local.targets import Command, File, Mailbox, Remote, Target
+from pymailtools.log import library_warning
 from pymailtools.tables import split_extension
-
-log = logging.getLogger("pymailtools.local.route")
 
 MAX_DEPTH = 20  # nested aliases, .forward files and includes before we call it a loop
 READ_LIMIT = 4 << 20  # largest .forward or :include: file we read
@@ -203,8 +201,8 @@ class _Expander:
                                ("recipient_delimiter", delim), ("extension", ext)):
                 path = path.replace("${" + var + "}", value).replace("$" + var, value)
             if "$" in path or not path.startswith("/") or "/" in ext:
-                log.warning("forward_path entry %r: only $home, $user, $recipient_delimiter "
-                            "and $extension are supported; skipped", template)
+                library_warning(__name__, f"forward_path entry {template!r}: only $home, $user, "
+                                "$recipient_delimiter and $extension are supported; skipped")
                 continue
             try:
                 os.stat(path)  # cheap check as ourselves: most users have no .forward
@@ -225,12 +223,13 @@ class _Expander:
                     raise DeliveryError(f"cannot read {path} without root privileges: "
                                         f"{e.strerror}", "4.3.0") from None
                 if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
-                    log.warning("%s: cannot be read by %s: %s; ignored", path, pw.pw_name,
-                                e.strerror)
+                    library_warning(__name__, f"{path}: cannot be read by {pw.pw_name}: "
+                                              f"{e.strerror}; ignored")
                     continue
                 raise DeliveryError(f"cannot read {path}: {e.strerror}", "4.3.0") from None
             if reply[:1] != b"D":
-                log.warning("%s %s; ignored", path, reply[1:].decode("utf-8", "replace"))
+                library_warning(__name__, f"{path} {reply[1:].decode('utf-8', 'replace')}; "
+                                          "ignored")
                 continue
             text = reply[1:].decode("utf-8", "surrogateescape")
             return aliases.parse_values(text, source=path, trusted=False, owner=pw.pw_uid)

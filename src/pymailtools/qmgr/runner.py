@@ -1,11 +1,8 @@
 """The queue runner: takes due entries under lock, routes and delivers, defers, bounces."""
 
-import heapq
 import io
-import json
-import logging
+import marshal
 import os
-import random
 import sys
 import time
 from typing import BinaryIO
@@ -26,6 +23,7 @@ from pymailtools.queue.envelope import (
     CorruptEnvelope,
     Envelope,
     Recipient,
+    peek,
 )
 from pymailtools.queue.store import (
     DEFERRED as Q_DEFERRED,
@@ -65,6 +63,8 @@ LOCAL_WORKERS_PER_CPU = 4
 # Envelopes the look at each entry keeps for the workers (see Runner._open), at most: a
 # bound on the memory a long queue takes.
 LOCAL_LOOKED_MAX = 20000
+# Bytes of one group number in the local workers' work list (a pipe).
+WORK_RECORD = 4
 # Rounds of notices delivered at the end of a run. A notice comes from the null sender and so
 # never causes another; the bound only keeps a future kind of notice from chaining without end.
 NOTICE_ROUNDS = 3
@@ -129,22 +129,23 @@ class Stats:
         self.results: list[tuple[str, str, str, str]] = []  # (qid, rcpt, status, detail)
 
 
-class _ToLogger(logging.Handler):
-    """Sends warnings of the routing modules (Python logging) to the runner's log."""
+def _capture_library_warnings(target: Logger) -> None:
+    """Send the warnings of the routing modules (Python logging, logger "pymailtools") to
+    the runner's log. When logging is not loaded yet, log.library_warning calls this before
+    the first one: a queue run that has none never loads logging (its traceback, threading,
+    string... some 15 ms)."""
+    import logging
 
-    def __init__(self, log: Logger) -> None:
-        super().__init__(logging.WARNING)
-        self.target = log
+    class ToLogger(logging.Handler):
+        runner_log = True
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.warning(record.getMessage())
+        def emit(self, record: logging.LogRecord) -> None:
+            target.warning(record.getMessage())
 
-
-def _capture_library_warnings(log: Logger) -> None:
     lib = logging.getLogger("pymailtools")
-    for h in [h for h in lib.handlers if isinstance(h, _ToLogger)]:
+    for h in [h for h in lib.handlers if getattr(h, "runner_log", False)]:
         lib.removeHandler(h)
-    lib.addHandler(_ToLogger(log))
+    lib.addHandler(ToLogger(logging.WARNING))
     lib.propagate = False
 
 
@@ -155,7 +156,12 @@ class Runner:
         self.cfg = cfg
         self.queue = Queue(cfg.queue_directory)
         self.log = Logger(prog, to_syslog=cfg.syslog, verbose=verbose)
-        _capture_library_warnings(self.log)
+        target = self.log
+        if "logging" in sys.modules:
+            _capture_library_warnings(target)  # loaded anyway: at once, as it always was
+            log.before_library_warning = None
+        else:
+            log.before_library_warning = lambda: _capture_library_warnings(target)
         self.router = Router(cfg)
         for why in self.router.errors:
             self.log.error(f"routing: {why}")
@@ -170,8 +176,9 @@ class Runner:
         self._remote_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = False  # a forked local delivery worker (never forks its own)
-        # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, envelope)
-        self._looked: dict[str, tuple[int, Envelope]] = {}
+        # Envelopes read in incoming/ to choose the workers: id -> (inode of the file, its
+        # envelope's bytes)
+        self._looked: dict[str, tuple[int, bytes]] = {}
         # Group commit of local deliveries (local.group), during _run_entries: the entries
         # whose deliveries wait for the group's fsync before their queue update, and the
         # deliveries reported only then (envelope, recipient, detail, relay, time).
@@ -350,19 +357,20 @@ class Runner:
 
     def _local_workers(self, todo: list[tuple[str, str]], *, force: bool,
                        site: str | None) -> list[tuple[str, str]]:
-        """Deliver the entries whose due recipients are all local in forked workers, an
-        entry's share chosen by its first due recipient (so one mailbox, one worker); return
-        the entries left to this process (remote recipients, unreadable, or too few shares).
+        """Deliver the entries whose due recipients are all local in forked workers, grouped
+        by their first due recipient (one group, one worker at a time); return the entries
+        left to this process (remote recipients, unreadable, or fewer than two groups).
         Each worker runs the ordinary entry loop (locks, fsyncs, notices) and sends its
         counts back."""
         now = time.time()
         keyed: dict[str, list[tuple[str, str]]] = {}
         rest: list[tuple[str, str]] = []
+        routes: dict[tuple[str, str], bool] = {}
         for n, (state, qid) in enumerate(todo):
             if n == LOCAL_PARALLEL_MIN and len(rest) * 2 > n:
                 self._looked.clear()
                 return todo  # mostly remote (a relay's queue): not worth a look at each
-            key = self._local_key(qid, state, force=force, site=site, now=now)
+            key = self._local_key(qid, state, force=force, site=site, now=now, routes=routes)
             if key is None:
                 rest.append((state, qid))
             else:
@@ -370,74 +378,107 @@ class Runner:
         if len(keyed) < 2:
             self._looked.clear()
             return todo
-        shares = _shares(keyed, _local_worker_count())
+        groups = _groups(keyed)
         sys.stdout.flush()
         sys.stderr.flush()
-        children: list[tuple[int, int, list[tuple[str, str]]]] = []
-        for share in shares:
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(rfd)
-                self._run_worker(share, wfd, force=force, site=site)  # never returns
-            os.close(wfd)
-            children.append((pid, rfd, share))
-        self._looked.clear()  # the workers have their copies
-        for pid, rfd, share in children:
+        # The work list: each worker takes the next recipient's group (its number, WORK_RECORD
+        # bytes) whenever it is done with one, so that the workers finish together whatever
+        # their luck with the processors and the disk.
+        work_r, work_w = os.pipe()
+        children: list[tuple[int, int]] = []
+        try:
+            for _ in range(min(_local_worker_count(), len(groups))):
+                rfd, wfd = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(rfd)
+                    os.close(work_w)
+                    self._run_worker(groups, work_r, wfd, force=force, site=site)  # no return
+                os.close(wfd)
+                children.append((pid, rfd))
+        finally:
+            os.close(work_r)
+            try:
+                _post_work(work_w, len(groups))
+            finally:
+                os.close(work_w)  # the workers' end of the list
+        for pid, rfd in children:
             with os.fdopen(rfd, "rb") as r:
                 reply = r.read()
             _, status = os.waitpid(pid, 0)
-            self.seen.update(qid for _, qid in share)
             try:
-                counts = json.loads(reply)
-            except ValueError:
+                # marshal: built in (json would load re), and the reply is our own child's
+                counts = marshal.loads(reply)
+                if not isinstance(counts, dict):
+                    raise ValueError("not a dict")
+            except (ValueError, EOFError, TypeError):
                 self.log.error(f"a local delivery worker failed (status {status}); "
-                               f"its {len(share)} entries wait for the next run")
+                               "the entries it had taken wait for the next run")
                 continue
             for name in ("delivered", "deferred", "bounced", "busy", "corrupt"):
                 setattr(self.stats, name, getattr(self.stats, name) + counts[name])
             self.stats.results += [(a, b, c, d) for a, b, c, d in counts["results"]]
+        self.seen.update(qid for group in groups for _, qid in group)
+        self._looked.clear()  # now: while the workers ran, each page it frees would be copied
         return rest
 
     def _local_key(self, qid: str, state: str, *, force: bool, site: str | None,
-                   now: float) -> str | None:
+                   now: float, routes: dict[tuple[str, str], bool] | None = None) -> str | None:
         """The first due recipient's address when every due recipient of the entry is
-        routed locally (or to error, retry, discard); None otherwise."""
+        routed locally (or to error, retry, discard); None otherwise. ``routes`` keeps the
+        answers of earlier entries: (address, sender) -> routed locally."""
         try:
             if state == INCOMING:
-                env, ino = self.queue.load_file(qid, state)
+                # Only what the choice needs: the worker parses the whole envelope (see _open)
+                data, ino = self.queue.envelope_file(qid, state)
+                found, sender, rcpts = peek(data)
+                if found != qid:
+                    return None
                 if len(self._looked) < LOCAL_LOOKED_MAX:
-                    self._looked[qid] = (ino, env)
+                    self._looked[qid] = (ino, data)
             else:
                 _, env = self.queue.load(qid, state)
+                sender = env.sender
+                rcpts = [(r.state, r.next_try, r.address) for r in env.recipients]
         except (EntryNotFound, CorruptEnvelope, OSError, UnicodeError):
             return None
+        if routes is None:
+            routes = {}
         key = None
-        for r in env.recipients:
-            if r.done or (site and not _matches_site(r.address, site)):
+        for rstate, next_try, address in rcpts:
+            if rstate in (SENT, BOUNCED) or (site and not _matches_site(address, site)):
                 continue
-            if not force and r.next_try > now:
+            if not force and next_try > now:
                 continue
-            if self.router.route(r.address, env.sender).transport not in (
-                    LOCAL, ERROR, RETRY, DISCARD):
+            local = routes.get((address, sender))
+            if local is None:
+                local = routes[address, sender] = self.router.route(
+                    address, sender).transport in (LOCAL, ERROR, RETRY, DISCARD)
+            if not local:
                 return None
-            key = key or r.address.lower()
+            key = key or address.lower()
         return key
 
-    def _run_worker(self, share: list[tuple[str, str]], wfd: int, *, force: bool,
-                    site: str | None) -> None:
-        """In a forked worker: deliver ``share``, then write the counts to ``wfd`` and exit."""
+    def _run_worker(self, groups: list[list[tuple[str, str]]], work: int, wfd: int, *,
+                    force: bool, site: str | None) -> None:
+        """In a forked worker: deliver the ``groups`` whose numbers it takes from the work
+        list ``work`` until it is empty, then write the counts to ``wfd`` and exit."""
         code = 1
         try:
             self._worker = True
             self.stats = Stats()
-            self._run_entries(share, force=force, site=site)
+            while not self.stopping:
+                record = os.read(work, WORK_RECORD)
+                if len(record) != WORK_RECORD:
+                    break  # the list is empty (and closed)
+                self._run_entries(groups[int.from_bytes(record, "little")], force=force,
+                                  site=site)
             self._deliver_notices()
             self._close_remote()
             st = self.stats
-            reply = json.dumps({"delivered": st.delivered, "deferred": st.deferred,
-                                "bounced": st.bounced, "busy": st.busy,
-                                "corrupt": st.corrupt, "results": st.results}).encode()
+            reply = marshal.dumps({"delivered": st.delivered, "deferred": st.deferred,
+                                   "bounced": st.bounced, "busy": st.busy,
+                                   "corrupt": st.corrupt, "results": st.results})
             view = memoryview(reply)
             while view:
                 view = view[os.write(wfd, view):]
@@ -493,7 +534,9 @@ class Runner:
                 # Still the message file published as incoming/ at submission (the lock's
                 # file under the state name): it is never changed, and so neither is the
                 # envelope the look at each entry read in it before the fork.
-                state, env = INCOMING, looked[1]
+                state, env = INCOMING, Envelope.from_bytes(looked[1])
+                if env.id != qid:
+                    raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
             else:
                 state = self.queue.find(qid)  # it may have moved while we waited for the lock
                 state, env = self.queue.load(qid, state)
@@ -773,6 +816,8 @@ class Runner:
 
     def backoff(self, age: float) -> float:
         """Postfix's rule: wait about as long as the message is old, clamped, with jitter."""
+        import random  # only when a recipient is deferred
+
         lo, hi = self.cfg.minimal_backoff_time, self.cfg.maximal_backoff_time
         base = min(max(age, lo), hi)
         return min(base * random.uniform(1.0, 1.25), max(hi, lo))
@@ -830,20 +875,25 @@ def _local_worker_count() -> int:
     return max(2, min(LOCAL_WORKERS, LOCAL_WORKERS_PER_CPU * cpus))
 
 
-def _shares(keyed: dict[str, list[tuple[str, str]]],
-            workers: int) -> list[list[tuple[str, str]]]:
-    """The local workers' shares: every recipient's entries in one share, one after the other
-    (in queue order among themselves, so that they share the mailbox's lock and fsyncs), and
-    the shares as even as whole recipients allow (the largest recipient first, each to the
-    share with the fewest entries so far): the run lasts as long as its largest share, and
-    the last workers left alone leave the other processors idle and the disk waiting."""
-    shares: list[list[tuple[str, str]]] = [[] for _ in range(min(workers, len(keyed)))]
-    sizes = [(0, i) for i in range(len(shares))]  # a heap of (entries so far, share)
-    for key in sorted(keyed, key=lambda k: (-len(keyed[k]), k)):
-        size, i = heapq.heappop(sizes)
-        shares[i] += keyed[key]
-        heapq.heappush(sizes, (size + len(keyed[key]), i))
-    return shares
+def _groups(keyed: dict[str, list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
+    """The local workers' work: every recipient's entries together (in queue order among
+    themselves, so that they share the mailbox's lock and fsyncs), the largest first: the
+    run lasts until the last group taken is done, and a small one ends it sooner."""
+    return [keyed[key] for key in sorted(keyed, key=lambda k: (-len(keyed[k]), k))]
+
+
+def _post_work(fd: int, count: int) -> None:
+    """Write the group numbers 0 to ``count`` - 1 to the work list ``fd``, whole records
+    only: every write of at most PIPE_BUF bytes (4096 on Linux, 512 at least) lands at once,
+    so no worker ever reads part of a record. Stops when no worker is left to read them."""
+    per_write = 512 // WORK_RECORD
+    try:
+        for start in range(0, count, per_write):
+            chunk = b"".join(n.to_bytes(WORK_RECORD, "little")
+                             for n in range(start, min(start + per_write, count)))
+            os.write(fd, chunk)
+    except BrokenPipeError:
+        pass  # every worker is gone: what they did not take waits for the next run
 
 
 def _outcome(state: str, dsn: str, why: str) -> "Outcome":

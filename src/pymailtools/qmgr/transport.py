@@ -7,11 +7,12 @@ from typing import NamedTuple
 from pymailtools.config import Config
 from pymailtools.errors import ConfigError, MailError
 from pymailtools.local import route as local_route
-from pymailtools.smtp import nexthop
-from pymailtools.smtp.nexthop import NextHop
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    # smtp.nexthop (socket, ipaddress) only once an SMTP route is made: a queue run with
+    # local recipients alone does without it
+    from pymailtools.smtp.nexthop import NextHop
     from pymailtools.tables import Tables
 
 LOCAL, SMTP, ERROR, RETRY, DISCARD = "local", "smtp", "error", "retry", "discard"
@@ -28,7 +29,7 @@ class Route(NamedTuple):
     first), the note logged for discard."""
 
     transport: str
-    hop: NextHop | None = None
+    hop: "NextHop | None" = None
     text: str = ""
 
     def status(self) -> tuple[str, str]:
@@ -67,6 +68,8 @@ class Router:
         self.relayhost: NextHop | None = None
         self.relayhost_error = ""
         if cfg.relayhost:
+            from pymailtools.smtp import nexthop  # see TYPE_CHECKING above
+
             try:
                 self.relayhost = nexthop.parse(cfg.relayhost, cfg.smtp_port)
             except ConfigError as e:
@@ -166,6 +169,8 @@ class Router:
         return hit.strip()
 
     def _smtp(self, text: str, key: str) -> Route:
+        from pymailtools.smtp import nexthop  # see TYPE_CHECKING above
+
         try:
             return Route(SMTP, nexthop.parse(text, self.cfg.smtp_port, key=key))
         except ConfigError as e:

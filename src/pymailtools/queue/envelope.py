@@ -108,6 +108,29 @@ def unquote(field: str) -> str:
     return "".join(out)
 
 
+def peek(data: bytes) -> tuple[str, str, list[tuple[str, float, str]]]:
+    """(id, sender, [(state, next try, address) of each recipient]) of an envelope's bytes,
+    without building the envelope: half the work of ``Envelope.from_bytes``, for choosing
+    where an entry goes. It checks less: the entry is read with from_bytes before anything
+    is delivered. CorruptEnvelope when it cannot tell."""
+    qid = sender = None
+    rcpts: list[tuple[str, float, str]] = []
+    try:
+        for line in data.decode("utf-8", "surrogateescape").split("\n"):
+            if line.startswith("rcpt "):
+                p = line.split(" ", 6)
+                rcpts.append((p[1], float(p[3]), unquote(p[5])))
+            elif line.startswith("id "):
+                qid = unquote(line[3:])
+            elif line.startswith("sender "):
+                sender = unquote(line[7:])
+    except (IndexError, ValueError) as e:
+        raise CorruptEnvelope(f"bad record: {e}") from None
+    if qid is None or sender is None or not rcpts:
+        raise CorruptEnvelope("no id, sender or recipient")
+    return qid, sender, rcpts
+
+
 class Recipient:
     """One envelope recipient and its delivery state."""
 

@@ -250,21 +250,17 @@ class Queue(QueueDir):
             raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
         return where, env
 
-    def load_file(self, qid: str, state: str) -> tuple[Envelope, int]:
-        """The envelope of an entry in ``state`` and the inode of the file it was read from
-        (EntryNotFound when it is not there)."""
+    def envelope_file(self, qid: str, state: str) -> tuple[bytes, int]:
+        """The envelope bytes of an entry in ``state`` (unparsed: see envelope.peek) and the
+        inode of the file they were read from (EntryNotFound when it is not there)."""
         try:
             fd = os.open(self.path(state, qid), _O_READ)
         except FileNotFoundError:
             raise EntryNotFound(f"{qid}: no such queue entry") from None
         try:
-            ino = os.fstat(fd).st_ino
-            env = Envelope.from_bytes(read_envelope(fd))
+            return read_envelope(fd), os.fstat(fd).st_ino
         finally:
             os.close(fd)
-        if env.id != qid:
-            raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
-        return env, ino
 
     def names(self, directory: str, *, ids_only: bool = True) -> Iterator[str]:
         """Names in a directory of the queue, in directory order (Postfix does not sort
