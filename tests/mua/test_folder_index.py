@@ -174,3 +174,18 @@ def test_a_crlf_mailbox_opens_as_snail_reads_it(config_file: Path, tmp_path: Pat
     data = path.read_bytes()
     assert data.count(b"\n") == data.count(b"\r\n")
     assert b"Subject: two\r\nStatus: RO\r\n\r\nbody\r\n" in data
+
+
+def test_a_crlf_message_without_header_fields_gets_a_crlf_status_field(config_file: Path,
+                                                                      tmp_path: Path) -> None:
+    """The Status: field written into a CRLF mailbox ends in CRLF also when the message has
+    no header field to take the line end from (its From_ line has one)."""
+    path = tmp_path / "crlf"
+    path.write_bytes((FROM + b"\nbody\n\n" + FROM + b"Subject: two\n\nbody\n").replace(
+        b"\n", b"\r\n"))
+    env = mail_env(config_file, tmp_path)
+    run_mail(env, "-f", str(path), input=b"p 1\np 2\nq\n")
+    data = path.read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n")
+    assert data.startswith(FROM.replace(b"\n", b"\r\n") + b"Status: RO\r\n\r\nbody\r\n")
+    assert b"Subject: two\r\nStatus: RO\r\n\r\nbody\r\n" in data

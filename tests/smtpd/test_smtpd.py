@@ -300,6 +300,71 @@ def test_improper_pipelining_is_refused(tmp_path: Path, values: dict[str, object
     assert lst.log().count("improper command pipelining after ") == 4
 
 
+
+def _proc_status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_client_that_does_not_read_its_replies_is_held_back(
+        tmp_path: Path, values: dict[str, object]) -> None:
+    """A client pipelining commands without reading the replies: once they fill the socket,
+    the listener stops reading (its memory does not grow with the client's commands) and
+    then answers every command, in order, as the client reads."""
+    import threading
+
+    cap = 32 << 20  # what a listener without flow control would take in (and buffer)
+    with listener(tmp_path, dict(values, smtpd_workers=1)) as lst:
+        pid = lst.proc.pid
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (fills sooner)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.settimeout(TIMEOUT)
+        s.connect(("127.0.0.1", lst.port))
+        c = Client.__new__(Client)
+        c.sock, c.buf = s, b""
+        assert c.reply().startswith("220")
+        assert c.cmd("EHLO client.example").startswith("250")
+        before = _proc_status(pid, "VmRSS")
+        s.setblocking(False)
+        rset = b"RSET\r\n"
+        chunk = rset * 1000
+        sent, last = 0, time.monotonic()
+        while sent < cap and time.monotonic() - last < 2:
+            try:
+                sent += s.send(chunk[sent % len(rset):])
+                last = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        ticks, deadline = -1, time.monotonic() + 30
+        while ticks != (ticks := _cpu_ticks(pid)) and time.monotonic() < deadline:
+            time.sleep(1)  # until the listener has stopped working through what it read
+        grown = (_proc_status(pid, "VmRSS") - before) << 10
+        s.setblocking(True)
+        s.settimeout(TIMEOUT)
+        got = bytearray()
+
+        def read() -> None:
+            while data := s.recv(1 << 20):
+                got.extend(data)
+
+        t = threading.Thread(target=read)
+        t.start()
+        s.sendall(rset[sent % len(rset):] + b"QUIT\r\n" if sent % len(rset) else b"QUIT\r\n")
+        t.join(120)
+        s.close()
+    assert sent < cap
+    assert grown < 8 << 20
+    lines = bytes(got).split(b"\r\n")
+    assert lines[:-2] == [b"250 2.0.0 Ok"] * -(-sent // len(rset))
+    assert lines[-2].startswith(b"221 ") and lines[-1] == b""
+
 # --- SMTP smuggling: only <CRLF>.<CRLF> ends DATA, bare LF or CR never does ---------------------
 
 SMUGGLING = {

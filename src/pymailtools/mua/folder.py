@@ -370,13 +370,15 @@ def _status_flags(data: bytes, start: int, end: int) -> int:
     return flags
 
 
-def _with_status(head: bytes, flags: int) -> bytes:
+def _with_status(head: bytes, flags: int, eol: bytes = b"\n") -> bytes:
     """A header block (after the From_ line) with its Status: fields replaced by what the
-    session leaves."""
+    session leaves; the new field ends as the block's last line does, or in ``eol`` (the
+    From_ line's end) when the block is empty."""
     lines = head.split(b"\n")
     kept = [ln for ln in lines if not ln[:7].lower() == b"status:"]
     body = b"\n".join(kept)
-    eol = b"\r\n" if head.endswith(b"\r\n") else b"\n"
+    if head:
+        eol = b"\r\n" if head.endswith(b"\r\n") else b"\n"
     if body and not body.endswith(b"\n"):
         body += eol
     return body + f"Status: {_status_value(flags)}".encode() + eol
@@ -706,7 +708,8 @@ class MboxFolder(Folder):
             return raw
         head = self.head(i)
         hstart = raw.find(b"\n") + 1 if raw.startswith(b"From ") else 0
-        return raw[:hstart] + _with_status(raw[hstart:head], flags) + raw[head:]
+        eol = b"\r\n" if raw[:hstart].endswith(b"\r\n") else b"\n"
+        return raw[:hstart] + _with_status(raw[hstart:head], flags, eol) + raw[head:]
 
     def mbox_bytes(self, e: Entry) -> bytes:
         raw = self._status_entry(e.index, self.stored_bytes(e))
