@@ -61,6 +61,16 @@ def random_mbox(rnd: random.Random) -> bytes:
     return b"".join(out)
 
 
+def opened_by_both(env: dict[str, str], path: Path) -> tuple[list[str], list[str]]:
+    """The banner and window lines of ``mail -f path`` and of ``s-nail -f path``, x typed."""
+    snail = need_tool("s-nail", "s-nail")
+    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
+    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
+                            input=b"x\n", capture_output=True, timeout=60,
+                            env=env).stdout.decode().splitlines()
+    return ours, [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+
+
 @pytest.mark.parametrize("block", [300, 1024, 4096, folder.BLOCK])
 def test_index_agrees_with_a_plain_reading(tmp_path: Path, config: Config, block: int,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,7 +105,6 @@ def test_index_agrees_with_a_plain_reading(tmp_path: Path, config: Config, block
 def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path: Path) -> None:
     """The banner's counts and the window's letters of a folder whose Status: fields sit in
     odd places agree with s-nail's."""
-    snail = need_tool("s-nail", "s-nail")
     msgs = [
         b"STATUS: RO\nSubject: one\n\nbody\n",  # read, the field name in capitals
         b"Subject: two\n\nStatus: RO\n",  # a Status: line in the body: new
@@ -109,11 +118,7 @@ def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path:
     path = tmp_path / "odd"
     path.write_bytes(b"\n".join(FROM + m for m in msgs))
     env = mail_env(config_file, tmp_path)
-    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
-    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
-                            input=b"x\n", capture_output=True, timeout=60,
-                            env=env).stdout.decode().splitlines()
-    theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+    ours, theirs = opened_by_both(env, path)
     assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1] == "8 messages 3 new 6 unread"
     assert [ln[1] for ln in ours[1:]] == [ln[1] for ln in theirs[1:]] == list("ONUUNNOU")
 
@@ -133,15 +138,10 @@ def test_status_flags_read_as_snail_reads_them(config_file: Path, tmp_path: Path
                                                msgs: list[bytes]) -> None:
     """The banner, the current message and each message's letter agree with s-nail's on
     the same folder: every Status: field counts, a read message without O is still new."""
-    snail = need_tool("s-nail", "s-nail")
     path = tmp_path / "box"
     path.write_bytes(b"\n".join(FROM + m for m in msgs))
     env = mail_env(config_file, tmp_path)
-    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
-    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
-                            input=b"x\n", capture_output=True, timeout=60,
-                            env=env).stdout.decode().splitlines()
-    theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+    ours, theirs = opened_by_both(env, path)
     assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1]
     assert [ln[:2] for ln in ours[1:]] == [ln[:2] for ln in theirs[1:]]
     assert len(ours) == len(msgs) + 1
@@ -150,7 +150,6 @@ def test_status_flags_read_as_snail_reads_them(config_file: Path, tmp_path: Path
 def test_a_crlf_mailbox_opens_as_snail_reads_it(config_file: Path, tmp_path: Path) -> None:
     """A mailbox written with CRLF line ends: its header blocks end at the first "\\r\\n"
     line, so a Status: line in a body is no flag (it was read as one)."""
-    snail = need_tool("s-nail", "s-nail")
     msgs = [b"Subject: one\nStatus: RO\n\nbody\n",
             b"Subject: two\n\nbody\nStatus: RO\n",  # in the body: new
             b"Subject: three\nstatus: O\n\nStatus: R\n",
@@ -158,11 +157,7 @@ def test_a_crlf_mailbox_opens_as_snail_reads_it(config_file: Path, tmp_path: Pat
     path = tmp_path / "crlf"
     path.write_bytes(b"\n".join(FROM + m for m in msgs).replace(b"\n", b"\r\n"))
     env = mail_env(config_file, tmp_path)
-    ours = run_mail(env, "-f", str(path), input=b"x\n").stdout.decode().splitlines()
-    theirs = subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
-                            input=b"x\n", capture_output=True, timeout=60,
-                            env=env).stdout.decode().splitlines()
-    theirs = [ln for ln in theirs if ln.strip() and not ln.startswith("s-nail version")]
+    ours, theirs = opened_by_both(env, path)
     assert ours[0].split(": ", 1)[1] == theirs[0].split(": ", 1)[1]
     assert [ln[1] for ln in ours[1:]] == [ln[1] for ln in theirs[1:]] == list("ONUN")
     # w writes the body after the CRLF blank line, not the whole message
