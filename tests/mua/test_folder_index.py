@@ -128,6 +128,10 @@ def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path:
     [b"Subject: R\nStatus: R\n\nb\n", b"Subject: RO\nStatus: RO\n\nb\n"],
     [b"Subject: none\n\nb\n", b"Subject: R\nStatus: R\n\nb\n",
      b"Subject: O\nStatus: O\n\nb\n"],
+    # lowercase letters are no flags (capitals only), whichever way the field is read
+    [b"Subject: r\nStatus: r\n\nb\n", b"Subject: ro\nStatus: ro\n\nb\n",
+     b"Subject: Ro\nStatus: Ro\nX: y\n\nb\n", b"Subject: o\nStatus: o\r\n\nb\n",
+     b"Subject: RO\nStatus: RO\n\nb\n"],
 ])
 def test_status_flags_read_as_snail_reads_them(config_file: Path, tmp_path: Path,
                                                msgs: list[bytes]) -> None:
