@@ -630,6 +630,55 @@ def test_a_worker_reads_an_envelope_again_when_its_file_changed_since_the_look(
     assert runner._looked == {}
 
 
+def test_a_stopping_worker_lets_go_of_the_work_list_before_it_replies(
+        config_values: dict[str, object]) -> None:
+    # SIGTERM during a run with more groups than the work list's pipe holds: the parent is
+    # still writing the list, and reads the workers' replies only once it is done. A worker
+    # that stops must close its end of the list first, or a reply bigger than its pipe
+    # leaves both waiting for the other for ever.
+    import fcntl
+    import time
+
+    from pymailtools.qmgr.runner import Runner
+
+    runner = Runner(Config(config_values))
+    runner.stopping = True
+    work_r, work_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    fcntl.fcntl(reply_w, fcntl.F_SETPIPE_SZ, 4096)
+    fcntl.fcntl(reply_w, fcntl.F_SETFL, os.O_NONBLOCK)
+    try:
+        while True:  # a reply pipe already full: the worker's reply waits for the parent
+            os.write(reply_w, b"x" * 4096)
+    except BlockingIOError:
+        fcntl.fcntl(reply_w, fcntl.F_SETFL, 0)
+    pid = os.fork()
+    if pid == 0:
+        os.close(work_w)
+        os.close(reply_r)
+        runner._run_worker([], work_r, reply_w, force=False, site=None)  # never returns
+    os.close(work_r)
+    os.close(reply_w)
+    fcntl.fcntl(work_w, fcntl.F_SETFL, os.O_NONBLOCK)
+    let_go = False
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.write(work_w, bytes(512))
+            except BlockingIOError:
+                time.sleep(0.02)  # the list is full and the worker still holds it
+            except BrokenPipeError:
+                let_go = True
+                break
+    finally:
+        os.close(work_w)
+        with os.fdopen(reply_r, "rb") as r:
+            r.read()
+        os.waitpid(pid, 0)
+    assert let_go
+
+
 def test_home_maildir_failure_gives_the_runner_its_ids_back(
         config_values: dict[str, object], system_user: User) -> None:
     # The delivery fails while the runner has the user's effective ids: root's come back.

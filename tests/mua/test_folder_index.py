@@ -133,6 +133,10 @@ def test_odd_status_fields_open_as_snail_reads_them(config_file: Path, tmp_path:
     [b"Subject: R\nStatus: R\n\nb\n", b"Subject: RO\nStatus: RO\n\nb\n"],
     [b"Subject: none\n\nb\n", b"Subject: R\nStatus: R\n\nb\n",
      b"Subject: O\nStatus: O\n\nb\n"],
+    # lowercase letters are no flags (capitals only), whichever way the field is read
+    [b"Subject: r\nStatus: r\n\nb\n", b"Subject: ro\nStatus: ro\n\nb\n",
+     b"Subject: Ro\nStatus: Ro\nX: y\n\nb\n", b"Subject: o\nStatus: o\r\n\nb\n",
+     b"Subject: RO\nStatus: RO\n\nb\n"],
 ])
 def test_status_flags_read_as_snail_reads_them(config_file: Path, tmp_path: Path,
                                                msgs: list[bytes]) -> None:
@@ -184,3 +188,31 @@ def test_a_crlf_message_without_header_fields_gets_a_crlf_status_field(config_fi
     assert data.count(b"\n") == data.count(b"\r\n")
     assert data.startswith(FROM.replace(b"\n", b"\r\n") + b"Status: RO\r\n\r\nbody\r\n")
     assert b"Subject: two\r\nStatus: RO\r\n\r\nbody\r\n" in data
+
+
+def test_colon_selections_after_reading_agree_with_snail(config_file: Path,
+                                                         tmp_path: Path) -> None:
+    """:n, :o, :r and :u once a new message is read in the session: it stays new (not old)
+    until the folder is left, as s-nail counts it."""
+    snail = need_tool("s-nail", "s-nail")
+    msgs = [b"Subject: none\n\nb\n", b"Subject: R\nStatus: R\n\nb\n",
+            b"Subject: O\nStatus: O\n\nb\n", b"Subject: RO\nStatus: RO\n\nb\n",
+            b"Subject: none2\n\nb\n"]
+    path = tmp_path / "box"
+    path.write_bytes(b"\n".join(FROM + m for m in msgs))
+    env = mail_env(config_file, tmp_path)
+
+    def listed(out: bytes) -> list[tuple[str, str]]:
+        # (letter, number) of the header lines, the 5 of the opening summary first
+        lines = [ln for ln in out.decode().splitlines()
+                 if len(ln) > 4 and ln[0] in " >" and ln[2:].split()[:1] != []
+                 and ln[2:].split()[0].isdigit()]
+        return [(ln[1], ln[2:].split()[0]) for ln in lines]
+
+    script = b"p 1\nf :n\nf :o\nf :r\nf :u\nx\n"
+    ours = listed(run_mail(env, "-f", str(path), input=script).stdout)
+    theirs = listed(subprocess.run([snail, "-:/", "-Sheadline-plain", "-f", str(path)],
+                                   input=script, capture_output=True, timeout=60,
+                                   env=env).stdout)
+    assert ours == theirs
+    assert len(ours) > 5

@@ -12,7 +12,7 @@ import zlib
 
 # operator.py only defines Python versions of these and then takes _operator's C ones:
 # importing it costs a third of a millisecond more than the C module alone.
-from _operator import add, and_, eq, itemgetter, setitem
+from _operator import add, and_, eq, setitem
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, compress, repeat
 
@@ -325,14 +325,15 @@ _STATUS_VALUES = {letters.encode(): (SEEN | WAS_SEEN if "R" in letters else 0)
 
 
 def _status_windows() -> dict[bytes, int]:
-    """The usual Status: values by the four bytes after the colon, lowercased: " ro\\n",
-    " r\\n" and the first byte of the next line (a field name, a continuation, the blank
-    line), and so on (CRLF too). Other windows are read as the whole field is."""
+    """The usual Status: values by the four bytes after the colon, as stored (the letters
+    count in capitals only): " RO\\n", " R\\n" and the first byte of the next line (a field
+    name, a continuation, the blank line), and so on (CRLF too). Other windows are read as
+    the whole field is."""
     table = {}
-    nexts = [bytes((c,)) for c in b"abcdefghijklmnopqrstuvwxyz \t\n"]
+    nexts = [bytes((c,)) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz \t\n"]
     for letters in (b"R", b"O", b"RO", b"OR"):
         for eol in (b"\n", b"\r\n"):
-            key = b" " + letters.lower() + eol
+            key = b" " + letters + eol
             if len(key) < 4:
                 table.update(dict.fromkeys(map(key.__add__, nexts), _STATUS_VALUES[letters]))
             else:
@@ -341,7 +342,6 @@ def _status_windows() -> dict[bytes, int]:
 
 
 _STATUS_WINDOWS = _status_windows()
-_WINDOW = itemgetter(slice(0, 4))  # a Status: field's first bytes after the colon
 
 
 def _field_flags(data: bytes, at: int, end: int) -> int:
@@ -477,7 +477,10 @@ class _Index:
             if 0 in head:
                 names, pieces = list(compress(names, head)), list(compress(pieces, head))
                 ks = list(compress(ks, head))
-            values = list(map(_STATUS_WINDOWS.get, map(_WINDOW, pieces), repeat(-1)))
+            # the windows as stored, not lowercased: "Status: r" is no flag
+            windows = map(data.__getitem__, map(slice, map(add, names, repeat(7)),
+                                                 map(add, names, repeat(11))))
+            values = list(map(_STATUS_WINDOWS.get, windows, repeat(-1)))
             if -1 in values:  # anything else: as the field is read one by one
                 for j, v in enumerate(values):
                     if v < 0:

@@ -564,7 +564,8 @@ class Session:
                 out.append(self.dot)
             elif tok.startswith(":") and len(tok) == 2:
                 tests: dict[str, Callable[[Entry], bool]] = {
-                    "n": lambda e: e.is_new, "o": lambda e: e.old,
+                    # new: not old, even once read in this session (as s-nail selects)
+                    "n": lambda e: not e.old, "o": lambda e: e.old,
                     "r": lambda e: e.seen or e.read, "u": lambda e: not (e.seen or e.read),
                     "d": lambda e: e.deleted}
                 test = tests.get(tok[1])

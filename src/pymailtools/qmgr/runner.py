@@ -473,6 +473,10 @@ class Runner:
                     break  # the list is empty (and closed)
                 self._run_entries(groups[int.from_bytes(record, "little")], force=force,
                                   site=site)
+            # Taking no more (stopped: the list may not be empty): a parent still writing it
+            # gets EPIPE once every worker is done, rather than wait for ever on workers whose
+            # replies it reads only after the list.
+            os.close(work)
             self._deliver_notices()
             self._close_remote()
             st = self.stats
