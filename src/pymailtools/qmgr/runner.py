@@ -35,6 +35,7 @@ from pymailtools.queue.store import (
     EntryNotFound,
     Queue,
     crash_point,
+    entry_envelope,
 )
 from pymailtools.submit.pickup import pickup
 from pymailtools.submit.submission import Options, submit
@@ -538,9 +539,7 @@ class Runner:
                 # Still the message file published as incoming/ at submission (the lock's
                 # file under the state name): it is never changed, and so neither is the
                 # envelope the look at each entry read in it before the fork.
-                state, env = INCOMING, Envelope.from_bytes(looked[1])
-                if env.id != qid:
-                    raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
+                state, env = INCOMING, entry_envelope(qid, looked[1])
             else:
                 state = self.queue.find(qid)  # it may have moved while we waited for the lock
                 state, env = self.queue.load(qid, state)

@@ -171,6 +171,15 @@ class Attempt:
         return f"Attempt({self.recipient!r}, {self.status!r}, {self.reason!r})"
 
 
+def entry_envelope(qid: str, data: bytes) -> Envelope:
+    """The envelope in ``data``, read from entry ``qid``'s file: CorruptEnvelope when it
+    names another id (a file renamed or copied under a name not its own)."""
+    env = Envelope.from_bytes(data)
+    if env.id != qid:
+        raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
+    return env
+
+
 class Queue(QueueDir):
     """A queue directory tree and every operation on its entries."""
 
@@ -245,10 +254,7 @@ class Queue(QueueDir):
                     raise
         else:
             raise EntryNotFound(f"{qid}: no such queue entry")
-        env = Envelope.from_bytes(data)
-        if env.id != qid:
-            raise CorruptEnvelope(f"envelope names id {env.id!r}, file is {qid!r}")
-        return where, env
+        return where, entry_envelope(qid, data)
 
     def envelope_file(self, qid: str, state: str) -> tuple[bytes, int]:
         """The envelope bytes of an entry in ``state`` (unparsed: see envelope.peek) and the
