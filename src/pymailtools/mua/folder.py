@@ -456,17 +456,17 @@ class _Index:
         if end == len(data) and not data.endswith(b"\n"):  # the file's last line
             data += b"\n"  # so that every line of the block ends in a newline
         flags = bytearray(2 * n)
-        # Every "\nstatus:" (the name in any case) in the block: where each name starts, and
-        # the four bytes after the colon, from the pieces between them.
+        # Every "\nstatus:" (the name in any case) in the block: where each name starts, from
+        # the lengths of the pieces between them.
         pieces = data.lower().rsplit(b"\nstatus:")
         if len(pieces) > 1:
             names = list(accumulate(map(add, map(len, pieces), repeat(8)), initial=-7))
-            del names[0], names[-1], pieces[0]
+            del names[0], names[-1], pieces
             # only those of this block's messages (not the text before them, nor the
             # partial message after them)...
             first, last = bisect_left(names, starts[0]), bisect_left(names, end)
             if first or last < len(names):
-                names, pieces = names[first:last], pieces[first:last]
+                names = names[first:last]
             # ... in a header block: no blank line between the message's start and the field
             ks = list(map(bisect_right, repeat(starts[1:]), names))
             fronts = list(map(starts.__getitem__, ks))
@@ -475,8 +475,7 @@ class _Index:
                 head = bytes(map(and_, head, map(eq, repeat(-1), map(
                     data.find, repeat(b"\n\r\n"), fronts, names))))
             if 0 in head:
-                names, pieces = list(compress(names, head)), list(compress(pieces, head))
-                ks = list(compress(ks, head))
+                names, ks = list(compress(names, head)), list(compress(ks, head))
             # the windows as stored, not lowercased: "Status: r" is no flag
             windows = map(data.__getitem__, map(slice, map(add, names, repeat(7)),
                                                  map(add, names, repeat(11))))
